@@ -1,0 +1,3 @@
+from mergelab.cli import main
+
+main()

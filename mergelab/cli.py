@@ -1,0 +1,165 @@
+"""The `mergelab` command line (typer). Errors in user input print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mergelab.errors import MergelabError
+
+app = typer.Typer(help="Model-merging scaling curves: build families, sweep merges, read results.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+demo_app = typer.Typer(help="The built-in demo family.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
+    import json
+
+    hps: dict[str, dict] = {m: {} for m in methods}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        method, dot, param = target.partition(".")
+        if not sep or not dot:
+            raise MergelabError(f"--hp {item!r}: expected METHOD.PARAM=VALUE, e.g. ties.density=0.5")
+        if method not in hps:
+            raise MergelabError(f"--hp {item!r}: method {method!r} is not among --methods ({', '.join(methods)})")
+        try:
+            hps[method][param] = json.loads(raw)
+        except json.JSONDecodeError:
+            hps[method][param] = raw  # left as a string; the method's range check reports it
+    return hps
+
+
+@demo_app.command("build")
+def demo_build(
+    preset: str = typer.Option("micro", help="micro (2 sizes, seconds) or standard (3 sizes, minutes)"),
+    out: Path = typer.Option(..., help="directory to write the family into"),
+    seed: int = typer.Option(0, help="seed of data, initialisation and training"),
+    sizes: Optional[str] = typer.Option(None, help="comma-separated subset of the preset's sizes"),
+    force: bool = typer.Option(False, help="replace a non-empty output directory"),
+):
+    """Build a demo family: base + one expert per domain per size, eval sets, family.toml."""
+    import time
+
+    from mergelab.demo.build import build_family
+
+    t0 = time.perf_counter()
+    manifest = build_family(preset, out, seed=seed, sizes=_split(sizes), force=force)
+    typer.echo(f"wrote {manifest} in {time.perf_counter() - t0:.1f} s")
+
+
+@demo_app.command("up")
+def demo_up(
+    preset: str = typer.Option("micro", help="demo family to build if absent"),
+    ui: bool = typer.Option(True, help="start the dashboard afterwards"),
+    port: int = typer.Option(8501, help="dashboard port"),
+    db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
+):
+    """The main job: build the demo family if absent, load the shipped results, sweep if nothing is
+    cached for it, then start the dashboard on 127.0.0.1."""
+    from mergelab.demo.up import prepare_demo
+
+    prepare_demo(preset, db)
+    if ui:
+        _launch_ui(port, db)
+
+
+def _launch_ui(port: int, db: Path | None) -> None:
+    import subprocess
+
+    app_path = Path(__file__).resolve().parent.parent / "app.py"
+    env = dict(os.environ, **({"MERGELAB_DB": str(db)} if db else {}))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--server.headless", "true"]
+    typer.echo(f"dashboard: http://127.0.0.1:{port}")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command()
+def sweep(
+    family: Path = typer.Option(..., help="family manifest (family.toml) or its directory"),
+    sizes: Optional[str] = typer.Option(None, help="comma-separated sizes (default: all)"),
+    methods: str = typer.Option("average,task_arithmetic,ties,dare", help="comma-separated merge methods"),
+    k: str = typer.Option("all", help="subset sizes: all (1..M), a range like 1-9, or a list like 1,2,4"),
+    subsets: str = typer.Option("all", help="'all' subsets per k, or N random subsets per k"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    seed: int = typer.Option(0, help="seed for random subsets"),
+    db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
+    reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
+):
+    """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
+    from mergelab.family import load_family
+    from mergelab.store import ResultStore
+    from mergelab.sweep import SweepSpec, parse_ks, per_k_summary, run_sweep
+
+    fam = load_family(family)
+    method_names = _split(methods) or []
+    if subsets != "all" and not (subsets.isdigit() and int(subsets) > 0):
+        raise MergelabError(f"--subsets {subsets!r}: expected 'all' or a positive number of subsets per k")
+    n_experts = min(len(s.experts) for s in fam.sizes)
+    spec = SweepSpec(fam, _split(sizes) or list(fam.size_names), _parse_hparams(hp, method_names),
+                     parse_ks(k, n_experts),
+                     subsets if subsets == "all" else int(subsets), seed, reference)
+    store = ResultStore(db)
+    report = run_sweep(spec, store, device=device)
+    typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
+               f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
+    summary = per_k_summary(store, fam.name, report.eval_hashes)
+    if not summary.empty:
+        typer.echo("mean cross-domain CE (nats) per k:")
+        typer.echo(summary.to_string())
+
+
+@app.command()
+def results(
+    db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    format: str = typer.Option("csv", help="csv or json"),
+    out: Optional[Path] = typer.Option(None, help="write to this file instead of standard output"),
+):
+    """Print or export cached rows."""
+    from mergelab.store import ResultStore
+
+    if format not in ("csv", "json"):
+        raise MergelabError(f"--format {format!r}: expected csv or json")
+    frame = ResultStore(db).results(family=family)
+    frame["experts"] = frame["experts"].map(list)
+    text = frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", date_format="iso", indent=1)
+    if out:
+        out.write_text(text)
+        typer.echo(f"wrote {len(frame)} rows to {out}")
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command("methods")
+def list_methods():
+    """List the merge methods with their hyperparameters, defaults and ranges."""
+    from mergelab.methods import METHODS
+
+    for method in METHODS.values():
+        typer.echo(f"{method.name}: {method.doc}")
+        for name, p in method.params.items():
+            typer.echo(f"    {name} = {str(p.default).lower() if p.kind is bool else p.default}"
+                       f"  ({p.kind.__name__}{'' if p.kind is bool else ' in ' + p.range_text()}) {p.help}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MergelabError as exc:
+        if os.environ.get("MERGELAB_TRACEBACK"):
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,201 @@
+"""Build the demo family: a byte-level Qwen2 base per size pre-trained on the nine-domain mixture,
+and one expert per domain fine-tuned from it, saved as HF safetensors dirs with a manifest.
+
+Everything is seeded per (seed, size, stage), so a build is bitwise reproducible and building a
+subset of sizes gives the same checkpoints as building them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergelab.demo.domains import DOMAINS, generate
+from mergelab.demo.tokenizer import build_tokenizer
+from mergelab.errors import MergelabError
+from mergelab.family import write_manifest
+
+BUILD_THREADS = 2  # fixed so that the same seed gives the same bits on any machine of one ISA
+VOCAB_ROWS = 264   # 259 byte-level tokens padded to a multiple of 8, like real padded vocabularies
+
+
+@dataclass(frozen=True)
+class SizeConfig:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def qwen2_config(self):
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            vocab_size=VOCAB_ROWS, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    sizes: tuple[SizeConfig, ...]
+    pretrain_steps: int
+    expert_steps: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    expert_lr: float = 2e-3
+    n_train: int = 2000   # training examples per domain
+    n_eval: int = 200     # eval examples written per domain
+    token_budget: int = 256  # scored tokens per domain at evaluation
+
+
+PRESETS = {
+    "micro": Preset("micro", (SizeConfig("xs", 16, 1, 2, 1, 48), SizeConfig("s", 32, 2, 4, 2, 96)),
+                    pretrain_steps=120, expert_steps=30, n_train=600, n_eval=80, token_budget=128),
+    "standard": Preset("standard", (SizeConfig("xs", 32, 2, 4, 2, 96), SizeConfig("s", 64, 2, 4, 2, 192),
+                                    SizeConfig("m", 128, 3, 8, 4, 384)),
+                       pretrain_steps=300, expert_steps=80),
+}
+
+
+def stage_seed(seed: int, *parts: str) -> int:
+    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | None = None,
+                 progress: bool = True, force: bool = False) -> Path:
+    """Build the family into `out` atomically (a temp dir renamed at the end); returns the manifest path."""
+    import torch
+    from tqdm.auto import tqdm
+
+    preset = _preset(preset_name)
+    chosen = [s for s in preset.sizes if sizes is None or s.name in sizes]
+    unknown = sorted(set(sizes or []) - {s.name for s in preset.sizes})
+    if unknown:
+        raise MergelabError(f"preset {preset_name!r} has no size {unknown[0]!r} (sizes: {', '.join(s.name for s in preset.sizes)})")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise MergelabError(f"{out}: already exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        tokenizer = build_tokenizer()
+        eval_paths = _write_eval_sets(staging, preset, seed)
+        train = {d: _tokenize(tokenizer, generate(d, preset.n_train, 2 * seed)) for d in DOMAINS}
+        size_entries = []
+        for size in chosen:
+            size_entries.append(_build_size(staging, size, preset, train, tokenizer, seed, progress, tqdm))
+        write_manifest(staging / "family.toml", f"demo-{preset.name}", DOMAINS, eval_paths, size_entries,
+                       preset.token_budget)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "family.toml"
+
+
+def _preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise MergelabError(f"unknown demo preset {name!r} (presets: {', '.join(PRESETS)})") from None
+
+
+def _write_eval_sets(root: Path, preset: Preset, seed: int) -> dict[str, str]:
+    (root / "eval").mkdir()
+    paths = {}
+    for domain in DOMAINS:
+        rel = f"eval/{domain}.jsonl"
+        lines = [json.dumps(ex, ensure_ascii=True) for ex in generate(domain, preset.n_eval, 2 * seed + 1)]
+        (root / rel).write_text("\n".join(lines) + "\n")
+        paths[domain] = rel
+    return paths
+
+
+def _tokenize(tokenizer, examples) -> list[list[int]]:
+    texts = [ex["prompt"] + ex["response"] for ex in examples]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in encoded]
+
+
+def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, progress, tqdm) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(stage_seed(seed, size.name, "init"))
+    model = AutoModelForCausalLM.from_config(size.qwen2_config(), dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    mixture = [seq for d in DOMAINS for seq in train[d]]
+    t0 = time.perf_counter()
+    _train(model, mixture, preset.pretrain_steps, preset.lr, preset.batch_size,
+           stage_seed(seed, size.name, "base"), tqdm(total=preset.pretrain_steps, desc=f"{size.name} base",
+                                                     disable=not progress, leave=False))
+    base_dir = root / size.name / "base"
+    _save(model, tokenizer, base_dir)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = {}
+    bar = tqdm(total=preset.expert_steps * len(DOMAINS), desc=f"{size.name} experts", disable=not progress, leave=False)
+    for domain in DOMAINS:
+        model.load_state_dict(base_state)
+        _train(model, train[domain], preset.expert_steps, preset.expert_lr, preset.batch_size,
+               stage_seed(seed, size.name, domain), bar)
+        _save(model, tokenizer, root / size.name / "experts" / domain)
+        experts[domain] = f"{size.name}/experts/{domain}"
+    bar.close()
+    if progress:
+        print(f"built size {size.name}: {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
+    return {"name": size.name, "n_params": n_params, "base": f"{size.name}/base", "experts": experts}
+
+
+def _train(model, sequences, steps: int, lr: float, batch_size: int, seed: int, bar) -> None:
+    """AdamW with warmup and cosine decay on random batches (all tokens after <bos> are targets)."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
+    model.train()
+    for _ in range(steps):
+        picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
+        batch = [sequences[i] for i in picks]
+        width = max(map(len, batch))
+        ids = torch.zeros((batch_size, width), dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            labels[r, 1:len(seq)] = ids[r, 1:len(seq)]
+            mask[r, :len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def _save(model, tokenizer, directory: Path) -> None:
+    directory.mkdir(parents=True)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))

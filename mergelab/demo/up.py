@@ -1,0 +1,45 @@
+"""The main job's preparation: a demo family on disk, the shipped results in the cache, a sweep if
+nothing is cached for the family yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergelab.paths import data_home, repo_data_dir
+
+SHIPPED_RESULTS = "demo/results.parquet"
+
+
+def shipped_results_path() -> Path:
+    return repo_data_dir() / SHIPPED_RESULTS
+
+
+def load_shipped_results(store) -> int:
+    """Load the shipped demo results into an empty cache; returns the number of rows added."""
+    path = shipped_results_path()
+    if store.count() or not path.is_file():
+        return 0
+    return store.import_parquet(path)
+
+
+def prepare_demo(preset: str = "micro", db: Path | None = None, progress: bool = True) -> Path:
+    """Build the demo family if absent, seed the cache, sweep the family if nothing is cached for it."""
+    from mergelab.demo.build import build_family
+    from mergelab.family import load_family
+    from mergelab.store import ResultStore
+    from mergelab.sweep import SweepSpec, run_sweep
+
+    family_dir = data_home() / f"demo-{preset}"
+    if not (family_dir / "family.toml").is_file():
+        print(f"building the {preset} demo family in {family_dir} ...")
+        build_family(preset, family_dir, progress=progress, force=True)
+    family = load_family(family_dir / "family.toml")
+    store = ResultStore(db)
+    added = load_shipped_results(store)
+    if added:
+        print(f"loaded {added} shipped demo result rows into {store.path}")
+    if store.results(family=family.name).empty:
+        print(f"no cached results for {family.name}: running the default sweep (all subsets, average)")
+        spec = SweepSpec(family, list(family.size_names), {"average": {}}, list(range(1, 10)))
+        run_sweep(spec, store, progress=progress)
+    return family_dir / "family.toml"

@@ -1,0 +1,144 @@
+"""A family: one base checkpoint per size, M experts per size, one eval set per domain.
+
+The TOML manifest is the source of truth; relative paths are resolved against its directory.
+
+    name = "demo-micro"
+    domains = ["algebra", ...]
+    token_budget = 512          # response tokens evaluated per domain (optional)
+
+    [eval]
+    algebra = "eval/algebra.jsonl"
+
+    [sizes.xs]
+    n_params = 41234
+    base = "xs/base"
+    [sizes.xs.experts]
+    algebra = "xs/experts/algebra"
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergelab.errors import ManifestError
+
+DEFAULT_TOKEN_BUDGET = 512
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    name: str
+    n_params: int
+    base: Path
+    experts: dict[str, Path]
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    manifest: Path
+    domains: tuple[str, ...]
+    eval_sets: dict[str, Path]
+    sizes: tuple[SizeSpec, ...]
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+
+    def size(self, name: str) -> SizeSpec:
+        for spec in self.sizes:
+            if spec.name == name:
+                return spec
+        raise ManifestError(f"{self.manifest}: no size {name!r} (sizes: {', '.join(self.size_names)})")
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sizes)
+
+
+def load_family(path: str | Path) -> Family:
+    """Read and validate a family manifest; every problem names the manifest and the field."""
+    manifest = Path(path)
+    if manifest.is_dir():
+        manifest = manifest / "family.toml"
+    try:
+        raw = tomllib.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{manifest}: family manifest not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{manifest}: not valid TOML ({exc})") from None
+    root = manifest.parent.resolve()
+
+    def fail(msg: str):
+        raise ManifestError(f"{manifest}: {msg}")
+
+    def field(table: dict, key: str, kind: type, where: str = ""):
+        if key not in table:
+            fail(f"missing field {where}{key!r}")
+        value = table[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(f"field {where}{key!r} must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def existing(rel: str, where: str, is_dir: bool) -> Path:
+        p = (root / rel).resolve()
+        if not (p.is_dir() if is_dir else p.is_file()):
+            fail(f"{where} points at {p}, which does not exist")
+        return p
+
+    name = field(raw, "name", str)
+    domains = field(raw, "domains", list)
+    if not domains or not all(isinstance(d, str) and d for d in domains):
+        fail("field 'domains' must be a non-empty list of names")
+    if len(set(domains)) != len(domains):
+        fail("field 'domains' lists a domain twice")
+    budget = raw.get("token_budget", DEFAULT_TOKEN_BUDGET)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        fail(f"field 'token_budget' must be a positive integer, got {budget!r}")
+
+    eval_table = field(raw, "eval", dict)
+    eval_sets = {}
+    for domain in domains:
+        eval_sets[domain] = existing(field(eval_table, domain, str, "eval."), f"eval.{domain}", is_dir=False)
+    unknown = sorted(set(eval_table) - set(domains))
+    if unknown:
+        fail(f"eval.{unknown[0]} is not one of the family's domains")
+
+    sizes_table = field(raw, "sizes", dict)
+    if not sizes_table:
+        fail("no sizes under [sizes]")
+    sizes = []
+    for size_name, table in sizes_table.items():
+        where = f"sizes.{size_name}."
+        if not isinstance(table, dict):
+            fail(f"[sizes.{size_name}] must be a table")
+        n_params = field(table, "n_params", int, where)
+        base = existing(field(table, "base", str, where), f"{where}base", is_dir=True)
+        experts_table = field(table, "experts", dict, where)
+        if not experts_table:
+            fail(f"{where}experts is empty")
+        experts = {e: existing(field(experts_table, e, str, f"{where}experts."), f"{where}experts.{e}", True)
+                   for e in experts_table}
+        if len(set(experts.values())) != len(experts):
+            fail(f"{where}experts lists the same checkpoint twice")
+        sizes.append(SizeSpec(size_name, n_params, base, experts))
+    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget)
+
+
+def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
+                   sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET) -> Path:
+    """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params, base, experts."""
+    q = json.dumps  # TOML basic strings accept JSON string escapes for the ASCII names used here
+    lines = [f"name = {q(name)}", f"domains = [{', '.join(q(d) for d in domains)}]",
+             f"token_budget = {int(token_budget)}", "", "[eval]"]
+    lines += [f"{d} = {q(p)}" for d, p in eval_sets.items()]
+    for size in sizes:
+        lines += ["", f"[sizes.{size['name']}]", f"n_params = {int(size['n_params'])}", f"base = {q(size['base'])}",
+                  "", f"[sizes.{size['name']}.experts]"]
+        lines += [f"{e} = {q(p)}" for e, p in size["experts"].items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

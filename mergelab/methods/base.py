@@ -1,0 +1,85 @@
+"""What a merge method is: a pure function on one tensor's stacked task vectors plus its hyperparameters.
+
+A method merges one tensor at a time: `merge(base, deltas, ctx, hp)` gets the base tensor θ0 (fp32),
+the stacked task vectors `deltas` of shape [k, *θ0.shape] (fp32, v_i = θ_i − θ0), a context naming the
+tensor and the experts (for seeded randomness), and the resolved hyperparameters; it returns the
+merged tensor in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mergelab.errors import HyperparameterError
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    tensor: str
+    experts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: its default, its kind and the range it must lie in."""
+
+    default: Any
+    help: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        where = f"{method}.{name}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise HyperparameterError(f"{where} must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HyperparameterError(f"{where} must be a number, got {value!r}")
+        if self.kind is int and value != int(value):
+            raise HyperparameterError(f"{where} must be an integer, got {value!r}")
+        value = self.kind(value)
+        if math.isnan(value) or math.isinf(value):
+            raise HyperparameterError(f"{where} must be finite, got {value!r}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise HyperparameterError(f"{where}={value!r} is out of range {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "(" if self.low_open or self.low is None else "["
+        hi = ")" if self.high_open or self.high is None else "]"
+        return f"{lo}{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}{hi}"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: Callable[..., Any]
+    doc: str
+    params: dict[str, Param] = field(default_factory=dict)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.params.items()}
+
+    def resolve(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults filled in, unknown names refused, every value checked against its range."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise HyperparameterError(f"{self.name} has no hyperparameter {unknown[0]!r} (known: {known})")
+        return {k: p.check(self.name, k, given.get(k, p.default)) for k, p in self.params.items()}
+
+
+def canonical_hparams(hp: dict[str, Any]) -> str:
+    """The cache key form of resolved hyperparameters: sorted compact JSON."""
+    return json.dumps(hp, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,214 @@
+"""The DuckDB results cache: one row per (merge, domain), idempotent upserts, DataFrame queries.
+
+DuckDB allows one read-write process or many read-only ones, so every operation opens the file,
+does its work and closes it again; readers open read-only and retry briefly while a writer holds it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from mergelab.errors import CacheError
+from mergelab.paths import default_db_path
+
+SCHEMA_VERSION = 1
+KEY_COLUMNS = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
+ROW_COLUMNS = KEY_COLUMNS + ["n_params", "loss", "n_tokens", "device"]
+RESULT_COLUMNS = ["family", "size", "n_params", "method", "hparams", "experts_key", "experts", "k", "domain",
+                  "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at"]
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS results (
+    family VARCHAR NOT NULL,
+    size VARCHAR NOT NULL,
+    n_params BIGINT NOT NULL,
+    method VARCHAR NOT NULL,
+    hparams VARCHAR NOT NULL,
+    experts_key VARCHAR NOT NULL,
+    experts VARCHAR[] NOT NULL,
+    k INTEGER NOT NULL,
+    domain VARCHAR NOT NULL,
+    loss DOUBLE NOT NULL,
+    n_tokens BIGINT NOT NULL,
+    eval_hash VARCHAR NOT NULL,
+    metric_version INTEGER NOT NULL,
+    device VARCHAR,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)})
+);
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+"""
+
+# The expert list and k are derived from the key, so they can never disagree with it.
+_INSERT_SELECT = f"""
+INSERT INTO results
+SELECT family, size, n_params, method, hparams, experts_key,
+       CASE WHEN experts_key = '' THEN []::VARCHAR[] ELSE string_split(experts_key, '+') END,
+       CASE WHEN experts_key = '' THEN 0 ELSE len(string_split(experts_key, '+')) END,
+       domain, loss, n_tokens, eval_hash, metric_version, device, {{created}}
+FROM {{source}}
+ON CONFLICT DO NOTHING
+"""
+
+
+def experts_key(experts) -> str:
+    """Canonical key of an expert set: sorted names joined by '+'."""
+    return "+".join(sorted(experts))
+
+
+class ResultStore:
+    def __init__(self, path: str | Path | None = None, lock_timeout: float = 10.0):
+        self.path = Path(path) if path else default_db_path()
+        self.lock_timeout = lock_timeout
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @contextmanager
+    def connect(self, read_only: bool = False):
+        import duckdb
+
+        if not read_only:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CacheError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as exc:
+                locked = "lock" in str(exc).lower()
+                if locked and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                reason = "locked by another process" if locked else str(exc).splitlines()[0]
+                raise CacheError(f"{self.path}: cannot open the results cache ({reason})") from None
+        try:
+            if not read_only:
+                self._ensure_schema(con)
+            else:
+                self._check_version(con)
+            yield con
+        except duckdb.Error as exc:
+            raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}") from None
+        finally:
+            con.close()
+
+    def _ensure_schema(self, con) -> None:
+        con.execute(SCHEMA)
+        self._check_version(con)
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)])
+
+    def _check_version(self, con) -> None:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "meta" not in tables:
+            return
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row and int(row[0]) > SCHEMA_VERSION:
+            raise CacheError(f"{self.path}: written by a newer mergelab (schema {row[0]} > {SCHEMA_VERSION}); upgrade mergelab")
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def upsert(self, rows) -> int:
+        """Insert rows (a DataFrame with ROW_COLUMNS) not already cached; returns how many were new."""
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        missing = [c for c in ROW_COLUMNS if c not in frame.columns]
+        if missing:
+            raise CacheError(f"rows to cache lack columns {missing}")
+        if frame.empty:
+            return 0
+        frame = frame[ROW_COLUMNS].drop_duplicates(KEY_COLUMNS, keep="first")
+        with self.connect() as con:
+            con.register("incoming", frame)
+            before = con.execute("SELECT count(*) FROM results").fetchone()[0]
+            con.execute(_INSERT_SELECT.format(source="incoming", created="current_localtimestamp()"))
+            return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
+
+    def import_parquet(self, path: str | Path) -> int:
+        """Load exported rows (e.g. the shipped demo results) without touching rows already cached."""
+        with self.connect() as con:
+            before = con.execute("SELECT count(*) FROM results").fetchone()[0]
+            source = f"read_parquet('{_sql_literal(path)}')"
+            con.execute(_INSERT_SELECT.format(source=source, created="created_at"))
+            return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
+
+    def export_parquet(self, path: str | Path, family: str | None = None) -> int:
+        """Write (one family's) rows to a compact, sorted Parquet file."""
+        where, params = _where(family=family)
+        with self.connect(read_only=True) as con:
+            query = f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain"
+            frame = con.execute(query, params).df()
+        frame.to_parquet(path, compression="zstd", index=False)
+        return len(frame)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def results(self, **filters) -> "pd.DataFrame":
+        """Cached rows, filtered by equality on any key column (a list value means 'any of')."""
+        where, params = _where(**filters)
+        return self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
+
+    def macro(self, **filters) -> "pd.DataFrame":
+        """Cross-domain (macro-mean) loss per merge, computed by query; n_domains tells how many averaged."""
+        where, params = _where(**filters)
+        query = f"""SELECT family, size, any_value(n_params) AS n_params, method, hparams, experts_key, any_value(k) AS k,
+                           avg(loss) AS loss, count(*) AS n_domains
+                    FROM results {where}
+                    GROUP BY family, size, method, hparams, experts_key
+                    ORDER BY family, size, method, hparams, k, experts_key"""
+        return self._read(query, params)
+
+    def cached_keys(self, family: str, size: str, method: str, hparams: str, eval_hashes: dict[str, str],
+                    metric_version: int) -> set[str]:
+        """Expert sets already cached for every domain of `eval_hashes` under this exact setting."""
+        pairs = [f"{d}:{h}" for d, h in eval_hashes.items()]
+        query = """SELECT experts_key FROM results
+                   WHERE family = ? AND size = ? AND method = ? AND hparams = ? AND metric_version = ?
+                     AND list_contains(?, domain || ':' || eval_hash)
+                   GROUP BY experts_key HAVING count(*) = ?"""
+        frame = self._read(query, [family, size, method, hparams, metric_version, pairs, len(pairs)])
+        return set(frame["experts_key"]) if not frame.empty else set()
+
+    def count(self) -> int:
+        return int(self._read("SELECT count(*) AS n FROM results", [])["n"].iloc[0]) if self.exists() else 0
+
+    def _read(self, query: str, params: list) -> "pd.DataFrame":
+        import pandas as pd
+
+        if not self.exists():
+            return pd.DataFrame(columns=RESULT_COLUMNS)
+        with self.connect(read_only=True) as con:
+            tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if "results" not in tables:
+                return pd.DataFrame(columns=RESULT_COLUMNS)
+            return con.execute(query, params).df()
+
+
+def _where(**filters) -> tuple[str, list]:
+    """A parameterised WHERE clause from column=value filters (None = no filter, list = any of)."""
+    allowed = set(RESULT_COLUMNS)
+    clauses, params = [], []
+    for column, value in filters.items():
+        if value is None:
+            continue
+        if column not in allowed:
+            raise CacheError(f"cannot filter results on unknown column {column!r}")
+        if isinstance(value, (list, tuple, set)):
+            clauses.append(f"list_contains(?, {column})")
+            params.append(list(value))
+        else:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _sql_literal(path) -> str:
+    return str(path).replace("'", "''")

@@ -1,0 +1,218 @@
+"""Plan a merge sweep (which subsets of which experts, per size and method), skip what is cached,
+run the rest in memory on one resident model per size, and write rows to the results cache."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from mergelab.errors import MergelabError
+from mergelab.evaluate import METRIC_VERSION, EvalData, evaluate, prepare_eval
+from mergelab.family import Family, SizeSpec
+from mergelab.methods import canonical_hparams, get_method
+from mergelab.store import ResultStore, experts_key
+
+# Reference rows recorded with every sweep: the base model (k = 0) and each single expert (k = 1).
+BASE, EXPERT = "base", "expert"
+
+
+def parse_ks(text: str, n_experts: int) -> list[int]:
+    """'all', '1-9', '1,2,4' or '3' -> sorted ks within 1..n_experts."""
+    if text.strip() == "all":
+        return list(range(1, n_experts + 1))
+    ks = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            ks.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise MergelabError(f"--k {text!r}: expected a range like 1-9 or a list like 1,2,4") from None
+    bad = sorted(k for k in ks if not 1 <= k <= n_experts)
+    if not ks or bad:
+        raise MergelabError(f"--k {text!r}: k must lie in 1..{n_experts} (the number of experts)")
+    return sorted(ks)
+
+
+def plan_subsets(experts: Sequence[str], ks: Sequence[int], subsets: str | int = "all", seed: int = 0) -> list[tuple[str, ...]]:
+    """All C(M,k) subsets per k, or up to N distinct random ones per k (seeded, order-independent)."""
+    plan = []
+    for k in ks:
+        total = math.comb(len(experts), k)
+        if subsets == "all" or int(subsets) >= total:
+            plan.extend(itertools.combinations(experts, k))
+            continue
+        rng, chosen = random.Random(f"subsets:{seed}:{k}"), set()
+        while len(chosen) < int(subsets):
+            chosen.add(tuple(sorted(rng.sample(range(len(experts)), k))))
+        plan.extend(tuple(experts[i] for i in idx) for idx in sorted(chosen))
+    return plan
+
+
+@dataclass
+class WorkItem:
+    size: str
+    method: str
+    hparams: str
+    subset: tuple[str, ...]
+
+
+@dataclass
+class SweepSpec:
+    family: Family
+    sizes: list[str]
+    methods: dict[str, dict]          # method -> hyperparameters as given (defaults filled in by resolve)
+    ks: list[int]
+    subsets: str | int = "all"
+    seed: int = 0
+    reference_rows: bool = True       # record base (k=0) and single experts (k=1)
+
+
+@dataclass
+class SweepReport:
+    planned: int = 0
+    skipped: int = 0
+    merged: int = 0
+    rows_written: int = 0
+    seconds: float = 0.0
+    eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class _RowWriter:
+    """Buffers rows and upserts them at most every `flush_seconds` (and at the end), so a crash loses
+    at most the last few seconds of work and the cache never sees half a merge."""
+
+    def __init__(self, store: ResultStore, flush_seconds: float):
+        self.store, self.flush_seconds = store, flush_seconds
+        self.rows, self.written, self.last = [], 0, time.monotonic()
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        if time.monotonic() - self.last >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.written += self.store.upsert(self.rows)
+            self.rows = []
+        self.last = time.monotonic()
+
+
+def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, progress: bool = True,
+              flush_seconds: float = 2.0, on_progress: Callable[[int, int, WorkItem], None] | None = None) -> SweepReport:
+    from tqdm.auto import tqdm
+
+    from mergelab.engine import pick_device
+
+    device = pick_device(device)
+    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    sizes = [spec.family.size(name) for name in spec.sizes]
+    _check_sizes(sizes)
+    report, started = SweepReport(), time.perf_counter()
+    todo, eval_data = {}, {}
+    for size in sizes:
+        eval_data[size.name] = _prepare_size_eval(spec.family, size)
+        report.eval_hashes[size.name] = eval_data[size.name].hashes
+        planned = _plan_size(spec, size, methods)
+        report.planned += len(planned)
+        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
+        report.skipped += len(planned) - len(todo[size.name])
+    total = sum(map(len, todo.values()))
+    writer = _RowWriter(store, flush_seconds)
+    bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
+    try:
+        for size in sizes:
+            if todo[size.name]:
+                _run_size(spec.family, size, todo[size.name], methods, eval_data[size.name].to(device), device,
+                          writer, bar, on_progress, report, total)
+    finally:
+        bar.close()
+        writer.flush()
+        report.rows_written = writer.written
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_sizes(sizes: list[SizeSpec]) -> None:
+    """Validate every checkpoint's tensor names and shapes up front, before any row is written."""
+    from mergelab.checkpoints import Checkpoint, check_compatible
+
+    for size in sizes:
+        base = Checkpoint(size.base)
+        for path in size.experts.values():
+            check_compatible(base, Checkpoint(path))
+
+
+def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:
+    from transformers import AutoTokenizer
+
+    from mergelab.errors import CheckpointError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(size.base), trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(f"{size.base}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+    return prepare_eval(family.eval_sets, tokenizer, family.token_budget)
+
+
+def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> list[WorkItem]:
+    items = []
+    if spec.reference_rows:
+        items.append(WorkItem(size.name, BASE, "{}", ()))
+        items.extend(WorkItem(size.name, EXPERT, "{}", (e,)) for e in size.expert_names)
+    subsets = plan_subsets(size.expert_names, spec.ks, spec.subsets, spec.seed)
+    for name, hp in methods.items():
+        items.extend(WorkItem(size.name, name, canonical_hparams(hp), s) for s in subsets)
+    return items
+
+
+def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes) -> list[WorkItem]:
+    cached = {}
+    for method, hparams in {(i.method, i.hparams) for i in items}:
+        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION)
+    return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]
+
+
+def _run_size(family, size, items, methods, data, device, writer, bar, on_progress, report, total) -> None:
+    import json
+
+    from mergelab.engine import ExpertPool, ResidentModel, merge_into
+
+    pool = ExpertPool.load(size, device)
+    resident = ResidentModel(pool.base_checkpoint, device)
+    for item in items:
+        if item.method == BASE:
+            resident.load_base(pool)
+        elif item.method == EXPERT:
+            resident.load_expert(pool, item.subset[0])
+        else:
+            merge_into(resident, pool, get_method(item.method), json.loads(item.hparams), item.subset)
+        losses = evaluate(resident.model, data)
+        writer.add([
+            {"family": family.name, "size": size.name, "n_params": size.n_params, "method": item.method,
+             "hparams": item.hparams, "experts_key": experts_key(item.subset), "domain": d, "loss": loss,
+             "n_tokens": data.n_tokens[d], "eval_hash": data.hashes[d], "metric_version": METRIC_VERSION,
+             "device": device}
+            for d, loss in losses.items()
+        ])
+        report.merged += 1
+        bar.update(1)
+        if on_progress:
+            on_progress(report.merged, total, item)
+
+
+def per_k_summary(store: ResultStore, family: str, eval_hashes: dict[str, dict[str, str]]) -> "pd.DataFrame":
+    """Mean cross-domain CE per k (rows) for each size and method (columns), over the cached merges."""
+    import pandas as pd
+
+    frames = []
+    for size, hashes in eval_hashes.items():
+        macro = store.macro(family=family, size=size, eval_hash=list(hashes.values()))
+        frames.append(macro[macro["n_domains"] == len(hashes)])
+    macro = pd.concat(frames) if frames else pd.DataFrame()
+    if macro.empty:
+        return macro
+    return macro.pivot_table(index="k", columns=["size", "method"], values="loss", aggfunc="mean").round(4)
