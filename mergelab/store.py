@@ -120,11 +120,11 @@ class ResultStore:
         import pandas as pd
 
         frame = pd.DataFrame(rows)
+        if frame.empty:
+            return 0
         missing = [c for c in ROW_COLUMNS if c not in frame.columns]
         if missing:
             raise CacheError(f"rows to cache lack columns {missing}")
-        if frame.empty:
-            return 0
         frame = frame[ROW_COLUMNS].drop_duplicates(KEY_COLUMNS, keep="first")
         with self.connect() as con:
             con.register("incoming", frame)

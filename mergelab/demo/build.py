@@ -55,7 +55,7 @@ class Preset:
     expert_lr: float = 2e-3
     n_train: int = 2000   # training examples per domain
     n_eval: int = 200     # eval examples written per domain
-    token_budget: int = 256  # scored tokens per domain at evaluation
+    token_budget: int = 128  # scored tokens per domain at evaluation
 
 
 PRESETS = {
@@ -196,6 +196,9 @@ def _train(model, sequences, steps: int, lr: float, batch_size: int, seed: int, 
 
 
 def _save(model, tokenizer, directory: Path) -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # one bar per stage is ours; no per-file shard bars
     directory.mkdir(parents=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

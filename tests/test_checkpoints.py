@@ -1,0 +1,116 @@
+"""Reading HF safetensors dirs (single file and sharded) and refusing what cannot be merged."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergelab.checkpoints import Checkpoint, check_compatible
+from mergelab.errors import CheckpointError
+from tests.helpers import save_checkpoint, tiny_config
+
+
+@pytest.fixture
+def base(tmp_path):
+    save_checkpoint(tmp_path / "base", tiny_config(), seed=0)
+    return Checkpoint(tmp_path / "base")
+
+
+def copy_with(tmp_path, base, name, edit=None, config_edit=None):
+    """A copy of `base` whose tensors (dict) pass through `edit` and config through `config_edit`."""
+    out = tmp_path / name
+    out.mkdir()
+    tensors = load_file(base.path / "model.safetensors")
+    config = dict(base.config)
+    if edit:
+        tensors = edit(tensors)
+    if config_edit:
+        config_edit(config)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return Checkpoint(out)
+
+
+def test_tied_head_is_left_out_and_tensors_are_read(base):
+    assert base.tied_embeddings and "lm_head.weight" not in base.names
+    assert "model.embed_tokens.weight" in base.names
+    t = base.tensor("model.embed_tokens.weight", torch.float32)
+    assert t.shape == (264, 16) and base.shapes["model.embed_tokens.weight"] == (264, 16)
+
+
+def test_sharded_checkpoint_reads_the_same_tensors(tmp_path, base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base.path))
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    sharded = Checkpoint(tmp_path / "sharded")
+    assert len(set(sharded.files.values())) > 1
+    assert sorted(sharded.names) == sorted(base.names)
+    for name in base.names:
+        assert torch.equal(sharded.tensor(name), base.tensor(name))
+    check_compatible(base, sharded)
+
+
+def test_bf16_storage_is_upcast_on_request(tmp_path, base):
+    ckpt = copy_with(tmp_path, base, "bf16", lambda ts: {k: v.to(torch.bfloat16) for k, v in ts.items()})
+    t = ckpt.tensor(base.names[0], torch.float32)
+    assert t.dtype == torch.float32
+    assert torch.equal(t, base.tensor(base.names[0]).to(torch.bfloat16).float())
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
+        Checkpoint(d)
+
+
+def test_missing_dir_and_truncated_file(tmp_path, base):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        Checkpoint(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((base.path / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        Checkpoint(broken)
+
+
+def test_missing_shard_is_named(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shard model-00001.safetensors listed but missing"):
+        Checkpoint(d)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_name_file_and_tensor(tmp_path, base, value):
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def poison(ts):
+        ts[name] = ts[name].clone()
+        ts[name][0, 0] = value
+        return ts
+
+    ckpt = copy_with(tmp_path, base, "nan", poison)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has 1 NaN/Inf values"):
+        ckpt.tensor(name)
+
+
+def test_shape_vocab_missing_extra_and_tied_mismatches(tmp_path, base):
+    embed = "model.embed_tokens.weight"
+    vocab = copy_with(tmp_path, base, "vocab", lambda ts: {**ts, embed: torch.zeros(300, 16)})
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \[300, 16\], base has \[264, 16\] \(vocabulary size differs\)"):
+        check_compatible(base, vocab)
+    gone = "model.norm.weight"
+    missing = copy_with(tmp_path, base, "missing", lambda ts: {k: v for k, v in ts.items() if k != gone})
+    with pytest.raises(CheckpointError, match=f"missing/model.safetensors|tensor '{gone}' missing"):
+        check_compatible(base, missing)
+    extra = copy_with(tmp_path, base, "extra", lambda ts: {**ts, "model.extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra.weight'"):
+        check_compatible(base, extra)
+    untied = copy_with(tmp_path, base, "untied", config_edit=lambda c: c.update(tie_word_embeddings=False))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=False but the base has True"):
+        check_compatible(base, untied)

@@ -1,0 +1,151 @@
+"""Engine, sweep and CLI end to end on a tiny real family; bad input leaves the cache untouched."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergelab.engine import ExpertPool, ResidentModel, merge_into
+from mergelab.family import load_family
+from mergelab.methods import get_method
+from mergelab.store import ResultStore
+from mergelab.sweep import SweepSpec, parse_ks, plan_subsets, run_sweep
+from tests.test_store import rows
+
+
+def cli(capsys, *args):
+    """Run the real `mergelab` entry point in-process; returns (exit code, stdout, stderr)."""
+    from mergelab.cli import main
+
+    old = sys.argv
+    sys.argv = ["mergelab", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_merge_writes_mean_of_experts_into_resident_model_with_tied_head(tiny_family):
+    size = load_family(tiny_family).sizes[0]
+    pool = ExpertPool.load(size)
+    resident = ResidentModel(pool.base_checkpoint, "cpu")
+    merge_into(resident, pool, get_method("average"), {}, ("alpha", "gamma"))
+    experts = [load_file(size.experts[e] / "model.safetensors") for e in ("alpha", "gamma")]
+    state = resident.model.state_dict()
+    for name in pool.names:
+        assert torch.allclose(state[name], (experts[0][name] + experts[1][name]) / 2, atol=1e-6), name
+    assert resident.model.lm_head.weight.data_ptr() == resident.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_plan_subsets_all_and_sampled():
+    experts = list("abcdefghi")
+    assert len(plan_subsets(experts, range(1, 10))) == 511
+    sampled = plan_subsets(experts, [1, 2, 5], subsets=4, seed=3)
+    assert [len(s) for s in sampled] == [1] * 4 + [2] * 4 + [5] * 4
+    assert len(set(sampled)) == 12 and sampled == plan_subsets(experts, [1, 2, 5], subsets=4, seed=3)
+    assert sampled != plan_subsets(experts, [1, 2, 5], subsets=4, seed=4)
+    assert parse_ks("all", 3) == [1, 2, 3] and parse_ks("1,3-4", 9) == [1, 3, 4]
+
+
+def test_sweep_records_reference_rows_and_skips_cached(tiny_family, tmp_path):
+    family = load_family(tiny_family)
+    store = ResultStore(tmp_path / "r.duckdb")
+    spec = SweepSpec(family, ["s"], {"average": {}, "ties": {"density": 0.5}}, [1, 2, 3])
+    report = run_sweep(spec, store, progress=False)
+    assert report.merged == report.planned == 1 + 3 + 2 * 7
+    assert report.rows_written == 18 * 3 == store.count()
+    frame = store.results()
+    assert set(frame.groupby("method")["k"].unique().map(tuple)) == {(0,), (1,), (1, 2, 3)}
+    # average of one expert is that expert: identical losses
+    expert = frame[frame.method == "expert"].set_index(["experts_key", "domain"])["loss"]
+    single = frame[(frame.method == "average") & (frame.k == 1)].set_index(["experts_key", "domain"])["loss"]
+    assert single.sort_index().tolist() == pytest.approx(expert.sort_index().tolist(), abs=1e-6)
+    assert set(frame[frame.method == "ties"]["hparams"]) == {'{"density":0.5,"lambda":1.0}'}
+    again = run_sweep(spec, store, progress=False)
+    assert again.merged == 0 and again.skipped == again.planned and store.count() == 54
+
+
+def test_cli_sweep_summary_and_results_export(tiny_family, tmp_path, capsys):
+    db = tmp_path / "cli.duckdb"
+    code, out, err = cli(capsys, "sweep", "--family", tiny_family, "--methods", "average", "--db", db)
+    assert code == 0, err
+    assert "11 merges evaluated, 0 already cached, 33 rows written" in out
+    assert "mean cross-domain CE (nats) per k" in out
+    code, out, _ = cli(capsys, "sweep", "--family", tiny_family, "--methods", "average", "--db", db)
+    assert "0 merges evaluated, 11 already cached" in out
+    code, out, _ = cli(capsys, "results", "--db", db, "--format", "json")
+    records = json.loads(out)
+    assert code == 0 and len(records) == 33 and {"experts", "loss", "eval_hash"} <= set(records[0])
+    code, out, _ = cli(capsys, "results", "--db", db, "--format", "csv", "--family", "tiny")
+    assert out.count("\n") == 34 and out.startswith("family,size,n_params,method")
+
+
+def poison_expert(manifest, value=float("nan")):
+    path = manifest.parent / "s" / "experts" / "beta" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"][3] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--methods", "slerp"], "unknown merge method 'slerp'"),
+    (["--methods", "ties", "--hp", "ties.density=0"], "ties.density=0.0 is out of range (0.0, 1.0]"),
+    (["--methods", "dare", "--hp", "dare.p=1"], "dare.p=1.0 is out of range [0.0, 1.0)"),
+    (["--methods", "dare", "--hp", "dare.p=NaN"], "dare.p must be finite"),
+    (["--methods", "ties", "--hp", "ties.density=high"], "ties.density must be a number, got 'high'"),
+    (["--methods", "ties", "--hp", "dare.p=0.1"], "method 'dare' is not among --methods"),
+    (["--k", "0-2"], "k must lie in 1..3"),
+    (["--k", "two"], "expected a range like 1-9"),
+    (["--subsets", "-3"], "expected 'all' or a positive number"),
+    (["--sizes", "xl"], "no size 'xl'"),
+])
+def test_bad_sweep_arguments_fail_cleanly(tiny_family, tmp_path, capsys, args, fragment):
+    db = tmp_path / "r.duckdb"
+    code, out, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, *args)
+    assert code == 2 and fragment in err and err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err and not db.exists()
+
+
+def test_nan_checkpoint_fails_before_writing_anything(tiny_family, tmp_path, capsys):
+    db = tmp_path / "r.duckdb"
+    poison_expert(tiny_family)
+    code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
+    assert code == 2 and "beta/model.safetensors: tensor 'model.norm.weight' has 1 NaN/Inf values" in err
+    assert ResultStore(db).count() == 0
+
+
+def test_shape_mismatch_names_expert_file(tiny_family, tmp_path, capsys):
+    path = tiny_family.parent / "s" / "experts" / "gamma" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.norm.weight"] = torch.ones(17)
+    save_file(tensors, path, metadata={"format": "pt"})
+    code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", tmp_path / "r.duckdb")
+    assert code == 2 and "experts/gamma: tensor 'model.norm.weight' has shape [17], base has [16]" in err
+
+
+def test_bad_eval_set_and_manifest_fail_cleanly(tiny_family, tmp_path, capsys):
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(rows(keys=("x",), domains=("alpha",)))  # an existing cache must stay as it is
+    (tiny_family.parent / "eval" / "beta.jsonl").write_text('{"prompt": "x"}\n')
+    code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db)
+    assert code == 2 and "beta.jsonl:1: field 'response' missing" in err
+    code, _, err = cli(capsys, "sweep", "--family", tmp_path / "absent.toml", "--db", db)
+    assert code == 2 and "absent.toml: family manifest not found" in err
+    assert ResultStore(db).count() == 1
+
+
+def test_python_dash_m_entry_point_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mergelab", "sweep", "--family", tmp_path / "x.toml"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'x.toml'}: family manifest not found"
+    proc = subprocess.run([sys.executable, "-m", "mergelab", "methods"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "density = 0.2" in proc.stdout and "c = 0.8" in proc.stdout
