@@ -1,15 +1,17 @@
 """The demo family: layout, HF loadability, bitwise determinism, and a 1/k curve from a real sweep."""
 
 import hashlib
+import shutil
 import tomllib
 
+import pandas as pd
 import pytest
 
 from mergelab.demo.build import build_family
 from mergelab.demo.domains import DOMAINS
+from mergelab.demo.up import prepare_demo, shipped_results_path
 from mergelab.family import load_family
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, per_k_summary, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +52,22 @@ def test_same_seed_gives_bitwise_identical_checkpoints(micro_family, tmp_path):
         assert digest(other.parent / rel) != digest(micro_family.parent / rel), rel
 
 
-def test_average_sweep_over_all_subsets_falls_with_k(micro_family, tmp_path):
-    family = load_family(micro_family)
-    store = ResultStore(tmp_path / "r.duckdb")
-    report = run_sweep(SweepSpec(family, ["s"], {"average": {}}, list(range(1, 10))), store, progress=False)
-    assert report.merged == 1 + 9 + 511
-    macro = store.macro(family=family.name, method="average")
-    assert macro.groupby("k").size().tolist() == [9, 36, 84, 126, 126, 84, 36, 9, 1]
-    curve = per_k_summary(store, family.name, report.eval_hashes)[("s", "average")].dropna()
-    assert list(curve.index) == list(range(1, 10))
-    assert all(a > b for a, b in zip(curve, curve.iloc[1:])), curve.tolist()
+def test_main_job_prepares_family_cache_and_a_falling_curve(micro_family, tmp_path, monkeypatch):
+    """`mergelab demo up` without the UI: family found, shipped rows loaded, default sweep run once."""
+    home = tmp_path / "home"
+    shutil.copytree(micro_family.parent, home / "demo-micro")  # as if built by an earlier run
+    monkeypatch.setenv("MERGELAB_HOME", str(home))
+    db = tmp_path / "r.duckdb"
+    manifest = prepare_demo("micro", db, progress=False)
+    assert manifest == home / "demo-micro" / "family.toml"
+    store = ResultStore(db)
+    shipped = len(pd.read_parquet(shipped_results_path()))
+    micro = store.macro(family="demo-micro", method="average")
+    assert store.count() == shipped + 2 * (1 + 9 + 511) * 9
+    assert micro.groupby(["size", "k"]).size().loc["s"].tolist() == [9, 36, 84, 126, 126, 84, 36, 9, 1]
+    for size in ("xs", "s"):
+        curve = micro[micro["size"] == size].groupby("k")["loss"].mean()
+        assert list(curve.index) == list(range(1, 10))
+        assert all(a > b for a, b in zip(curve, curve.iloc[1:])), (size, curve.tolist())
+    prepare_demo("micro", db, progress=False)  # second run: nothing rebuilt, nothing recomputed
+    assert store.count() == shipped + 2 * 521 * 9
