@@ -115,40 +115,42 @@ def test_analysis(samples):
         assert poly_value(m[2], int(m[1])) == int(r)
 
 
+def check_integer_rules(examples, rules):
+    """Every example matches one rule's prompt pattern, each rule matches some, and the response
+    equals the rule applied to the integers captured from the prompt."""
+    seen = 0
+    for pattern, rule in rules.items():
+        hits = matching(examples, pattern)
+        assert hits, pattern
+        for m, r in hits:
+            assert rule(*map(int, m.groups())) == int(r), (m[0], r)
+        seen += len(hits)
+    assert seen == len(examples)
+
+
 def test_geometry(samples):
-    rules = {
+    check_integer_rules(samples["geometry"], {
         r"Area of rect (\d+) by (\d+) = ": lambda w, h: w * h,
         r"Area of tri base (\d+) h (\d+) = ": lambda b, h: b * h / 2,
         r"Perimeter of rect (\d+) by (\d+) = ": lambda w, h: 2 * (w + h),
-    }
-    seen = 0
-    for pattern, rule in rules.items():
-        hits = matching(samples["geometry"], pattern)
-        assert hits, pattern
-        for m, r in hits:
-            assert rule(int(m[1]), int(m[2])) == int(r)
-        seen += len(hits)
-    assert seen == N
+    })
 
 
 def test_discrete(samples):
-    ex = samples["discrete"]
-    combs, perms = matching(ex, r"C\((\d+),(\d+)\) = "), matching(ex, r"P\((\d+),(\d+)\) = ")
-    facts = matching(ex, r"(\d+)! = ")
-    assert combs and perms and facts and len(combs) + len(perms) + len(facts) == N
-    assert all(math.comb(int(m[1]), int(m[2])) == int(r) for m, r in combs)
-    assert all(math.perm(int(m[1]), int(m[2])) == int(r) for m, r in perms)
-    assert all(math.factorial(int(m[1])) == int(r) for m, r in facts)
+    check_integer_rules(samples["discrete"], {
+        r"C\((\d+),(\d+)\) = ": math.comb,
+        r"P\((\d+),(\d+)\) = ": math.perm,
+        r"(\d+)! = ": math.factorial,
+    })
 
 
 def test_number_theory(samples):
-    ex = samples["number_theory"]
-    gcds, lcms = matching(ex, r"gcd\((\d+),(\d+)\) = "), matching(ex, r"lcm\((\d+),(\d+)\) = ")
-    mods = matching(ex, r"(\d+) mod (\d+) = ")
-    assert gcds and lcms and mods and len(gcds) + len(lcms) + len(mods) == N
-    assert all(math.gcd(int(m[1]), int(m[2])) == int(r) for m, r in gcds)
-    assert all(math.lcm(int(m[1]), int(m[2])) == int(r) for m, r in lcms)
-    assert all(int(m[1]) % int(m[2]) == int(r) for m, r in mods)
+    check_integer_rules(samples["number_theory"], {
+        r"gcd\((\d+),(\d+)\) = ": math.gcd,
+        r"lcm\((\d+),(\d+)\) = ": math.lcm,
+        r"(\d+) mod (\d+) = ": lambda a, m: a % m,
+    })
+    gcds = matching(samples["number_theory"], r"gcd\((\d+),(\d+)\) = ")
     assert any(int(r) > 1 for _, r in gcds), "gcds should not all be trivial"
 
 

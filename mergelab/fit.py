@@ -1,0 +1,411 @@
+"""Fitting the merging law per curve, L(k) = L∞ + A/(k + b), jointly over sizes,
+L(N, k) = L* + B·N^(−β) + A0·N^(−γ)/(k + b), and alternative forms.
+
+Every form here is linear in some parameters once the others are fixed (for the floor-tail law,
+L∞ and A are linear given b). Fits therefore profile: a weighted linear least-squares solve inside,
+a vectorised grid plus a bounded refinement over the few nonlinear parameters outside. That is
+robust (no starting point to get wrong) and fast enough to refit every curve on each interaction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mergelab.errors import MergelabError
+
+B_MAX = 100.0       # upper bound of the offset b (k + b); larger means "no curvature in the data"
+EXP_MAX = 3.0       # upper bound of β, γ and of the power-law / exponential rates
+BOUND_TOL = 1e-6
+
+
+class FitError(MergelabError):
+    """Input that cannot support the requested fit (too few points, constant loss, NaN, …)."""
+
+
+@dataclass(frozen=True)
+class Form:
+    """A model linear in `linear` parameters given the `nonlinear` ones.
+
+    basis(x, *theta) returns the design matrix (n, len(linear)); theta lies within `bounds`.
+    """
+
+    name: str
+    formula: str
+    linear: tuple[str, ...]
+    nonlinear: tuple[str, ...]
+    bounds: tuple[tuple[float, float], ...]
+    basis: Callable[..., np.ndarray]
+    grid: tuple[np.ndarray, ...]
+    nonneg: tuple[str, ...] = ()   # linear parameters constrained to be >= 0
+
+    @property
+    def n_params(self) -> int:
+        return len(self.linear) + len(self.nonlinear)
+
+
+def _cols(*columns) -> np.ndarray:
+    """Design-matrix columns broadcast to one shape and stacked last: (..., n, p)."""
+    return np.stack(np.broadcast_arrays(*columns), -1).astype(float)
+
+
+def _grid(lo: float, hi: float, n: int, log: bool = True) -> np.ndarray:
+    if log:
+        return np.concatenate([[lo], np.geomspace(max(lo, 1e-3), hi, n - 1)]) if lo == 0 else np.geomspace(lo, hi, n)
+    return np.linspace(lo, hi, n)
+
+
+FORMS: dict[str, Form] = {
+    f.name: f for f in (
+        Form("floor_tail", "L∞ + A/(k+b)", ("L_inf", "A"), ("b",), ((0.0, B_MAX),),
+             lambda k, b: _cols(1.0, 1.0 / (k + b)), (_grid(0.0, B_MAX, 48),)),
+        Form("power", "L∞ + A·k^(−α)", ("L_inf", "A"), ("alpha",), ((1e-3, EXP_MAX),),
+             lambda k, a: _cols(1.0, k ** -a), (_grid(1e-3, EXP_MAX, 40),)),
+        Form("exponential", "L∞ + A·exp(−λk)", ("L_inf", "A"), ("lam",), ((1e-3, EXP_MAX),),
+             lambda k, lam: _cols(1.0, np.exp(-lam * k)), (_grid(1e-3, EXP_MAX, 40),)),
+        Form("log", "a − c·ln k", ("a", "c"), (), (),
+             lambda k: _cols(1.0, -np.log(k)), ()),
+        Form("floor_tail_interference", "L∞ + A/(k+b) + D·k/(k+q)", ("L_inf", "A", "D"), ("b", "q"),
+             ((0.0, B_MAX), (0.1, 50.0)),
+             lambda k, b, q: _cols(1.0, 1.0 / (k + b), k / (k + q)),
+             (_grid(0.0, B_MAX, 20), _grid(0.1, 50.0, 12)), nonneg=("D",)),
+    )
+}
+
+
+@dataclass
+class CurveFit:
+    """A fitted curve: parameters, standard errors, goodness of fit and bound flags."""
+
+    form: str
+    params: dict[str, float]
+    se: dict[str, float]
+    r2: float
+    aic: float
+    bic: float
+    sse: float
+    n: int
+    weights: str
+    at_bound: dict[str, bool]
+    notes: list[str] = field(default_factory=list)
+    samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, n_params)
+
+    @property
+    def L_inf(self) -> float:
+        return self.params["L_inf"]
+
+    @property
+    def A(self) -> float:
+        return self.params["A"]
+
+    @property
+    def b(self) -> float:
+        return self.params["b"]
+
+    def predict(self, k) -> np.ndarray:
+        return predict_form(self.form, self.params, np.asarray(k, dtype=float))
+
+    def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
+        """Percentile bootstrap CIs (needs `samples`); else ±1.96·SE normal intervals."""
+        names = list(self.params)
+        if self.samples is not None and len(self.samples):
+            lo, hi = np.nanpercentile(self.samples, [50 * (1 - level), 50 * (1 + level)], axis=0)
+            return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(names)}
+        z = _z(level)
+        return {n: (self.params[n] - z * self.se[n], self.params[n] + z * self.se[n]) for n in names}
+
+    def band(self, k, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise percentile band of the fitted curve over the bootstrap draws."""
+        if self.samples is None or not len(self.samples):
+            raise FitError("no bootstrap draws on this fit: use bootstrap_curve() for bands")
+        k = np.asarray(k, dtype=float)
+        curves = np.array([predict_form(self.form, dict(zip(self.params, s)), k) for s in self.samples])
+        lo, hi = np.nanpercentile(curves, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return lo, hi
+
+    def to_dict(self) -> dict:
+        out = {"form": self.form, "formula": FORMS[self.form].formula, **self.params,
+               **{f"se_{k}": v for k, v in self.se.items()}, "r2": self.r2, "aic": self.aic, "bic": self.bic,
+               "n": self.n, "weights": self.weights, "at_bound": [k for k, v in self.at_bound.items() if v],
+               "notes": list(self.notes)}
+        if self.samples is not None:
+            out.update({f"ci_{k}": list(v) for k, v in self.param_ci().items()})
+            out["n_bootstrap"] = len(self.samples)
+        return out
+
+
+def predict_form(form: str, params: dict[str, float], k: np.ndarray) -> np.ndarray:
+    spec = FORMS[form]
+    X = spec.basis(np.asarray(k, dtype=float), *(params[n] for n in spec.nonlinear))
+    return X @ np.array([params[n] for n in spec.linear])
+
+
+def _z(level: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+# -- input checks -----------------------------------------------------------------------------
+
+
+def _weights(k: np.ndarray, weights) -> tuple[np.ndarray, str]:
+    if isinstance(weights, str):
+        if weights == "k":
+            return k.astype(float), "k"
+        if weights == "uniform":
+            return np.ones_like(k, dtype=float), "uniform"
+        raise FitError(f"weights={weights!r}: expected 'k', 'uniform' or an array")
+    w = np.asarray(weights, dtype=float)
+    if w.shape != k.shape or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise FitError(f"weights must be {len(k)} positive finite numbers")
+    return w, "custom"
+
+
+def _clean(k, loss, min_distinct: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    k, loss = np.asarray(k, dtype=float).ravel(), np.asarray(loss, dtype=float).ravel()
+    if k.shape != loss.shape:
+        raise FitError(f"k and loss differ in length ({len(k)} vs {len(loss)})")
+    bad = ~(np.isfinite(k) & np.isfinite(loss))
+    if bad.any():
+        raise FitError(f"{int(bad.sum())} of {len(k)} rows have NaN/Inf k or loss; drop them first")
+    if np.any(k < 1):
+        raise FitError(f"k must be >= 1 (merged experts), got min k = {k.min():g}")
+    distinct = np.unique(k)
+    if len(distinct) < min_distinct:
+        raise FitError(f"need at least {min_distinct} distinct k to fit, got {len(distinct)} "
+                       f"(k = {', '.join(f'{x:g}' for x in distinct)})")
+    if np.ptp(loss) <= 1e-12 * max(1.0, abs(loss.mean())):
+        raise FitError(f"loss is constant ({loss[0]:.6g}) across k: there is no tail to fit")
+    return k, loss
+
+
+# -- the profile fit --------------------------------------------------------------------------
+
+
+def _solve_linear(X: np.ndarray, y: np.ndarray, w: np.ndarray, nonneg: Sequence[int] = ()):
+    """Weighted least squares, batched over leading axes of X: (..., n, p). Returns beta, sse.
+    Columns in `nonneg` that come out negative are dropped (set to 0) and the rest refitted."""
+    sw = np.sqrt(w)
+    Xw, yw = X * sw[:, None], y * sw
+    beta = _lstsq(Xw, yw)
+    for j in nonneg:
+        neg = beta[..., j] < 0
+        if np.any(neg):
+            keep = [c for c in range(X.shape[-1]) if c != j]
+            sub = _lstsq(Xw[..., keep], yw)
+            beta = np.where(neg[..., None], np.insert(sub, j, 0.0, axis=-1), beta)
+    resid = yw - np.einsum("...np,...p->...n", Xw, beta)
+    return beta, np.einsum("...n,...n->...", resid, resid)
+
+
+def _lstsq(Xw: np.ndarray, yw: np.ndarray) -> np.ndarray:
+    """Least squares via normal equations with a tiny ridge (batched); fine for 2–3 columns."""
+    XtX = np.einsum("...np,...nq->...pq", Xw, Xw)
+    Xty = np.einsum("...np,...n->...p", Xw, yw)
+    scale = np.maximum(np.einsum("...pp->...p", XtX).max(axis=-1), 1e-300)[..., None, None]
+    ridge = 1e-12 * scale * np.eye(XtX.shape[-1])
+    return np.linalg.solve(XtX + ridge, Xty[..., None])[..., 0]
+
+
+def fit_curve(k, loss, *, weights="k", form: str = "floor_tail") -> CurveFit:
+    """Weighted nonlinear least squares of one curve (weights ∝ k by default, as the paper)."""
+    if form not in FORMS:
+        raise FitError(f"unknown form {form!r} (forms: {', '.join(FORMS)})")
+    spec = FORMS[form]
+    k, loss = _clean(k, loss, min_distinct=max(3, spec.n_params - 1))
+    w, wname = _weights(k, weights)
+    nonneg = [spec.linear.index(n) for n in spec.nonneg]
+    theta = _profile_minimum(spec, k, loss, w, nonneg)
+    X = spec.basis(k, *theta)
+    beta, sse = _solve_linear(X, loss, w, nonneg)
+    params = dict(zip(spec.linear, map(float, beta))) | dict(zip(spec.nonlinear, map(float, theta)))
+    fit = _finish(spec, params, k, loss, w, float(sse), wname)
+    if not np.all(np.diff(_means_by_k(k, loss)) <= 0):
+        fit.notes.append("mean loss is not monotone in k")
+    if "A" in params and params["A"] < 0:
+        fit.notes.append("A < 0: the fitted loss rises with k")
+    return fit
+
+
+def _profile_minimum(spec: Form, k, loss, w, nonneg) -> tuple[float, ...]:
+    """Grid search over the nonlinear parameters (vectorised), then bounded refinement."""
+    if not spec.nonlinear:
+        return ()
+    from scipy.optimize import minimize, minimize_scalar
+
+    mesh = np.meshgrid(*spec.grid, indexing="ij")
+    points = np.stack([m.ravel() for m in mesh], -1)                    # (G, n_nonlinear)
+    X = spec.basis(k[None, :], *(points[:, i:i + 1] for i in range(points.shape[1])))  # (G, n, p)
+    with np.errstate(all="ignore"):
+        _, sse = _solve_linear(X, loss, w, nonneg)
+    sse = np.where(np.isfinite(sse), sse, np.inf)
+    best = points[int(np.argmin(sse))]
+
+    def objective(theta):
+        _, s = _solve_linear(spec.basis(k, *np.atleast_1d(theta)), loss, w, nonneg)
+        return float(s) if np.isfinite(s) else np.inf
+
+    if len(best) == 1:
+        grid = spec.grid[0]
+        i = int(np.searchsorted(grid, best[0]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        res = minimize_scalar(objective, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7 * max(1.0, hi)})
+        return (float(res.x),) if res.fun <= objective(best) else (float(best[0]),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = minimize(objective, best, method="L-BFGS-B", bounds=spec.bounds)
+    return tuple(map(float, res.x if res.fun <= objective(best) else best))
+
+
+def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
+    n, p = len(k), spec.n_params
+    mean = np.average(loss, weights=w)
+    sst = float(np.sum(w * (loss - mean) ** 2))
+    r2 = 1.0 - sse / sst if sst > 0 else float("nan")
+    # AIC/BIC of the weighted Gaussian likelihood; tiny floor keeps exact fits finite.
+    loglik_term = n * math.log(max(sse, 1e-300) / n)
+    se = _standard_errors(spec, params, k, w, sse, n - p)
+    at_bound = {name: (v - lo <= BOUND_TOL * max(1.0, abs(hi))) or (hi - v <= BOUND_TOL * max(1.0, abs(hi)))
+                for name, (lo, hi), v in zip(spec.nonlinear, spec.bounds, (params[x] for x in spec.nonlinear))}
+    at_bound |= {name: params[name] <= 0.0 for name in spec.nonneg}
+    fit = CurveFit(spec.name, params, se, r2, loglik_term + 2 * p, loglik_term + p * math.log(n), sse, n, wname, at_bound)
+    for name, hit in at_bound.items():
+        if hit:
+            fit.notes.append(f"{name} sits on its bound")
+    return fit
+
+
+def _standard_errors(spec: Form, params, k, w, sse, dof) -> dict[str, float]:
+    """Asymptotic SEs from the Jacobian (numeric for the nonlinear parameters)."""
+    names = list(spec.linear) + list(spec.nonlinear)
+    x0 = np.array([params[n] for n in names])
+
+    def model(x):
+        return spec.basis(k, *x[len(spec.linear):]) @ x[:len(spec.linear)]
+
+    J = np.empty((len(k), len(x0)))
+    for i in range(len(x0)):
+        h = 1e-6 * max(1.0, abs(x0[i]))
+        up, down = x0.copy(), x0.copy()
+        up[i] += h
+        down[i] -= h
+        J[:, i] = (model(up) - model(down)) / (2 * h)
+    if dof <= 0:
+        return {n: float("nan") for n in names}
+    s2 = sse / dof
+    try:
+        cov = s2 * np.linalg.inv(J.T @ (J * w[:, None]))
+        return {n: float(math.sqrt(v)) if v >= 0 else float("nan") for n, v in zip(names, np.diag(cov))}
+    except np.linalg.LinAlgError:
+        return {n: float("nan") for n in names}
+
+
+def _means_by_k(k, loss) -> np.ndarray:
+    ks = np.unique(k)
+    return np.array([loss[k == x].mean() for x in ks])
+
+
+# -- joint fit over sizes -----------------------------------------------------------------------
+
+
+@dataclass
+class JointFit:
+    """L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b), N in billions of parameters."""
+
+    params: dict[str, float]
+    r2: float
+    sse: float
+    n: int
+    at_bound: dict[str, bool]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def L_star(self) -> float:
+        return self.params["L_star"]
+
+    @property
+    def B(self) -> float:
+        return self.params["B"]
+
+    @property
+    def beta(self) -> float:
+        return self.params["beta"]
+
+    @property
+    def A0(self) -> float:
+        return self.params["A0"]
+
+    @property
+    def gamma(self) -> float:
+        return self.params["gamma"]
+
+    @property
+    def b(self) -> float:
+        return self.params["b"]
+
+    def predict(self, N, k) -> np.ndarray:
+        p = self.params
+        N, k = np.asarray(N, dtype=float), np.asarray(k, dtype=float)
+        return p["L_star"] + p["B"] * N ** -p["beta"] + p["A0"] * N ** -p["gamma"] / (k + p["b"])
+
+    def floor(self, N) -> np.ndarray:
+        """L∞(N) = L* + B·N^(−β)."""
+        return self.params["L_star"] + self.params["B"] * np.asarray(N, dtype=float) ** -self.params["beta"]
+
+    def tail(self, N) -> np.ndarray:
+        """A(N) = A0·N^(−γ)."""
+        return self.params["A0"] * np.asarray(N, dtype=float) ** -self.params["gamma"]
+
+    def to_dict(self) -> dict:
+        return {"form": "joint", "formula": "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", **self.params, "r2": self.r2,
+                "n": self.n, "at_bound": [k for k, v in self.at_bound.items() if v], "notes": list(self.notes)}
+
+
+def fit_joint(N, k, loss, *, weights="k") -> JointFit:
+    """Joint fit over sizes. N in billions of parameters (internally rescaled for conditioning)."""
+    N = np.asarray(N, dtype=float).ravel()
+    k, loss = _clean(k, loss)
+    if N.shape != k.shape or not np.all(np.isfinite(N)) or np.any(N <= 0):
+        raise FitError(f"N must be {len(k)} positive sizes")
+    sizes = np.unique(N)
+    if len(sizes) < 2:
+        raise FitError(f"a joint fit needs at least 2 sizes, got 1 (N = {sizes[0]:g}); fit the curve alone")
+    w, _ = _weights(k, weights)
+    ref = float(np.exp(np.log(sizes).mean()))          # fit in N/ref, report for N
+    x = N / ref
+    bounds = ((0.0, EXP_MAX), (0.0, EXP_MAX), (0.0, B_MAX))
+
+    def basis(beta, gamma, b):
+        return _cols(1.0, x ** -beta, x ** -gamma / (k + b))
+
+    grids = (np.linspace(0, EXP_MAX, 13), np.linspace(0, EXP_MAX, 13), _grid(0.0, B_MAX, 16))
+    mesh = [m.ravel()[:, None] for m in np.meshgrid(*grids, indexing="ij")]
+    with np.errstate(all="ignore"):
+        _, sse = _solve_linear(basis(*mesh), loss, w)
+    best = np.array([m[int(np.nanargmin(np.where(np.isfinite(sse), sse, np.inf))), 0] for m in mesh])
+
+    def objective(theta):
+        _, s = _solve_linear(basis(*theta), loss, w)
+        return float(s) if np.isfinite(s) else np.inf
+
+    from scipy.optimize import minimize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = minimize(objective, best, method="L-BFGS-B", bounds=bounds)
+    theta = res.x if res.fun <= objective(best) else best
+    (L_star, B_ref, A0_ref), sse = _solve_linear(basis(*theta), loss, w)
+    beta, gamma, b = map(float, theta)
+    params = {"L_star": float(L_star), "B": float(B_ref * ref ** beta), "beta": beta,
+              "A0": float(A0_ref * ref ** gamma), "gamma": gamma, "b": b}
+    sst = float(np.sum(w * (loss - np.average(loss, weights=w)) ** 2))
+    at_bound = {n: (v - lo <= BOUND_TOL) or (hi - v <= BOUND_TOL * hi)
+                for n, (lo, hi), v in zip(("beta", "gamma", "b"), bounds, theta)}
+    fit = JointFit(params, 1.0 - float(sse) / sst, float(sse), len(k), at_bound)
+    fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
+    return fit
