@@ -143,6 +143,85 @@ def results(
         typer.echo(text, nl=False)
 
 
+DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
+SUMMARY_COLUMNS = ["family", "size", "method", "domain", "L_inf", "A", "b", "r2", "n_subsets", "at_bound"]
+JOINT_COLUMNS = ["family", "method", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "at_bound"]
+
+
+def _selected_results(db, family, method, size):
+    from mergelab.store import ResultStore
+
+    results = ResultStore(db).results(family=family, size=size,
+                                      method=None if method is None else [method, "base", "expert"])
+    if results.empty:
+        raise MergelabError("no cached results match the selection (run `mergelab sweep` first)")
+    return results
+
+
+@app.command()
+def fit(
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    method: Optional[str] = typer.Option(None, help="only this merge method"),
+    size: Optional[str] = typer.Option(None, help="only this size"),
+    domain: Optional[str] = typer.Option(None, help="one domain, or 'macro' (default: macro and every domain)"),
+    joint: bool = typer.Option(False, help="fit L(N,k) jointly over sizes instead of one curve per size"),
+    bootstrap: int = typer.Option(0, help="cluster-bootstrap draws for CIs (e.g. 1000)"),
+    weights: str = typer.Option("k", help="k (as the paper) or uniform"),
+    format: str = typer.Option("table", help="table, json, csv or latex"),
+    out: Optional[Path] = typer.Option(None, help="write to this file"),
+):
+    """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
+    from mergelab import analysis, export
+
+    results = _selected_results(db, family, method, size)
+    domains = [domain] if domain else None
+    options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
+    table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
+             else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
+    if format == "table":
+        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns]
+        cis = [c for c in table.columns if c.startswith("ci_")]
+        table = table[cols + cis].copy()
+        for c in cis:
+            table[c] = table[c].map(lambda v: f"[{v[0]:.4g}, {v[1]:.4g}]" if isinstance(v, list) else v)
+    text = export.write(table, format, analysis.provenance(results, **options), out)
+    typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
+
+
+@app.command("export")
+def export_cmd(
+    what: str = typer.Option(..., help="fits, joint, results, synergy or plan"),
+    format: str = typer.Option("csv", help="csv, json, latex or parquet"),
+    out: Path = typer.Option(..., help="file to write"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    method: Optional[str] = typer.Option(None, help="only this merge method"),
+    size: Optional[str] = typer.Option(None, help="only this size"),
+    bootstrap: int = typer.Option(0, help="cluster-bootstrap draws for CIs of fits and plans"),
+    weights: str = typer.Option("k", help="k (as the paper) or uniform"),
+):
+    """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
+    from mergelab import analysis, export
+
+    results = _selected_results(db, family, method, size)
+    options = {"what": what, "weights": weights, "bootstrap": bootstrap}
+    if what == "fits":
+        table = analysis.fit_table(results, weights=weights, n_boot=bootstrap)
+    elif what == "joint":
+        table = analysis.joint_table(results, weights=weights)
+    elif what == "results":
+        table = results
+    elif what == "synergy":
+        table = analysis.synergy_table(results)
+    elif what == "plan":
+        table = analysis.plan_table(results, weights=weights, n_boot=bootstrap)
+    else:
+        raise MergelabError(f"--what {what!r}: expected fits, joint, results, synergy or plan")
+    export.write(table, format, analysis.provenance(results, **options), out)
+    typer.echo(f"wrote {len(table)} rows of {what} to {out}")
+
+
 @app.command("methods")
 def list_methods():
     """List the merge methods with their hyperparameters, defaults and ranges."""

@@ -93,6 +93,7 @@ class CurveFit:
     at_bound: dict[str, bool]
     notes: list[str] = field(default_factory=list)
     samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, n_params)
+    spec: Form | None = field(default=None, repr=False)
 
     @property
     def L_inf(self) -> float:
@@ -107,7 +108,7 @@ class CurveFit:
         return self.params["b"]
 
     def predict(self, k) -> np.ndarray:
-        return predict_form(self.form, self.params, np.asarray(k, dtype=float))
+        return predict_form(self.spec or self.form, self.params, np.asarray(k, dtype=float))
 
     def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
         """Percentile bootstrap CIs (needs `samples`); else ±1.96·SE normal intervals."""
@@ -123,12 +124,12 @@ class CurveFit:
         if self.samples is None or not len(self.samples):
             raise FitError("no bootstrap draws on this fit: use bootstrap_curve() for bands")
         k = np.asarray(k, dtype=float)
-        curves = np.array([predict_form(self.form, dict(zip(self.params, s)), k) for s in self.samples])
+        curves = np.array([predict_form(self.spec or self.form, dict(zip(self.params, s)), k) for s in self.samples])
         lo, hi = np.nanpercentile(curves, [50 * (1 - level), 50 * (1 + level)], axis=0)
         return lo, hi
 
     def to_dict(self) -> dict:
-        out = {"form": self.form, "formula": FORMS[self.form].formula, **self.params,
+        out = {"form": self.form, "formula": (self.spec or FORMS[self.form]).formula, **self.params,
                **{f"se_{k}": v for k, v in self.se.items()}, "r2": self.r2, "aic": self.aic, "bic": self.bic,
                "n": self.n, "weights": self.weights, "at_bound": [k for k, v in self.at_bound.items() if v],
                "notes": list(self.notes)}
@@ -138,8 +139,8 @@ class CurveFit:
         return out
 
 
-def predict_form(form: str, params: dict[str, float], k: np.ndarray) -> np.ndarray:
-    spec = FORMS[form]
+def predict_form(form: "str | Form", params: dict[str, float], k: np.ndarray) -> np.ndarray:
+    spec = _form(form)
     X = spec.basis(np.asarray(k, dtype=float), *(params[n] for n in spec.nonlinear))
     return X @ np.array([params[n] for n in spec.linear])
 
@@ -212,54 +213,125 @@ def _lstsq(Xw: np.ndarray, yw: np.ndarray) -> np.ndarray:
     return np.linalg.solve(XtX + ridge, Xty[..., None])[..., 0]
 
 
-def fit_curve(k, loss, *, weights="k", form: str = "floor_tail") -> CurveFit:
+def _form(name: "str | Form") -> Form:
+    if isinstance(name, Form):
+        return name
+    if name not in FORMS:
+        raise FitError(f"unknown form {name!r} (forms: {', '.join(FORMS)})")
+    return FORMS[name]
+
+
+def fit_curve(k, loss, *, weights="k", form: "str | Form" = "floor_tail") -> CurveFit:
     """Weighted nonlinear least squares of one curve (weights ∝ k by default, as the paper)."""
-    if form not in FORMS:
-        raise FitError(f"unknown form {form!r} (forms: {', '.join(FORMS)})")
-    spec = FORMS[form]
-    k, loss = _clean(k, loss, min_distinct=max(3, spec.n_params - 1))
+    return fit_curves(k, np.asarray(loss, dtype=float)[None, :], weights=weights, form=form)[0]
+
+
+def fit_curves(k, losses, *, weights="k", form: "str | Form" = "floor_tail") -> list[CurveFit]:
+    """Fit many curves that share one k vector (the rows of `losses`) in one vectorised pass."""
+    spec = _form(form)
+    losses = np.atleast_2d(np.asarray(losses, dtype=float))
+    min_k = max(3, spec.n_params - 1)
+    k = np.asarray(k, dtype=float).ravel()
+    for row in losses:
+        _clean(k, row, min_k)
     w, wname = _weights(k, weights)
+    theta, beta, sse = _fit_batch(spec, k, losses, w)
+    fits = []
+    for row, th, be, ss in zip(losses, theta, beta, sse):
+        params = dict(zip(spec.linear, map(float, be))) | dict(zip(spec.nonlinear, map(float, th)))
+        fit = _finish(spec, params, k, row, w, float(ss), wname)
+        if not np.all(np.diff(_means_by_k(k, row)) <= 0):
+            fit.notes.append("mean loss is not monotone in k")
+        if "A" in params and params["A"] < 0:
+            fit.notes.append("A < 0: the fitted loss rises with k")
+        fits.append(fit)
+    return fits
+
+
+def _fit_batch(spec: Form, k: np.ndarray, Y: np.ndarray, w: np.ndarray):
+    """Parameters of `spec` fitted to every row of Y: (theta (m, nonlinear), beta (m, linear), sse (m,))."""
     nonneg = [spec.linear.index(n) for n in spec.nonneg]
-    theta = _profile_minimum(spec, k, loss, w, nonneg)
-    X = spec.basis(k, *theta)
-    beta, sse = _solve_linear(X, loss, w, nonneg)
-    params = dict(zip(spec.linear, map(float, beta))) | dict(zip(spec.nonlinear, map(float, theta)))
-    fit = _finish(spec, params, k, loss, w, float(sse), wname)
-    if not np.all(np.diff(_means_by_k(k, loss)) <= 0):
-        fit.notes.append("mean loss is not monotone in k")
-    if "A" in params and params["A"] < 0:
-        fit.notes.append("A < 0: the fitted loss rises with k")
-    return fit
+    if len(spec.nonlinear) == 1 and not nonneg:
+        theta = _profile_1d(spec, k, Y, w)[:, None]
+    elif not spec.nonlinear:
+        theta = np.empty((len(Y), 0))
+    else:
+        theta = np.array([_profile_nd(spec, k, y, w, nonneg) for y in Y])
+    X = spec.basis(k[None, :], *(theta[:, i:i + 1] for i in range(theta.shape[1])))
+    beta, sse = _solve_linear(X, Y, w, nonneg)
+    return theta, beta, sse
 
 
-def _profile_minimum(spec: Form, k, loss, w, nonneg) -> tuple[float, ...]:
-    """Grid search over the nonlinear parameters (vectorised), then bounded refinement."""
-    if not spec.nonlinear:
-        return ()
-    from scipy.optimize import minimize, minimize_scalar
+_INV_PHI = (math.sqrt(5) - 1) / 2
+
+
+def _profile_1d(spec: Form, k, Y, w, iterations: int = 40) -> np.ndarray:
+    """Best nonlinear parameter per row: grid search, then golden-section search between the grid
+    neighbours of the best point, all rows at once."""
+    grid = spec.grid[0]
+
+    def sse(theta):  # theta (m, T) -> (m, T)
+        X = spec.basis(k, theta[..., None])
+        with np.errstate(all="ignore"):
+            _, s = _solve_linear(X, Y[:, None, :], w)
+        return np.where(np.isfinite(s), s, np.inf)
+
+    on_grid = sse(np.broadcast_to(grid, (len(Y), len(grid))))
+    best = np.argmin(on_grid, axis=1)
+    lo, hi = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, len(grid) - 1)]
+    c, d = hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo)
+    fc, fd = sse(c[:, None])[:, 0], sse(d[:, None])[:, 0]
+    for _ in range(iterations):  # one new evaluation per step, the bracket shrinks by 0.618
+        left = fc < fd
+        hi, lo = np.where(left, d, hi), np.where(left, lo, c)
+        x = np.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
+        fx = sse(x[:, None])[:, 0]
+        c, fc, d, fd = (np.where(left, x, d), np.where(left, fx, fd),
+                        np.where(left, c, x), np.where(left, fc, fx))
+    refined = (lo + hi) / 2
+    keep_grid = on_grid[np.arange(len(Y)), best] < sse(refined[:, None])[:, 0]
+    return np.where(keep_grid, grid[best], refined)
+
+
+def _profile_nd(spec: Form, k, loss, w, nonneg) -> tuple[float, ...]:
+    """Several nonlinear parameters: vectorised grid search, then bounded L-BFGS-B refinement."""
+    from scipy.optimize import minimize
 
     mesh = np.meshgrid(*spec.grid, indexing="ij")
-    points = np.stack([m.ravel() for m in mesh], -1)                    # (G, n_nonlinear)
-    X = spec.basis(k[None, :], *(points[:, i:i + 1] for i in range(points.shape[1])))  # (G, n, p)
+    points = np.stack([m.ravel() for m in mesh], -1)
+    X = spec.basis(k[None, :], *(points[:, i:i + 1] for i in range(points.shape[1])))
     with np.errstate(all="ignore"):
         _, sse = _solve_linear(X, loss, w, nonneg)
-    sse = np.where(np.isfinite(sse), sse, np.inf)
-    best = points[int(np.argmin(sse))]
+    best = points[int(np.argmin(np.where(np.isfinite(sse), sse, np.inf)))]
 
     def objective(theta):
-        _, s = _solve_linear(spec.basis(k, *np.atleast_1d(theta)), loss, w, nonneg)
+        _, s = _solve_linear(spec.basis(k, *theta), loss, w, nonneg)
         return float(s) if np.isfinite(s) else np.inf
 
-    if len(best) == 1:
-        grid = spec.grid[0]
-        i = int(np.searchsorted(grid, best[0]))
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        res = minimize_scalar(objective, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7 * max(1.0, hi)})
-        return (float(res.x),) if res.fun <= objective(best) else (float(best[0]),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = minimize(objective, best, method="L-BFGS-B", bounds=spec.bounds)
     return tuple(map(float, res.x if res.fun <= objective(best) else best))
+
+
+def bootstrap_curve(k, loss, *, n_boot: int = 1000, seed: int = 0, weights="k", form: str = "floor_tail") -> CurveFit:
+    """Fit the per-k mean curve of merged subsets and attach a cluster bootstrap: each draw
+    resamples the subsets (not the points) within every k, with replacement, and refits.
+
+    `k` and `loss` hold one value per merged subset (e.g. the macro CE of each merge)."""
+    spec = _form(form)
+    k, loss = _clean(k, loss, max(3, spec.n_params - 1))
+    if n_boot < 1:
+        raise FitError(f"n_boot must be >= 1, got {n_boot}")
+    ks = np.unique(k)
+    groups = [loss[k == x] for x in ks]
+    fit = fit_curve(ks, [g.mean() for g in groups], weights=weights, form=form)
+    rng = np.random.default_rng(seed)
+    draws = np.column_stack([g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(axis=1) for g in groups])
+    w, _ = _weights(ks, weights)
+    theta, beta, _ = _fit_batch(spec, ks, draws, w)
+    fit.samples = np.column_stack([beta, theta])  # same order as fit.params: linear, then nonlinear
+    return fit
 
 
 def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
@@ -273,7 +345,8 @@ def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     at_bound = {name: (v - lo <= BOUND_TOL * max(1.0, abs(hi))) or (hi - v <= BOUND_TOL * max(1.0, abs(hi)))
                 for name, (lo, hi), v in zip(spec.nonlinear, spec.bounds, (params[x] for x in spec.nonlinear))}
     at_bound |= {name: params[name] <= 0.0 for name in spec.nonneg}
-    fit = CurveFit(spec.name, params, se, r2, loglik_term + 2 * p, loglik_term + p * math.log(n), sse, n, wname, at_bound)
+    fit = CurveFit(spec.name, params, se, r2, loglik_term + 2 * p, loglik_term + p * math.log(n), sse, n, wname,
+                   at_bound, spec=spec)
     for name, hit in at_bound.items():
         if hit:
             fit.notes.append(f"{name} sits on its bound")
@@ -408,4 +481,6 @@ def fit_joint(N, k, loss, *, weights="k") -> JointFit:
                 for n, (lo, hi), v in zip(("beta", "gamma", "b"), bounds, theta)}
     fit = JointFit(params, 1.0 - float(sse) / sst, float(sse), len(k), at_bound)
     fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
+    if len(sizes) < 3:
+        fit.notes.append("only 2 sizes: B and β are not separately identified")
     return fit

@@ -1,0 +1,183 @@
+"""From cached result rows to fitted tables: curves per (size, method, hyperparameters, domain or
+macro), fitted in batches, with provenance. The dashboard and the CLI call these."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+
+from mergelab import __version__
+from mergelab.fit import FitError, bootstrap_curve, fit_curves, fit_joint
+
+MACRO = "macro"
+REFERENCE_METHODS = ("base", "expert")
+CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]
+
+
+def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
+    """One row per merge (k ≥ 1, merge methods only) with the loss on `domain`, or the macro mean
+    over domains for merges evaluated on every domain of their family."""
+    rows = results[~results["method"].isin(REFERENCE_METHODS) & (results["k"] >= 1)]
+    keys = CURVE_KEYS + ["experts_key", "k"]
+    if domain != MACRO:
+        return rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True)
+    n_domains = rows.groupby("family")["domain"].nunique().rename("family_domains")
+    macro = rows.groupby(keys, as_index=False).agg(loss=("loss", "mean"), n_domains=("domain", "nunique"))
+    macro = macro.join(n_domains, on="family")
+    return macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True)
+
+
+def domains_of(results: pd.DataFrame) -> list[str]:
+    return sorted(results["domain"].unique())
+
+
+def curve_means(results: pd.DataFrame, domains=None) -> pd.DataFrame:
+    """One row per curve (CURVE_KEYS + domain), one column per k with the mean loss over subsets,
+    plus n_subsets. `domains` may include MACRO (the default: macro and every domain)."""
+    domains = list(domains or [MACRO, *domains_of(results)])
+    frames = []
+    if MACRO in domains:
+        frames.append(merge_losses(results, MACRO).assign(domain=MACRO))
+    plain = [d for d in domains if d != MACRO]
+    if plain:
+        rows = results[~results["method"].isin(REFERENCE_METHODS) & (results["k"] >= 1) & results["domain"].isin(plain)]
+        frames.append(rows[CURVE_KEYS + ["domain", "experts_key", "k", "loss"]])
+    merges = pd.concat(frames, ignore_index=True)
+    keys = CURVE_KEYS + ["domain"]
+    wide = merges.groupby(keys + ["k"])["loss"].mean().unstack("k")
+    wide["n_subsets"] = merges.groupby(keys)["experts_key"].nunique()
+    return wide
+
+
+def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+    """The floor-tail law per curve. Curves that share a k grid are fitted in one batch; with
+    n_boot > 0 each curve gets a cluster bootstrap (resampling subsets) and CI columns."""
+    wide = curve_means(results, domains)
+    ks = [c for c in wide.columns if c != "n_subsets"]
+    grids = wide[ks].notna().apply(lambda r: tuple(np.array(ks)[r.to_numpy()]), axis=1)
+    fits: dict = {}
+    for grid, members in wide.groupby(grids).groups.items():
+        fits.update(_fit_group(results, wide.loc[members], list(grid), weights, n_boot, seed))
+    rows = []
+    for key, fit in fits.items():
+        row = dict(zip(wide.index.names, key))
+        measured = wide.loc[key, ks].dropna()
+        row.update(n_subsets=int(wide.loc[key, "n_subsets"]), k_min=int(min(measured.index)), k_max=int(max(measured.index)))
+        row.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["family", "domain", "method", "n_params"], ignore_index=True)
+
+
+def _fit_group(results, group: pd.DataFrame, grid: list, weights, n_boot: int, seed: int) -> dict:
+    """Fits of curves sharing one k grid: batched, or bootstrapped one by one. A curve that cannot
+    be fitted maps to its error message."""
+    k = np.array(grid, dtype=float)
+    out = {}
+    if not n_boot:
+        try:
+            return dict(zip(group.index, fit_curves(k, group[grid].to_numpy(), weights=weights)))
+        except FitError:
+            pass  # one bad curve: fit one by one below to say which
+    for key, means in group[grid].iterrows():
+        try:
+            if n_boot:
+                subsets = _subset_losses(results, dict(zip(group.index.names, key)))
+                out[key] = bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights)
+            else:
+                out[key] = fit_curves(k, means.to_numpy()[None], weights=weights)[0]
+        except FitError as exc:
+            out[key] = str(exc)
+    return out
+
+
+def _subset_losses(results: pd.DataFrame, key: dict) -> pd.DataFrame:
+    merges = merge_losses(results, key["domain"])
+    mask = np.ones(len(merges), dtype=bool)
+    for col in CURVE_KEYS:
+        mask &= (merges[col] == key[col]).to_numpy()
+    return merges[mask]
+
+
+def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataFrame:
+    """The joint law over sizes per (method, hyperparameters, domain), N in billions of parameters."""
+    rows = []
+    for domain in domains or [MACRO, *domains_of(results)]:
+        merges = merge_losses(results, domain)
+        for (family, method, hparams), group in merges.groupby(["family", "method", "hparams"]):
+            means = group.groupby(["n_params", "k"], as_index=False)["loss"].mean()
+            row = {"family": family, "method": method, "hparams": hparams, "domain": domain,
+                   "sizes": sorted(group["size"].unique()), "n_subsets": len(group)}
+            try:
+                row.update(fit_joint(means["n_params"] / 1e9, means["k"], means["loss"], weights=weights).to_dict())
+            except FitError as exc:
+                row["notes"] = [str(exc)]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def provenance(results: pd.DataFrame, **options) -> dict:
+    """What a table was computed from and how: enough to reproduce it."""
+    merges = results[~results["method"].isin(REFERENCE_METHODS)]
+    return {
+        "mergelab_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "families": sorted(results["family"].unique()),
+        "methods": {m: sorted(g["hparams"].unique()) for m, g in merges.groupby("method")},
+        "sizes": {s: int(n) for s, n in results.groupby("size")["n_params"].first().items()},
+        "k_range": [int(merges["k"].min()), int(merges["k"].max())] if len(merges) else [],
+        "n_merges": int(merges[["family", "size", "method", "hparams", "experts_key"]].drop_duplicates().shape[0]),
+        "eval_hashes": sorted(results["eval_hash"].unique()),
+        "metric_version": sorted(int(v) for v in results["metric_version"].unique()),
+        "options": options,
+    }
+
+
+def synergy_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Long-form synergy (donor, receiver, synergy, n_pairs) per (family, size, method, hparams)."""
+    from mergelab.synergy import synergy_matrix
+
+    frames = []
+    merges = results[~results["method"].isin(REFERENCE_METHODS)]
+    for key, group in merges.groupby(CURVE_KEYS):
+        matrix = synergy_matrix(group)
+        long = matrix.stack(future_stack=True).rename("synergy").reset_index()
+        long["n_pairs"] = long["donor"].map(matrix.attrs["n_pairs"])
+        frames.append(long.assign(**dict(zip(CURVE_KEYS, key))))
+    if not frames:
+        raise FitError("no merges to compute synergy from")
+    return pd.concat(frames, ignore_index=True)[CURVE_KEYS + ["donor", "receiver", "synergy", "n_pairs"]]
+
+
+PLAN_DEFAULTS = {"epsilon": 0.01, "tolerance": 0.001}
+
+
+def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int = 0,
+               epsilon: float = PLAN_DEFAULTS["epsilon"], tolerance: float = PLAN_DEFAULTS["tolerance"]) -> pd.DataFrame:
+    """Per macro curve: k80, k90, k_ε and the stop rule, each with its interval when bootstrapped."""
+    from mergelab import planning
+
+    rows = []
+    wide = curve_means(results, [MACRO])
+    for key in wide.index:
+        info = dict(zip(wide.index.names, key))
+        subsets = _subset_losses(results, info)
+        M = int(subsets["k"].max())
+        try:
+            fit = (bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights) if n_boot
+                   else fit_curves(*_means(subsets), weights=weights)[0])
+        except FitError as exc:
+            rows.append({**info, "quantity": "fit", "note": str(exc)})
+            continue
+        quantities = {"k80": planning.k_at_fraction(fit, 0.8, M), "k90": planning.k_at_fraction(fit, 0.9, M),
+                      f"k_eps({epsilon:g})": planning.k_epsilon(fit, epsilon),
+                      f"stop(tol={tolerance:g})": planning.stop_rule(fit, tolerance)}
+        for name, est in quantities.items():
+            rows.append({**info, "quantity": name, **est.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def _means(subsets: pd.DataFrame):
+    means = subsets.groupby("k")["loss"].mean()
+    return means.index.to_numpy(dtype=float), means.to_numpy()[None]

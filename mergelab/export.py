@@ -1,0 +1,84 @@
+"""Tables out: CSV, JSON, LaTeX and Parquet, each carrying its provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mergelab.errors import MergelabError
+
+FORMATS = ("csv", "json", "latex", "parquet", "table")
+
+
+def _cell(value):
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    return json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else value
+
+
+def _plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Lists, arrays and dicts as JSON text, so every format holds them the same way."""
+    out = frame.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = out[col].map(_cell)
+    return out
+
+
+def render(frame: pd.DataFrame, fmt: str, provenance: dict) -> str | bytes:
+    """The table in `fmt`; provenance in a leading comment (csv, latex), a field (json) or the file
+    metadata (parquet)."""
+    if fmt not in FORMATS:
+        raise MergelabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    prov = json.dumps(provenance, sort_keys=True, default=str)
+    plain = _plain(frame)
+    if fmt == "csv":
+        return f"# provenance: {prov}\n" + plain.to_csv(index=False)
+    if fmt == "json":
+        records = json.loads(plain.to_json(orient="records", date_format="iso"))
+        return json.dumps({"provenance": provenance, "rows": records}, indent=1, default=str) + "\n"
+    if fmt == "latex":
+        numeric = plain.select_dtypes("number").columns
+        body = plain.to_latex(index=False, float_format="%.4g", columns=list(plain.columns),
+                              escape=True) if len(plain.columns) else ""
+        return f"% provenance: {prov}\n% numeric columns: {', '.join(numeric)}\n" + body
+    if fmt == "table":
+        return plain.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(plain, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"mergelab_provenance": prov.encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write(frame: pd.DataFrame, fmt: str, provenance: dict, out: Path | None) -> str | None:
+    """Write to `out` (returns None) or return the text (parquet needs a file)."""
+    data = render(frame, fmt, provenance)
+    if out is None:
+        if isinstance(data, bytes):
+            raise MergelabError("parquet output needs --out FILE")
+        return data
+    try:
+        Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
+    except OSError as exc:
+        raise MergelabError(f"{out}: cannot write ({exc.strerror})") from None
+    return None
+
+
+def read_provenance(path: Path) -> dict:
+    """The provenance stored by `write` in any of the file formats."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return json.loads(pq.read_schema(path).metadata[b"mergelab_provenance"])
+    text = path.read_text()
+    if text.startswith("{"):
+        return json.loads(text)["provenance"]
+    first = text.splitlines()[0]
+    return json.loads(first.split("provenance: ", 1)[1])

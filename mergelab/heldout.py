@@ -1,0 +1,94 @@
+"""Held-out validation of the merging law: 3-point forecasts, leave-one-k-out, leave-one-size-out,
+and ranking alternative forms by information criteria and held-out error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mergelab.fit import FORMS, FitError, fit_curve, fit_joint
+
+
+def three_point_forecast(L1: float, L2: float, L4: float) -> dict:
+    """L∞, A, b from the mean losses at k = 1, 2, 4.
+
+    Closed form: r = (L1−L2)/(L2−L4), b = (4−2r)/(2r−1), A = (L1−L2)(1+b)(2+b), L∞ = L1 − A/(1+b),
+    valid when r ∈ (0.5, 2] (so that b ≥ 0); otherwise a least-squares fit with b ≥ 0."""
+    values = np.array([L1, L2, L4], dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise FitError("three_point_forecast needs finite L1, L2, L4")
+    if L2 != L4:
+        r = (L1 - L2) / (L2 - L4)
+        if 0.5 < r <= 2.0:
+            b = (4 - 2 * r) / (2 * r - 1)
+            A = (L1 - L2) * (1 + b) * (2 + b)
+            return {"L_inf": L1 - A / (1 + b), "A": A, "b": b, "method": "closed_form"}
+    fit = fit_curve([1.0, 2.0, 4.0], values, weights="uniform")
+    return {"L_inf": fit.L_inf, "A": fit.A, "b": fit.b, "method": "least_squares"}
+
+
+def _per_k_means(k, loss) -> tuple[np.ndarray, np.ndarray]:
+    k, loss = np.asarray(k, dtype=float), np.asarray(loss, dtype=float)
+    ks = np.unique(k)
+    return ks, np.array([loss[k == x].mean() for x in ks])
+
+
+def forecast_errors(k, loss) -> pd.DataFrame:
+    """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k."""
+    ks, means = _per_k_means(k, loss)
+    missing = [x for x in (1, 2, 4) if x not in ks]
+    if missing:
+        raise FitError(f"the 3-point forecast needs k = 1, 2 and 4; missing k = {missing}")
+    p = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
+    predicted = p["L_inf"] + p["A"] / (ks + p["b"])
+    out = pd.DataFrame({"k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
+    out["held_out"] = ~out["k"].isin([1, 2, 4])
+    out.attrs["forecast"] = p
+    return out
+
+
+def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.DataFrame:
+    """Fit the per-k means without each k in turn and predict it."""
+    ks, means = _per_k_means(k, loss)
+    if len(ks) < FORMS[form].n_params + 1:
+        raise FitError(f"leave-one-k-out with form {form!r} needs at least {FORMS[form].n_params + 1} distinct k")
+    rows = []
+    for i, held in enumerate(ks):
+        keep = np.arange(len(ks)) != i
+        fit = fit_curve(ks[keep], means[keep], weights=weights, form=form)
+        pred = float(fit.predict([held])[0])
+        rows.append({"k": held, "observed": means[i], "predicted": pred, "error": pred - means[i]})
+    return pd.DataFrame(rows)
+
+
+def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
+    """Fit the joint law on all but the largest size and predict the largest size's per-k means."""
+    N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
+    sizes = np.unique(N)
+    if len(sizes) < 3:
+        raise FitError(f"leave-one-size-out needs at least 3 sizes (2 to fit, 1 to predict), got {len(sizes)}")
+    train = N < sizes[-1]
+    fit = fit_joint(N[train], k[train], loss[train], weights=weights)
+    ks, means = _per_k_means(k[~train], loss[~train])
+    predicted = fit.predict(sizes[-1], ks)
+    out = pd.DataFrame({"N": sizes[-1], "k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
+    out.attrs["fit"] = fit
+    return out
+
+
+def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
+    """Every form fitted to the per-k means, ranked by AIC, with BIC, R² and leave-one-k-out RMSE."""
+    ks, means = _per_k_means(k, loss)
+    rows = []
+    for name in forms or FORMS:
+        try:
+            fit = fit_curve(ks, means, weights=weights, form=name)
+            loko = leave_one_k_out(ks, means, weights=weights, form=name)
+            rmse = float(np.sqrt(np.mean(loko["error"] ** 2)))
+        except FitError as exc:
+            rows.append({"form": name, "formula": FORMS[name].formula, "note": str(exc)})
+            continue
+        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aic": fit.aic,
+                     "bic": fit.bic, "r2": fit.r2, "loko_rmse": rmse, "params": fit.params,
+                     "note": "; ".join(fit.notes)})
+    return pd.DataFrame(rows).sort_values("aic", na_position="last").reset_index(drop=True)
