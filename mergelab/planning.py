@@ -92,7 +92,7 @@ def k_at_fraction(fit: CurveFit, fraction: float, M: int) -> Estimate:
         inv = 1 / (1 + b) - fraction * (1 / (1 + b) - 1 / (M + b))
         return 1 / inv - b
 
-    return _estimate(fit, k_f, "R(k) is fixed by b alone: with b = 0, k90 = 10M/(M+8) for any data")
+    return _estimate(fit, k_f, "R(k) is fixed by b alone: with b = 0, k_f = M/(M − f(M−1)) for any data (k90 = 5 at M = 9)")
 
 
 def stop_rule(fit: CurveFit, tolerance: float, k_max: int = 1000) -> Estimate:

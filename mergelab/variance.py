@@ -18,9 +18,13 @@ def subset_variance(k, loss, ddof: int = 0) -> pd.DataFrame:
     return out.reset_index().fillna({"var": 0.0})
 
 
+# A variance floor cannot be negative: V∞ ≥ 0 in both laws. (Unconstrained, the plain law mimics
+# the finite-pool curve σ²(M−k)/((M−1)k) with the unphysical floor V∞ = −σ²/(M−1).)
+
+
 def plain_law() -> Form:
     return Form("variance", "V∞ + C/(k+b)", ("V_inf", "C"), ("b",), ((0.0, B_MAX),),
-                lambda k, b: _cols(1.0, 1.0 / (k + b)), (_grid(0.0, B_MAX, 48),))
+                lambda k, b: _cols(1.0, 1.0 / (k + b)), (_grid(0.0, B_MAX, 48),), nonneg=("V_inf",))
 
 
 def finite_pool_law(M: int) -> Form:
@@ -28,7 +32,8 @@ def finite_pool_law(M: int) -> Form:
         return (M - k) / (M - 1)
 
     return Form("variance_finite_pool", f"(M−k)/(M−1)·(V∞ + C/(k+b)), M={M}", ("V_inf", "C"), ("b",),
-                ((0.0, B_MAX),), lambda k, b: _cols(pool(k), pool(k) / (k + b)), (_grid(0.0, B_MAX, 48),))
+                ((0.0, B_MAX),), lambda k, b: _cols(pool(k), pool(k) / (k + b)), (_grid(0.0, B_MAX, 48),),
+                nonneg=("V_inf",))
 
 
 def fit_variance(k, var, M: int, *, weights="k") -> dict[str, CurveFit]:
