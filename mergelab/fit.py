@@ -396,6 +396,7 @@ class JointFit:
     n: int
     at_bound: dict[str, bool]
     notes: list[str] = field(default_factory=list)
+    samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, 6)
 
     @property
     def L_star(self) -> float:
@@ -439,8 +440,47 @@ class JointFit:
                 "n": self.n, "at_bound": [k for k, v in self.at_bound.items() if v], "notes": list(self.notes)}
 
 
+JOINT_BOUNDS = ((0.0, EXP_MAX), (0.0, EXP_MAX), (0.0, B_MAX))  # β, γ, b
+
+
 def fit_joint(N, k, loss, *, weights="k") -> JointFit:
     """Joint fit over sizes. N in billions of parameters (internally rescaled for conditioning)."""
+    N, k, loss, w, sizes = _joint_input(N, k, loss, weights)
+    theta, linear, sse, ref = _joint_solve(N, k, loss, w, start=None)
+    beta, gamma, b = map(float, theta)
+    params = {"L_star": float(linear[0]), "B": float(linear[1] * ref ** beta), "beta": beta,
+              "A0": float(linear[2] * ref ** gamma), "gamma": gamma, "b": b}
+    sst = float(np.sum(w * (loss - np.average(loss, weights=w)) ** 2))
+    at_bound = {n: (v - lo <= BOUND_TOL) or (hi - v <= BOUND_TOL * hi)
+                for n, (lo, hi), v in zip(("beta", "gamma", "b"), JOINT_BOUNDS, theta)}
+    fit = JointFit(params, 1.0 - float(sse) / sst, float(sse), len(k), at_bound)
+    fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
+    if len(sizes) < 3:
+        fit.notes.append("only 2 sizes: B and β are not separately identified")
+    return fit
+
+
+def bootstrap_joint(N, k, loss, *, n_boot: int = 200, seed: int = 0, weights="k") -> JointFit:
+    """The joint fit of per-(N, k) means of merged subsets, with a cluster bootstrap: each draw
+    resamples the subsets within every (N, k) cell and refits from the point estimate."""
+    N, k, loss, _, _ = _joint_input(N, k, loss, weights)
+    cells = sorted(set(zip(N, k)))
+    groups = [loss[(N == n) & (k == kk)] for n, kk in cells]
+    cN, ck = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
+    fit = fit_joint(cN, ck, [g.mean() for g in groups], weights=weights)
+    w, _ = _weights(ck, weights)
+    start = np.array([fit.beta, fit.gamma, fit.b])
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        y = np.array([g[rng.integers(0, len(g), len(g))].mean() for g in groups])
+        theta, linear, _, ref = _joint_solve(cN, ck, y, w, start=start)
+        draws.append([linear[0], linear[1] * ref ** theta[0], theta[0], linear[2] * ref ** theta[1], *theta[1:]])
+    fit.samples = np.array(draws)  # columns in the order of fit.params
+    return fit
+
+
+def _joint_input(N, k, loss, weights):
     N = np.asarray(N, dtype=float).ravel()
     k, loss = _clean(k, loss)
     if N.shape != k.shape or not np.all(np.isfinite(N)) or np.any(N <= 0):
@@ -449,38 +489,33 @@ def fit_joint(N, k, loss, *, weights="k") -> JointFit:
     if len(sizes) < 2:
         raise FitError(f"a joint fit needs at least 2 sizes, got 1 (N = {sizes[0]:g}); fit the curve alone")
     w, _ = _weights(k, weights)
-    ref = float(np.exp(np.log(sizes).mean()))          # fit in N/ref, report for N
+    return N, k, loss, w, sizes
+
+
+def _joint_solve(N, k, loss, w, start):
+    """(β, γ, b), the linear (L*, B_ref, A0_ref), sse and the N reference scale. Without a start:
+    a vectorised grid over (β, γ, b) first; then bounded L-BFGS-B."""
+    from scipy.optimize import minimize
+
+    ref = float(np.exp(np.log(np.unique(N)).mean()))  # fit in N/ref for conditioning
     x = N / ref
-    bounds = ((0.0, EXP_MAX), (0.0, EXP_MAX), (0.0, B_MAX))
 
     def basis(beta, gamma, b):
         return _cols(1.0, x ** -beta, x ** -gamma / (k + b))
-
-    grids = (np.linspace(0, EXP_MAX, 13), np.linspace(0, EXP_MAX, 13), _grid(0.0, B_MAX, 16))
-    mesh = [m.ravel()[:, None] for m in np.meshgrid(*grids, indexing="ij")]
-    with np.errstate(all="ignore"):
-        _, sse = _solve_linear(basis(*mesh), loss, w)
-    best = np.array([m[int(np.nanargmin(np.where(np.isfinite(sse), sse, np.inf))), 0] for m in mesh])
 
     def objective(theta):
         _, s = _solve_linear(basis(*theta), loss, w)
         return float(s) if np.isfinite(s) else np.inf
 
-    from scipy.optimize import minimize
-
+    if start is None:
+        grids = (np.linspace(0, EXP_MAX, 13), np.linspace(0, EXP_MAX, 13), _grid(0.0, B_MAX, 16))
+        mesh = [m.ravel()[:, None] for m in np.meshgrid(*grids, indexing="ij")]
+        with np.errstate(all="ignore"):
+            _, sse = _solve_linear(basis(*mesh), loss, w)
+        start = np.array([m[int(np.argmin(np.where(np.isfinite(sse), sse, np.inf))), 0] for m in mesh])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = minimize(objective, best, method="L-BFGS-B", bounds=bounds)
-    theta = res.x if res.fun <= objective(best) else best
-    (L_star, B_ref, A0_ref), sse = _solve_linear(basis(*theta), loss, w)
-    beta, gamma, b = map(float, theta)
-    params = {"L_star": float(L_star), "B": float(B_ref * ref ** beta), "beta": beta,
-              "A0": float(A0_ref * ref ** gamma), "gamma": gamma, "b": b}
-    sst = float(np.sum(w * (loss - np.average(loss, weights=w)) ** 2))
-    at_bound = {n: (v - lo <= BOUND_TOL) or (hi - v <= BOUND_TOL * hi)
-                for n, (lo, hi), v in zip(("beta", "gamma", "b"), bounds, theta)}
-    fit = JointFit(params, 1.0 - float(sse) / sst, float(sse), len(k), at_bound)
-    fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
-    if len(sizes) < 3:
-        fit.notes.append("only 2 sizes: B and β are not separately identified")
-    return fit
+        res = minimize(objective, start, method="L-BFGS-B", bounds=JOINT_BOUNDS)
+    theta = res.x if res.fun <= objective(start) else np.asarray(start, dtype=float)
+    linear, sse = _solve_linear(basis(*theta), loss, w)
+    return theta, linear, float(sse), ref

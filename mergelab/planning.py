@@ -24,7 +24,7 @@ class Estimate:
         return {"value": self.value, "lo": self.lo, "hi": self.hi, "note": self.note}
 
 
-def _estimate(fit: CurveFit, fn: Callable[[dict], float], note: str = "", level: float = 0.95) -> Estimate:
+def _estimate(fit: "CurveFit | JointFit", fn: Callable[[dict], float], note: str = "", level: float = 0.95) -> Estimate:
     value = float(fn(fit.params))
     if fit.samples is None or not len(fit.samples):
         return Estimate(value, note=note)
@@ -110,9 +110,13 @@ def stop_rule(fit: CurveFit, tolerance: float, k_max: int = 1000) -> Estimate:
 
 
 def minimum_size(fit: JointFit, target: float) -> Estimate:
-    """N_min = (B/(L_target − L*))^(1/β) in billions of parameters: the size whose floor meets the target."""
-    p = fit.params
-    gap = target - p["L_star"]
-    if gap <= 0 or p["beta"] <= 0:
-        return Estimate(math.inf, note=f"target {target:g} is at or below L* = {p['L_star']:.4g}: no size reaches it")
-    return Estimate((p["B"] / gap) ** (1 / p["beta"]))
+    """N_min = (B/(L_target − L*))^(1/β) in billions of parameters: the size whose floor meets the
+    target (intervals from `bootstrap_joint` draws)."""
+
+    def n_min(p):
+        gap = target - p["L_star"]
+        return (p["B"] / gap) ** (1 / p["beta"]) if gap > 0 and p["beta"] > 0 else math.inf
+
+    reachable = target > fit.params["L_star"]
+    note = "" if reachable else f"target {target:g} is at or below L* = {fit.params['L_star']:.4g}: no size reaches it"
+    return _estimate(fit, n_min, note)

@@ -127,7 +127,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         for size in sizes:
             if todo[size.name]:
                 _run_size(spec.family, size, todo[size.name], methods, eval_data[size.name].to(device), device,
-                          writer, bar, on_progress, report, total)
+                          writer, bar, on_progress, report, total, progress)
     finally:
         bar.close()
         writer.flush()
@@ -176,12 +176,17 @@ def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[Wo
     return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]
 
 
-def _run_size(family, size, items, methods, data, device, writer, bar, on_progress, report, total) -> None:
+def _run_size(family, size, items, methods, data, device, writer, bar, on_progress, report, total, progress) -> None:
     import json
 
+    from tqdm.auto import tqdm
+
+    from mergelab.checkpoints import Checkpoint
     from mergelab.engine import ExpertPool, ResidentModel, merge_into
 
-    pool = ExpertPool.load(size, device)
+    with tqdm(total=len(Checkpoint(size.base).names), desc=f"load {size.name}", unit="tensor",
+              disable=not progress, leave=False) as loading:
+        pool = ExpertPool.load(size, device, progress=loading)
     resident = ResidentModel(pool.base_checkpoint, device)
     for item in items:
         if item.method == BASE:

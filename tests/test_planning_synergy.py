@@ -103,3 +103,17 @@ def test_synergy_from_orderings_uses_prefix_pairs(structure):
     S = synergy_matrix(additive_results(G, base, sorted(set(keys))))
     assert np.allclose(S.loc["geometry", names].to_numpy(), G.loc["geometry", names].to_numpy(), atol=1e-12)
     assert S.attrs["n_pairs"]["geometry"] == 2
+
+
+def test_minimum_size_interval_from_a_joint_bootstrap():
+    from mergelab.fit import bootstrap_joint
+
+    rng = np.random.default_rng(4)
+    N = np.repeat([0.5, 1.5, 7.0, 32.0], 9 * 15)
+    k = np.tile(np.repeat(K, 15), 4)
+    loss = 0.2 + 0.1 * N ** -0.4 + 0.05 / (k + 0.3) + rng.normal(0, 0.003, len(N))
+    fit = bootstrap_joint(N, k, loss, n_boot=60)
+    assert fit.samples.shape == (60, 6)
+    est = planning.minimum_size(fit, 0.26)
+    truth = (0.1 / 0.06) ** (1 / 0.4)
+    assert est.lo <= est.value <= est.hi and est.lo < truth < est.hi
