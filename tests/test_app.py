@@ -2,10 +2,8 @@
 
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
-from mergelab.demo.up import shipped_results_path
 from mergelab.family import load_family
 from mergelab.store import ResultStore
 from mergelab.sweep import SweepSpec, run_sweep
@@ -45,7 +43,6 @@ def test_corrupt_cache_shows_a_message_not_a_traceback(monkeypatch, tmp_path):
     assert "Cannot read the results cache" in at.error[0].value
 
 
-@pytest.mark.skipif(not shipped_results_path().is_file(), reason="shipped demo results not generated yet")
 def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     db = tmp_path / "fresh.duckdb"
     at = run_app(monkeypatch, db)
