@@ -24,7 +24,8 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
     if domain != MACRO:
         return rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True)
     n_domains = rows.groupby("family")["domain"].nunique().rename("family_domains")
-    macro = rows.groupby(keys, as_index=False).agg(loss=("loss", "mean"), n_domains=("domain", "nunique"))
+    # rows are unique per (merge, domain) by the cache key, so a row count is a domain count
+    macro = rows.groupby(keys, as_index=False, sort=False).agg(loss=("loss", "mean"), n_domains=("loss", "size"))
     macro = macro.join(n_domains, on="family")
     return macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True)
 
@@ -46,49 +47,55 @@ def curve_means(results: pd.DataFrame, domains=None) -> pd.DataFrame:
         frames.append(rows[CURVE_KEYS + ["domain", "experts_key", "k", "loss"]])
     merges = pd.concat(frames, ignore_index=True)
     keys = CURVE_KEYS + ["domain"]
-    wide = merges.groupby(keys + ["k"])["loss"].mean().unstack("k")
-    wide["n_subsets"] = merges.groupby(keys)["experts_key"].nunique()
+    grouped = merges.groupby(keys + ["k"], sort=False)["loss"].agg(["mean", "size"])
+    wide = grouped["mean"].unstack("k").sort_index()
+    wide["n_subsets"] = grouped["size"].groupby(level=keys).sum()  # one row per merge and k
     return wide
 
 
-def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int = 0, seed: int = 0,
+              wide: pd.DataFrame | None = None) -> pd.DataFrame:
     """The floor-tail law per curve. Curves that share a k grid are fitted in one batch; with
-    n_boot > 0 each curve gets a cluster bootstrap (resampling subsets) and CI columns."""
-    wide = curve_means(results, domains)
-    ks = [c for c in wide.columns if c != "n_subsets"]
-    grids = wide[ks].notna().apply(lambda r: tuple(np.array(ks)[r.to_numpy()]), axis=1)
-    fits: dict = {}
-    for grid, members in wide.groupby(grids).groups.items():
-        fits.update(_fit_group(results, wide.loc[members], list(grid), weights, n_boot, seed))
+    n_boot > 0 each curve gets a cluster bootstrap (resampling subsets) and CI columns.
+    `wide` (from curve_means) may be passed in to skip recomputing the per-k means."""
+    wide = curve_means(results, domains) if wide is None else wide
+    ks = np.array([c for c in wide.columns if c != "n_subsets"], dtype=float)
+    values = wide[list(ks)].to_numpy(dtype=float)
+    measured = ~np.isnan(values)
+    keys, names = list(wide.index), list(wide.index.names)
+    by_grid: dict[tuple, list[int]] = {}
+    for i, row in enumerate(measured):
+        by_grid.setdefault(tuple(row), []).append(i)
     rows = []
-    for key, fit in fits.items():
-        row = dict(zip(wide.index.names, key))
-        measured = wide.loc[key, ks].dropna()
-        row.update(n_subsets=int(wide.loc[key, "n_subsets"]), k_min=int(min(measured.index)), k_max=int(max(measured.index)))
-        row.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
-        rows.append(row)
+    for grid, members in by_grid.items():
+        grid_k = ks[np.array(grid)]
+        curves = values[np.ix_(members, np.array(grid))]
+        infos = [dict(zip(names, keys[i])) for i in members]
+        for i, info, fit in zip(members, infos, _fit_group(results, infos, grid_k, curves, weights, n_boot, seed)):
+            info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
+            info.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
+            rows.append(info)
     return pd.DataFrame(rows).sort_values(["family", "domain", "method", "n_params"], ignore_index=True)
 
 
-def _fit_group(results, group: pd.DataFrame, grid: list, weights, n_boot: int, seed: int) -> dict:
+def _fit_group(results, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
     """Fits of curves sharing one k grid: batched, or bootstrapped one by one. A curve that cannot
-    be fitted maps to its error message."""
-    k = np.array(grid, dtype=float)
-    out = {}
+    be fitted yields its error message."""
     if not n_boot:
         try:
-            return dict(zip(group.index, fit_curves(k, group[grid].to_numpy(), weights=weights)))
+            return fit_curves(k, curves, weights=weights)
         except FitError:
             pass  # one bad curve: fit one by one below to say which
-    for key, means in group[grid].iterrows():
+    out = []
+    for info, means in zip(infos, curves):
         try:
             if n_boot:
-                subsets = _subset_losses(results, dict(zip(group.index.names, key)))
-                out[key] = bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights)
+                subsets = _subset_losses(results, info)
+                out.append(bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights))
             else:
-                out[key] = fit_curves(k, means.to_numpy()[None], weights=weights)[0]
+                out.append(fit_curves(k, means[None], weights=weights)[0])
         except FitError as exc:
-            out[key] = str(exc)
+            out.append(str(exc))
     return out
 
 
