@@ -222,6 +222,19 @@ def export_cmd(
     typer.echo(f"wrote {len(table)} rows of {what} to {out}")
 
 
+@app.command()
+def worker(
+    queue: Optional[Path] = typer.Option(None, help="job queue (default: MERGELAB_JOBS or jobs.sqlite in the data dir)"),
+    once: bool = typer.Option(False, help="exit when the queue is empty"),
+    idle_exit: Optional[float] = typer.Option(None, help="exit after this many idle seconds"),
+):
+    """Run queued sweep jobs (the dashboard starts one of these for you)."""
+    from mergelab.jobs import JobQueue
+    from mergelab.worker import run_worker
+
+    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+
+
 @app.command("methods")
 def list_methods():
     """List the merge methods with their hyperparameters, defaults and ranges."""

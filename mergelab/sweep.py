@@ -85,9 +85,9 @@ class _RowWriter:
     """Buffers rows and upserts them at most every `flush_seconds` (and at the end), so a crash loses
     at most the last few seconds of work and the cache never sees half a merge."""
 
-    def __init__(self, store: ResultStore, flush_seconds: float):
-        self.store, self.flush_seconds = store, flush_seconds
-        self.rows, self.written, self.last = [], 0, time.monotonic()
+    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport):
+        self.store, self.flush_seconds, self.report = store, flush_seconds, report
+        self.rows, self.last = [], time.monotonic()
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
@@ -96,13 +96,18 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.rows:
-            self.written += self.store.upsert(self.rows)
+            self.report.rows_written += self.store.upsert(self.rows)
             self.rows = []
         self.last = time.monotonic()
 
 
+ProgressCallback = Callable[["SweepReport", int, "WorkItem | None"], None]
+
+
 def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, progress: bool = True,
-              flush_seconds: float = 2.0, on_progress: Callable[[int, int, WorkItem], None] | None = None) -> SweepReport:
+              flush_seconds: float = 2.0, on_progress: ProgressCallback | None = None) -> SweepReport:
+    """Run the sweep. `on_progress(report, total, item)` is called once the plan is known (item None)
+    and after every merge; it may raise to stop the sweep (rows done so far are kept)."""
     from tqdm.auto import tqdm
 
     from mergelab.engine import pick_device
@@ -121,9 +126,11 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
         report.skipped += len(planned) - len(todo[size.name])
     total = sum(map(len, todo.values()))
-    writer = _RowWriter(store, flush_seconds)
+    writer = _RowWriter(store, flush_seconds, report)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
     try:
+        if on_progress:
+            on_progress(report, total, None)
         for size in sizes:
             if todo[size.name]:
                 _run_size(spec.family, size, todo[size.name], methods, eval_data[size.name].to(device), device,
@@ -131,7 +138,6 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     finally:
         bar.close()
         writer.flush()
-        report.rows_written = writer.written
         report.seconds = time.perf_counter() - started
     return report
 
@@ -206,7 +212,7 @@ def _run_size(family, size, items, methods, data, device, writer, bar, on_progre
         report.merged += 1
         bar.update(1)
         if on_progress:
-            on_progress(report.merged, total, item)
+            on_progress(report, total, item)
 
 
 def per_k_summary(store: ResultStore, family: str, eval_hashes: dict[str, dict[str, str]]) -> "pd.DataFrame":

@@ -1,0 +1,128 @@
+"""The long-lived `mergelab worker` process: claims queued sweep jobs one at a time, runs them,
+reports progress and heartbeats to the queue, stops between merges when asked to cancel.
+
+Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for its lifetime."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mergelab.errors import MergelabError
+from mergelab.jobs import Job, JobQueue
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop a sweep between merges."""
+
+
+def lock_path(queue: JobQueue) -> Path:
+    return queue.path.with_name(queue.path.name + ".lock")
+
+
+def _try_lock(queue: JobQueue):
+    """An open file holding the worker lock, or None when another worker holds it."""
+    lock_path(queue).parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path(queue), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_running(queue: JobQueue) -> bool:
+    handle = _try_lock(queue)
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
+    """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with once."""
+    lock = _try_lock(queue)
+    if lock is None:
+        print(f"another worker is already running on {queue.path}", file=sys.stderr)
+        return 1
+    try:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        queue.fail_orphans(lambda pid: pid == os.getpid() or pid_alive(pid))
+        idle_since = time.monotonic()
+        while True:
+            job = queue.claim_next(os.getpid())
+            if job is None:
+                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                    return 0
+                time.sleep(poll)
+                continue
+            run_job(queue, job)
+            idle_since = time.monotonic()
+    finally:
+        lock.close()
+
+
+def run_job(queue: JobQueue, job: Job) -> None:
+    """Run one job to done, cancelled or failed (with the reason); never raises."""
+    from mergelab.family import load_family
+    from mergelab.store import ResultStore
+    from mergelab.sweep import SweepSpec, run_sweep
+
+    spec = job.spec
+    state = {"report": None}
+
+    def on_progress(report, total, item):
+        state["report"] = report
+        current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
+        if queue.progress(job.id, report.merged, total, report.skipped, report.rows_written, current):
+            raise JobCancelled
+
+    try:
+        family = load_family(spec["family"])
+        sweep_spec = SweepSpec(family, spec.get("sizes") or list(family.size_names), spec["methods"],
+                               spec.get("ks") or list(range(1, min(len(s.experts) for s in family.sizes) + 1)),
+                               spec.get("subsets", "all"), spec.get("seed", 0), spec.get("reference_rows", True))
+        report = run_sweep(sweep_spec, ResultStore(spec.get("db")), device=spec.get("device"), progress=False,
+                           on_progress=on_progress)
+        queue.finish(job.id, "done", f"{report.merged} merges evaluated, {report.skipped} already cached",
+                     rows=report.rows_written)
+    except JobCancelled:
+        report = state["report"]
+        queue.finish(job.id, "cancelled", f"cancelled after {report.merged} merges; resume to continue",
+                     rows=report.rows_written)
+    except MergelabError as exc:
+        queue.finish(job.id, "failed", str(exc))
+    except Exception as exc:  # e.g. out of memory: the job fails with the reason, the worker goes on
+        queue.finish(job.id, "failed", f"{type(exc).__name__}: {exc}; resume to continue")
+
+
+def ensure_worker(queue: JobQueue, idle_exit: float = 900.0) -> bool:
+    """Start a detached worker unless one is running; returns True if one was started."""
+    if worker_running(queue):
+        return False
+    log = queue.path.with_name("worker.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue.path),
+                          "--idle-exit", str(idle_exit)], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ))
+    return True

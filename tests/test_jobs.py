@@ -1,0 +1,96 @@
+"""The job queue and the worker process: run, progress, cancel, resume, one worker per queue."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mergelab.jobs import JobQueue
+from mergelab.store import ResultStore
+from mergelab.worker import ensure_worker, run_job, worker_running
+
+METHODS = {"average": {}, "task_arithmetic": {}, "ties": {}, "dare": {}}
+
+
+def spec(family, db, **over):
+    return {"family": str(family), "methods": METHODS, "db": str(db), "device": "cpu", **over}
+
+
+def wait_for(predicate, timeout=120.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_worker_runs_a_job_to_completion(tiny_family, tmp_path):
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    job_id = queue.submit(spec(tiny_family, tmp_path / "r.duckdb"))
+    proc = subprocess.run([sys.executable, "-m", "mergelab", "worker", "--queue", queue.path, "--once"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    job = queue.get(job_id)
+    assert job.status == "done" and job.done == job.total == 4 + 4 * 7 and job.fraction == 1.0
+    assert job.rows == 32 * 3 == ResultStore(tmp_path / "r.duckdb").count()
+    assert "32 merges evaluated" in job.message and job.seconds_per_merge > 0
+
+
+def test_cancel_keeps_rows_and_resume_completes_without_duplicates(tiny_family, tmp_path):
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    db = tmp_path / "r.duckdb"
+    job_id = queue.submit(spec(tiny_family, db))
+    job = queue.claim_next(worker_pid=1)
+    runner = threading.Thread(target=run_job, args=(queue, job))
+    runner.start()
+    assert wait_for(lambda: queue.get(job_id).done >= 3, step=0.002)
+    queue.cancel(job_id)
+    runner.join(timeout=120)
+    cancelled = queue.get(job_id)
+    assert cancelled.status == "cancelled" and "resume to continue" in cancelled.message
+    assert 3 <= cancelled.done < cancelled.total
+    kept = ResultStore(db).count()
+    assert kept == cancelled.rows and kept % 3 == 0  # whole merges only
+    queue.resume(job_id)
+    assert queue.get(job_id).status == "queued"
+    run_job(queue, queue.claim_next(worker_pid=1))
+    resumed = queue.get(job_id)
+    assert resumed.status == "done" and resumed.skipped == kept // 3
+    store = ResultStore(db)
+    assert store.count() == 32 * 3 and not store.results().duplicated(["method", "hparams", "experts_key", "domain"]).any()
+
+
+def test_failed_job_records_the_reason(tmp_path):
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    job_id = queue.submit(spec(tmp_path / "missing.toml", tmp_path / "r.duckdb"))
+    run_job(queue, queue.claim_next(worker_pid=1))
+    job = queue.get(job_id)
+    assert job.status == "failed" and "missing.toml: family manifest not found" in job.message
+
+
+def test_queued_job_cancels_at_once_and_orphans_are_failed(tmp_path):
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    first, second = queue.submit({"family": "x"}), queue.submit({"family": "y"})
+    queue.cancel(first)
+    assert queue.get(first).status == "cancelled"
+    claimed = queue.claim_next(worker_pid=999_999_999)
+    assert claimed.id == second and queue.claim_next(worker_pid=1) is None  # claimed once only
+    assert queue.fail_orphans(lambda pid: False) == 1
+    assert "worker process died" in queue.get(second).message
+
+
+def test_one_worker_per_queue_and_ensure_worker(tiny_family, tmp_path):
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    assert not worker_running(queue)
+    assert ensure_worker(queue, idle_exit=20)
+    assert wait_for(lambda: worker_running(queue), timeout=60)
+    assert not ensure_worker(queue)  # already running: nothing started
+    second = subprocess.run([sys.executable, "-m", "mergelab", "worker", "--queue", queue.path, "--once"],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "another worker is already running" in second.stderr
+    job_id = queue.submit(spec(tiny_family, tmp_path / "r.duckdb", methods={"average": {}}))
+    assert wait_for(lambda: queue.get(job_id).status == "done", timeout=120), queue.get(job_id)
+    assert queue.get(job_id).total == 4 + 7
