@@ -115,16 +115,8 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     device = pick_device(device)
     methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
-    _check_sizes(sizes)
-    report, started = SweepReport(), time.perf_counter()
-    todo, eval_data = {}, {}
-    for size in sizes:
-        eval_data[size.name] = _prepare_size_eval(spec.family, size)
-        report.eval_hashes[size.name] = eval_data[size.name].hashes
-        planned = _plan_size(spec, size, methods)
-        report.planned += len(planned)
-        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
-        report.skipped += len(planned) - len(todo[size.name])
+    started = time.perf_counter()
+    report, todo, eval_data = plan_sweep(spec, store)
     total = sum(map(len, todo.values()))
     writer = _RowWriter(store, flush_seconds, report)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
@@ -140,6 +132,23 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         writer.flush()
         report.seconds = time.perf_counter() - started
     return report
+
+
+def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
+    """Validate the spec and checkpoints, tokenize the eval sets and list the merges not yet cached
+    (per size). Nothing is written; the dashboard uses this for its estimate before launch."""
+    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    sizes = [spec.family.size(name) for name in spec.sizes]
+    _check_sizes(sizes)
+    report, todo, eval_data = SweepReport(), {}, {}
+    for size in sizes:
+        eval_data[size.name] = _prepare_size_eval(spec.family, size)
+        report.eval_hashes[size.name] = eval_data[size.name].hashes
+        planned = _plan_size(spec, size, methods)
+        report.planned += len(planned)
+        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
+        report.skipped += len(planned) - len(todo[size.name])
+    return report, todo, eval_data
 
 
 def _check_sizes(sizes: list[SizeSpec]) -> None:

@@ -1,0 +1,113 @@
+"""Streamlit helpers shared by the pages: cached reads of the results cache, selections that follow
+the user across pages and into the URL, and friendly errors. Only the pages import this module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from mergelab.errors import MergelabError
+from mergelab.store import ResultStore
+
+
+def results_store() -> ResultStore:
+    return ResultStore()
+
+
+def _stamp(path: Path) -> float:
+    """Changes whenever a writer commits (the file or its WAL changes)."""
+    wal = Path(str(path) + ".wal")
+    return sum(p.stat().st_mtime_ns + p.stat().st_size for p in (path, wal) if p.exists())
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _read(path: str, stamp: float) -> pd.DataFrame:
+    # the expert list is derivable from experts_key; dropping the array column keeps frames hashable
+    return ResultStore(path).results().drop(columns=["experts"])
+
+
+def load_results() -> pd.DataFrame:
+    """All cached rows (read-only, briefly, retried while a worker writes); stops the page with a
+    message when the cache cannot be read. Loads the shipped demo results into an empty cache."""
+    from mergelab.demo.up import load_shipped_results
+
+    store = results_store()
+    try:
+        load_shipped_results(store)
+        return _read(str(store.path), _stamp(store.path))
+    except MergelabError as exc:
+        st.error(f"Cannot read the results cache: {exc}")
+        st.info("Check the path (MERGELAB_DB) and that no other program holds the file, then reload.")
+        st.stop()
+
+
+def empty_state(what: str = "results") -> None:
+    st.info(f"No {what} yet. Launch a sweep on the **Sweep** page, or run `mergelab demo up` / "
+            "`mergelab sweep --family FAMILY.toml` in a terminal.")
+    st.stop()
+
+
+def _url_value(key: str, multi: bool):
+    raw = st.query_params.get(key)
+    if raw is None:
+        return None
+    return [v for v in raw.split(",") if v] if multi else raw
+
+
+def choose(label: str, options: list, key: str, *, multi: bool = False, default=None, sidebar: bool = True,
+           help: str | None = None, format_func=str):
+    """A select box (or multiselect) whose choice persists across pages and is mirrored in the URL."""
+    options = list(options)
+    state_key = f"sel:{key}"
+    saved = st.session_state.get(state_key, _url_value(key, multi))
+    if multi:
+        value = [v for v in (saved or []) if v in options] or [v for v in (default or options[:1]) if v in options]
+    else:
+        value = saved if saved in options else (default if default in options else (options[0] if options else None))
+    place = st.sidebar if sidebar else st
+    widget_key = f"w:{key}"
+    if multi:
+        chosen = place.multiselect(label, options, default=value, key=widget_key, help=help, format_func=format_func)
+    else:
+        chosen = place.selectbox(label, options, index=options.index(value) if value in options else 0,
+                                 key=widget_key, help=help, format_func=format_func)
+    st.session_state[state_key] = chosen
+    if chosen is not None:
+        st.query_params[key] = ",".join(map(str, chosen)) if multi else str(chosen)
+    return chosen
+
+
+def family_rows(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The family picked in the sidebar and its rows."""
+    families = sorted(results["family"].unique())
+    default = "demo-standard" if "demo-standard" in families else families[0]
+    family = choose("Family", families, "family", default=default)
+    return family, results[results["family"] == family]
+
+
+def sizes_in_order(rows: pd.DataFrame) -> list[str]:
+    return list(rows.drop_duplicates("size").sort_values("n_params")["size"])
+
+
+def merge_methods(rows: pd.DataFrame) -> list[str]:
+    from mergelab.analysis import REFERENCE_METHODS
+
+    return sorted(m for m in rows["method"].unique() if m not in REFERENCE_METHODS)
+
+
+def size_label(rows: pd.DataFrame):
+    params = rows.groupby("size")["n_params"].first()
+    return lambda s: f"{s} ({params[s] / 1e6:.2f}M params)" if s in params else str(s)
+
+
+def page_header(title: str, caption: str) -> None:
+    st.set_page_config(page_title=f"mergelab · {title}", layout="wide")
+    st.title(title)
+    st.caption(caption)
+
+
+def db_caption() -> str:
+    return f"cache: {results_store().path} · MERGELAB_DB={os.environ.get('MERGELAB_DB', '(default)')}"

@@ -1,0 +1,82 @@
+"""Curves: CE vs k per domain or macro, with the fitted floor and 1/k tail, bands, residuals,
+variance across subsets and CE vs model size."""
+
+import numpy as np
+import streamlit as st
+
+from mergelab import dashboard as ui
+from mergelab import reference
+from mergelab.curves import bands, fit_groups, fit_summary, selected_merges, size_points, variance_tables
+from mergelab.figures import curve_figure, residual_figure, size_figure, variance_figure
+from mergelab.fit import FitError, fit_joint
+
+ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
+               "markers: mean over subsets ± 95% CI; solid: fitted L∞ + A/(k+b); dashed: the floor L∞.")
+results = ui.load_results()
+if results.empty:
+    ui.empty_state()
+family, rows = ui.family_rows(results)
+methods_all, sizes_all = ui.merge_methods(rows), ui.sizes_in_order(rows)
+if not methods_all:
+    ui.empty_state(f"merges for {family}")
+methods = ui.choose("Methods", methods_all, "methods", multi=True, default=methods_all[:1])
+sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
+domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro",
+                   help="macro = mean over the family's domains")
+with st.sidebar.expander("Display", expanded=True):
+    n_boot = st.select_slider("Bootstrap draws (band, CIs)", [0, 100, 200, 500, 1000], value=200,
+                              help="cluster bootstrap: subsets are resampled within each k")
+    log_x, log_y = st.checkbox("log k axis"), st.checkbox("log CE axis")
+    show_points = st.checkbox("show every subset", value=True)
+    overlay = st.checkbox("overlay the paper's published law", help="arXiv 2509.24244, Tables 3–5 (Qwen2.5, N in billions)")
+    paper_N = st.select_slider("paper model size N (B)", [0.5, 1.5, 3, 7, 14, 32, 72], value=0.5, disabled=not overlay)
+
+if not methods or not sizes:
+    st.warning("Pick at least one method and one size in the sidebar.")
+    st.stop()
+merges = selected_merges(rows, domain, methods, sizes)
+if merges.empty:
+    st.warning("No merges for this selection.")
+    st.stop()
+
+
+@st.cache_resource(show_spinner="Fitting…", max_entries=32)
+def cached_fits(frame, n_boot):
+    return fit_groups(frame, n_boot)
+
+
+fits = cached_fits(merges, n_boot)
+overlays = {}
+if overlay:
+    ks = np.arange(1, int(merges["k"].max()) + 1)
+    for method in methods:
+        if method in reference.methods():
+            overlays[f"paper {method}, N={paper_N}B"] = (ks, reference.law_loss(method, domain, paper_N, ks))
+fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x, log_y=log_y,
+                   bands=bands(fits, merges) if n_boot else None, overlays=overlays, show_points=show_points)
+st.plotly_chart(fig, width="stretch", key="curve")
+st.dataframe(fit_summary(fits), hide_index=True, width="stretch")
+if any(isinstance(f, str) for f in fits.values()):
+    st.warning("Some curves could not be fitted: see the note column.")
+
+left, right = st.columns(2)
+with left:
+    if st.checkbox("Residuals", value=False):
+        st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all), width="stretch", key="residuals")
+    variances, var_fits = variance_tables(merges)
+    st.plotly_chart(variance_figure(variances, var_fits, sizes_in_order=sizes_all), width="stretch", key="variance")
+with right:
+    k_fixed = st.slider("k for the size panel", 1, int(merges["k"].max()), int(merges["k"].max()))
+    points = size_points(rows, domain, methods, k_fixed)
+    joint = None
+    if points["N"].nunique() >= 2 and len(methods) == 1:
+        all_merges = selected_merges(rows, domain, methods, sizes_all)
+        means = all_merges.groupby(["n_params", "k"], as_index=False)["loss"].mean()
+        try:
+            joint = fit_joint(means["n_params"] / 1e9, means["k"], means["loss"])
+        except FitError as exc:
+            st.caption(f"joint fit: {exc}")
+    st.plotly_chart(size_figure(points, joint, k=k_fixed), width="stretch", key="sizes")
+    if joint is not None:
+        st.caption(" · ".join(f"{k} = {v:.4g}" for k, v in joint.params.items()) + f" · R² = {joint.r2:.4f}"
+                   + ("" if not joint.notes else " · " + "; ".join(joint.notes)))

@@ -1,0 +1,125 @@
+"""Sweep: launch a merge sweep in the background worker and watch it run."""
+
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from mergelab import dashboard as ui
+from mergelab.errors import MergelabError
+from mergelab.family import load_family
+from mergelab.jobs import JobQueue
+from mergelab.methods import METHODS
+from mergelab.paths import data_home
+from mergelab.worker import ensure_worker
+
+FALLBACK_SECONDS_PER_MERGE = 0.1
+
+ui.page_header("Sweep", "Merge chosen subsets of experts and evaluate them in a background worker process; "
+               "progress survives reloads and closed tabs, cached merges are skipped, new points land in the cache.")
+queue = JobQueue()
+jobs = queue.list(limit=30)
+known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.get("family", "") for j in jobs} - {""})
+choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
+                      help="demo families live in the data dir; `mergelab demo build` makes more")
+manifest = st.text_input("path to family.toml") if choice == "other path…" or not known else choice
+if not manifest:
+    st.info("No family yet: run `mergelab demo up` or `mergelab demo build --preset micro --out DIR`, then pick it here.")
+    st.stop()
+try:
+    family = load_family(manifest)
+except MergelabError as exc:
+    st.error(str(exc))
+    st.stop()
+
+M = min(len(s.experts) for s in family.sizes)
+with st.form("sweep"):
+    st.markdown(f"**{family.name}** · {len(family.domains)} domains · {M} experts per size")
+    c1, c2 = st.columns(2)
+    sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
+    methods = c2.multiselect("Methods", list(METHODS), default=["average"])
+    hparams = {}
+    cols = st.columns(len(METHODS))
+    for col, (name, method) in zip(cols, METHODS.items()):
+        with col.expander(f"{name} settings", expanded=bool(method.params)):
+            st.caption(method.doc)
+            values = {}
+            for pname, p in method.params.items():
+                label = f"{pname} ({'true/false' if p.kind is bool else p.range_text()})"
+                if p.kind is bool:
+                    values[pname] = st.checkbox(label, value=p.default, key=f"hp-{name}-{pname}", help=p.help)
+                elif p.kind is int:
+                    values[pname] = int(st.number_input(label, value=int(p.default), step=1, key=f"hp-{name}-{pname}", help=p.help))
+                else:
+                    values[pname] = float(st.number_input(label, value=float(p.default), format="%.3f",
+                                                          key=f"hp-{name}-{pname}", help=p.help))
+            hparams[name] = values
+    c3, c4, c5 = st.columns(3)
+    k_lo, k_hi = c3.slider("k range", 1, M, (1, M))
+    mode = c4.radio("Subsets", ["all subsets", "N random per k"], horizontal=True)
+    per_k = c4.number_input("N per k", min_value=1, value=10, disabled=False)
+    seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
+    device = c5.selectbox("device", ["auto", "cpu", "cuda"])
+    estimate = st.form_submit_button("Estimate")
+    launch = st.form_submit_button("Launch sweep", type="primary")
+
+spec = {"family": str(Path(manifest).resolve()), "sizes": sizes, "methods": {m: hparams[m] for m in methods},
+        "ks": list(range(k_lo, k_hi + 1)), "subsets": "all" if mode == "all subsets" else int(per_k),
+        "seed": int(seed), "device": device, "db": str(ui.results_store().path)}
+
+if estimate or launch:
+    if not sizes or not methods:
+        st.error("Pick at least one size and one method.")
+        st.stop()
+    from mergelab.sweep import SweepSpec, plan_sweep
+
+    try:
+        report, todo, _ = plan_sweep(SweepSpec(family, sizes, spec["methods"], spec["ks"], spec["subsets"], spec["seed"]),
+                                     ui.results_store())
+    except MergelabError as exc:
+        st.error(str(exc))
+        st.stop()
+    n_todo = sum(map(len, todo.values()))
+    rates = [j.seconds_per_merge for j in jobs if j.status == "done" and j.spec.get("family") == spec["family"]
+             and j.seconds_per_merge]
+    rate = rates[0] if rates else FALLBACK_SECONDS_PER_MERGE
+    st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
+            f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
+            + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
+    if launch:
+        job_id = queue.submit(spec)
+        started = ensure_worker(queue)
+        st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
+
+
+def fmt_eta(seconds):
+    if seconds is None:
+        return "—"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+@st.fragment(run_every=1.0)
+def job_panel():
+    st.subheader("Jobs")
+    recent = queue.list(limit=10)
+    if not recent:
+        st.caption("No jobs yet.")
+        return
+    for job in recent:
+        with st.container(border=True):
+            head, buttons = st.columns([5, 1])
+            methods = ", ".join(job.spec.get("methods", {}))
+            head.markdown(f"**Job {job.id}** · {job.status} · {Path(job.spec.get('family', '?')).parent.name} · "
+                          f"sizes {', '.join(job.spec.get('sizes') or ['all'])} · {methods}")
+            head.progress(min(job.fraction, 1.0), text=f"{job.done:,} / {job.total:,} merges · {job.rows:,} rows written · "
+                                                       f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
+            if job.message:
+                (head.error if job.status == "failed" else head.caption)(job.message)
+            if job.status in ("queued", "running") and buttons.button("Cancel", key=f"cancel-{job.id}"):
+                queue.cancel(job.id)
+            if job.status in ("cancelled", "failed") and buttons.button("Resume", key=f"resume-{job.id}"):
+                queue.resume(job.id)
+                ensure_worker(queue)
+
+
+job_panel()

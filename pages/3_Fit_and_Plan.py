@@ -1,0 +1,119 @@
+"""Fit & Plan: parameters with CIs, held-out validation, alternative forms, and planning widgets."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from mergelab import dashboard as ui
+from mergelab import planning
+from mergelab.curves import fit_groups, fit_summary, selected_merges
+from mergelab.figures import fractional_return_figure
+from mergelab.fit import FitError, bootstrap_joint
+from mergelab.heldout import compare_forms, forecast_errors, leave_one_size_out
+
+ui.page_header("Fit & Plan", "How well the law holds out of sample, which form fits best, and how many experts "
+               "or how large a model a target needs. Intervals are 95% cluster-bootstrap intervals.")
+results = ui.load_results()
+if results.empty:
+    ui.empty_state()
+family, rows = ui.family_rows(results)
+methods_all, sizes_all = ui.merge_methods(rows), ui.sizes_in_order(rows)
+if not methods_all:
+    ui.empty_state(f"merges for {family}")
+method = ui.choose("Method", methods_all, "method")
+size = ui.choose("Size", sizes_all, "size", default=sizes_all[-1], format_func=ui.size_label(rows))
+domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro")
+n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
+
+all_sizes = selected_merges(rows, domain, [method], sizes_all)
+merges = all_sizes[all_sizes["size"] == size]
+if merges.empty:
+    st.warning("No merges for this selection.")
+    st.stop()
+
+
+@st.cache_resource(show_spinner="Bootstrapping…", max_entries=32)
+def cached_fits(frame, n_boot):
+    return fit_groups(frame, n_boot)
+
+
+fits = cached_fits(all_sizes, n_boot)
+st.subheader("Parameters per size")
+summary = fit_summary(fits)
+st.dataframe(summary, hide_index=True, width="stretch")
+for (s, m), fit in fits.items():
+    if not isinstance(fit, str) and any(fit.at_bound.values()):
+        st.warning(f"{m} · {s}: {', '.join(n for n, hit in fit.at_bound.items() if hit)} sits on its bound — "
+                   "the data do not pin it down.")
+fit = fits.get((size, method))
+if fit is None or isinstance(fit, str):
+    st.error(f"The curve for {method} · {size} cannot be fitted: {fit}")
+    st.stop()
+
+st.subheader("Held-out validation")
+c1, c2 = st.columns(2)
+with c1:
+    st.markdown("**3-point forecast** from k = 1, 2, 4")
+    try:
+        errors = forecast_errors(merges["k"], merges["loss"])
+        st.caption(f"forecast: L∞ = {errors.attrs['forecast']['L_inf']:.4f}, A = {errors.attrs['forecast']['A']:.4f}, "
+                   f"b = {errors.attrs['forecast']['b']:.3f} ({errors.attrs['forecast']['method'].replace('_', ' ')})")
+        st.dataframe(errors, hide_index=True, width="stretch")
+    except FitError as exc:
+        st.info(str(exc))
+with c2:
+    st.markdown("**Leave-one-size-out**: fit the joint law on the smaller sizes, predict the largest")
+    try:
+        st.dataframe(leave_one_size_out(all_sizes["n_params"] / 1e9, all_sizes["k"], all_sizes["loss"]),
+                     hide_index=True, width="stretch")
+    except FitError as exc:
+        st.info(str(exc))
+st.markdown("**Alternative forms** (ranked by AIC; leave-one-k-out RMSE is out of sample)")
+forms = compare_forms(merges["k"], merges["loss"])
+st.dataframe(forms.drop(columns=["params"], errors="ignore"), hide_index=True, width="stretch")
+
+st.subheader("Plan")
+M = int(merges["k"].max())
+p1, p2, p3 = st.columns(3)
+with p1:
+    target = st.number_input("target loss", value=float(round(fit.L_inf + fit.A / (M + fit.b) * 0.5 + 0.0, 4)),
+                             format="%.4f", help="experts needed: k = A/(L_target − L∞) − b")
+    est = planning.k_for_target(fit, target)
+    st.metric("experts needed", "unreachable" if not np.isfinite(est.value) else f"{est.value:.1f}",
+              help=f"95% interval [{est.lo:.3g}, {est.hi:.3g}]")
+    if est.note:
+        st.caption(est.note)
+with p2:
+    eps = st.number_input("ε above the floor", value=0.01, min_value=1e-6, format="%.4f")
+    e = planning.k_epsilon(fit, eps)
+    st.metric("k within ε of the floor", f"{e.value:.1f}", help=f"95% interval [{e.lo:.3g}, {e.hi:.3g}]")
+with p3:
+    tol = st.number_input("stop when one more expert gains less than", value=0.001, min_value=1e-6, format="%.4f")
+    s = planning.stop_rule(fit, tol)
+    st.metric("stop after k", f"{s.value:.0f}" if np.isfinite(s.value) else "never",
+              help=f"95% interval [{s.lo:.3g}, {s.hi:.3g}]")
+
+k80, k90 = planning.k_at_fraction(fit, 0.8, M), planning.k_at_fraction(fit, 0.9, M)
+ks = np.linspace(1, M, 100)
+curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
+         "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
+st.plotly_chart(fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value}), width="stretch", key="R")
+st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
+           + k90.note + ".")
+
+if len(sizes_all) >= 2:
+    st.markdown("**Minimum size** for a target floor (joint law over sizes)")
+    floor_target = st.number_input("target floor", value=float(round(fit.L_inf * 0.95, 4)), format="%.4f")
+
+    @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
+    def joint(frame):
+        return bootstrap_joint(frame["n_params"] / 1e9, frame["k"], frame["loss"], n_boot=50)
+
+    try:
+        jfit = joint(all_sizes)
+        n_min = planning.minimum_size(jfit, floor_target)
+        st.metric("minimum size (parameters)", "unreachable" if not np.isfinite(n_min.value) else f"{n_min.value * 1e9:,.0f}",
+                  help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
+        st.caption(n_min.note or "; ".join(jfit.notes))
+    except FitError as exc:
+        st.info(str(exc))

@@ -1,0 +1,56 @@
+"""Export: fitted parameters, raw results, synergy and plans as files, each with provenance; charts as HTML."""
+
+import streamlit as st
+
+from mergelab import analysis
+from mergelab import dashboard as ui
+from mergelab.curves import fit_groups, selected_merges
+from mergelab.export import render
+from mergelab.figures import curve_figure
+
+ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
+               "sizes, k range, number of merges, eval-set hashes, options). Every chart's camera icon saves a PNG.")
+results = ui.load_results()
+if results.empty:
+    ui.empty_state()
+family, rows = ui.family_rows(results)
+methods_all = ui.merge_methods(rows)
+if not methods_all:
+    ui.empty_state(f"merges for {family}")
+n_boot = st.sidebar.select_slider("Bootstrap draws for CIs", [0, 100, 200, 500], value=0)
+MIME = {"csv": "text/csv", "json": "application/json", "latex": "text/x-tex", "parquet": "application/octet-stream"}
+EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
+
+
+@st.cache_data(show_spinner="Preparing…", max_entries=16)
+def table(what, frame, n_boot):
+    return {"fits": lambda: analysis.fit_table(frame, n_boot=n_boot),
+            "joint": lambda: analysis.joint_table(frame),
+            "results": lambda: frame,
+            "synergy": lambda: analysis.synergy_table(frame),
+            "plan": lambda: analysis.plan_table(frame, n_boot=n_boot)}[what]()
+
+
+for what, label, formats in [("fits", "Fitted parameters per curve", ("csv", "json", "latex")),
+                             ("joint", "Joint law over sizes", ("csv", "json", "latex")),
+                             ("plan", "Plan (k80, k90, k_ε, stop rule)", ("csv", "json", "latex")),
+                             ("synergy", "Synergy matrices (long form)", ("csv", "json", "parquet")),
+                             ("results", "Raw results", ("csv", "parquet"))]:
+    st.subheader(label)
+    frame = table(what, rows, n_boot)
+    provenance = analysis.provenance(rows, what=what, bootstrap=n_boot, weights="k")
+    cols = st.columns(len(formats) + 1)
+    cols[0].caption(f"{len(frame):,} rows")
+    for col, fmt in zip(cols[1:], formats):
+        col.download_button(f"{fmt.upper()}", render(frame, fmt, provenance), file_name=f"{family}_{what}.{EXT[fmt]}",
+                            mime=MIME[fmt], key=f"dl-{what}-{fmt}")
+
+st.subheader("Chart")
+method = ui.choose("Method", methods_all, "method")
+merges = selected_merges(rows, "macro", [method], ui.sizes_in_order(rows))
+fig = curve_figure(merges, fit_groups(merges), sizes_in_order=ui.sizes_in_order(rows), title=f"{family} · {method} · macro")
+st.plotly_chart(fig, width="stretch", key="export-chart",
+                config={"toImageButtonOptions": {"format": "svg", "filename": f"{family}_{method}"}})
+st.download_button("HTML (interactive)", fig.to_html(include_plotlyjs=True), file_name=f"{family}_{method}.html",
+                   mime="text/html", key="dl-chart-html")
+st.caption("The camera icon above saves the chart as SVG; the HTML file opens in any browser.")
