@@ -1,36 +1,49 @@
-"""mergelab dashboard entry page: what is cached, and the cross-domain curve per method."""
+"""mergelab dashboard, overview: what is cached, the cross-domain curve per method with its fit,
+and where to go next."""
 
 import streamlit as st
 
-from mergelab.demo.up import load_shipped_results
-from mergelab.errors import MergelabError
-from mergelab.figures import complete_merges, macro_curve_figure
-from mergelab.store import ResultStore
+from mergelab import dashboard as ui
+from mergelab.curves import fit_groups, selected_merges
+from mergelab.figures import curve_figure
 
-st.set_page_config(page_title="mergelab", layout="wide")
-st.title("mergelab: model-merging scaling curves")
-
-store = ResultStore()
-try:
-    load_shipped_results(store)
-    macro = store.macro()
-except MergelabError as exc:
-    st.error(f"Cannot read the results cache: {exc}")
+ui.page_header("mergelab: model-merging scaling curves",
+               "Merged-model cross-entropy vs the number of merged experts k, per method and model size, with the "
+               "fitted law L(k) = L∞ + A/(k+b).")
+results = ui.load_results()
+if results.empty:
+    st.info("The results cache is empty. Run `mergelab demo up` or `mergelab sweep --family FAMILY.toml` to add "
+            "merges, or launch a sweep on the Sweep page.")
+    st.page_link("pages/2_Sweep.py", label="Launch a sweep", icon="🚀")
     st.stop()
 
-if macro.empty:
-    st.info("The results cache is empty. Run `mergelab demo up` or `mergelab sweep --family FAMILY.toml` to add merges.")
-    st.stop()
+family, rows = ui.family_rows(results)
+sizes, methods = ui.sizes_in_order(rows), ui.merge_methods(rows)
+merges = rows[rows["method"].isin(methods)]
+n_merges = merges[["size", "method", "hparams", "experts_key"]].drop_duplicates().shape[0]
+st.caption(f"{ui.results_store().path} · {n_merges:,} merges of {family} on {rows['domain'].nunique()} domains · "
+           f"sizes {', '.join(sizes)}")
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("families cached", results["family"].nunique())
+c2.metric("sizes", len(sizes))
+c3.metric("methods", len(methods))
+c4.metric("merges", f"{n_merges:,}")
 
-families = sorted(macro["family"].unique())
-family = st.selectbox("Family", families, index=families.index("demo-standard") if "demo-standard" in families else 0)
-rows = macro[macro["family"] == family]
-n_domains = int(rows["n_domains"].max())
-rows = complete_merges(rows, n_domains)
-methods = [m for m in rows["method"].unique() if m not in ("base", "expert")]
-st.caption(f"{store.path} · {len(rows):,} merges of {family} on {n_domains} domains · "
-           f"sizes {', '.join(rows.sort_values('n_params')['size'].unique())}")
+links = st.columns(5)
+for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2_Sweep.py", "Sweep"),
+                                      ("pages/3_Fit_and_Plan.py", "Fit & Plan"), ("pages/4_Synergy.py", "Synergy"),
+                                      ("pages/5_Export.py", "Export")]):
+    col.page_link(page, label=label)
+
+
+@st.cache_resource(show_spinner="Fitting…", max_entries=16)
+def fits_for(frame):
+    return fit_groups(frame)
+
+
 columns = st.columns(2)
-for i, method in enumerate(sorted(methods)):
+for i, method in enumerate(methods):
+    macro = selected_merges(rows, "macro", [method], sizes)
     with columns[i % 2]:
-        st.plotly_chart(macro_curve_figure(rows, method), width="stretch")
+        st.plotly_chart(curve_figure(macro, fits_for(macro), sizes_in_order=sizes, title=method), width="stretch",
+                        key=f"overview-{method}")

@@ -91,4 +91,7 @@ def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
         rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aic": fit.aic,
                      "bic": fit.bic, "r2": fit.r2, "loko_rmse": rmse, "params": fit.params,
                      "note": "; ".join(fit.notes)})
-    return pd.DataFrame(rows).sort_values("aic", na_position="last").reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    if "aic" not in table.columns:  # no form could be fitted: the notes say why
+        return table
+    return table.sort_values("aic", na_position="last").reset_index(drop=True)

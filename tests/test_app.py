@@ -1,50 +1,121 @@
-"""The dashboard entry page with Streamlit's AppTest on a real cache."""
+"""Every dashboard page with Streamlit's AppTest on a real cache: logic paths, empty and error states."""
 
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from mergelab.family import load_family
 from mergelab.store import ResultStore
 from mergelab.sweep import SweepSpec, run_sweep
 
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["app.py", "pages/1_Curves.py", "pages/2_Sweep.py", "pages/3_Fit_and_Plan.py", "pages/4_Synergy.py",
+         "pages/5_Export.py"]
 
 
-def run_app(monkeypatch, db):
+@pytest.fixture
+def env(monkeypatch, tiny_family, tmp_path):
+    """A cache with the tiny family swept (average, ties, dare over k = 1..3), a private job queue and home."""
+    db = tmp_path / "r.duckdb"
+    run_sweep(SweepSpec(load_family(tiny_family), ["s"], {"average": {}, "ties": {}, "dare": {}}, [1, 2, 3]),
+              ResultStore(db), progress=False)
     monkeypatch.setenv("MERGELAB_DB", str(db))
-    at = AppTest.from_file(APP, default_timeout=60)
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    return tiny_family
+
+
+def run(page, **query):
+    at = AppTest.from_file(str(ROOT / page), default_timeout=120)
+    for key, value in query.items():
+        at.query_params[key] = value
     at.run()
-    assert not at.exception, at.exception
+    assert not at.exception, [e.value for e in at.exception]
     return at
 
 
-def test_one_chart_per_method_from_the_cache(monkeypatch, tiny_family, tmp_path):
-    db = tmp_path / "r.duckdb"
-    run_sweep(SweepSpec(load_family(tiny_family), ["s"], {"average": {}, "dare": {}}, [1, 2, 3]),
-              ResultStore(db), progress=False)
-    at = run_app(monkeypatch, db)
-    charts = at.get("plotly_chart")
-    assert len(charts) == 2
-    assert "tiny" in at.selectbox[0].options
-    assert "merges of tiny on 3 domains" in at.caption[0].value
+def captions(at):
+    return " ".join(c.value for c in at.caption)
+
+
+def test_overview_one_chart_per_method(env):
+    at = run("app.py")
+    assert len(at.get("plotly_chart")) == 3
+    assert at.selectbox[0].value == "tiny"
+    assert "merges of tiny on 3 domains" in captions(at)
+    assert [m.value for m in at.metric][3] == "21"  # 3 methods × 7 subsets
+
+
+def test_curves_refit_on_selection_and_remember_it(env):
+    at = run("pages/1_Curves.py")
+    assert len(at.get("plotly_chart")) >= 3 and at.dataframe
+    at.multiselect(key="w:methods").set_value(["average", "ties"]).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert set(table["method"]) == {"average", "ties"}
+    at.selectbox(key="w:domain").set_value("beta").run()
+    assert at.query_params["domain"] == "beta" and at.query_params["methods"] == "average,ties"
+    assert at.session_state["sel:domain"] == "beta"
+
+
+def test_curves_page_reads_selection_from_the_url(env):
+    at = run("pages/1_Curves.py", methods="dare", domain="gamma")
+    assert at.multiselect(key="w:methods").value == ["dare"] and at.selectbox(key="w:domain").value == "gamma"
+
+
+def test_fit_and_plan_shows_parameters_validation_and_planner(env):
+    at = run("pages/3_Fit_and_Plan.py")
+    headers = [h.value for h in at.subheader]
+    assert headers == ["Parameters per size", "Held-out validation", "Plan"]
+    assert {m.label for m in at.metric} >= {"experts needed", "k within ε of the floor", "stop after k"}
+    assert any("needs k = 1, 2 and 4" in i.value for i in at.info)  # k only goes to 3 here: said, not crashed
+
+
+def test_synergy_heatmap_and_tables(env):
+    at = run("pages/4_Synergy.py")
+    assert len(at.get("plotly_chart")) == 4 and at.dataframe
+
+
+def test_export_offers_every_download(env):
+    at = run("pages/5_Export.py")
+    labels = [b.label for b in at.get("download_button")]
+    assert labels.count("CSV") == 5 and "PARQUET" in labels and "LATEX" in labels and "HTML (interactive)" in labels
+
+
+def test_sweep_form_estimates_before_launch(env):
+    at = run("pages/2_Sweep.py")
+    at.selectbox(key="sweep-family").set_value("other path…").run()
+    at.text_input[0].input(str(env)).run()
+    assert "tiny" in at.markdown[0].value or any("tiny" in m.value for m in at.markdown)
+    at.button[0].click().run()  # Estimate
+    assert not at.exception
+    assert any("already cached" in i.value and "to run" in i.value for i in at.info), [i.value for i in at.info]
 
 
 def test_empty_cache_explains_how_to_get_data(monkeypatch, tmp_path):
     monkeypatch.setattr("mergelab.demo.up.SHIPPED_RESULTS", "demo/absent.parquet")
-    at = run_app(monkeypatch, tmp_path / "empty.duckdb")
-    assert "mergelab demo up" in at.info[0].value and not at.get("plotly_chart")
+    monkeypatch.setenv("MERGELAB_DB", str(tmp_path / "empty.duckdb"))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    for page in PAGES:
+        at = run(page)
+        text = " ".join(i.value for i in at.info)
+        assert "mergelab demo up" in text or "No family yet" in text, page
 
 
 def test_corrupt_cache_shows_a_message_not_a_traceback(monkeypatch, tmp_path):
     db = tmp_path / "bad.duckdb"
     db.write_bytes(b"garbage" * 1000)
-    at = run_app(monkeypatch, db)
-    assert "Cannot read the results cache" in at.error[0].value
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    for page in ["app.py", "pages/1_Curves.py", "pages/4_Synergy.py"]:
+        at = run(page)
+        assert "Cannot read the results cache" in at.error[0].value
 
 
 def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     db = tmp_path / "fresh.duckdb"
-    at = run_app(monkeypatch, db)
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    at = run("app.py")
     assert ResultStore(db).count() > 0
     assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 4

@@ -167,3 +167,8 @@ def test_finite_pool_variance_is_zero_at_M_and_fits_better():
     assert fits["best"] is fits["finite_pool"]
     assert fits["finite_pool"].predict([M])[0] == pytest.approx(0.0, abs=1e-15)
     assert fits["finite_pool"].r2 > max(0.95, fits["plain"].r2)
+
+
+def test_compare_forms_reports_when_no_form_fits():
+    table = compare_forms([1, 2, 3], [1.0, 0.8, 0.7])
+    assert "aic" not in table.columns and table["note"].str.contains("at least").all()
