@@ -115,8 +115,10 @@ def run_job(queue: JobQueue, job: Job) -> None:
         queue.finish(job.id, "failed", f"{type(exc).__name__}: {exc}; resume to continue")
 
 
-def ensure_worker(queue: JobQueue, idle_exit: float = 900.0) -> bool:
-    """Start a detached worker unless one is running; returns True if one was started."""
+def ensure_worker(queue: JobQueue, idle_exit: float | None = None) -> bool:
+    """Start a detached worker unless one is running; returns True if one was started. It exits after
+    `idle_exit` idle seconds (default MERGELAB_WORKER_IDLE or 900)."""
+    idle_exit = idle_exit if idle_exit is not None else float(os.environ.get("MERGELAB_WORKER_IDLE", 900))
     if worker_running(queue):
         return False
     log = queue.path.with_name("worker.log")

@@ -1,6 +1,8 @@
-"""The real Streamlit server driven by Debian's chromium through playwright."""
+"""The real Streamlit server driven by Debian's chromium through playwright: every page renders,
+selections update charts, a sweep launched from the UI runs to 100%, an export downloads."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mergelab.export import read_provenance
 from mergelab.family import load_family
 from mergelab.store import ResultStore
 from mergelab.sweep import SweepSpec, run_sweep
@@ -17,6 +20,8 @@ from mergelab.sweep import SweepSpec, run_sweep
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts" / "screenshots"
+PAGES = {"overview": "", "curves": "Curves", "sweep": "Sweep", "fit_and_plan": "Fit_and_Plan",
+         "synergy": "Synergy", "export": "Export"}
 pytestmark = pytest.mark.slow
 
 
@@ -27,16 +32,19 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_family, tmp_path):
-    """A dashboard over a cache holding two families (the tiny one swept twice under two names)."""
+def server(tiny_family, micro_family, tmp_path):
+    """A dashboard over a cache holding two families (the tiny one swept under two names); the demo
+    micro family sits in the data home so the Sweep page offers it."""
     db = tmp_path / "r.duckdb"
-    family = load_family(tiny_family)
-    run_sweep(SweepSpec(family, ["s"], {"average": {}, "ties": {}}, [1, 2, 3]), ResultStore(db), progress=False)
+    run_sweep(SweepSpec(load_family(tiny_family), ["s"], {"average": {}, "ties": {}}, [1, 2, 3]), ResultStore(db), progress=False)
     renamed = tiny_family.parent / "other.toml"
     renamed.write_text(tiny_family.read_text().replace('name = "tiny"', 'name = "other"'))
     run_sweep(SweepSpec(load_family(renamed), ["s"], {"average": {}}, [1, 2]), ResultStore(db), progress=False)
+    home = tmp_path / "home"
+    shutil.copytree(micro_family.parent, home / "demo-micro")
     port = free_port()
-    env = dict(os.environ, MERGELAB_DB=str(db))
+    env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(home), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"),
+               MERGELAB_WORKER_IDLE="10")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--server.headless", "true"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -52,7 +60,7 @@ def server(tiny_family, tmp_path):
             proc.kill()
             pytest.fail(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
         time.sleep(0.3)
-    yield url
+    yield {"url": url, "db": db}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -66,23 +74,77 @@ def page():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync"])
-        yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        yield context.new_page()
         browser.close()
 
 
-def test_overview_renders_charts_and_follows_the_family_selection(server, page):
-    page.goto(server)
-    page.wait_for_selector(".js-plotly-plot", timeout=60000)
-    caption = page.get_by_text("merges of", exact=False)
-    assert "merges of other" in caption.inner_text()  # families sorted: 'other' first
-    assert page.locator(".js-plotly-plot").count() == 1  # 'other' was swept with average only
+def settle(page, timeout=60000):
+    """Wait until Streamlit has finished running the script."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout)
+    page.wait_for_timeout(300)
+
+
+def no_exception(page):
     assert page.locator('[data-testid="stException"]').count() == 0
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
-    page.locator('[data-testid="stSelectbox"]').click()
-    page.get_by_role("option", name="tiny").click()
-    page.wait_for_function("document.body.innerText.includes('merges of tiny')", timeout=30000)
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length == 2", timeout=30000)
-    page.get_by_text("ties", exact=True).wait_for(timeout=30000)  # the second method's chart title
     assert "Traceback" not in page.inner_text("body")
-    page.screenshot(path=str(ARTIFACTS / "overview_tiny.png"), full_page=True)
+
+
+def shoot(page, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_every_page_renders_and_selection_updates_the_chart(server, page):
+    for name, path in PAGES.items():
+        page.goto(f"{server['url']}/{path}?family=tiny")
+        settle(page)
+        if name != "sweep":
+            page.wait_for_selector(".js-plotly-plot", timeout=60000)
+        no_exception(page)
+        shoot(page, name)
+    page.goto(f"{server['url']}/Curves?family=tiny")
+    settle(page)
+    page.get_by_text("tiny · macro", exact=True).wait_for(timeout=30000)
+    page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').nth(1).click()  # Domain
+    page.get_by_role("option", name="beta").click()
+    page.get_by_text("tiny · beta", exact=True).wait_for(timeout=30000)
+    assert "domain=beta" in page.url
+    no_exception(page)
+
+
+def test_launch_a_micro_sweep_watch_it_finish_and_see_the_points(server, page):
+    page.goto(f"{server['url']}/Sweep")
+    settle(page)
+    page.get_by_text("demo-micro · 9 domains", exact=False).wait_for(timeout=30000)
+    page.get_by_text("N random per k").click()
+    page.get_by_role("button", name="Estimate").click()
+    page.get_by_text("to run", exact=False).wait_for(timeout=60000)
+    page.get_by_role("button", name="Launch sweep").click()
+    page.get_by_text("queued", exact=False).first.wait_for(timeout=60000)
+    page.wait_for_function("document.body.innerText.includes('Job 1 · done')", timeout=180000)
+    text = page.inner_text("body")
+    assert "merges evaluated" in text and "ETA" in text
+    shoot(page, "sweep_done")
+    rows = ResultStore(server["db"]).results(family="demo-micro")
+    assert len(rows) > 0 and set(rows["size"]) == {"xs"}
+    page.goto(f"{server['url']}/Curves?family=demo-micro&methods=average&domain=macro")
+    settle(page)
+    page.get_by_text("demo-micro · macro", exact=True).wait_for(timeout=60000)
+    no_exception(page)
+    shoot(page, "curves_after_sweep")
+
+
+def test_export_downloads_fits_with_provenance(server, page, tmp_path):
+    page.goto(f"{server['url']}/Export?family=tiny")
+    settle(page)
+    page.get_by_text("Fitted parameters per curve").wait_for(timeout=60000)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="CSV").first.click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    assert path.name == "tiny_fits.csv"
+    assert read_provenance(path)["families"] == ["tiny"]
+    body = path.read_text()
+    assert "L_inf" in body and "macro" in body
