@@ -4,7 +4,6 @@ and where to go next."""
 import streamlit as st
 
 from mergelab import dashboard as ui
-from mergelab.curves import fit_groups, selected_merges
 from mergelab.figures import curve_figure
 
 ui.page_header("mergelab: model-merging scaling curves",
@@ -36,14 +35,10 @@ for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2
     col.page_link(page, label=label)
 
 
-@st.cache_resource(show_spinner="Fitting…", max_entries=16)
-def fits_for(frame):
-    return fit_groups(frame)
-
-
 columns = st.columns(2)
 for i, method in enumerate(methods):
-    macro = selected_merges(rows, "macro", [method], sizes)
+    macro = ui.merges(family, "macro", [method], sizes)
+    fitted = ui.fits(family, "macro", [method], sizes)
     with columns[i % 2]:
-        st.plotly_chart(curve_figure(macro, fits_for(macro), sizes_in_order=sizes, title=method), width="stretch",
-                        key=f"overview-{method}")
+        st.plotly_chart(curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{method} (cross-domain mean)",
+                                     show_points=False), width="stretch", key=f"overview-{method}")

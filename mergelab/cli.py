@@ -91,7 +91,7 @@ def sweep(
     sizes: Optional[str] = typer.Option(None, help="comma-separated sizes (default: all)"),
     methods: str = typer.Option("average,task_arithmetic,ties,dare", help="comma-separated merge methods"),
     k: str = typer.Option("all", help="subset sizes: all (1..M), a range like 1-9, or a list like 1,2,4"),
-    subsets: str = typer.Option("all", help="'all' subsets per k, or N random subsets per k"),
+    subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of N diverse orderings)"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
@@ -101,16 +101,14 @@ def sweep(
     """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
     from mergelab.family import load_family
     from mergelab.store import ResultStore
-    from mergelab.sweep import SweepSpec, parse_ks, per_k_summary, run_sweep
+    from mergelab.sweep import SweepSpec, parse_ks, parse_subsets, per_k_summary, run_sweep
 
     fam = load_family(family)
     method_names = _split(methods) or []
-    if subsets != "all" and not (subsets.isdigit() and int(subsets) > 0):
-        raise MergelabError(f"--subsets {subsets!r}: expected 'all' or a positive number of subsets per k")
     n_experts = min(len(s.experts) for s in fam.sizes)
     spec = SweepSpec(fam, _split(sizes) or list(fam.size_names), _parse_hparams(hp, method_names),
                      parse_ks(k, n_experts),
-                     subsets if subsets == "all" else int(subsets), seed, reference)
+                     parse_subsets(subsets), seed, reference)
     store = ResultStore(db)
     report = run_sweep(spec, store, device=device)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mergelab.analysis import merge_losses
 from mergelab.fit import FitError, bootstrap_curve, fit_curve
 from mergelab.variance import fit_variance, subset_variance
-
-
-def selected_merges(rows: pd.DataFrame, domain: str, methods, sizes) -> pd.DataFrame:
-    merges = merge_losses(rows, domain)
-    return merges[merges["method"].isin(methods) & merges["size"].isin(sizes)]
 
 
 def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
@@ -69,8 +63,8 @@ def variance_tables(merges: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), fits
 
 
-def size_points(rows: pd.DataFrame, domain: str, methods, k: int) -> pd.DataFrame:
-    merges = merge_losses(rows, domain)
-    at_k = merges[merges["method"].isin(methods) & (merges["k"] == k)]
+def size_points(merges: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Mean loss at one k per method and size, with N in billions of parameters."""
+    at_k = merges[merges["k"] == k]
     return (at_k.groupby(["method", "size", "n_params"], as_index=False)["loss"].mean()
             .assign(N=lambda f: f["n_params"] / 1e9).sort_values("N"))

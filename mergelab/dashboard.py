@@ -29,6 +29,39 @@ def _read(path: str, stamp: float) -> pd.DataFrame:
     return ResultStore(path).results().drop(columns=["experts"])
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _merges(path: str, stamp: float, family: str, domain: str) -> pd.DataFrame:
+    from mergelab.analysis import merge_losses
+
+    rows = _read(path, stamp)
+    return merge_losses(rows[rows["family"] == family], domain)
+
+
+def merges(family: str, domain: str, methods=None, sizes=None) -> pd.DataFrame:
+    """One row per merge of `family` with its loss on `domain` (or macro); cached per cache version,
+    so switching selections does not recompute it."""
+    path = results_store().path
+    frame = _merges(str(path), _stamp(path), family, domain)
+    if methods is not None:
+        frame = frame[frame["method"].isin(list(methods))]
+    if sizes is not None:
+        frame = frame[frame["size"].isin(list(sizes))]
+    return frame
+
+
+@st.cache_resource(show_spinner="Fitting…", max_entries=64)
+def _fits(path: str, stamp: float, family: str, domain: str, methods: tuple, sizes: tuple, n_boot: int) -> dict:
+    from mergelab.curves import fit_groups
+
+    return fit_groups(merges(family, domain, methods, sizes), n_boot)
+
+
+def fits(family: str, domain: str, methods, sizes, n_boot: int = 0) -> dict:
+    """{(size, method): CurveFit or error text}, cached per selection and cache version."""
+    path = results_store().path
+    return _fits(str(path), _stamp(path), family, domain, tuple(methods), tuple(sizes), n_boot)
+
+
 def load_results() -> pd.DataFrame:
     """All cached rows (read-only, briefly, retried while a worker writes); stops the page with a
     message when the cache cannot be read. Loads the shipped demo results into an empty cache."""
@@ -42,6 +75,28 @@ def load_results() -> pd.DataFrame:
         st.error(f"Cannot read the results cache: {exc}")
         st.info("Check the path (MERGELAB_DB) and that no other program holds the file, then reload.")
         st.stop()
+
+
+def live_refresh(every: float = 5.0) -> None:
+    """While a sweep job runs, rerun the page whenever the cache changes, so new points appear."""
+    from mergelab.jobs import JobQueue
+
+    try:
+        running = any(j.status == "running" for j in JobQueue().list(limit=5))
+    except MergelabError:
+        return
+    if not running:
+        return
+    st.caption(f"A sweep is running: new merges appear here as they land (checked every {every:g} s).")
+    path = results_store().path
+    seen = _stamp(path)
+
+    @st.fragment(run_every=every)
+    def watch():
+        if _stamp(path) != seen:
+            st.rerun()
+
+    watch()
 
 
 def empty_state(what: str = "results") -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergelab.errors import CacheError
 from mergelab.paths import default_db_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 KEY_COLUMNS = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
@@ -42,13 +46,13 @@ CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
 
 # The expert list and k are derived from the key, so they can never disagree with it.
-_INSERT_SELECT = f"""
+_INSERT_SELECT = """
 INSERT INTO results
 SELECT family, size, n_params, method, hparams, experts_key,
        CASE WHEN experts_key = '' THEN []::VARCHAR[] ELSE string_split(experts_key, '+') END,
        CASE WHEN experts_key = '' THEN 0 ELSE len(string_split(experts_key, '+')) END,
-       domain, loss, n_tokens, eval_hash, metric_version, device, {{created}}
-FROM {{source}}
+       domain, loss, n_tokens, eval_hash, metric_version, device, {created}
+FROM {source}
 ON CONFLICT DO NOTHING
 """
 

@@ -8,13 +8,16 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from mergelab.errors import MergelabError
 from mergelab.evaluate import METRIC_VERSION, EvalData, evaluate, prepare_eval
 from mergelab.family import Family, SizeSpec
 from mergelab.methods import canonical_hparams, get_method
 from mergelab.store import ResultStore, experts_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Reference rows recorded with every sweep: the base model (k = 0) and each single expert (k = 1).
 BASE, EXPERT = "base", "expert"
@@ -38,7 +41,13 @@ def parse_ks(text: str, n_experts: int) -> list[int]:
 
 
 def plan_subsets(experts: Sequence[str], ks: Sequence[int], subsets: str | int = "all", seed: int = 0) -> list[tuple[str, ...]]:
-    """All C(M,k) subsets per k, or up to N distinct random ones per k (seeded, order-independent)."""
+    """The subsets to merge: 'all' C(M,k) per k; N (int) distinct random subsets per k (seeded);
+    or 'orderings:N': the prefixes of N diverse orderings of the experts (one merge per k per ordering)."""
+    if isinstance(subsets, str) and subsets.startswith("orderings:"):
+        plan = []
+        for order in diverse_orderings(experts, int(subsets.split(":", 1)[1]), seed):
+            plan.extend(tuple(sorted(order[:k], key=list(experts).index)) for k in ks)
+        return list(dict.fromkeys(plan))  # shared prefixes once, order kept
     plan = []
     for k in ks:
         total = math.comb(len(experts), k)
@@ -50,6 +59,37 @@ def plan_subsets(experts: Sequence[str], ks: Sequence[int], subsets: str | int =
             chosen.add(tuple(sorted(rng.sample(range(len(experts)), k))))
         plan.extend(tuple(experts[i] for i in idx) for idx in sorted(chosen))
     return plan
+
+
+def diverse_orderings(experts: Sequence[str], n: int, seed: int = 0, candidates: int = 2000) -> list[list[str]]:
+    """n orderings of the experts chosen greedily from random shuffles to maximise the minimum Hamming
+    distance (positions that differ) to the orderings already chosen (the paper's Appendix E)."""
+    import numpy as np
+
+    if n < 1:
+        raise MergelabError(f"number of orderings must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    pool = np.array([rng.permutation(len(experts)) for _ in range(max(candidates, n))])
+    chosen = [0]
+    nearest = (pool != pool[0]).sum(axis=1)
+    while len(chosen) < n:
+        nearest[chosen] = -1
+        best = int(np.argmax(nearest))
+        chosen.append(best)
+        nearest = np.minimum(nearest, (pool != pool[best]).sum(axis=1))
+    return [[experts[i] for i in pool[c]] for c in chosen]
+
+
+def parse_subsets(text: str) -> str | int:
+    """CLI form of the subset plan: 'all', 'N' (random per k) or 'orderings:N'."""
+    text = text.strip()
+    if text == "all":
+        return "all"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text.startswith("orderings:") and text.split(":", 1)[1].isdigit() and int(text.split(":", 1)[1]) > 0:
+        return text
+    raise MergelabError(f"--subsets {text!r}: expected 'all', a positive number of subsets per k, or orderings:N")
 
 
 @dataclass

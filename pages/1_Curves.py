@@ -6,7 +6,7 @@ import streamlit as st
 
 from mergelab import dashboard as ui
 from mergelab import reference
-from mergelab.curves import bands, fit_groups, fit_summary, selected_merges, size_points, variance_tables
+from mergelab.curves import bands, fit_summary, size_points, variance_tables
 from mergelab.figures import curve_figure, residual_figure, size_figure, variance_figure
 from mergelab.fit import FitError, fit_joint
 
@@ -34,18 +34,12 @@ with st.sidebar.expander("Display", expanded=True):
 if not methods or not sizes:
     st.warning("Pick at least one method and one size in the sidebar.")
     st.stop()
-merges = selected_merges(rows, domain, methods, sizes)
+merges = ui.merges(family, domain, methods, sizes)
 if merges.empty:
     st.warning("No merges for this selection.")
     st.stop()
-
-
-@st.cache_resource(show_spinner="Fitting…", max_entries=32)
-def cached_fits(frame, n_boot):
-    return fit_groups(frame, n_boot)
-
-
-fits = cached_fits(merges, n_boot)
+fits = ui.fits(family, domain, methods, sizes, n_boot)
+ui.live_refresh()
 overlays = {}
 if overlay:
     ks = np.arange(1, int(merges["k"].max()) + 1)
@@ -67,10 +61,10 @@ with left:
     st.plotly_chart(variance_figure(variances, var_fits, sizes_in_order=sizes_all), width="stretch", key="variance")
 with right:
     k_fixed = st.slider("k for the size panel", 1, int(merges["k"].max()), int(merges["k"].max()))
-    points = size_points(rows, domain, methods, k_fixed)
+    points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)
     joint = None
     if points["N"].nunique() >= 2 and len(methods) == 1:
-        all_merges = selected_merges(rows, domain, methods, sizes_all)
+        all_merges = ui.merges(family, domain, methods, sizes_all)
         means = all_merges.groupby(["n_params", "k"], as_index=False)["loss"].mean()
         try:
             joint = fit_joint(means["n_params"] / 1e9, means["k"], means["loss"])

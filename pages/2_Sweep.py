@@ -1,6 +1,5 @@
 """Sweep: launch a merge sweep in the background worker and watch it run."""
 
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -56,15 +55,17 @@ with st.form("sweep"):
             hparams[name] = values
     c3, c4, c5 = st.columns(3)
     k_lo, k_hi = c3.slider("k range", 1, M, (1, M))
-    mode = c4.radio("Subsets", ["all subsets", "N random per k"], horizontal=True)
-    per_k = c4.number_input("N per k", min_value=1, value=10, disabled=False)
+    mode = c4.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
+                    help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
+    per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
     seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
     device = c5.selectbox("device", ["auto", "cpu", "cuda"])
     estimate = st.form_submit_button("Estimate")
     launch = st.form_submit_button("Launch sweep", type="primary")
 
 spec = {"family": str(Path(manifest).resolve()), "sizes": sizes, "methods": {m: hparams[m] for m in methods},
-        "ks": list(range(k_lo, k_hi + 1)), "subsets": "all" if mode == "all subsets" else int(per_k),
+        "ks": list(range(k_lo, k_hi + 1)),
+        "subsets": {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
         "seed": int(seed), "device": device, "db": str(ui.results_store().path)}
 
 if estimate or launch:

@@ -1,12 +1,11 @@
 """Fit & Plan: parameters with CIs, held-out validation, alternative forms, and planning widgets."""
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from mergelab import dashboard as ui
 from mergelab import planning
-from mergelab.curves import fit_groups, fit_summary, selected_merges
+from mergelab.curves import fit_summary
 from mergelab.figures import fractional_return_figure
 from mergelab.fit import FitError, bootstrap_joint
 from mergelab.heldout import compare_forms, forecast_errors, leave_one_size_out
@@ -25,19 +24,14 @@ size = ui.choose("Size", sizes_all, "size", default=sizes_all[-1], format_func=u
 domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro")
 n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
 
-all_sizes = selected_merges(rows, domain, [method], sizes_all)
+all_sizes = ui.merges(family, domain, [method], sizes_all)
 merges = all_sizes[all_sizes["size"] == size]
 if merges.empty:
     st.warning("No merges for this selection.")
     st.stop()
 
 
-@st.cache_resource(show_spinner="Bootstrapping…", max_entries=32)
-def cached_fits(frame, n_boot):
-    return fit_groups(frame, n_boot)
-
-
-fits = cached_fits(all_sizes, n_boot)
+fits = ui.fits(family, domain, [method], sizes_all, n_boot)
 st.subheader("Parameters per size")
 summary = fit_summary(fits)
 st.dataframe(summary, hide_index=True, width="stretch")

@@ -4,7 +4,6 @@ import streamlit as st
 
 from mergelab import analysis
 from mergelab import dashboard as ui
-from mergelab.curves import fit_groups, selected_merges
 from mergelab.export import render
 from mergelab.figures import curve_figure
 
@@ -47,8 +46,9 @@ for what, label, formats in [("fits", "Fitted parameters per curve", ("csv", "js
 
 st.subheader("Chart")
 method = ui.choose("Method", methods_all, "method")
-merges = selected_merges(rows, "macro", [method], ui.sizes_in_order(rows))
-fig = curve_figure(merges, fit_groups(merges), sizes_in_order=ui.sizes_in_order(rows), title=f"{family} · {method} · macro")
+sizes = ui.sizes_in_order(rows)
+fig = curve_figure(ui.merges(family, "macro", [method], sizes), ui.fits(family, "macro", [method], sizes),
+                   sizes_in_order=sizes, title=f"{family} · {method} · macro")
 st.plotly_chart(fig, width="stretch", key="export-chart",
                 config={"toImageButtonOptions": {"format": "svg", "filename": f"{family}_{method}"}})
 st.download_button("HTML (interactive)", fig.to_html(include_plotlyjs=True), file_name=f"{family}_{method}.html",

@@ -5,8 +5,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from mergelab.jobs import JobQueue
 from mergelab.store import ResultStore
 from mergelab.worker import ensure_worker, run_job, worker_running

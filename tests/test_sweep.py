@@ -55,6 +55,19 @@ def test_plan_subsets_all_and_sampled():
     assert parse_ks("all", 3) == [1, 2, 3] and parse_ks("1,3-4", 9) == [1, 3, 4]
 
 
+def test_diverse_orderings_are_spread_and_their_prefixes_planned():
+    from mergelab.sweep import diverse_orderings
+
+    experts = list("abcdefghi")
+    orders = diverse_orderings(experts, 15, seed=0)
+    assert len(orders) == 15 and all(sorted(o) == experts for o in orders)
+    distances = [sum(x != y for x, y in zip(a, b)) for i, a in enumerate(orders) for b in orders[i + 1:]]
+    assert min(distances) >= 6  # far apart: random pairs of 9-permutations share ~1 position
+    plan = plan_subsets(experts, range(1, 10), "orderings:15", seed=0)
+    assert len(plan) == len(set(plan)) and sum(len(s) == 9 for s in plan) == 1 and sum(len(s) == 1 for s in plan) <= 9
+    assert tuple(sorted(orders[3][:4], key=experts.index)) in plan
+
+
 def test_sweep_records_reference_rows_and_skips_cached(tiny_family, tmp_path):
     family = load_family(tiny_family)
     store = ResultStore(tmp_path / "r.duckdb")
@@ -104,7 +117,8 @@ def poison_expert(manifest, value=float("nan")):
     (["--methods", "ties", "--hp", "dare.p=0.1"], "method 'dare' is not among --methods"),
     (["--k", "0-2"], "k must lie in 1..3"),
     (["--k", "two"], "expected a range like 1-9"),
-    (["--subsets", "-3"], "expected 'all' or a positive number"),
+    (["--subsets", "-3"], "expected 'all', a positive number of subsets per k, or orderings:N"),
+    (["--subsets", "orderings:0"], "or orderings:N"),
     (["--sizes", "xl"], "no size 'xl'"),
 ])
 def test_bad_sweep_arguments_fail_cleanly(tiny_family, tmp_path, capsys, args, fragment):
