@@ -33,7 +33,8 @@ def _estimate(fit: "CurveFit | JointFit", fn: Callable[[dict], float], note: str
     draws = draws[~np.isnan(draws)]
     if not len(draws):
         return Estimate(value, note=note)
-    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    # sample quantiles without interpolation: draws may be infinite (target unreachable in that draw)
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], method="inverted_cdf")
     return Estimate(value, float(lo), float(hi), note)
 
 
