@@ -35,10 +35,10 @@ for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2
     col.page_link(page, label=label)
 
 
-columns = st.columns(2)
-for i, method in enumerate(methods):
-    macro = ui.merges(family, "macro", [method], sizes)
-    fitted = ui.fits(family, "macro", [method], sizes)
-    with columns[i % 2]:
-        st.plotly_chart(curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{method} (cross-domain mean)",
-                                     show_points=False), width="stretch", key=f"overview-{method}")
+size = ui.choose("Size", sizes, "size", default=sizes[-1], format_func=ui.size_label(rows))
+macro = ui.merges(family, "macro", methods, [size])
+fitted = ui.fits(family, "macro", methods, [size])
+st.plotly_chart(curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} · {size} · cross-domain mean, every method",
+                             show_points=False), width="stretch", key="overview")
+st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors. "
+           "Open Curves for single subsets, bands and domains.")

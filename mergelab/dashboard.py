@@ -23,13 +23,15 @@ def _stamp(path: Path) -> float:
     return sum(p.stat().st_mtime_ns + p.stat().st_size for p in (path, wal) if p.exists())
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
+# cache_resource, not cache_data: the frames are shared read-only (pages filter, never mutate), which
+# saves copying 50k+ rows on every rerun.
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _read(path: str, stamp: float) -> pd.DataFrame:
     # the expert list is derivable from experts_key; dropping the array column keeps frames hashable
     return ResultStore(path).results().drop(columns=["experts"])
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_resource(show_spinner=False, max_entries=32)
 def _merges(path: str, stamp: float, family: str, domain: str) -> pd.DataFrame:
     from mergelab.analysis import merge_losses
 
@@ -69,7 +71,8 @@ def load_results() -> pd.DataFrame:
 
     store = results_store()
     try:
-        load_shipped_results(store)
+        if not store.exists():
+            load_shipped_results(store)
         return _read(str(store.path), _stamp(store.path))
     except MergelabError as exc:
         st.error(f"Cannot read the results cache: {exc}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
 
 
 def complete_merges(macro, n_domains: int):
@@ -62,8 +63,10 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     fig = go.Figure()
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
     methods = sorted(merges["method"].unique())
+    by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
     for (size, method), rows in merges.groupby(["size", "method"]):
-        colour = _size_colour(sizes_in_order, size)
+        colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
+                  else _size_colour(sizes_in_order, size))
         name = f"{method} · {size}" if len(methods) > 1 else size
         if show_points:
             fig.add_scatter(x=rows["k"], y=rows["loss"], mode="markers", name=f"{name} subsets", legendgroup=name,
@@ -88,7 +91,8 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                         name=f"{name} fit", legendgroup=name, showlegend=False,
                         hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} CE=%{{y:.4f}}"
                                        f"<extra>{name} fit</extra>"))
-        fig.add_hline(y=fit.L_inf, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
+        if fit.A > 0:  # a floor only means something for a falling curve
+            fig.add_hline(y=fit.L_inf, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
     for label, (k, loss) in (overlays or {}).items():
         fig.add_scatter(x=k, y=loss, mode="lines", name=label, line=dict(color="#888", width=1.5, dash="dot"))
     _layout(fig, title, "experts merged, k", "cross-entropy (nats/token)")

@@ -39,9 +39,9 @@ def captions(at):
     return " ".join(c.value for c in at.caption)
 
 
-def test_overview_one_chart_per_method(env):
+def test_overview_headline_chart_with_every_method(env):
     at = run("app.py")
-    assert len(at.get("plotly_chart")) == 3
+    assert len(at.get("plotly_chart")) == 1
     assert at.selectbox[0].value == "tiny"
     assert "merges of tiny on 3 domains" in captions(at)
     assert [m.value for m in at.metric][3] == "21"  # 3 methods × 7 subsets
@@ -118,4 +118,5 @@ def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGELAB_DB", str(db))
     at = run("app.py")
     assert ResultStore(db).count() > 0
-    assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 4
+    assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 1
+    assert at.selectbox(key="w:size").value == "m"  # the largest size by default
