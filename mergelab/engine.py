@@ -44,23 +44,44 @@ class ExpertPool:
     deltas: dict
     base_checkpoint: Checkpoint
 
+    prepared_for: tuple | None = None  # (method, hparams) whose `prepare` has been applied to deltas
+
     @classmethod
     def load(cls, size: SizeSpec, device: str = "cpu", progress=None) -> "ExpertPool":
-        import torch
-
         base_ckpt = Checkpoint(size.base)
         experts = {e: Checkpoint(p) for e, p in size.experts.items()}
         for ckpt in experts.values():
             check_compatible(base_ckpt, ckpt)
-        names = base_ckpt.names
-        base, deltas = {}, {}
-        for name in names:
-            theta0 = base_ckpt.tensor(name, torch.float32, device)
-            base[name] = theta0
-            deltas[name] = torch.stack([ckpt.tensor(name, torch.float32, device) - theta0 for ckpt in experts.values()])
+        pool = cls(size, base_ckpt.names, tuple(experts), {}, {}, base_ckpt)
+        pool._read_deltas(experts, device, progress)
+        return pool
+
+    def _read_deltas(self, experts: dict[str, Checkpoint], device: str, progress=None) -> None:
+        import torch
+
+        for name in self.names:
+            theta0 = self.base.get(name)
+            if theta0 is None:
+                theta0 = self.base[name] = self.base_checkpoint.tensor(name, torch.float32, device)
+            self.deltas[name] = torch.stack([c.tensor(name, torch.float32, device) - theta0 for c in experts.values()])
             if progress is not None:
                 progress.update(1)
-        return cls(size, names, tuple(experts), base, deltas, base_ckpt)
+        self.prepared_for = None
+
+    def ready_for(self, method: MergeMethod, hp: dict) -> None:
+        """Bring the task vectors into the form `method` merges from: raw, or with its per-expert
+        `prepare` applied (in place, once for all subsets). Going back to raw re-reads the experts,
+        so memory stays at one set of M task vectors."""
+        key = (method.name, tuple(sorted(hp.items()))) if method.prepare else None
+        if key == self.prepared_for:
+            return
+        if self.prepared_for is not None:
+            device = next(iter(self.base.values())).device
+            self._read_deltas({e: Checkpoint(p) for e, p in self.size.experts.items()}, str(device))
+        if method.prepare:
+            for name in self.names:
+                self.deltas[name] = method.prepare(self.deltas[name], MergeContext(name, self.expert_names), hp)
+            self.prepared_for = key
 
     def indices(self, subset: Sequence[str]) -> list[int]:
         return [self.expert_names.index(e) for e in subset]
@@ -95,13 +116,18 @@ class ResidentModel:
             self.write(name, pool.base[name])
 
     def load_expert(self, pool: ExpertPool, expert: str) -> None:
-        i = pool.expert_names.index(expert)
+        """The expert itself, read from its checkpoint (the pool's task vectors may be prepared)."""
+        import torch
+
+        ckpt = Checkpoint(pool.size.experts[expert])
+        device = next(iter(pool.base.values())).device
         for name in pool.names:
-            self.write(name, pool.base[name] + pool.deltas[name][i])
+            self.write(name, ckpt.tensor(name, torch.float32, device))
 
 
 def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
-    """Merge `subset` of the pool's experts with `method` into the resident model, tensor by tensor."""
+    """Merge `subset` of the pool's experts with `method` into the resident model, tensor by tensor,
+    straight from the formula (no state kept between merges)."""
     import torch
 
     index = torch.tensor(pool.indices(subset), device=next(iter(pool.base.values())).device)
@@ -110,3 +136,74 @@ def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, h
             deltas = pool.deltas[name].index_select(0, index)
             merged = method.merge(pool.base[name], deltas, MergeContext(name, tuple(subset)), hp)
             resident.write(name, merged)
+
+
+class MergeSession:
+    """Merges a sequence of subsets into the resident model, reusing work between consecutive merges.
+
+    Per-expert work (TIES trimming, DARE masks) is done once per method (`ExpertPool.ready_for`).
+    Linear methods keep a running sum Σ v_i of the current subset and update it by the experts that
+    enter or leave, so consecutive subsets that differ by one expert (Gray-code order) cost one add;
+    the sum is rebuilt from scratch every `refresh` updates so rounding cannot drift."""
+
+    def __init__(self, pool: ExpertPool, resident: ResidentModel, refresh: int = 64):
+        self.pool, self.resident, self.refresh = pool, resident, refresh
+        self.sums: dict | None = None
+        self.members: frozenset[int] = frozenset()
+        self.sum_key = None
+        self.updates = 0
+
+    def merge(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
+        import torch
+
+        self.pool.ready_for(method, hp)
+        index = self.pool.indices(subset)
+        with torch.no_grad():
+            if method.linear_scale is None:
+                self._combine(method, hp, subset, index)
+            else:
+                self._update_sums(index, self.pool.prepared_for)
+                scale = method.linear_scale(len(index), hp)
+                for name in self.pool.names:
+                    param = self.resident.params[name]
+                    if param.dtype == self.sums[name].dtype:
+                        torch.add(self.pool.base[name], self.sums[name], alpha=scale, out=param.data)
+                    else:
+                        param.copy_(self.pool.base[name] + scale * self.sums[name])
+
+    def _combine(self, method, hp, subset, index) -> None:
+        import torch
+
+        rows = torch.tensor(index, device=next(iter(self.pool.base.values())).device)
+        for name in self.pool.names:
+            picked = self.pool.deltas[name].index_select(0, rows)
+            self.resident.write(name, method.combine(self.pool.base[name], picked, MergeContext(name, tuple(subset)), hp))
+
+    def _update_sums(self, index: list[int], key) -> None:
+        target = frozenset(index)
+        enter, leave = sorted(target - self.members), sorted(self.members - target)
+        fresh = (self.sums is None or key != self.sum_key or self.updates >= self.refresh
+                 or len(enter) + len(leave) >= len(target))
+        deltas = self.pool.deltas
+        if fresh:
+            self.sums = {n: deltas[n][sorted(target)].sum(dim=0) for n in self.pool.names}
+            self.updates = 0
+        else:
+            for name in self.pool.names:
+                for i in enter:
+                    self.sums[name] += deltas[name][i]
+                for i in leave:
+                    self.sums[name] -= deltas[name][i]
+            self.updates += 1
+        self.members, self.sum_key = target, key
+
+
+def gray_rank(mask: int) -> int:
+    """Position of a subset bitmask in the binary-reflected Gray code: sorting subsets by it makes
+    consecutive subsets of a full enumeration differ by exactly one expert."""
+    rank = mask
+    shift = 1
+    while mask >> shift:
+        rank ^= mask >> shift
+        shift += 1
+    return rank

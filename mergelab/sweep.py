@@ -237,19 +237,20 @@ def _run_size(family, size, items, methods, data, device, writer, bar, on_progre
     from tqdm.auto import tqdm
 
     from mergelab.checkpoints import Checkpoint
-    from mergelab.engine import ExpertPool, ResidentModel, merge_into
+    from mergelab.engine import ExpertPool, MergeSession, ResidentModel
 
     with tqdm(total=len(Checkpoint(size.base).names), desc=f"load {size.name}", unit="tensor",
               disable=not progress, leave=False) as loading:
         pool = ExpertPool.load(size, device, progress=loading)
     resident = ResidentModel(pool.base_checkpoint, device)
-    for item in items:
+    session = MergeSession(pool, resident)
+    for item in _merge_order(items, pool.expert_names):
         if item.method == BASE:
             resident.load_base(pool)
         elif item.method == EXPERT:
             resident.load_expert(pool, item.subset[0])
         else:
-            merge_into(resident, pool, get_method(item.method), json.loads(item.hparams), item.subset)
+            session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
         losses = evaluate(resident.model, data)
         writer.add([
             {"family": family.name, "size": size.name, "n_params": size.n_params, "method": item.method,
@@ -262,6 +263,21 @@ def _run_size(family, size, items, methods, data, device, writer, bar, on_progre
         bar.update(1)
         if on_progress:
             on_progress(report, total, item)
+
+
+def _merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:
+    """Reference rows first, then one method setting after another (each prepared once), subsets in
+    Gray-code order so consecutive linear merges differ by as few experts as possible."""
+    from mergelab.engine import gray_rank
+
+    groups: dict[tuple, list[WorkItem]] = {}
+    for item in items:
+        groups.setdefault((item.method not in (BASE, EXPERT), item.method, item.hparams), []).append(item)
+
+    def rank(item: WorkItem) -> int:
+        return gray_rank(sum(1 << experts.index(e) for e in item.subset))
+
+    return [i for key in sorted(groups, key=lambda g: (g[0], list(groups).index(g))) for i in sorted(groups[key], key=rank)]
 
 
 def per_k_summary(store: ResultStore, family: str, eval_hashes: dict[str, dict[str, str]]) -> "pd.DataFrame":

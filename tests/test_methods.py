@@ -154,3 +154,24 @@ def test_defaults_are_pinned_and_canonical():
     assert METHODS["dare"].defaults == {"p": 0.2, "rescale": True, "seed": 0}
     assert canonical_hparams(METHODS["ties"].resolve({"lambda": 1, "density": 0.2})) == '{"density":0.2,"lambda":1.0}'
     assert math.isclose(METHODS["dare"].resolve({"p": 0})["p"], 0.0)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_split_form_equals_the_direct_formula(name):
+    """prepare once per expert, then combine (or θ0 + scale·Σ) per subset == merge."""
+    torch.manual_seed(3)
+    base, deltas = torch.randn(7, 5), torch.randn(4, 7, 5)
+    ctx = MergeContext("w", ("a", "b", "c", "d"))
+    method = get_method(name)
+    hp = method.resolve({})
+    prepared = method.prepare(deltas, ctx, hp) if method.prepare else deltas
+    if method.linear_scale:
+        split = base + method.linear_scale(4, hp) * prepared.sum(dim=0)
+    else:
+        split = method.combine(base, prepared, ctx, hp)
+    assert torch.allclose(split, method.merge(base, deltas, ctx, hp), atol=1e-6)
+    # preparing all experts, then picking a subset, equals preparing the subset
+    sub = MergeContext("w", ("b", "d"))
+    picked = prepared[[1, 3]]
+    direct = method.prepare(deltas[[1, 3]], sub, hp) if method.prepare else deltas[[1, 3]]
+    assert torch.allclose(picked, direct)

@@ -163,3 +163,45 @@ def test_python_dash_m_entry_point_reports_errors_in_one_line(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'x.toml'}: family manifest not found"
     proc = subprocess.run([sys.executable, "-m", "mergelab", "methods"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "density = 0.2" in proc.stdout and "c = 0.8" in proc.stdout
+
+
+def test_merge_session_matches_the_direct_formula_across_methods_and_orders(tiny_family):
+    """Incremental running sums, prepared TIES/DARE vectors and method switches give the same weights
+    as merging each subset from scratch."""
+    import itertools
+
+    from mergelab.engine import MergeSession, gray_rank
+    from mergelab.methods import METHODS
+
+    size = load_family(tiny_family).sizes[0]
+    pool, fresh_pool = ExpertPool.load(size), ExpertPool.load(size)
+    session_model, direct_model = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(pool.base_checkpoint, "cpu")
+    session = MergeSession(pool, session_model, refresh=3)
+    experts = pool.expert_names
+    subsets = [s for k in range(1, 4) for s in itertools.combinations(experts, k)]
+    gray = sorted(subsets, key=lambda s: gray_rank(sum(1 << experts.index(e) for e in s)))
+    assert all(len(set(a) ^ set(b)) == 1 for a, b in zip(gray, gray[1:]))  # one expert in or out per step
+    worst = 0.0
+    for name in ["average", "ties", "task_arithmetic", "dare", "average"]:
+        method = METHODS[name]
+        hp = method.resolve({})
+        for subset in gray if name != "dare" else list(reversed(subsets)):
+            session.merge(method, hp, subset)
+            merge_into(direct_model, fresh_pool, method, hp, subset)
+            for p_name, p in session_model.params.items():
+                worst = max(worst, (p - direct_model.params[p_name]).abs().max().item())
+    assert worst < 1e-6, worst
+
+
+def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
+    from mergelab.engine import MergeSession
+    from mergelab.methods import METHODS
+
+    size = load_family(tiny_family).sizes[0]
+    pool = ExpertPool.load(size)
+    resident = ResidentModel(pool.base_checkpoint, "cpu")
+    MergeSession(pool, resident).merge(METHODS["ties"], METHODS["ties"].resolve({}), ("alpha", "beta"))
+    resident.load_expert(pool, "beta")
+    expert = load_file(size.experts["beta"] / "model.safetensors")
+    for name in pool.names:
+        assert torch.equal(resident.params[name].detach(), expert[name])

@@ -7,4 +7,4 @@ def merge(base, deltas, ctx, hp):
     return base + deltas.mean(dim=0)
 
 
-METHOD = MergeMethod("average", merge, __doc__.split(": ", 1)[1])
+METHOD = MergeMethod("average", merge, __doc__.split(": ", 1)[1], linear_scale=lambda k, hp: 1.0 / k)

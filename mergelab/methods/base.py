@@ -4,6 +4,12 @@ A method merges one tensor at a time: `merge(base, deltas, ctx, hp)` gets the ba
 the stacked task vectors `deltas` of shape [k, *θ0.shape] (fp32, v_i = θ_i − θ0), a context naming the
 tensor and the experts (for seeded randomness), and the resolved hyperparameters; it returns the
 merged tensor in fp32.
+
+For sweeps the same formula is split so that per-expert work happens once, not once per subset:
+`prepare(deltas, ctx, hp)` transforms every expert's task vector on its own (TIES trimming, DARE
+masking), and either `linear_scale(k, hp)` says the merge is θ0 + scale·Σ prepared (so a running sum
+can be updated incrementally), or `combine(base, prepared, ctx, hp)` finishes it.
+merge == combine ∘ prepare, and for linear methods combine = θ0 + linear_scale·Σ.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ class MergeMethod:
     merge: Callable[..., Any]
     doc: str
     params: dict[str, Param] = field(default_factory=dict)
+    prepare: Callable[..., Any] | None = None       # per-expert transform of the stacked task vectors
+    linear_scale: Callable[[int, dict], float] | None = None  # merged = θ0 + scale(k)·Σ prepared
+    combine: Callable[..., Any] | None = None       # non-linear finish on prepared task vectors
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -19,14 +19,18 @@ def keep_mask(shape, p: float, seed: int, expert: str, tensor: str):
     return torch.rand(shape, generator=generator) >= p
 
 
-def merge(base, deltas, ctx, hp):
+def prepare(deltas, ctx, hp):
+    """Each expert's task vector with its seeded drop mask applied and survivors rescaled."""
+    import torch
+
     p = hp["p"]
     scale = 1.0 / (1.0 - p) if hp["rescale"] else 1.0
-    total = base.new_zeros(base.shape)
-    for delta, expert in zip(deltas, ctx.experts):
-        mask = keep_mask(delta.shape, p, hp["seed"], expert, ctx.tensor).to(delta.device)
-        total += delta * mask
-    return base + (scale / deltas.shape[0]) * total
+    masks = torch.stack([keep_mask(deltas.shape[1:], p, hp["seed"], e, ctx.tensor) for e in ctx.experts])
+    return deltas * masks.to(device=deltas.device, dtype=deltas.dtype) * scale
+
+
+def merge(base, deltas, ctx, hp):
+    return base + prepare(deltas, ctx, hp).mean(dim=0)
 
 
 METHOD = MergeMethod(
@@ -36,4 +40,6 @@ METHOD = MergeMethod(
         "rescale": Param(True, "rescale survivors by 1/(1−p)", bool),
         "seed": Param(0, "seed of the drop masks", int, low=0),
     },
+    prepare=prepare,
+    linear_scale=lambda k, hp: 1.0 / k,
 )

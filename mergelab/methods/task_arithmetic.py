@@ -3,9 +3,12 @@
 from mergelab.methods.base import MergeMethod, Param
 
 
+def scale(k: int, hp: dict) -> float:
+    return hp["c"] / k if hp["normalize"] else hp["c"]
+
+
 def merge(base, deltas, ctx, hp):
-    scale = hp["c"] / deltas.shape[0] if hp["normalize"] else hp["c"]
-    return base + scale * deltas.sum(dim=0)
+    return base + scale(deltas.shape[0], hp) * deltas.sum(dim=0)
 
 
 METHOD = MergeMethod(
@@ -14,4 +17,5 @@ METHOD = MergeMethod(
         "c": Param(0.8, "scaling coefficient c (paper default 0.8)", float, low=0.0, low_open=True),
         "normalize": Param(True, "divide the sum of task vectors by k", bool),
     },
+    linear_scale=scale,
 )

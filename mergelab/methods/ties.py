@@ -20,8 +20,12 @@ def trim(deltas, density: float):
     return (flat * (magnitude >= threshold)).reshape(deltas.shape)
 
 
-def merge(base, deltas, ctx, hp):
-    trimmed = trim(deltas, hp["density"])
+def prepare(deltas, ctx, hp):
+    return trim(deltas, hp["density"])
+
+
+def combine(base, trimmed, ctx, hp):
+    """Elect a sign per entry and take the disjoint mean of the trimmed task vectors that agree."""
     elected = trimmed.sum(dim=0).sign()
     elected[elected == 0] = 1
     agree = (trimmed.sign() == elected) & (trimmed != 0)
@@ -30,10 +34,16 @@ def merge(base, deltas, ctx, hp):
     return base + hp["lambda"] * tau
 
 
+def merge(base, deltas, ctx, hp):
+    return combine(base, prepare(deltas, ctx, hp), ctx, hp)
+
+
 METHOD = MergeMethod(
     "ties", merge, __doc__.split(": ", 1)[1],
     {
         "density": Param(0.2, "fraction of largest-|v| entries kept per tensor", float, 0.0, 1.0, low_open=True),
         "lambda": Param(1.0, "scale λ of the merged task vector (paper: 0.5 or 1.0)", float, low=0.0, low_open=True),
     },
+    prepare=prepare,
+    combine=combine,
 )
