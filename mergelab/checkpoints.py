@@ -1,6 +1,8 @@
 """Lazy per-tensor reading of Hugging Face safetensors directories (single file or sharded).
 
 Only safetensors are read: pickle-based checkpoints (.bin/.pt) are refused, never unpickled.
+Tensors are read with plain file reads at the offsets the header gives, not through a memory map,
+so a sweep that reads M experts never holds their pages in its own memory.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from pathlib import Path
 
 from mergelab.errors import CheckpointError
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_HEADER = 100_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TIED_HEAD = "lm_head.weight"
@@ -52,7 +57,7 @@ class Checkpoint:
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(self._open(name).get_slice(name).get_shape()) for name in self.names}
+        return {name: self._open(name).shape(name) for name in self.names}
 
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
@@ -61,13 +66,17 @@ class Checkpoint:
         if name not in self.files:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing")
         try:
-            t = self._open(name).get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            t = self._open(name).read(name)
+        except OSError as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has {bad} NaN/Inf values")
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def close(self) -> None:
+        """Forget the parsed headers (they are re-read on the next access)."""
+        self.__dict__.pop("_handles", None)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -92,16 +101,67 @@ class Checkpoint:
     def _open(self, name: str):
         return self._open_file(self.files[name])
 
-    def _open_file(self, file: Path):
+    def _open_file(self, file: Path) -> "SafetensorsFile":
         handles = self.__dict__.setdefault("_handles", {})
         if file not in handles:
-            from safetensors import safe_open
-
-            try:
-                handles[file] = safe_open(str(file), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+            handles[file] = SafetensorsFile(file)
         return handles[file]
+
+
+class SafetensorsFile:
+    """One .safetensors file: the JSON header parsed and checked once, tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+                if not 0 < length <= min(MAX_HEADER, size - 8):
+                    self._fail(f"header length {length} does not fit a file of {size} bytes")
+                header = json.loads(f.read(length))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._fail(str(exc))
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + length, {}
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"tensor {name!r} has a malformed header entry {entry!r}")
+            if not 0 <= begin <= end <= size - self.start:
+                self._fail(f"tensor {name!r} ends at byte {self.start + end}, the file has {size} (truncated?)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def _fail(self, why: str):
+        raise CheckpointError(f"{self.path}: not a readable safetensors file ({why})")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str):
+        import math
+
+        import torch
+
+        dtype_name, shape, begin, end = self.entries[name]
+        dtype = getattr(torch, dtype_name)
+        if (end - begin) != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            self._fail(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} in {dtype_name}")
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(buffer) != len(buffer):
+                self._fail(f"tensor {name!r} is cut short")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint) -> None:

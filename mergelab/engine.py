@@ -49,21 +49,32 @@ class ExpertPool:
     @classmethod
     def load(cls, size: SizeSpec, device: str = "cpu", progress=None) -> "ExpertPool":
         base_ckpt = Checkpoint(size.base)
-        experts = {e: Checkpoint(p) for e, p in size.experts.items()}
-        for ckpt in experts.values():
-            check_compatible(base_ckpt, ckpt)
-        pool = cls(size, base_ckpt.names, tuple(experts), {}, {}, base_ckpt)
-        pool._read_deltas(experts, device, progress)
+        for path in size.experts.values():
+            expert = Checkpoint(path)
+            check_compatible(base_ckpt, expert)
+            expert.close()
+        pool = cls(size, base_ckpt.names, tuple(size.experts), {}, {}, base_ckpt)
+        pool._read_deltas(device, progress)
         return pool
 
-    def _read_deltas(self, experts: dict[str, Checkpoint], device: str, progress=None) -> None:
+    def _read_deltas(self, device: str, progress=None) -> None:
+        """Fill deltas[name][i] = θ_i − θ0 expert by expert, closing each file before the next, so
+        at most one checkpoint is mapped at a time; existing tensors are overwritten in place."""
         import torch
 
+        if not self.base:
+            for name in self.names:
+                self.base[name] = self.base_checkpoint.tensor(name, torch.float32, device)
+            self.base_checkpoint.close()
         for name in self.names:
-            theta0 = self.base.get(name)
-            if theta0 is None:
-                theta0 = self.base[name] = self.base_checkpoint.tensor(name, torch.float32, device)
-            self.deltas[name] = torch.stack([c.tensor(name, torch.float32, device) - theta0 for c in experts.values()])
+            if name not in self.deltas:
+                self.deltas[name] = torch.empty((len(self.expert_names), *self.base[name].shape),
+                                                dtype=torch.float32, device=device)
+        for i, expert in enumerate(self.expert_names):
+            ckpt = Checkpoint(self.size.experts[expert])
+            for name in self.names:
+                torch.sub(ckpt.tensor(name, torch.float32, device), self.base[name], out=self.deltas[name][i])
+            ckpt.close()
             if progress is not None:
                 progress.update(1)
         self.prepared_for = None
@@ -76,11 +87,10 @@ class ExpertPool:
         if key == self.prepared_for:
             return
         if self.prepared_for is not None:
-            device = next(iter(self.base.values())).device
-            self._read_deltas({e: Checkpoint(p) for e, p in self.size.experts.items()}, str(device))
+            self._read_deltas(str(next(iter(self.base.values())).device))
         if method.prepare:
-            for name in self.names:
-                self.deltas[name] = method.prepare(self.deltas[name], MergeContext(name, self.expert_names), hp)
+            for name in self.names:  # in place, one tensor at a time: no second set of task vectors
+                self.deltas[name].copy_(method.prepare(self.deltas[name], MergeContext(name, self.expert_names), hp))
             self.prepared_for = key
 
     def indices(self, subset: Sequence[str]) -> list[int]:
@@ -94,9 +104,12 @@ class ResidentModel:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from transformers.initialization import no_init_weights
+
         config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
-        with torch.device(device):
+        with torch.device(device), no_init_weights():  # every weight is overwritten before use
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(device), trust_remote_code=False)
+        model.tie_weights()  # tying is part of weight initialisation, which was skipped
         self.model = model.eval()
         self.params = dict(model.named_parameters())
         missing = [n for n in base.names if n not in self.params]
@@ -123,6 +136,7 @@ class ResidentModel:
         device = next(iter(pool.base.values())).device
         for name in pool.names:
             self.write(name, ckpt.tensor(name, torch.float32, device))
+        ckpt.close()
 
 
 def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:

@@ -236,10 +236,9 @@ def _run_size(family, size, items, methods, data, device, writer, bar, on_progre
 
     from tqdm.auto import tqdm
 
-    from mergelab.checkpoints import Checkpoint
     from mergelab.engine import ExpertPool, MergeSession, ResidentModel
 
-    with tqdm(total=len(Checkpoint(size.base).names), desc=f"load {size.name}", unit="tensor",
+    with tqdm(total=len(size.experts), desc=f"load {size.name}", unit="expert",
               disable=not progress, leave=False) as loading:
         pool = ExpertPool.load(size, device, progress=loading)
     resident = ResidentModel(pool.base_checkpoint, device)

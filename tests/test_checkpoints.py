@@ -114,3 +114,17 @@ def test_shape_vocab_missing_extra_and_tied_mismatches(tmp_path, base):
     untied = copy_with(tmp_path, base, "untied", config_edit=lambda c: c.update(tie_word_embeddings=False))
     with pytest.raises(CheckpointError, match="tie_word_embeddings=False but the base has True"):
         check_compatible(base, untied)
+
+
+def test_reader_equals_safetensors_and_names_truncated_data(tmp_path, base):
+    reference = load_file(base.path / "model.safetensors")
+    for name in base.names:
+        assert torch.equal(base.tensor(name), reference[name])
+    halves = copy_with(tmp_path, base, "half", lambda ts: {k: v.to(torch.float16) for k, v in ts.items()})
+    assert torch.equal(halves.tensor(base.names[0]), reference[base.names[0]].to(torch.float16))
+    data = (base.path / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(data[: len(data) - 64])
+    with pytest.raises(CheckpointError, match=r"cut/model.safetensors: not a readable safetensors file \(tensor .* \(truncated\?\)\)"):
+        Checkpoint(cut).shapes

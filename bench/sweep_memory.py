@@ -1,0 +1,97 @@
+"""Peak memory of a sweep against the (M + 3) × model-size budget, on a model large enough that
+tensors, not the Python/torch runtime, dominate: a random 25M-parameter Qwen2 base with M = 4 experts
+(base + noise), swept with average, ties and dare over all subsets. The runtime's own footprint is
+measured in the same way (a process that loads one model and evaluates it once) and reported beside.
+
+    python bench/sweep_memory.py
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+M = 4
+
+
+def build(root: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from mergelab.demo.domains import generate
+    from mergelab.demo.tokenizer import save_tokenizer
+    from mergelab.family import write_manifest
+
+    config = Qwen2Config(vocab_size=264, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(root / "base"))
+    save_tokenizer(root / "base")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = {}
+    for i in range(M):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state[name] + 0.01 * torch.randn_like(p))
+        model.save_pretrained(str(root / f"e{i}"))
+        experts[f"e{i}"] = f"e{i}"
+    (root / "eval").mkdir()
+    (root / "eval" / "algebra.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in generate("algebra", 40, 1)))
+    n_params = sum(p.numel() for p in model.parameters())
+    write_manifest(root / "family.toml", "memory", ["algebra"], {"algebra": "eval/algebra.jsonl"},
+                   [{"name": "big", "n_params": n_params, "base": "base", "experts": experts}], token_budget=64)
+    return root / "family.toml"
+
+
+CHILD = """
+import resource, sys, tempfile
+from pathlib import Path
+mode, manifest = sys.argv[1], sys.argv[2]
+from mergelab.family import load_family
+family = load_family(manifest)
+if mode == "runtime":
+    from transformers import AutoTokenizer
+    from mergelab.checkpoints import Checkpoint
+    from mergelab.engine import ResidentModel
+    from mergelab.evaluate import evaluate, prepare_eval
+    from mergelab.store import ResultStore
+    size = family.sizes[0]
+    resident = ResidentModel(Checkpoint(size.base), "cpu")
+    evaluate(resident.model, prepare_eval(family.eval_sets, AutoTokenizer.from_pretrained(str(size.base)), 64))
+    ResultStore(Path(tempfile.mkdtemp()) / "r.duckdb").count()
+else:
+    from mergelab.store import ResultStore
+    from mergelab.sweep import SweepSpec, run_sweep
+    spec = SweepSpec(family, ["big"], {"average": {}, "ties": {}, "dare": {}}, [1, 2, 3, 4])
+    run_sweep(spec, ResultStore(Path(tempfile.mkdtemp()) / "r.duckdb"), progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak(mode: str, manifest: Path) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(manifest)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    root = Path(tempfile.mkdtemp())
+    manifest = build(root)
+    from mergelab.family import load_family
+
+    n_params = load_family(manifest).sizes[0].n_params
+    model_mib = n_params * 4 / 2**20
+    runtime, sweep = peak("runtime", manifest), peak("sweep", manifest)
+    print(f"model: {n_params:,} params = {model_mib:.0f} MiB in fp32; M = {M} experts")
+    print(f"peak RSS: sweep {sweep:.0f} MiB; runtime with one model loaded and evaluated {runtime:.0f} MiB")
+    print(f"sweep minus runtime: {(sweep - runtime) / model_mib:.1f} model sizes beyond the one the runtime holds "
+          f"(budget: M + 3 = {M + 3} in all, i.e. {M + 2} beyond it)")
+    print(f"sweep peak / (runtime without its model + (M + 3) x model) = "
+          f"{sweep / (runtime - model_mib + (M + 3) * model_mib):.2f}")
+
+
+if __name__ == "__main__":
+    main()
