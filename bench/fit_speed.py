@@ -5,13 +5,17 @@ same run (one curve_fit call per curve / per bootstrap draw, as a straightforwar
     python bench/fit_speed.py            # prints seconds and ratios
 """
 
+import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import curve_fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import best_of  # noqa: E402
 
 from mergelab.analysis import curve_means, fit_table, merge_losses
 from mergelab.demo.up import shipped_results_path
@@ -31,15 +35,6 @@ def scipy_fit(k, y):
                              bounds=([-np.inf, -np.inf, 0], [np.inf, np.inf, 100]))[0]
         except RuntimeError:
             return np.full(3, np.nan)
-
-
-def best_of(fn, repeat=5):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main():

@@ -7,7 +7,6 @@ measured in the same way (a process that loads one model and evaluates it once) 
 """
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile

@@ -138,6 +138,25 @@ def choose(label: str, options: list, key: str, *, multi: bool = False, default=
     return chosen
 
 
+def family_with_merges() -> tuple[str, pd.DataFrame, list[str], list[str]]:
+    """The page preamble: all rows, the family picked in the sidebar, its rows, its merge methods and
+    its sizes by parameter count; stops with an empty state when there is nothing to show."""
+    results = load_results()
+    if results.empty:
+        empty_state()
+    family, rows = family_rows(results)
+    methods = merge_methods(rows)
+    if not methods:
+        empty_state(f"merges for {family}")
+    return family, rows, methods, sizes_in_order(rows)
+
+
+def pick_method_and_size(rows: pd.DataFrame, methods: list[str], sizes: list[str]) -> tuple[str, str]:
+    """One method and one size (the largest by default), remembered across pages."""
+    method = choose("Method", methods, "method")
+    return method, choose("Size", sizes, "size", default=sizes[-1], format_func=size_label(rows))
+
+
 def family_rows(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """The family picked in the sidebar and its rows."""
     families = sorted(results["family"].unique())

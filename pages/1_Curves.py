@@ -12,13 +12,7 @@ from mergelab.fit import FitError, fit_joint
 
 ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
                "markers: mean over subsets ± 95% CI; solid: fitted L∞ + A/(k+b); dashed: the floor L∞.")
-results = ui.load_results()
-if results.empty:
-    ui.empty_state()
-family, rows = ui.family_rows(results)
-methods_all, sizes_all = ui.merge_methods(rows), ui.sizes_in_order(rows)
-if not methods_all:
-    ui.empty_state(f"merges for {family}")
+family, rows, methods_all, sizes_all = ui.family_with_merges()
 methods = ui.choose("Methods", methods_all, "methods", multi=True, default=methods_all[:1])
 sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
 domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro",

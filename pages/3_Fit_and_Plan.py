@@ -12,15 +12,8 @@ from mergelab.heldout import compare_forms, forecast_errors, leave_one_size_out
 
 ui.page_header("Fit & Plan", "How well the law holds out of sample, which form fits best, and how many experts "
                "or how large a model a target needs. Intervals are 95% cluster-bootstrap intervals.")
-results = ui.load_results()
-if results.empty:
-    ui.empty_state()
-family, rows = ui.family_rows(results)
-methods_all, sizes_all = ui.merge_methods(rows), ui.sizes_in_order(rows)
-if not methods_all:
-    ui.empty_state(f"merges for {family}")
-method = ui.choose("Method", methods_all, "method")
-size = ui.choose("Size", sizes_all, "size", default=sizes_all[-1], format_func=ui.size_label(rows))
+family, rows, methods_all, sizes_all = ui.family_with_merges()
+method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro")
 n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
 

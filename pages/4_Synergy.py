@@ -8,15 +8,8 @@ from mergelab.synergy import DEFAULT_BLOCKS, block_means, donor_strength, receiv
 
 ui.page_header("Synergy", "S[d, e] = mean drop of the CE on receiver e when expert d joins a merge, over every pair of "
                "merges (S, S ∪ {d}) in the cache. Blue helps, red hurts; the diagonal is the own expert.")
-results = ui.load_results()
-if results.empty:
-    ui.empty_state()
-family, rows = ui.family_rows(results)
-methods_all, sizes_all = ui.merge_methods(rows), ui.sizes_in_order(rows)
-if not methods_all:
-    ui.empty_state(f"merges for {family}")
-method = ui.choose("Method", methods_all, "method")
-size = ui.choose("Size", sizes_all, "size", default=sizes_all[-1], format_func=ui.size_label(rows))
+family, rows, methods_all, sizes_all = ui.family_with_merges()
+method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 chosen = rows[(rows["method"] == method) & (rows["size"] == size)]
 hparams = sorted(chosen["hparams"].unique())
 if len(hparams) > 1:

@@ -9,13 +9,7 @@ from mergelab.figures import curve_figure
 
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
                "sizes, k range, number of merges, eval-set hashes, options). Every chart's camera icon saves a PNG.")
-results = ui.load_results()
-if results.empty:
-    ui.empty_state()
-family, rows = ui.family_rows(results)
-methods_all = ui.merge_methods(rows)
-if not methods_all:
-    ui.empty_state(f"merges for {family}")
+family, rows, methods_all, _ = ui.family_with_merges()
 n_boot = st.sidebar.select_slider("Bootstrap draws for CIs", [0, 100, 200, 500], value=0)
 MIME = {"csv": "text/csv", "json": "application/json", "latex": "text/x-tex", "parquet": "application/octet-stream"}
 EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
