@@ -200,7 +200,14 @@ class MergeSession:
                  or len(enter) + len(leave) >= len(target))
         deltas = self.pool.deltas
         if fresh:
-            self.sums = {n: deltas[n][sorted(target)].sum(dim=0) for n in self.pool.names}
+            import torch
+
+            rows = sorted(target)
+            if self.sums is None:
+                self.sums = {n: deltas[n][rows].sum(dim=0) for n in self.pool.names}
+            else:  # rebuild in place: never two sets of sums alive at once
+                for n in self.pool.names:
+                    torch.sum(deltas[n][rows], dim=0, out=self.sums[n])
             self.updates = 0
         else:
             for name in self.pool.names:
