@@ -291,3 +291,19 @@ def per_k_summary(store: ResultStore, family: str, eval_hashes: dict[str, dict[s
     if macro.empty:
         return macro
     return macro.pivot_table(index="k", columns=["size", "method"], values="loss", aggfunc="mean").round(4)
+
+
+def ordering_estimate(losses: dict[str, float], orderings: list[list[str]], ks) -> "pd.DataFrame":
+    """E[L | k] estimated from the prefixes of diverse orderings: per k the mean over orderings of
+    the loss of each ordering's k-prefix, with its standard error std/√n (orderings are the units).
+
+    `losses` maps experts_key (sorted '+'-joined) to a loss, e.g. the macro CE of each merge."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for k in ks:
+        values = np.array([losses[experts_key(order[:k])] for order in orderings])
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        rows.append({"k": k, "mean": values.mean(), "se": se, "n_orderings": len(values)})
+    return pd.DataFrame(rows)

@@ -41,3 +41,26 @@ def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_pa
     both = ours.merge(shipped, on=KEY_COLUMNS, suffixes=("", "_shipped"))
     assert len(both) == len(ours)  # same keys, including the eval-set hashes
     assert (both["loss"] - both["loss_shipped"]).abs().max() < 1e-4
+
+
+def test_fifteen_orderings_estimate_the_exhaustive_per_k_mean(shipped):
+    """The paper's Appendix E shortcut on the shipped standard sweep: 15 diverse orderings (one merge
+    per k each) estimate the mean over all C(9,k) subsets. Across the 12 curves (3 sizes × 4 methods)
+    and k = 1..8 the error is within 3 standard errors everywhere and about 1 on average. (The same
+    orderings serve every curve, so an unlucky k shows up in all of them: k = 3 sits near −2.5 SE.)"""
+    from mergelab.sweep import diverse_orderings, ordering_estimate
+
+    z_scores = []
+    orderings = diverse_orderings(sorted(EXPERTS_STANDARD), 15, seed=0)
+    for (size, method), rows in shipped[shipped["method"].isin(list(METHODS))].groupby(["size", "method"]):
+        macro = rows.groupby("experts_key")["loss"].mean()
+        estimate = ordering_estimate(macro.to_dict(), orderings, range(1, 10)).set_index("k")
+        exhaustive = rows.groupby(["experts_key", "k"])["loss"].mean().groupby("k").mean()
+        assert estimate.loc[9, "se"] < 1e-12 and abs(estimate.loc[9, "mean"] - exhaustive[9]) < 1e-12
+        z_scores += list(((estimate["mean"] - exhaustive) / estimate["se"]).loc[1:8])
+    z = pd.Series(z_scores)
+    assert len(z) == 12 * 8 and z.abs().max() < 3 and z.abs().mean() < 1.5, z.describe()
+
+
+EXPERTS_STANDARD = ("algebra", "analysis", "geometry", "discrete", "number_theory", "code", "chemistry", "physics",
+                    "biology")
