@@ -63,6 +63,7 @@ def demo_up(
     preset: str = typer.Option("micro", help="demo family to build if absent"),
     ui: bool = typer.Option(True, help="start the dashboard afterwards"),
     port: int = typer.Option(8501, help="dashboard port"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback exposes your results"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
 ):
     """The main job: build the demo family if absent, load the shipped results, sweep if nothing is
@@ -71,17 +72,28 @@ def demo_up(
 
     prepare_demo(preset, db)
     if ui:
-        _launch_ui(port, db)
+        _launch_ui(port, db, host)
 
 
-def _launch_ui(port: int, db: Path | None) -> None:
+def host_warning(host: str) -> str | None:
+    """The warning owed when the dashboard binds beyond loopback (None on loopback)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"warning: binding the dashboard to {host}: anyone who can reach this address can read your "
+            "results and launch sweeps on this machine")
+
+
+def _launch_ui(port: int, db: Path | None, host: str = "127.0.0.1") -> None:
     import subprocess
 
     app_path = Path(__file__).resolve().parent.parent / "app.py"
     env = dict(os.environ, **({"MERGELAB_DB": str(db)} if db else {}))
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", "127.0.0.1",
+    warning = host_warning(host)
+    if warning:
+        typer.echo(warning, err=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true"]
-    typer.echo(f"dashboard: http://127.0.0.1:{port}")
+    typer.echo(f"dashboard: http://{host}:{port}")
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 DB_ENV = "MERGELAB_DB"
 HOME_ENV = "MERGELAB_HOME"
+ROOTS_ENV = "MERGELAB_ROOTS"
 
 
 def data_home() -> Path:
@@ -26,3 +27,21 @@ def default_db_path() -> Path:
 def repo_data_dir() -> Path:
     """The data/ directory shipped beside the package (paper tables, demo results)."""
     return Path(__file__).resolve().parent.parent / "data"
+
+
+def allowed_roots() -> list[Path]:
+    """Where the dashboard may read families from: the data home plus MERGELAB_ROOTS (os.pathsep-separated)."""
+    extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p]
+    return [p.resolve() for p in [data_home(), *extra]]
+
+
+def confined(path: str | Path) -> Path:
+    """`path` resolved (symlinks and '..' followed) if it lies under an allowed root, else a clear error."""
+    from mergelab.errors import MergelabError
+
+    resolved = Path(path).expanduser().resolve()
+    roots = allowed_roots()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise MergelabError(f"{path}: outside the allowed folders ({', '.join(map(str, roots))}); "
+                            f"add its folder to {ROOTS_ENV} to use it")
+    return resolved

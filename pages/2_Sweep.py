@@ -9,7 +9,7 @@ from mergelab.errors import MergelabError
 from mergelab.family import load_family
 from mergelab.jobs import JobQueue
 from mergelab.methods import METHODS
-from mergelab.paths import data_home
+from mergelab.paths import confined, data_home
 from mergelab.worker import ensure_worker
 
 FALLBACK_SECONDS_PER_MERGE = 0.1
@@ -26,7 +26,7 @@ if not manifest:
     st.info("No family yet: run `mergelab demo up` or `mergelab demo build --preset micro --out DIR`, then pick it here.")
     st.stop()
 try:
-    family = load_family(manifest)
+    family = load_family(confined(manifest))
 except MergelabError as exc:
     st.error(str(exc))
     st.stop()
@@ -63,7 +63,7 @@ with st.form("sweep"):
     estimate = st.form_submit_button("Estimate")
     launch = st.form_submit_button("Launch sweep", type="primary")
 
-spec = {"family": str(Path(manifest).resolve()), "sizes": sizes, "methods": {m: hparams[m] for m in methods},
+spec = {"family": str(confined(manifest)), "sizes": sizes, "methods": {m: hparams[m] for m in methods},
         "ks": list(range(k_lo, k_hi + 1)),
         "subsets": {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
         "seed": int(seed), "device": device, "db": str(ui.results_store().path)}

@@ -22,6 +22,7 @@ def env(monkeypatch, tiny_family, tmp_path):
               ResultStore(db), progress=False)
     monkeypatch.setenv("MERGELAB_DB", str(db))
     monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_ROOTS", str(tiny_family.parent))
     monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
     return tiny_family
 
@@ -91,6 +92,22 @@ def test_sweep_form_estimates_before_launch(env):
     at.button[0].click().run()  # Estimate
     assert not at.exception
     assert any("already cached" in i.value and "to run" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_sweep_refuses_paths_outside_the_allowed_folders(env, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "family.toml").write_text(env.read_text())
+    home = Path(env.parent / "home")
+    home.mkdir(exist_ok=True)
+    (home / "link").symlink_to(outside, target_is_directory=True)
+    at = run("pages/2_Sweep.py")
+    at.selectbox(key="sweep-family").set_value("other path…").run()
+    for path in (outside / "family.toml", env.parent / ".." / outside.name / "family.toml", home / "link" / "family.toml"):
+        at.text_input[0].input(str(path)).run()
+        assert not at.exception
+        assert any("outside the allowed folders" in e.value for e in at.error), path
+    at.text_input[0].input(str(env)).run()
+    assert not at.error
 
 
 def test_empty_cache_explains_how_to_get_data(monkeypatch, tmp_path):

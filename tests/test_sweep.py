@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,14 @@ def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
     expert = load_file(size.experts["beta"] / "model.safetensors")
     for name in pool.names:
         assert torch.equal(resident.params[name].detach(), expert[name])
+
+
+def test_dashboard_binds_loopback_unless_told_and_warns_then():
+    from mergelab.cli import host_warning
+
+    proc = subprocess.run([sys.executable, "-m", "mergelab", "demo", "up", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--host" in proc.stdout and "127.0.0.1" in proc.stdout  # the default
+    assert host_warning("127.0.0.1") is None and host_warning("localhost") is None
+    assert "anyone who can reach this address" in host_warning("0.0.0.0")
+    assert 'address = "127.0.0.1"' in (Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text()
