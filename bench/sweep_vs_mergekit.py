@@ -33,13 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mergekit_config(method: str, size, subset, density: float) -> str:
-    models = "\n".join(
-        f"  - model: {size.experts[e]}\n    parameters: {{weight: 1.0{', density: ' + str(density) if method == 'ties' else ''}}}"
-        for e in subset)
-    if method == "average":
-        return f"merge_method: linear\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: float32\n"
-    return (f"merge_method: ties\nbase_model: {size.base}\nmodels:\n{models}\n"
-            f"parameters: {{normalize: true, lambda: 1.0}}\ndtype: float32\n")
+    from mergelab.materialise import mergekit_yaml
+
+    return mergekit_yaml(size, method, {"density": density} if method == "ties" else {}, subset)
 
 
 def run_mergekit(binary: str, config: str, out: Path) -> float:

@@ -232,6 +232,30 @@ def export_cmd(
     typer.echo(f"wrote {len(table)} rows of {what} to {out}")
 
 
+@app.command("export-model")
+def export_model_cmd(
+    family: Path = typer.Option(..., help="family manifest (family.toml) or its directory"),
+    size: str = typer.Option(..., help="size name"),
+    method: str = typer.Option("average", help="merge method"),
+    experts: str = typer.Option(..., help="comma-separated experts to merge"),
+    out: Path = typer.Option(..., help="directory to write the merged HF model into"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
+):
+    """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer)."""
+    from mergelab.family import load_family
+    from mergelab.materialise import export_model, mergekit_yaml as to_yaml
+
+    spec = load_family(family).size(size)
+    chosen = _split(experts) or []
+    hparams = _parse_hparams(hp, [method])[method]
+    if mergekit_yaml:
+        mergekit_yaml.write_text(to_yaml(spec, method, hparams, chosen))
+    export_model(spec, method, hparams, chosen, out)
+    typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"
+               + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else ""))
+
+
 @app.command()
 def worker(
     queue: Optional[Path] = typer.Option(None, help="job queue (default: MERGELAB_JOBS or jobs.sqlite in the data dir)"),

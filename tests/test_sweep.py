@@ -217,3 +217,30 @@ def test_dashboard_binds_loopback_unless_told_and_warns_then():
     assert host_warning("127.0.0.1") is None and host_warning("localhost") is None
     assert "anyone who can reach this address" in host_warning("0.0.0.0")
     assert 'address = "127.0.0.1"' in (Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text()
+
+
+def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergelab.evaluate import evaluate, prepare_eval
+
+    out, cfg = tmp_path / "merged", tmp_path / "merge.yml"
+    code, stdout, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--method", "ties",
+                            "--experts", "alpha,gamma", "--hp", "ties.density=0.5", "--out", out, "--mergekit-yaml", cfg)
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    family = load_family(tiny_family)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    exported = evaluate(model, prepare_eval(family.eval_sets, tokenizer, family.token_budget))
+    store = ResultStore(tmp_path / "r.duckdb")
+    run_sweep(SweepSpec(family, ["s"], {"ties": {"density": 0.5}}, [2]), store, progress=False)
+    swept = store.results(method="ties", experts_key="alpha+gamma").set_index("domain")["loss"]
+    assert all(exported[d] == pytest.approx(swept[d], abs=1e-6) for d in family.domains)
+    text = cfg.read_text()
+    assert "merge_method: ties" in text and "density: 0.5" in text and str(family.size("s").experts["gamma"]) in text
+    code, _, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--experts", "alpha,zeta", "--out",
+                       tmp_path / "x")
+    assert code == 2 and "zeta not among alpha, beta, gamma" in err
+    code, _, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--experts", "alpha", "--out", out)
+    assert code == 2 and "already exists and is not empty" in err
