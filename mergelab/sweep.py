@@ -157,6 +157,11 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     sizes = [spec.family.size(name) for name in spec.sizes]
     started = time.perf_counter()
     report, todo, eval_data = plan_sweep(spec, store)
+    from mergelab.memory import plan_memory, require_fit
+
+    for size in sizes:  # refuse up front, with the numbers, rather than fail halfway
+        if todo[size.name]:
+            require_fit(plan_memory(size.n_params, len(size.experts), size.name, device))
     total = sum(map(len, todo.values()))
     writer = _RowWriter(store, flush_seconds, report)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)

@@ -244,3 +244,19 @@ def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, t
     assert code == 2 and "zeta not among alpha, beta, gamma" in err
     code, _, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--experts", "alpha", "--out", out)
     assert code == 2 and "already exists and is not empty" in err
+
+
+def test_sweep_refuses_to_start_when_the_memory_plan_does_not_fit(tiny_family, tmp_path, capsys, monkeypatch):
+    from mergelab.memory import needed_bytes
+
+    family = load_family(tiny_family)
+    need = needed_bytes(family.sizes[0].n_params, 3, "cpu")
+    assert need == int(1.15 * family.sizes[0].n_params * (5 * 4 + 4))  # (M + 2) fp32 copies + resident fp32
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(need / 2 / 2**30))
+    db = tmp_path / "r.duckdb"
+    code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
+    assert code == 2 and "not starting: size s on cpu: needs ~" in err and "MERGELAB_MEMORY_LIMIT_GB" in err
+    assert ResultStore(db).count() == 0
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(need * 2 / 2**30))
+    code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
+    assert code == 0, err
