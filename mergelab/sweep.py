@@ -151,14 +151,12 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     from tqdm.auto import tqdm
 
     from mergelab.engine import pick_device
-
-    device = pick_device(device)
-    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
-    sizes = [spec.family.size(name) for name in spec.sizes]
-    started = time.perf_counter()
-    report, todo, eval_data = plan_sweep(spec, store)
     from mergelab.memory import plan_memory, require_fit
 
+    device = pick_device(device)
+    started = time.perf_counter()
+    report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
+    sizes = [spec.family.size(name) for name in spec.sizes]
     for size in sizes:  # refuse up front, with the numbers, rather than fail halfway
         if todo[size.name]:
             require_fit(plan_memory(size.n_params, len(size.experts), size.name, device))
@@ -170,7 +168,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
             on_progress(report, total, None)
         for size in sizes:
             if todo[size.name]:
-                _run_size(spec.family, size, todo[size.name], methods, eval_data[size.name].to(device), device,
+                _run_size(spec.family, size, todo[size.name], eval_data[size.name].to(device), device,
                           writer, bar, on_progress, report, total, progress)
     finally:
         bar.close()
@@ -236,7 +234,7 @@ def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[Wo
     return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]
 
 
-def _run_size(family, size, items, methods, data, device, writer, bar, on_progress, report, total, progress) -> None:
+def _run_size(family, size, items, data, device, writer, bar, on_progress, report, total, progress) -> None:
     import json
 
     from tqdm.auto import tqdm
