@@ -63,6 +63,7 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
     values = wide[list(ks)].to_numpy(dtype=float)
     measured = ~np.isnan(values)
     keys, names = list(wide.index), list(wide.index.names)
+    subsets_of = subset_lookup(results)
     by_grid: dict[tuple, list[int]] = {}
     for i, row in enumerate(measured):
         by_grid.setdefault(tuple(row), []).append(i)
@@ -71,14 +72,14 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
         grid_k = ks[np.array(grid)]
         curves = values[np.ix_(members, np.array(grid))]
         infos = [dict(zip(names, keys[i])) for i in members]
-        for i, info, fit in zip(members, infos, _fit_group(results, infos, grid_k, curves, weights, n_boot, seed)):
+        for i, info, fit in zip(members, infos, _fit_group(subsets_of, infos, grid_k, curves, weights, n_boot, seed)):
             info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
             info.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
             rows.append(info)
     return pd.DataFrame(rows).sort_values(["family", "domain", "method", "n_params"], ignore_index=True)
 
 
-def _fit_group(results, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
+def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
     """Fits of curves sharing one k grid: batched, or bootstrapped one by one. A curve that cannot
     be fitted yields its error message."""
     if not n_boot:
@@ -90,7 +91,7 @@ def _fit_group(results, infos: list[dict], k: np.ndarray, curves: np.ndarray, we
     for info, means in zip(infos, curves):
         try:
             if n_boot:
-                subsets = _subset_losses(results, info)
+                subsets = subsets_of(info)
                 out.append(bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights))
             else:
                 out.append(fit_curves(k, means[None], weights=weights)[0])
@@ -99,12 +100,18 @@ def _fit_group(results, infos: list[dict], k: np.ndarray, curves: np.ndarray, we
     return out
 
 
-def _subset_losses(results: pd.DataFrame, key: dict) -> pd.DataFrame:
-    merges = merge_losses(results, key["domain"])
-    mask = np.ones(len(merges), dtype=bool)
-    for col in CURVE_KEYS:
-        mask &= (merges[col] == key[col]).to_numpy()
-    return merges[mask]
+def subset_lookup(results: pd.DataFrame):
+    """curve key (dict with CURVE_KEYS and domain) -> its merges, one row per subset; merge_losses runs
+    once per domain, not once per curve."""
+    by_domain: dict[str, dict] = {}
+
+    def subsets_of(key: dict) -> pd.DataFrame:
+        domain = key["domain"]
+        if domain not in by_domain:
+            by_domain[domain] = dict(iter(merge_losses(results, domain).groupby(CURVE_KEYS)))
+        return by_domain[domain][tuple(key[c] for c in CURVE_KEYS)]
+
+    return subsets_of
 
 
 def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataFrame:
@@ -167,9 +174,10 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
 
     rows = []
     wide = curve_means(results, [MACRO])
+    subsets_of = subset_lookup(results)
     for key in wide.index:
         info = dict(zip(wide.index.names, key))
-        subsets = _subset_losses(results, info)
+        subsets = subsets_of(info)
         M = int(subsets["k"].max())
         try:
             fit = (bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights) if n_boot
