@@ -159,15 +159,14 @@ class JobQueue:
             con.execute("UPDATE jobs SET status = 'queued', cancel_requested = 0, finished_at = NULL, message = NULL "
                         "WHERE id = ? AND status IN ('cancelled', 'failed')", (job_id,))
 
-    def fail_orphans(self, alive) -> int:
-        """Mark running jobs whose worker process is gone as failed (resumable); returns how many."""
+    def fail_orphans(self) -> int:
+        """Mark every running job failed (resumable): call only while holding the worker lock without a
+        job of one's own (see worker.reap_orphans). Returns how many."""
         with self.connect() as con:
-            rows = con.execute("SELECT id, worker_pid FROM jobs WHERE status = 'running'").fetchall()
-            dead = [r["id"] for r in rows if not alive(r["worker_pid"])]
-            for job_id in dead:
-                con.execute("UPDATE jobs SET status = 'failed', finished_at = ?, message = ? WHERE id = ?",
-                            (time.time(), "the worker process died during this job; resume to continue", job_id))
-        return len(dead)
+            cur = con.execute("UPDATE jobs SET status = 'failed', finished_at = ?, message = ? WHERE status = 'running'",
+                              (time.time(), "the worker process died during this job (killed or out of memory); "
+                                            "resume to continue from the cached merges"))
+            return cur.rowcount
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -2,10 +2,14 @@
 
 DuckDB allows one read-write process or many read-only ones, so every operation opens the file,
 does its work and closes it again; readers open read-only and retry briefly while a writer holds it.
+A turnstile file (`<db>.writer-lock`) gives writers priority: a writer holds it exclusively while it waits
+for and uses the file, readers pass through it before opening, so a stream of dashboard reads cannot
+starve a sweep's writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +21,20 @@ from mergelab.paths import default_db_path
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEY_COLUMNS = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
 ROW_COLUMNS = KEY_COLUMNS + ["n_params", "loss", "n_tokens", "device"]
+OPTIONAL_COLUMNS = ["n_truncated"]  # NULL when unknown (rows from caches or exports before schema 2)
 RESULT_COLUMNS = ["family", "size", "n_params", "method", "hparams", "experts_key", "experts", "k", "domain",
-                  "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at"]
+                  "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at", "n_truncated"]
+
+# MIGRATIONS[v] upgrades a cache at schema v to v + 1; each runs in one transaction with its version bump.
+MIGRATIONS = {
+    1: ["ALTER TABLE results ADD COLUMN n_truncated BIGINT"],  # eval examples cut at max length, per domain
+}
 
 SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS results (
+CREATE TABLE results (
     family VARCHAR NOT NULL,
     size VARCHAR NOT NULL,
     n_params BIGINT NOT NULL,
@@ -40,9 +50,10 @@ CREATE TABLE IF NOT EXISTS results (
     metric_version INTEGER NOT NULL,
     device VARCHAR,
     created_at TIMESTAMP NOT NULL,
+    n_truncated BIGINT,
     PRIMARY KEY ({", ".join(KEY_COLUMNS)})
 );
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
 
 # The expert list and k are derived from the key, so they can never disagree with it.
@@ -51,7 +62,7 @@ INSERT INTO results
 SELECT family, size, n_params, method, hparams, experts_key,
        CASE WHEN experts_key = '' THEN []::VARCHAR[] ELSE string_split(experts_key, '+') END,
        CASE WHEN experts_key = '' THEN 0 ELSE len(string_split(experts_key, '+')) END,
-       domain, loss, n_tokens, eval_hash, metric_version, device, {created}
+       domain, loss, n_tokens, eval_hash, metric_version, device, {created}, {n_truncated}
 FROM {source}
 ON CONFLICT DO NOTHING
 """
@@ -79,10 +90,47 @@ class ResultStore:
             except OSError as exc:
                 raise CacheError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
         deadline = time.monotonic() + self.lock_timeout
+        with self._turnstile(read_only, deadline):
+            con = self._open(read_only, deadline)
+            try:
+                if not read_only:
+                    self._ensure_schema(con)
+                else:
+                    self._check_version(con)
+                yield con
+            except duckdb.Error as exc:
+                raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}") from None
+            finally:
+                con.close()
+
+    @contextmanager
+    def _turnstile(self, read_only: bool, deadline: float):
+        """Writers hold the turnstile for their whole connection; readers only pass through it."""
+        try:
+            handle = open(self.path.with_name(self.path.name + ".writer-lock"), "a+")
+        except OSError:  # a read-only folder: no writer can be there either
+            yield
+            return
+        with handle:
+            while True:
+                try:
+                    fcntl.flock(handle, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CacheError(f"{self.path}: cannot open the results cache (another mergelab process "
+                                         f"kept writing for {self.lock_timeout:.0f} s)") from None
+                    time.sleep(0.01)
+            if read_only:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            yield
+
+    def _open(self, read_only: bool, deadline: float):
+        import duckdb
+
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
+                return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
                 locked = "lock" in str(exc).lower()
                 if locked and time.monotonic() < deadline:
@@ -90,29 +138,32 @@ class ResultStore:
                     continue
                 reason = "locked by another process" if locked else str(exc).splitlines()[0]
                 raise CacheError(f"{self.path}: cannot open the results cache ({reason})") from None
-        try:
-            if not read_only:
-                self._ensure_schema(con)
-            else:
-                self._check_version(con)
-            yield con
-        except duckdb.Error as exc:
-            raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}") from None
-        finally:
-            con.close()
 
     def _ensure_schema(self, con) -> None:
-        con.execute(SCHEMA)
-        self._check_version(con)
-        con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [str(SCHEMA_VERSION)])
+        version = self._check_version(con)
+        if version is None:
+            con.execute(SCHEMA).fetchall()  # DuckDB wants each result consumed before the next statement
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]).fetchall()
+        while version is not None and version < SCHEMA_VERSION:
+            for statement in ["BEGIN TRANSACTION", *MIGRATIONS[version]]:
+                con.execute(statement).fetchall()
+            version += 1
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)]).fetchall()
+            con.execute("COMMIT").fetchall()
 
-    def _check_version(self, con) -> None:
+    def _check_version(self, con) -> int | None:
+        """The cache's schema version (None for an empty file); refuses newer caches and foreign files."""
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "meta" not in tables:
-            return
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row and int(row[0]) > SCHEMA_VERSION:
+        if not tables:
+            return None
+        found = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() if "meta" in tables else []
+        row = found[0] if found else None
+        if row is None or "results" not in tables:
+            raise CacheError(f"{self.path}: a DuckDB file but not a mergelab results cache (tables: "
+                             f"{', '.join(sorted(tables))}); pick another --db path")
+        if int(row[0]) > SCHEMA_VERSION:
             raise CacheError(f"{self.path}: written by a newer mergelab (schema {row[0]} > {SCHEMA_VERSION}); upgrade mergelab")
+        return int(row[0])
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -129,11 +180,13 @@ class ResultStore:
         missing = [c for c in ROW_COLUMNS if c not in frame.columns]
         if missing:
             raise CacheError(f"rows to cache lack columns {missing}")
-        frame = frame[ROW_COLUMNS].drop_duplicates(KEY_COLUMNS, keep="first")
+        frame = frame[ROW_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame.columns]]
+        frame = frame.drop_duplicates(KEY_COLUMNS, keep="first")
         with self.connect() as con:
             con.register("incoming", frame)
             before = con.execute("SELECT count(*) FROM results").fetchone()[0]
-            con.execute(_INSERT_SELECT.format(source="incoming", created="current_localtimestamp()"))
+            con.execute(_INSERT_SELECT.format(source="incoming", created="current_localtimestamp()",
+                                              **_optional(frame.columns)))
             return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
 
     def import_parquet(self, path: str | Path) -> int:
@@ -141,7 +194,8 @@ class ResultStore:
         with self.connect() as con:
             before = con.execute("SELECT count(*) FROM results").fetchone()[0]
             source = f"read_parquet('{_sql_literal(path)}')"
-            con.execute(_INSERT_SELECT.format(source=source, created="created_at"))
+            columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+            con.execute(_INSERT_SELECT.format(source=source, created="created_at", **_optional(columns)))
             return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
 
     def export_parquet(self, path: str | Path, family: str | None = None) -> int:
@@ -158,7 +212,11 @@ class ResultStore:
     def results(self, **filters) -> "pd.DataFrame":
         """Cached rows, filtered by equality on any key column (a list value means 'any of')."""
         where, params = _where(**filters)
-        return self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
+        frame = self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
+        for column in OPTIONAL_COLUMNS:  # a cache at an older schema, read before any writer migrated it
+            if column not in frame.columns:
+                frame[column] = None
+        return frame
 
     def macro(self, **filters) -> "pd.DataFrame":
         """Cross-domain (macro-mean) loss per merge, computed by query; n_domains tells how many averaged."""
@@ -212,6 +270,11 @@ def _where(**filters) -> tuple[str, list]:
             clauses.append(f"{column} = ?")
             params.append(value)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _optional(columns) -> dict[str, str]:
+    """The SQL for each optional column: itself where the source has it, else NULL."""
+    return {c: c if c in set(columns) else "NULL" for c in OPTIONAL_COLUMNS}
 
 
 def _sql_literal(path) -> str:

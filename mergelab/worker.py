@@ -24,28 +24,20 @@ def lock_path(queue: JobQueue) -> Path:
     return queue.path.with_name(queue.path.name + ".lock")
 
 
-def _try_lock(queue: JobQueue):
-    """An open file holding the worker lock, or None when another worker holds it."""
+def _try_lock(queue: JobQueue, wait: float = 0.0):
+    """An open file holding the worker lock, or None when another worker holds it (after `wait` seconds)."""
     lock_path(queue).parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock_path(queue), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                return None
+            time.sleep(0.05)
 
 
 def worker_running(queue: JobQueue) -> bool:
@@ -56,9 +48,22 @@ def worker_running(queue: JobQueue) -> bool:
     return False
 
 
+def reap_orphans(queue: JobQueue) -> int:
+    """Mark running jobs failed when no worker holds the queue lock: their worker died (killed, out of
+    memory, machine restarted). The lock, not a PID, decides, so a reused PID cannot fool it."""
+    handle = _try_lock(queue)
+    if handle is None:
+        return 0
+    try:
+        return queue.fail_orphans()
+    finally:
+        handle.close()
+
+
 def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
     """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with once."""
-    lock = _try_lock(queue)
+    # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
+    lock = _try_lock(queue, wait=3.0)
     if lock is None:
         print(f"another worker is already running on {queue.path}", file=sys.stderr)
         return 1
@@ -66,7 +71,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        queue.fail_orphans(lambda pid: pid == os.getpid() or pid_alive(pid))
+        queue.fail_orphans()  # we hold the lock and have claimed nothing: any running job lost its worker
         idle_since = time.monotonic()
         while True:
             job = queue.claim_next(os.getpid())

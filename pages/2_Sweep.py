@@ -10,7 +10,7 @@ from mergelab.family import load_family
 from mergelab.jobs import JobQueue
 from mergelab.methods import METHODS
 from mergelab.paths import confined, data_home
-from mergelab.worker import ensure_worker
+from mergelab.worker import ensure_worker, reap_orphans
 
 FALLBACK_SECONDS_PER_MERGE = 0.1
 
@@ -102,6 +102,7 @@ def fmt_eta(seconds):
 @st.fragment(run_every=1.0)
 def job_panel():
     st.subheader("Jobs")
+    reap_orphans(queue)  # a job whose worker died shows as failed, with Resume, instead of running forever
     recent = queue.list(limit=10)
     if not recent:
         st.caption("No jobs yet.")

@@ -7,7 +7,7 @@ import time
 
 from mergelab.jobs import JobQueue
 from mergelab.store import ResultStore
-from mergelab.worker import ensure_worker, run_job, worker_running
+from mergelab.worker import ensure_worker, reap_orphans, run_job, worker_running
 
 METHODS = {"average": {}, "task_arithmetic": {}, "ties": {}, "dare": {}}
 
@@ -76,8 +76,8 @@ def test_queued_job_cancels_at_once_and_orphans_are_failed(tmp_path):
     assert queue.get(first).status == "cancelled"
     claimed = queue.claim_next(worker_pid=999_999_999)
     assert claimed.id == second and queue.claim_next(worker_pid=1) is None  # claimed once only
-    assert queue.fail_orphans(lambda pid: False) == 1
-    assert "worker process died" in queue.get(second).message
+    assert reap_orphans(queue) == 1  # no worker holds the queue lock: the running job lost its worker
+    assert queue.get(second).status == "failed" and "worker process died" in queue.get(second).message
 
 
 def test_one_worker_per_queue_and_ensure_worker(tiny_family, tmp_path):

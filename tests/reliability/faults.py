@@ -1,0 +1,53 @@
+"""Helpers of the fault suite: real worker processes, real kills, row-for-row cache comparison."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mergelab.store import KEY_COLUMNS, ResultStore
+
+
+def start_worker(queue_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def wait_until(predicate, timeout: float, poll: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
+
+
+def check_whole_merges(db: Path, n_domains: int):
+    """Every cached merge has a row for every domain (no half-written merge) and no key appears twice."""
+    rows = ResultStore(db).results()
+    assert not rows.duplicated(KEY_COLUMNS).any()
+    per_merge = rows.groupby(["size", "method", "hparams", "experts_key"]).size()
+    assert (per_merge == n_domains).all(), per_merge[per_merge != n_domains]
+    return rows
+
+
+def compare_caches(got, want, exact_methods=()):
+    """Same keys; losses bitwise equal for `exact_methods`, else within fp32 rounding. Returns max |Δloss|."""
+    got = got.set_index(KEY_COLUMNS).sort_index()
+    want = want.set_index(KEY_COLUMNS).sort_index()
+    assert got.index.equals(want.index), (len(got), len(want))
+    diff = (got["loss"] - want["loss"]).abs()
+    exact = got.index.get_level_values("method").isin(exact_methods)
+    assert (diff[exact] == 0).all(), diff[exact].max()
+    assert diff.max() < 1e-5, diff.max()
+    assert (got["n_tokens"] == want["n_tokens"]).all()
+    return float(diff.max())
