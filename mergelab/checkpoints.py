@@ -43,16 +43,41 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
 
-    @property
+    @cached_property
     def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        """config.json's tie_word_embeddings, or the architecture's default where the file leaves it out
+        (Gemma's configs do, and transformers ties them)."""
+        if "tie_word_embeddings" in self.config:
+            return bool(self.config["tie_word_embeddings"])
+        from transformers import AutoConfig
+
+        try:
+            return bool(getattr(AutoConfig.for_model(self.config["model_type"]), "tie_word_embeddings", False))
+        except (KeyError, ValueError):
+            return False
+
+    @cached_property
+    def vocab_rows(self) -> int | None:
+        """The vocabulary size in config.json (top level, or its text_config for multimodal wrappers)."""
+        config = self.config if "vocab_size" in self.config else self.config.get("text_config") or {}
+        rows = config.get("vocab_size")
+        return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+
+    @cached_property
+    def vocab_tensors(self) -> list[str]:
+        """Tensors with one row per vocabulary entry (input embedding, untied lm_head, any bias over the
+        vocabulary), found by shape: their first dim is the config's vocab_size, whatever their names."""
+        return [n for n, shape in self.shapes.items() if shape and shape[0] == self.vocab_rows]
 
     @cached_property
     def names(self) -> list[str]:
-        """Tensor names in storage order; a tied lm_head (a copy of the embedding) is left out."""
+        """Tensor names in storage order; a tied lm_head stored anyway (a copy of the embedding, whatever
+        the embedding is called) is left out."""
         names = list(self.files)
-        if self.tied_embeddings and TIED_HEAD in names and any("embed_tokens" in n for n in names):
-            names.remove(TIED_HEAD)
+        if self.tied_embeddings and TIED_HEAD in names:
+            head = self._open(TIED_HEAD).shape(TIED_HEAD)
+            if any(self._open(n).shape(n) == head for n in names if n != TIED_HEAD):
+                names.remove(TIED_HEAD)
         return names
 
     @cached_property
@@ -164,8 +189,11 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def check_compatible(base: Checkpoint, other: Checkpoint) -> None:
-    """Raise a CheckpointError naming the file and tensor if `other` cannot be merged with `base`."""
+def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "refuse") -> None:
+    """Raise a CheckpointError naming the file and tensor if `other` cannot be merged with `base`.
+
+    Vocabulary tensors whose row counts differ (a padded or resized vocabulary) are refused unless
+    `vocab_policy` is "base_rows" or "common_rows" (the engine then aligns them on the base's rows)."""
     if other.tied_embeddings != base.tied_embeddings:
         raise CheckpointError(
             f"{other.path}: tie_word_embeddings={other.tied_embeddings} but the base has {base.tied_embeddings}"
@@ -176,8 +204,16 @@ def check_compatible(base: Checkpoint, other: Checkpoint) -> None:
     extra = [n for n in other.names if n not in base.shapes]
     if extra:
         raise CheckpointError(f"{other.path}: unexpected tensor {extra[0]!r} not in the base ({len(extra)} extra)")
+    vocab = set(base.vocab_tensors)
     for name, shape in base.shapes.items():
         got = other.shapes[name]
-        if got != shape:
-            what = " (vocabulary size differs)" if "embed" in name or name == TIED_HEAD else ""
-            raise CheckpointError(f"{other.path}: tensor {name!r} has shape {list(got)}, base has {list(shape)}{what}")
+        if got == shape:
+            continue
+        if name in vocab and got[1:] == shape[1:]:
+            if vocab_policy == "refuse":
+                raise CheckpointError(
+                    f"{other.files[name]}: tensor {name!r} has {got[0]} vocabulary rows, the base has {shape[0]} "
+                    f"(shape {list(got)} vs {list(shape)}); to merge anyway set vocab_policy = \"base_rows\" "
+                    f"(merge over the base's rows) or \"common_rows\" (merge over the rows all share) in the family manifest")
+            continue
+        raise CheckpointError(f"{other.path}: tensor {name!r} has shape {list(got)}, base has {list(shape)}")

@@ -7,7 +7,7 @@ merged model is ever written to disk or held twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from mergelab.checkpoints import Checkpoint, check_compatible
@@ -35,7 +35,11 @@ def weight_dtype(device: str):
 
 @dataclass
 class ExpertPool:
-    """Base weights and stacked task vectors of one size: deltas[name] has shape [M, *shape]."""
+    """Base weights and stacked task vectors of one size: deltas[name] has shape [M, *shape].
+
+    Vocabulary tensors of experts whose rows differ from the base's are aligned on the base's shape
+    (family `vocab_policy`): only their first `merge_rows[name]` rows are merged; rows an expert lacks
+    or that are not merged get a task vector of 0, so the merge keeps the base's values there."""
 
     size: SizeSpec
     names: list[str]
@@ -43,19 +47,28 @@ class ExpertPool:
     base: dict
     deltas: dict
     base_checkpoint: Checkpoint
+    merge_rows: dict = field(default_factory=dict)  # vocabulary tensor -> rows merged (base_rows/common_rows)
 
     prepared_for: tuple | None = None  # (method, hparams) whose `prepare` has been applied to deltas
 
     @classmethod
     def load(cls, size: SizeSpec, device: str = "cpu", progress=None) -> "ExpertPool":
         base_ckpt = Checkpoint(size.base)
+        policy = size.vocab_policy
+        rows = {} if policy == "refuse" else {n: base_ckpt.shapes[n][0] for n in base_ckpt.vocab_tensors}
         for path in size.experts.values():
             expert = Checkpoint(path)
-            check_compatible(base_ckpt, expert)
+            check_compatible(base_ckpt, expert, policy)
+            if policy == "common_rows":
+                rows = {n: min(r, expert.shapes[n][0]) for n, r in rows.items()}
             expert.close()
-        pool = cls(size, base_ckpt.names, tuple(size.experts), {}, {}, base_ckpt)
+        pool = cls(size, base_ckpt.names, tuple(size.experts), {}, {}, base_ckpt, rows)
         pool._read_deltas(device, progress)
         return pool
+
+    def rows(self, name: str, tensor) -> int:
+        """How many leading rows of an expert's `tensor` enter the merge (all, outside vocabulary tensors)."""
+        return min(tensor.shape[0], self.merge_rows.get(name, tensor.shape[0]))
 
     def _read_deltas(self, device: str, progress=None) -> None:
         """Fill deltas[name][i] = θ_i − θ0 expert by expert, closing each file before the next, so
@@ -73,7 +86,10 @@ class ExpertPool:
         for i, expert in enumerate(self.expert_names):
             ckpt = Checkpoint(self.size.experts[expert])
             for name in self.names:
-                torch.sub(ckpt.tensor(name, torch.float32, device), self.base[name], out=self.deltas[name][i])
+                tensor, out = ckpt.tensor(name, torch.float32, device), self.deltas[name][i]
+                r = self.rows(name, tensor)
+                torch.sub(tensor[:r], self.base[name][:r], out=out[:r])
+                out[r:].zero_()  # vocabulary rows the expert lacks or that are not merged
             ckpt.close()
             if progress is not None:
                 progress.update(1)
@@ -112,11 +128,20 @@ class ResidentModel:
         model.tie_weights()  # tying is part of weight initialisation, which was skipped
         self.model = model.eval()
         self.params = dict(model.named_parameters())
-        missing = [n for n in base.names if n not in self.params]
+        unknown = [n for n in base.names if n not in self.params]
         unfilled = [n for n in self.params if n not in base.shapes]
-        if missing or unfilled:
-            first = (missing or unfilled)[0]
-            raise CheckpointError(f"{base.path}: tensor {first!r} does not match the architecture in config.json")
+        arch = type(model).__name__
+        if unknown:
+            raise CheckpointError(f"{base.files[unknown[0]]}: tensor {unknown[0]!r} is not a parameter of {arch} "
+                                  f"built from config.json ({len(unknown)} such tensors; its parameters are named "
+                                  f"like {next(iter(self.params))!r})")
+        if unfilled:
+            raise CheckpointError(f"{base.path}: {arch} built from config.json has parameter {unfilled[0]!r}, "
+                                  f"which no safetensors file holds ({len(unfilled)} missing)")
+        wrong = [n for n in base.names if tuple(self.params[n].shape) != base.shapes[n]]
+        if wrong:
+            raise CheckpointError(f"{base.files[wrong[0]]}: tensor {wrong[0]!r} has shape {list(base.shapes[wrong[0]])}, "
+                                  f"{arch} built from config.json expects {list(self.params[wrong[0]].shape)}")
 
     def write(self, name: str, tensor) -> None:
         import torch
@@ -134,8 +159,12 @@ class ResidentModel:
 
         ckpt = Checkpoint(pool.size.experts[expert])
         device = next(iter(pool.base.values())).device
-        for name in pool.names:
-            self.write(name, ckpt.tensor(name, torch.float32, device))
+        with torch.no_grad():
+            for name in pool.names:
+                tensor, param = ckpt.tensor(name, torch.float32, device), self.params[name]
+                r = pool.rows(name, tensor)  # aligned as in the pool: the expert alone is its own merge
+                param[:r].copy_(tensor[:r])
+                param[r:].copy_(pool.base[name][r:])
         ckpt.close()
 
 

@@ -5,6 +5,7 @@ The TOML manifest is the source of truth; relative paths are resolved against it
     name = "demo-micro"
     domains = ["algebra", ...]
     token_budget = 512          # response tokens evaluated per domain (optional)
+    vocab_policy = "refuse"     # experts whose vocabulary rows differ: refuse | base_rows | common_rows
 
     [eval]
     algebra = "eval/algebra.jsonl"
@@ -14,6 +15,8 @@ The TOML manifest is the source of truth; relative paths are resolved against it
     base = "xs/base"
     [sizes.xs.experts]
     algebra = "xs/experts/algebra"
+
+A size may set its own `vocab_policy`, overriding the family's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 from mergelab.errors import ManifestError
 
 DEFAULT_TOKEN_BUDGET = 512
+# What to do when an expert's embedding / lm_head rows differ from the base's (see checkpoints.py).
+VOCAB_POLICIES = ("refuse", "base_rows", "common_rows")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class SizeSpec:
     n_params: int
     base: Path
     experts: dict[str, Path]
+    vocab_policy: str = "refuse"
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -48,6 +54,7 @@ class Family:
     eval_sets: dict[str, Path]
     sizes: tuple[SizeSpec, ...]
     token_budget: int = DEFAULT_TOKEN_BUDGET
+    vocab_policy: str = "refuse"
 
     def size(self, name: str) -> SizeSpec:
         for spec in self.sizes:
@@ -100,6 +107,13 @@ def load_family(path: str | Path) -> Family:
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         fail(f"field 'token_budget' must be a positive integer, got {budget!r}")
 
+    def policy(table: dict, where: str = "", default: str = "refuse") -> str:
+        value = table.get("vocab_policy", default)
+        if value not in VOCAB_POLICIES:
+            fail(f"field {where}'vocab_policy' must be one of {', '.join(VOCAB_POLICIES)}, got {value!r}")
+        return value
+
+    vocab_policy = policy(raw)
     eval_table = field(raw, "eval", dict)
     eval_sets = {}
     for domain in domains:
@@ -125,16 +139,18 @@ def load_family(path: str | Path) -> Family:
                    for e in experts_table}
         if len(set(experts.values())) != len(experts):
             fail(f"{where}experts lists the same checkpoint twice")
-        sizes.append(SizeSpec(size_name, n_params, base, experts))
-    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget)
+        sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy)))
+    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy)
 
 
 def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
-                   sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET) -> Path:
+                   sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET, vocab_policy: str | None = None) -> Path:
     """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params, base, experts."""
     q = json.dumps  # TOML basic strings accept JSON string escapes for the ASCII names used here
     lines = [f"name = {q(name)}", f"domains = [{', '.join(q(d) for d in domains)}]",
-             f"token_budget = {int(token_budget)}", "", "[eval]"]
+             f"token_budget = {int(token_budget)}"]
+    lines += [f"vocab_policy = {q(vocab_policy)}"] if vocab_policy else []
+    lines += ["", "[eval]"]
     lines += [f"{d} = {q(p)}" for d, p in eval_sets.items()]
     for size in sizes:
         lines += ["", f"[sizes.{size['name']}]", f"n_params = {int(size['n_params'])}", f"base = {q(size['base'])}",

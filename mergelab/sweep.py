@@ -201,7 +201,7 @@ def _check_sizes(sizes: list[SizeSpec]) -> None:
     for size in sizes:
         base = Checkpoint(size.base)
         for path in size.experts.values():
-            check_compatible(base, Checkpoint(path))
+            check_compatible(base, Checkpoint(path), size.vocab_policy)
 
 
 def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:

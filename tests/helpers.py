@@ -18,12 +18,14 @@ def tiny_config(**overrides):
     return Qwen2Config(**args)
 
 
-def save_checkpoint(path: Path, config, seed: int, noise: float = 0.0, base_state=None, max_shard_size=None):
-    """A real HF safetensors dir: config, weights (base_state + noise, or a fresh init) and tokenizer."""
+def save_checkpoint(path: Path, config, seed: int, noise: float = 0.0, base_state=None, max_shard_size=None,
+                    dtype=None, tokenizer=None):
+    """A real HF safetensors dir: config, weights (base_state + noise, or a fresh init) stored in `dtype`
+    (default fp32), and a tokenizer (default: the demo's byte-level one). Returns the fp32 model."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergelab.demo.tokenizer import save_tokenizer
+    from mergelab.demo.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -34,8 +36,11 @@ def save_checkpoint(path: Path, config, seed: int, noise: float = 0.0, base_stat
                 p.add_(noise * torch.randn_like(p))
     path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(str(path), **kwargs)
-    save_tokenizer(path)
+    stored = model if dtype in (None, torch.float32) else AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if stored is not model:
+        stored.load_state_dict(model.state_dict())  # rounds to the storage dtype
+    stored.save_pretrained(str(path), **kwargs)
+    (tokenizer or build_tokenizer()).save_pretrained(str(path))
     return model
 
 
@@ -43,3 +48,23 @@ def write_eval(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def reference_ce(model, tokenizer, path, budget=None):
+    """Token-weighted mean of per-example HF losses (`model(input_ids, labels=…)`, one unpadded example
+    at a time) with the prompt masked by labels = -100; returns (CE, scored tokens)."""
+    import torch
+
+    from mergelab.evaluate import load_eval_set, tokenize_row
+
+    total = count = 0
+    for example in load_eval_set(path):
+        ids, n_prompt = tokenize_row(tokenizer, example, path)
+        labels = list(ids)
+        labels[:n_prompt] = [-100] * n_prompt
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        total, count = total + loss * (len(ids) - n_prompt), count + len(ids) - n_prompt
+        if budget and count >= budget:
+            break
+    return total / count, count

@@ -102,8 +102,17 @@ def test_non_finite_weights_name_file_and_tensor(tmp_path, base, value):
 def test_shape_vocab_missing_extra_and_tied_mismatches(tmp_path, base):
     embed = "model.embed_tokens.weight"
     vocab = copy_with(tmp_path, base, "vocab", lambda ts: {**ts, embed: torch.zeros(300, 16)})
-    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \[300, 16\], base has \[264, 16\] \(vocabulary size differs\)"):
+    with pytest.raises(CheckpointError) as err:
         check_compatible(base, vocab)
+    assert str(err.value).startswith(f"{vocab.path / 'model.safetensors'}: tensor '{embed}' has 300 vocabulary rows, "
+                                     "the base has 264 (shape [300, 16] vs [264, 16]); to merge anyway set "
+                                     'vocab_policy = "base_rows"')
+    assert '"common_rows"' in str(err.value) and "family manifest" in str(err.value)
+    for policy in ("base_rows", "common_rows"):
+        check_compatible(base, vocab, policy)
+    wide = copy_with(tmp_path, base, "wide", lambda ts: {**ts, embed: torch.zeros(300, 17)})
+    with pytest.raises(CheckpointError, match=r"'model.embed_tokens.weight' has shape \[300, 17\], base has \[264, 16\]$"):
+        check_compatible(base, wide, "base_rows")  # the policies cover rows only, never the hidden size
     gone = "model.norm.weight"
     missing = copy_with(tmp_path, base, "missing", lambda ts: {k: v for k, v in ts.items() if k != gone})
     with pytest.raises(CheckpointError, match=f"missing/model.safetensors|tensor '{gone}' missing"):
@@ -128,3 +137,33 @@ def test_reader_equals_safetensors_and_names_truncated_data(tmp_path, base):
     (cut / "model.safetensors").write_bytes(data[: len(data) - 64])
     with pytest.raises(CheckpointError, match=r"cut/model.safetensors: not a readable safetensors file \(tensor .* \(truncated\?\)\)"):
         Checkpoint(cut).shapes
+
+
+def test_tied_default_comes_from_the_architecture_when_config_omits_it(tmp_path, base):
+    """Gemma's config.json files leave tie_word_embeddings out (transformers ties them); an expert saved
+    by transformers writes it. They must still be compatible, and a head stored anyway is left out."""
+    from tests.realarch import real_config
+
+    gemma = tmp_path / "gemma"
+    save_checkpoint(gemma, real_config("gemma2"), seed=0)
+    written = Checkpoint(gemma)
+    omitted = copy_with(tmp_path, written, "omitted", config_edit=lambda c: c.pop("tie_word_embeddings"))
+    assert omitted.tied_embeddings and written.tied_embeddings and "tie_word_embeddings" not in omitted.config
+    check_compatible(omitted, written)
+    embed = "model.embed_tokens.weight"
+    with_head = copy_with(tmp_path, written, "with_head", lambda ts: {**ts, "lm_head.weight": ts[embed].clone()})
+    assert "lm_head.weight" in with_head.files and with_head.names == written.names
+    untied = copy_with(tmp_path, base, "llama_default",
+                       config_edit=lambda c: (c.pop("tie_word_embeddings"), c.update(model_type="llama")))
+    assert not untied.tied_embeddings  # LlamaConfig's default
+
+
+def test_vocab_tensors_are_found_by_shape_not_by_name(tmp_path, base):
+    from tests.realarch import real_config
+
+    assert base.vocab_rows == 264 and base.vocab_tensors == ["model.embed_tokens.weight"]
+    save_checkpoint(tmp_path / "llama", real_config("llama"), seed=0)
+    llama = Checkpoint(tmp_path / "llama")
+    assert sorted(llama.vocab_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
+    renamed = copy_with(tmp_path, llama, "renamed", lambda ts: {k.replace("embed_tokens", "wte"): v for k, v in ts.items()})
+    assert sorted(renamed.vocab_tensors) == ["lm_head.weight", "model.wte.weight"]

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergelab.errors import EvalSetError
-from mergelab.evaluate import evaluate, load_eval_set, prepare_eval, tokenize_example
+from mergelab.evaluate import evaluate, load_eval_set, prepare_eval
 from mergelab.family import load_family
-from tests.helpers import write_eval
+from tests.helpers import reference_ce, write_eval
 
 
 @pytest.fixture
@@ -17,21 +17,6 @@ def setup(tiny_family):
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     return family, tokenizer, model
-
-
-def reference_ce(model, tokenizer, path, budget=None):
-    """Token-weighted mean of per-example HF losses with the prompt masked by labels = -100."""
-    total = count = 0
-    for example in load_eval_set(path):
-        ids, n_prompt = tokenize_example(tokenizer, example["prompt"], example["response"])
-        labels = list(ids)
-        labels[:n_prompt] = [-100] * n_prompt
-        with torch.no_grad():
-            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
-        total, count = total + loss * (len(ids) - n_prompt), count + len(ids) - n_prompt
-        if budget and count >= budget:
-            break
-    return total / count, count
 
 
 def test_ce_matches_transformers_forward_with_labels(setup):
