@@ -6,6 +6,7 @@ The TOML manifest is the source of truth; relative paths are resolved against it
     domains = ["algebra", ...]
     token_budget = 512          # response tokens evaluated per domain (optional)
     vocab_policy = "refuse"     # experts whose vocabulary rows differ: refuse | base_rows | common_rows
+    max_length = 512            # tokens per eval example; longer ones are cut and counted (optional)
 
     [eval]
     algebra = "eval/algebra.jsonl"
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergelab.errors import ManifestError
+from mergelab.evaluate import DEFAULT_MAX_LENGTH
 
 DEFAULT_TOKEN_BUDGET = 512
 # What to do when an expert's embedding / lm_head rows differ from the base's (see checkpoints.py).
@@ -55,6 +57,7 @@ class Family:
     sizes: tuple[SizeSpec, ...]
     token_budget: int = DEFAULT_TOKEN_BUDGET
     vocab_policy: str = "refuse"
+    max_length: int = DEFAULT_MAX_LENGTH
 
     def size(self, name: str) -> SizeSpec:
         for spec in self.sizes:
@@ -103,9 +106,13 @@ def load_family(path: str | Path) -> Family:
         fail("field 'domains' must be a non-empty list of names")
     if len(set(domains)) != len(domains):
         fail("field 'domains' lists a domain twice")
-    budget = raw.get("token_budget", DEFAULT_TOKEN_BUDGET)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        fail(f"field 'token_budget' must be a positive integer, got {budget!r}")
+    def positive(key: str, default: int) -> int:
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"field {key!r} must be a positive integer, got {value!r}")
+        return value
+
+    budget, max_length = positive("token_budget", DEFAULT_TOKEN_BUDGET), positive("max_length", DEFAULT_MAX_LENGTH)
 
     def policy(table: dict, where: str = "", default: str = "refuse") -> str:
         value = table.get("vocab_policy", default)
@@ -140,16 +147,18 @@ def load_family(path: str | Path) -> Family:
         if len(set(experts.values())) != len(experts):
             fail(f"{where}experts lists the same checkpoint twice")
         sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy)))
-    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy)
+    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length)
 
 
 def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
-                   sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET, vocab_policy: str | None = None) -> Path:
+                   sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET, vocab_policy: str | None = None,
+                   max_length: int | None = None) -> Path:
     """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params, base, experts."""
     q = json.dumps  # TOML basic strings accept JSON string escapes for the ASCII names used here
     lines = [f"name = {q(name)}", f"domains = [{', '.join(q(d) for d in domains)}]",
              f"token_budget = {int(token_budget)}"]
     lines += [f"vocab_policy = {q(vocab_policy)}"] if vocab_policy else []
+    lines += [f"max_length = {int(max_length)}"] if max_length else []
     lines += ["", "[eval]"]
     lines += [f"{d} = {q(p)}" for d, p in eval_sets.items()]
     for size in sizes:

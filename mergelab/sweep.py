@@ -119,6 +119,7 @@ class SweepReport:
     rows_written: int = 0
     seconds: float = 0.0
     eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
 
 
 class _RowWriter:
@@ -187,6 +188,8 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     for size in sizes:
         eval_data[size.name] = _prepare_size_eval(spec.family, size)
         report.eval_hashes[size.name] = eval_data[size.name].hashes
+        if eval_data[size.name].truncation_note():
+            report.eval_notes[size.name] = eval_data[size.name].truncation_note()
         planned = _plan_size(spec, size, methods)
         report.planned += len(planned)
         todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
@@ -213,7 +216,7 @@ def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:
         tokenizer = AutoTokenizer.from_pretrained(str(size.base), trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"{size.base}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    return prepare_eval(family.eval_sets, tokenizer, family.token_budget)
+    return prepare_eval(family.eval_sets, tokenizer, family.token_budget, family.max_length)
 
 
 def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> list[WorkItem]:
@@ -258,7 +261,7 @@ def _run_size(family, size, items, data, device, writer, bar, on_progress, repor
             {"family": family.name, "size": size.name, "n_params": size.n_params, "method": item.method,
              "hparams": item.hparams, "experts_key": experts_key(item.subset), "domain": d, "loss": loss,
              "n_tokens": data.n_tokens[d], "eval_hash": data.hashes[d], "metric_version": METRIC_VERSION,
-             "device": device}
+             "device": device, "n_truncated": data.n_truncated[d]}
             for d, loss in losses.items()
         ])
         report.merged += 1
