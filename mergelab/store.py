@@ -99,7 +99,7 @@ class ResultStore:
                     self._check_version(con)
                 yield con
             except duckdb.Error as exc:
-                raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}") from None
+                raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}{_hint(str(exc))}") from None
             finally:
                 con.close()
 
@@ -270,6 +270,14 @@ def _where(**filters) -> tuple[str, list]:
             clauses.append(f"{column} = ?")
             params.append(value)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _hint(message: str) -> str:
+    """What to do about an I/O failure; DuckDB rolls the failed transaction back, so earlier rows stay."""
+    if any(s in message for s in ("File too large", "No space left", "Disk quota")):
+        return (" — the disk is full or a file size limit was hit; rows cached before this write are kept: "
+                "free space and rerun, cached merges are skipped")
+    return ""
 
 
 def _optional(columns) -> dict[str, str]:

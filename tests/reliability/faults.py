@@ -35,7 +35,7 @@ def check_whole_merges(db: Path, n_domains: int):
     """Every cached merge has a row for every domain (no half-written merge) and no key appears twice."""
     rows = ResultStore(db).results()
     assert not rows.duplicated(KEY_COLUMNS).any()
-    per_merge = rows.groupby(["size", "method", "hparams", "experts_key"]).size()
+    per_merge = rows.groupby(["family", "size", "method", "hparams", "experts_key"]).size()
     assert (per_merge == n_domains).all(), per_merge[per_merge != n_domains]
     return rows
 
