@@ -189,11 +189,36 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def check_mergeable(ckpt: Checkpoint) -> None:
+    """Refuse custom-code architectures (mergelab never runs remote code: trust_remote_code stays off)
+    and non-floating-point weights, naming the file."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = ckpt.config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        custom = "; its auto_map asks for custom code, which mergelab never runs" if "auto_map" in ckpt.config else ""
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: model_type {model_type!r} is not an architecture "
+                              f"transformers ships{custom}")
+    for name in ckpt.names:
+        dtype = ckpt._open(name).entries[name][0]
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ckpt.files[name]}: tensor {name!r} is stored as {dtype}; weights must be "
+                                  f"floating point (F16, BF16, F32 or F64)")
+
+
 def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "refuse") -> None:
     """Raise a CheckpointError naming the file and tensor if `other` cannot be merged with `base`.
 
     Vocabulary tensors whose row counts differ (a padded or resized vocabulary) are refused unless
     `vocab_policy` is "base_rows" or "common_rows" (the engine then aligns them on the base's rows)."""
+    check_mergeable(base)
+    check_mergeable(other)
+    if other.config.get("model_type") != base.config.get("model_type"):
+        raise CheckpointError(f"{other.path / 'config.json'}: model_type {other.config.get('model_type')!r} but the base "
+                              f"is {base.config.get('model_type')!r}")
     if other.tied_embeddings != base.tied_embeddings:
         raise CheckpointError(
             f"{other.path}: tie_word_embeddings={other.tied_embeddings} but the base has {base.tied_embeddings}"

@@ -20,6 +20,10 @@ def pick_device(requested: str | None = None) -> str:
     import torch
 
     if requested and requested != "auto":
+        try:
+            torch.device(requested)
+        except RuntimeError:
+            raise CheckpointError(f"device {requested!r} is not a torch device (auto, cpu, cuda, cuda:N, mps)") from None
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise CheckpointError(f"device {requested!r} requested but CUDA is not available")
         return requested

@@ -23,6 +23,7 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_TOKENS = 16384
 LOGITS_PER_CHUNK = 1 << 26  # positions × vocabulary per LM-head call: 256 MiB of fp32 logits, whatever the vocabulary
 ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_LINE_CHARS = 1 << 20  # one example; far beyond any max_length, so a longer line is a broken file
 
 
 def load_eval_set(path: str | Path) -> list[dict]:
@@ -39,6 +40,9 @@ def load_eval_set(path: str | Path) -> list[dict]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise EvalSetError(f"{path}:{lineno}: line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} "
+                               f"allowed for one example (is this an eval set?)")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:

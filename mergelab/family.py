@@ -23,6 +23,7 @@ A size may set its own `vocab_policy`, overriding the family's.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,10 @@ def load_family(path: str | Path) -> Family:
         return value
 
     def existing(rel: str, where: str, is_dir: bool) -> Path:
+        # A relative path must stay inside the family directory (symlinks in it may point anywhere);
+        # anything else must be written as an absolute path, on purpose.
+        if not Path(rel).is_absolute() and os.path.normpath(rel).split(os.sep)[0] == "..":
+            fail(f"{where} = {rel!r} escapes the family directory {root}; use a path inside it or an absolute path")
         p = (root / rel).resolve()
         if not (p.is_dir() if is_dir else p.is_file()):
             fail(f"{where} points at {p}, which does not exist")
@@ -138,10 +143,15 @@ def load_family(path: str | Path) -> Family:
         if not isinstance(table, dict):
             fail(f"[sizes.{size_name}] must be a table")
         n_params = field(table, "n_params", int, where)
+        if n_params < 1:
+            fail(f"field {where}'n_params' must be a positive integer, got {n_params}")
         base = existing(field(table, "base", str, where), f"{where}base", is_dir=True)
         experts_table = field(table, "experts", dict, where)
         if not experts_table:
             fail(f"{where}experts is empty")
+        strangers = sorted(set(experts_table) - set(domains))
+        if strangers:  # an expert is named by the domain it was fine-tuned on (synergy pairs them up)
+            fail(f"{where}experts.{strangers[0]} is not one of the family's domains ({', '.join(domains)})")
         experts = {e: existing(field(experts_table, e, str, f"{where}experts."), f"{where}experts.{e}", True)
                    for e in experts_table}
         if len(set(experts.values())) != len(experts):

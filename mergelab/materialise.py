@@ -4,6 +4,7 @@ weights), and the mergekit config that expresses the same merge where mergekit h
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,13 +16,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
-def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path) -> Path:
-    """Merge `experts` of `size` with the method and save config, safetensors and tokenizer to `out`."""
-    from mergelab.engine import ExpertPool, ResidentModel, merge_into
-
+def check_experts(size: SizeSpec, experts: Sequence[str]) -> None:
     unknown = [e for e in experts if e not in size.experts]
     if unknown or not experts:
         raise MergelabError(f"--experts: {', '.join(unknown) or '(none)'} not among {', '.join(size.expert_names)}")
+    if len(set(experts)) != len(experts):
+        raise MergelabError(f"--experts: {','.join(experts)} names an expert twice")
+
+
+def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path) -> Path:
+    """Merge `experts` of `size` with the method and save config, safetensors and tokenizer to `out`
+    (written beside it first and renamed into place, so a crash never leaves half a model)."""
+    from mergelab.engine import ExpertPool, ResidentModel, merge_into
+
+    check_experts(size, experts)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise MergelabError(f"{out}: already exists and is not empty")
@@ -30,11 +38,18 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
     merge_into(resident, pool, method, resolved, tuple(experts))
-    out.mkdir(parents=True, exist_ok=True)
-    resident.model.save_pretrained(str(out))
-    for name in TOKENIZER_FILES:
-        if (size.base / name).is_file():
-            shutil.copy2(size.base / name, out / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        resident.model.save_pretrained(str(partial))
+        for name in TOKENIZER_FILES:
+            if (size.base / name).is_file():
+                shutil.copy2(size.base / name, partial / name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 

@@ -1,0 +1,302 @@
+"""Bad input, tried many ways: every case exits != 0 with a message naming what is wrong and where, shows
+no traceback, and writes nothing (the cache file is never created). The number of cases is tallied."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import build_tiny_family
+from tests.test_sweep import cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    return build_tiny_family(tmp_path_factory.mktemp("fuzz"))
+
+
+def expect_refusal(capsys, db: Path, args, *fragments: str) -> str:
+    code, out, err = cli(capsys, *args)
+    assert code != 0, (args, out)
+    assert "Traceback" not in err + out
+    for fragment in fragments:
+        assert fragment in err, (args, fragment, err)
+    assert not db.exists(), f"{args}: wrote {db} despite the error"
+    return err
+
+
+# -- family manifests ------------------------------------------------------------------------------------
+
+MANIFEST_CASES = [  # (regex on the valid manifest, replacement, expected fragment)
+    (r'^name = "tiny"\n', "", "missing field 'name'"),
+    (r'^domains = .*\n', "", "missing field 'domains'"),
+    (r'^\[eval\](\n\w+ = .*)*', "", "missing field 'eval'"),
+    (r'^\[sizes\.s\](\n.*)*', "", "missing field 'sizes'"),
+    (r'^name = "tiny"', "name = 3", "field 'name' must be str, got int"),
+    (r'^name = "tiny"', "name = true", "field 'name' must be str, got bool"),
+    (r'^domains = .*', 'domains = "alpha"', "field 'domains' must be list"),
+    (r'^domains = .*', "domains = [1, 2]", "non-empty list of names"),
+    (r'^domains = .*', "domains = []", "non-empty list of names"),
+    (r'^domains = .*', 'domains = ["alpha", "alpha", "beta", "gamma"]', "lists a domain twice"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "gamma", "delta"]', "missing field eval.'delta'"),
+    (r'^\[eval\]', '[eval]\ndelta = "eval/alpha.jsonl"', "eval.delta is not one of the family's domains"),
+    (r'^alpha = "eval/alpha.jsonl"', "alpha = 7", "eval.'alpha' must be str"),
+    (r'^alpha = "eval/alpha.jsonl"', 'alpha = "eval/nothing.jsonl"', "eval.alpha points at"),
+    (r'^alpha = "eval/alpha.jsonl"', 'alpha = "eval"', "eval.alpha points at"),
+    (r'^alpha = "eval/alpha.jsonl"', 'alpha = "../../../../etc/passwd"', "escapes the family directory"),
+    (r'^token_budget = 40', "token_budget = 0", "'token_budget' must be a positive integer"),
+    (r'^token_budget = 40', "token_budget = -5", "'token_budget' must be a positive integer"),
+    (r'^token_budget = 40', 'token_budget = "40"', "'token_budget' must be a positive integer"),
+    (r'^token_budget = 40', "token_budget = true", "'token_budget' must be a positive integer"),
+    (r'^token_budget = 40', "token_budget = 40\nmax_length = 0", "'max_length' must be a positive integer"),
+    (r'^token_budget = 40', 'token_budget = 40\nvocab_policy = "guess"', "'vocab_policy' must be one of"),
+    (r'^n_params = \d+', 'n_params = "big"', "sizes.s.'n_params' must be int"),
+    (r'^n_params = \d+', "n_params = 1.5", "sizes.s.'n_params' must be int"),
+    (r'^n_params = \d+', "n_params = 0", "sizes.s.'n_params' must be a positive integer"),
+    (r'^n_params = \d+', "n_params = -3", "sizes.s.'n_params' must be a positive integer"),
+    (r'^base = "s/base"', 'base = "s/nothing"', "sizes.s.base points at"),
+    (r'^base = "s/base"', 'base = "../../../../tmp"', "escapes the family directory"),
+    (r'^base = "s/base"', 'base = "eval/alpha.jsonl"', "sizes.s.base points at"),
+    (r'^base = "s/base"', "base = []", "sizes.s.'base' must be str"),
+    (r'^beta = "s/experts/beta"', 'beta = "s/experts/alpha"', "lists the same checkpoint twice"),
+    (r'^beta = "s/experts/beta"', 'beta = "s/experts/./alpha"', "lists the same checkpoint twice"),
+    (r'^beta = "s/experts/beta"', 'beta = "/nonexistent/beta"', "sizes.s.experts.beta points at"),
+    (r'^\[sizes.s.experts\](\n.*)*', "[sizes.s.experts]\n", "sizes.s.experts is empty"),
+    (r'^\[sizes.s.experts\]', '[sizes.s.experts]\ndelta = "s/base"', "sizes.s.experts.delta is not one of the family's domains"),
+    (r'^\[sizes\.s\]', "[sizes.s]\nextra = 1", ""),  # unknown keys are tolerated: a valid control, must run
+    (r'^name = ', "name = = ", "not valid TOML"),
+    (r'^name = "tiny"', 'name = "tiny"\nname = "again"', "not valid TOML"),
+    (r'^\[sizes\.s\](\n.*)*', "[sizes]\ns = 3", "[sizes.s] must be a table"),
+]
+
+
+def test_broken_manifests(family, tmp_path, capsys, tally):
+    import re
+
+    valid = family.read_text()
+    for i, (pattern, replacement, fragment) in enumerate(MANIFEST_CASES):
+        assert re.search(pattern, valid, flags=re.M), pattern
+        manifest = family.parent / f"case{i}.toml"
+        manifest.write_text(re.sub(pattern, replacement, valid, count=1, flags=re.M))
+        db = tmp_path / f"m{i}.duckdb"
+        args = ["sweep", "--family", manifest, "--methods", "average", "--k", "1", "--db", db, "--device", "cpu"]
+        if not fragment:  # the control case
+            assert cli(capsys, *args)[0] == 0
+            continue
+        expect_refusal(capsys, db, args, str(manifest), fragment)
+    for name, content in [("empty.toml", b""), ("binary.toml", bytes(range(256))), ("latin1.toml", "name = 'é'".encode("latin-1"))]:
+        (family.parent / name).write_bytes(content)
+        expect_refusal(capsys, tmp_path / "x.duckdb", ["sweep", "--family", family.parent / name, "--db", tmp_path / "x.duckdb"],
+                       str(family.parent / name))
+    expect_refusal(capsys, tmp_path / "x.duckdb", ["sweep", "--family", tmp_path, "--db", tmp_path / "x.duckdb"],
+                   "family manifest not found")
+    tally["bad inputs tried: family manifests"] += len(MANIFEST_CASES) - 1 + 4
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+def rewrite(expert: Path, change) -> None:
+    """Load an expert's tensors, let `change(state, config)` edit them, save back as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(expert / "model.safetensors")
+    config = json.loads((expert / "config.json").read_text())
+    change(state, config)
+    save_file(state, expert / "model.safetensors", metadata={"format": "pt"})
+    (expert / "config.json").write_text(json.dumps(config))
+
+
+def raw_bytes(edit):
+    def change_file(expert: Path):
+        path = expert / "model.safetensors"
+        path.write_bytes(edit(path.read_bytes()))
+    return change_file
+
+
+def tensors(change):
+    return lambda expert: rewrite(expert, change)
+
+
+EMBED = "model.embed_tokens.weight"
+LAYER = "model.layers.0.mlp.up_proj.weight"
+
+
+def set_value(name, value):
+    def change(state, config):
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = value
+    return change
+
+
+def _pickle_only(expert: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(expert / "model.safetensors"), expert / "pytorch_model.bin")
+    (expert / "model.safetensors").unlink()
+
+
+def _remote_code(expert: Path) -> None:
+    _edit_config(expert, model_type="evil", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (expert / "modeling_evil.py").write_text(f"open({str(expert / 'PWNED')!r}, 'w').write('ran')\n")
+
+
+def _edit_config(expert: Path, **changes) -> None:
+    config = json.loads((expert / "config.json").read_text())
+    config.update(changes)
+    (expert / "config.json").write_text(json.dumps(config))
+
+
+def _sharded_missing(expert: Path) -> None:
+    (expert / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {EMBED: "model-00001-of-00002.safetensors"}}))
+    (expert / "model.safetensors").unlink()
+
+
+CHECKPOINT_CASES = {  # name: (how to break expert beta, expected fragments)
+    "truncated": (raw_bytes(lambda b: b[:-100]), ["model.safetensors", "truncated"]),
+    "zero bytes": (raw_bytes(lambda b: b""), ["model.safetensors", "not a readable safetensors file"]),
+    "huge header length": (raw_bytes(lambda b: struct.pack("<Q", 2**40) + b[8:]), ["not a readable safetensors file"]),
+    "header not JSON": (raw_bytes(lambda b: b[:8] + b"{" * 16 + b[24:]), ["not a readable safetensors file"]),
+    "integer weights": (tensors(lambda s, c: s.__setitem__(LAYER, s[LAYER].round().to(__import__("torch").int64))),
+                        [LAYER, "int64"]),
+    "wrong shape": (tensors(lambda s, c: s.__setitem__(LAYER, s[LAYER][:-1].clone())), [LAYER, "shape"]),
+    "bigger vocab": (tensors(lambda s, c: (s.__setitem__(EMBED, __import__("torch").cat([s[EMBED], s[EMBED][:8]])),
+                                           c.update(vocab_size=272))), [EMBED, "vocab_policy"]),
+    "untied head": (tensors(lambda s, c: (s.__setitem__("lm_head.weight", s[EMBED].clone()),
+                                          c.update(tie_word_embeddings=False))), ["tie"]),
+    "NaN": (tensors(set_value(LAYER, float("nan"))), [LAYER, "NaN/Inf"]),
+    "+Inf": (tensors(set_value(LAYER, float("inf"))), [LAYER, "NaN/Inf"]),
+    "-Inf": (tensors(set_value(EMBED, float("-inf"))), [EMBED, "NaN/Inf"]),
+    "extra tensor": (tensors(lambda s, c: s.__setitem__("model.extra.weight", s[LAYER].clone())),
+                     ["unexpected tensor 'model.extra.weight'"]),
+    "missing tensor": (tensors(lambda s, c: s.pop(LAYER)), [f"tensor {LAYER!r} missing"]),
+    "missing config": (lambda e: (e / "config.json").unlink(), ["config.json missing"]),
+    "config not JSON": (lambda e: (e / "config.json").write_text("{nope"), ["config.json", "not valid JSON"]),
+    "pickle only": (_pickle_only, ["pytorch_model.bin"]),
+    "no weights": (lambda e: (e / "model.safetensors").unlink(), ["no model.safetensors"]),
+    "missing shard": (_sharded_missing, ["model-00001-of-00002.safetensors", "missing"]),
+    "remote code": (_remote_code, ["evil", "custom code"]),
+    "other architecture": (lambda e: _edit_config(e, model_type="llama"), ["'llama'", "the base"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES) + ["remote code in the base"])
+def test_broken_checkpoints(case, tmp_path, capsys, tally):
+    family = build_tiny_family(tmp_path / "family")
+    in_base = case.endswith("in the base")
+    expert = family.parent / "s" / ("base" if in_base else "experts/beta")
+    case = case.removesuffix(" in the base")
+    breaker, fragments = CHECKPOINT_CASES[case]
+    breaker(expert)
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         *fragments)
+    assert str(expert) in err
+    assert not (expert / "PWNED").exists(), "remote code ran"
+    tally["bad inputs tried: checkpoints"] += 1
+
+
+# -- eval sets -------------------------------------------------------------------------------------------
+
+EVAL_CASES = {
+    "empty": (b"", "eval set is empty"),
+    "blank lines only": (b"\n\n   \n", "eval set is empty"),
+    "not UTF-8": (b'{"prompt": "\xff\xfe", "response": "x"}\n', "not UTF-8"),
+    "not JSON": (b'{"prompt": "a", "response": \n', ":1: not valid JSON"),
+    "array row": (b'["a", "b"]\n', ":1: expected an object"),
+    "missing prompt": (b'{"response": "x"}\n', "field 'prompt' missing"),
+    "missing response": (b'{"prompt": "x"}\n', "field 'response' missing"),
+    "number response": (b'{"prompt": "x", "response": 3}\n', "field 'response' missing or not a string"),
+    "empty response": (b'{"prompt": "x", "response": ""}\n', "empty 'response'"),
+    "second line bad": (b'{"prompt": "x", "response": "y"}\n{"prompt": 1}\n', ":2:"),
+    "huge line": (json.dumps({"prompt": "x" * (2 << 20), "response": "y"}).encode() + b"\n", ":1: line of"),
+    "messages not a list": (b'{"messages": "hi"}\n', "'messages' must be a non-empty list"),
+    "messages end with user": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "last message must be"),
+    "message without content": (b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n',
+                                "must have a 'role'"),
+}
+
+
+def test_broken_eval_sets(family, tmp_path, capsys, tally):
+    valid = family.read_text()
+    for i, (case, (content, fragment)) in enumerate(EVAL_CASES.items()):
+        path = family.parent / "eval" / f"bad{i}.jsonl"
+        path.write_bytes(content)
+        manifest = family.parent / f"eval{i}.toml"
+        manifest.write_text(valid.replace('beta = "eval/beta.jsonl"', f'beta = "eval/bad{i}.jsonl"'))
+        db = tmp_path / f"e{i}.duckdb"
+        expect_refusal(capsys, db, ["sweep", "--family", manifest, "--methods", "average", "--db", db, "--device", "cpu"],
+                       str(path), fragment)
+    tally["bad inputs tried: eval sets"] += len(EVAL_CASES)
+
+
+# -- hyperparameters and CLI arguments ---------------------------------------------------------------------
+
+HP_CASES = [
+    ("ties", "ties.density=0", "out of range"), ("ties", "ties.density=1.5", "out of range"),
+    ("ties", "ties.density=NaN", "must be finite"), ("ties", "ties.density=Infinity", "must be finite"),
+    ("ties", "ties.density=abc", "must be a number"), ("ties", "ties.density=true", "must be a number"),
+    ("ties", "ties.lambda=NaN", "must be finite"), ("ties", "ties.bogus=1", "no hyperparameter 'bogus'"),
+    ("dare", "dare.p=1", "out of range"), ("dare", "dare.p=-0.1", "out of range"), ("dare", "dare.p=NaN", "must be finite"),
+    ("dare", "dare.seed=1.5", "must be an integer"), ("dare", "dare.rescale=maybe", "must be true or false"),
+    ("task_arithmetic", "task_arithmetic.c=x", "must be a number"),
+    ("task_arithmetic", "task_arithmetic.normalize=2", "must be true or false"),
+    ("average", "average.weight=1", "no hyperparameter 'weight'"),
+    ("ties", "ties.density", "expected METHOD.PARAM=VALUE"), ("ties", "density=0.5", "expected METHOD.PARAM=VALUE"),
+    ("ties", "dare.p=0.5", "not among --methods"),
+]
+
+ARG_CASES = [
+    (["--k", "0"], "--k"), (["--k", "0-3"], "--k"), (["--k", "3-1"], "--k"), (["--k", "abc"], "--k"),
+    (["--k", "1-99"], "--k"), (["--k", ""], "--k"), (["--k", "1,,2"], "--k"),
+    (["--sizes", "huge"], "no size 'huge'"), (["--methods", "magic"], "magic"), (["--methods", ","], "method"),
+    (["--subsets", "-1"], "--subsets"), (["--subsets", "foo"], "--subsets"), (["--subsets", "orderings:0"], "--subsets"),
+    (["--subsets", "orderings:x"], "--subsets"), (["--device", "tpu"], "tpu"), (["--device", "cuda:7"], "cuda"),
+    (["--address", "auto"], "--backend ray"), (["--backend", "mpi"], "mpi"), (["--seed", "x"], "--seed"),
+]
+
+
+def test_bad_hyperparameters_and_arguments(family, tmp_path, capsys, tally):
+    db = tmp_path / "r.duckdb"
+    base = ["sweep", "--family", family, "--db", db, "--device", "cpu"]
+    for method, hp, fragment in HP_CASES:
+        expect_refusal(capsys, db, [*base, "--methods", method, "--hp", hp], fragment)
+    for extra, fragment in ARG_CASES:
+        args = [*base, "--methods", "average", *extra]
+        if "--device" in extra:
+            args = [a for i, a in enumerate(args) if not (a == "--device" and args[i + 1] == "cpu") and not
+                    (a == "cpu" and args[i - 1] == "--device")] + []
+        expect_refusal(capsys, db, args, fragment)
+    tally["bad inputs tried: hyperparameters"] += len(HP_CASES)
+    tally["bad inputs tried: CLI arguments"] += len(ARG_CASES)
+
+
+def test_bad_arguments_to_the_other_commands(family, tmp_path, capsys, tally):
+    db = tmp_path / "r.duckdb"
+    cases = [
+        (["results", "--db", db, "--format", "xml"], "xml"),
+        (["fit", "--db", db, "--format", "pdf"], "pdf"),
+        (["fit", "--db", db, "--bootstrap", "-5"], "bootstrap"),
+        (["export", "--what", "everything", "--out", tmp_path / "x.csv", "--db", db], "everything"),
+        (["export", "--what", "results", "--format", "xls", "--out", tmp_path / "x.xls", "--db", db], "xls"),
+        (["export-model", "--family", family, "--size", "s", "--method", "average", "--experts", "alpha,zeta",
+          "--out", tmp_path / "m"], "zeta"),
+        (["export-model", "--family", family, "--size", "s", "--method", "average", "--experts", "",
+          "--out", tmp_path / "m"], "experts"),
+        (["export-model", "--family", family, "--size", "s", "--method", "average", "--experts", "alpha,alpha",
+          "--out", tmp_path / "m"], "alpha"),
+        (["export-model", "--family", family, "--size", "q", "--method", "average", "--experts", "alpha",
+          "--out", tmp_path / "m"], "no size 'q'"),
+        (["demo", "build", "--preset", "giant", "--out", tmp_path / "d"], "giant"),
+    ]
+    for args, fragment in cases:
+        expect_refusal(capsys, db, args, fragment)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
+    tally["bad inputs tried: CLI arguments"] += len(cases)
