@@ -39,7 +39,10 @@ def confined(path: str | Path) -> Path:
     """`path` resolved (symlinks and '..' followed) if it lies under an allowed root, else a clear error."""
     from mergelab.errors import MergelabError
 
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, symlink loops, unknown ~user
+        raise MergelabError(f"{path!r}: not a usable path ({exc})") from None
     roots = allowed_roots()
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise MergelabError(f"{path}: outside the allowed folders ({', '.join(map(str, roots))}); "
