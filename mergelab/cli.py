@@ -109,6 +109,8 @@ def sweep(
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
     reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
+    backend: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; pip install 'mergelab[ray]')"),
+    address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
 ):
     """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
     from mergelab.family import load_family
@@ -121,8 +123,10 @@ def sweep(
     spec = SweepSpec(fam, _split(sizes) or list(fam.size_names), _parse_hparams(hp, method_names),
                      parse_ks(k, n_experts),
                      parse_subsets(subsets), seed, reference)
+    if address and backend != "ray":
+        raise MergelabError("--address is for --backend ray")
     store = ResultStore(db)
-    report = run_sweep(spec, store, device=device)
+    report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
     summary = per_k_summary(store, fam.name, report.eval_hashes)

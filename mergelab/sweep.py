@@ -8,7 +8,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from mergelab.errors import MergelabError
 from mergelab.evaluate import METRIC_VERSION, EvalData, evaluate, prepare_eval
@@ -145,37 +145,66 @@ class _RowWriter:
 ProgressCallback = Callable[["SweepReport", int, "WorkItem | None"], None]
 
 
+BACKENDS = ("local", "ray")
+
+
 def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, progress: bool = True,
-              flush_seconds: float = 2.0, on_progress: ProgressCallback | None = None) -> SweepReport:
-    """Run the sweep. `on_progress(report, total, item)` is called once the plan is known (item None)
-    and after every merge; it may raise to stop the sweep (rows done so far are kept)."""
+              flush_seconds: float = 2.0, on_progress: ProgressCallback | None = None,
+              backend: str = "local", address: str | None = None) -> SweepReport:
+    """Run the sweep here (backend "local") or on a Ray cluster (backend "ray", `address` as for
+    `ray.init`); either way this process alone writes the cache, as rows arrive.
+    `on_progress(report, total, item)` is called once the plan is known (item None) and after every
+    merge; it may raise to stop the sweep (rows done so far are kept)."""
     from tqdm.auto import tqdm
 
-    from mergelab.engine import pick_device
-    from mergelab.memory import plan_memory, require_fit
+    if backend not in BACKENDS:
+        raise MergelabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "ray":
+        from mergelab.ray_backend import require_ray
 
-    device = pick_device(device)
+        require_ray()  # before the (slow) planning: a missing extra fails at once
     started = time.perf_counter()
     report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
-    sizes = [spec.family.size(name) for name in spec.sizes]
-    for size in sizes:  # refuse up front, with the numbers, rather than fail halfway
-        if todo[size.name]:
-            require_fit(plan_memory(size.n_params, len(size.experts), size.name, device))
+    if backend == "local":
+        results = _local_results(spec.family, todo, eval_data, device, progress)
+    else:
+        from mergelab.ray_backend import ray_results
+
+        results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
     writer = _RowWriter(store, flush_seconds, report)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
     try:
         if on_progress:
             on_progress(report, total, None)
-        for size in sizes:
-            if todo[size.name]:
-                _run_size(spec.family, size, todo[size.name], eval_data[size.name].to(device), device,
-                          writer, bar, on_progress, report, total, progress)
+        for item, rows in results:
+            writer.add(rows)
+            report.merged += 1
+            bar.update(1)
+            if on_progress:
+                on_progress(report, total, item)
     finally:
+        results.close()  # stops the backend's work in flight (Ray actors) when the sweep is stopped early
         bar.close()
         writer.flush()
         report.seconds = time.perf_counter() - started
     return report
+
+
+def _local_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict[str, EvalData],
+                   device: str | None, progress: bool) -> Iterator[tuple[WorkItem, list[dict]]]:
+    """The local backend: one size after another on this machine. The memory plan of every size is
+    checked here, before anything is loaded, so a sweep that cannot fit refuses with the numbers."""
+    from mergelab.engine import pick_device
+    from mergelab.memory import plan_memory, require_fit
+
+    device = pick_device(device)
+    sizes = [family.size(name) for name, items in todo.items() if items]
+    for size in sizes:
+        require_fit(plan_memory(size.n_params, len(size.experts), size.name, device))
+    # one size alive at a time: each evaluator is dropped once its generator is exhausted
+    return (row for size in sizes
+            for row in SizeEvaluator(family.name, size, eval_data[size.name], device, progress).evaluate(todo[size.name]))
 
 
 def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
@@ -237,37 +266,42 @@ def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[Wo
     return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]
 
 
-def _run_size(family, size, items, data, device, writer, bar, on_progress, report, total, progress) -> None:
-    import json
+class SizeEvaluator:
+    """One size's task vectors and resident model, loaded once, then evaluating any list of that size's
+    WorkItems (in `_merge_order`) and yielding each merge's rows. The local backend makes one per size;
+    each Ray actor holds one and feeds it chunks of the plan."""
 
-    from tqdm.auto import tqdm
+    def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False):
+        from tqdm.auto import tqdm
 
-    from mergelab.engine import ExpertPool, MergeSession, ResidentModel
+        from mergelab.engine import ExpertPool, MergeSession, ResidentModel
 
-    with tqdm(total=len(size.experts), desc=f"load {size.name}", unit="expert",
-              disable=not progress, leave=False) as loading:
-        pool = ExpertPool.load(size, device, progress=loading)
-    resident = ResidentModel(pool.base_checkpoint, device)
-    session = MergeSession(pool, resident)
-    for item in _merge_order(items, pool.expert_names):
-        if item.method == BASE:
-            resident.load_base(pool)
-        elif item.method == EXPERT:
-            resident.load_expert(pool, item.subset[0])
-        else:
-            session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
-        losses = evaluate(resident.model, data)
-        writer.add([
-            {"family": family.name, "size": size.name, "n_params": size.n_params, "method": item.method,
-             "hparams": item.hparams, "experts_key": experts_key(item.subset), "domain": d, "loss": loss,
-             "n_tokens": data.n_tokens[d], "eval_hash": data.hashes[d], "metric_version": METRIC_VERSION,
-             "device": device, "n_truncated": data.n_truncated[d]}
-            for d, loss in losses.items()
-        ])
-        report.merged += 1
-        bar.update(1)
-        if on_progress:
-            on_progress(report, total, item)
+        self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
+        with tqdm(total=len(size.experts), desc=f"load {size.name}", unit="expert",
+                  disable=not progress, leave=False) as loading:
+            self.pool = ExpertPool.load(size, device, progress=loading)
+        self.resident = ResidentModel(self.pool.base_checkpoint, device)
+        self.session = MergeSession(self.pool, self.resident)
+
+    def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, list[dict]]]:
+        import json
+
+        for item in _merge_order(items, self.pool.expert_names):
+            if item.method == BASE:
+                self.resident.load_base(self.pool)
+            elif item.method == EXPERT:
+                self.resident.load_expert(self.pool, item.subset[0])
+            else:
+                self.session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
+            losses = evaluate(self.resident.model, self.data)
+            yield item, [self._row(item, domain, loss) for domain, loss in losses.items()]
+
+    def _row(self, item: WorkItem, domain: str, loss: float) -> dict:
+        return {"family": self.family_name, "size": self.size.name, "n_params": self.size.n_params,
+                "method": item.method, "hparams": item.hparams, "experts_key": experts_key(item.subset),
+                "domain": domain, "loss": loss, "n_tokens": self.data.n_tokens[domain],
+                "eval_hash": self.data.hashes[domain], "metric_version": METRIC_VERSION, "device": self.device,
+                "n_truncated": self.data.n_truncated[domain]}
 
 
 def _merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:
