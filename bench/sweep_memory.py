@@ -19,7 +19,7 @@ def build(root: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from mergelab.demo.domains import generate
+    from mergelab.demo.domains import DOMAINS, generate
     from mergelab.demo.tokenizer import save_tokenizer
     from mergelab.family import write_manifest
 
@@ -31,18 +31,19 @@ def build(root: Path) -> Path:
     model.save_pretrained(str(root / "base"))
     save_tokenizer(root / "base")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    experts = {}
-    for i in range(M):
+    domains = DOMAINS[:M]  # experts are named by the domain they were tuned on
+    experts, evals = {}, {}
+    (root / "eval").mkdir()
+    for domain in domains:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(state[name] + 0.01 * torch.randn_like(p))
-        model.save_pretrained(str(root / f"e{i}"))
-        experts[f"e{i}"] = f"e{i}"
-    (root / "eval").mkdir()
-    (root / "eval" / "algebra.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in generate("algebra", 40, 1)))
+        model.save_pretrained(str(root / domain))
+        experts[domain], evals[domain] = domain, f"eval/{domain}.jsonl"
+        (root / evals[domain]).write_text("".join(json.dumps(ex) + "\n" for ex in generate(domain, 10, 1)))
     n_params = sum(p.numel() for p in model.parameters())
-    write_manifest(root / "family.toml", "memory", ["algebra"], {"algebra": "eval/algebra.jsonl"},
-                   [{"name": "big", "n_params": n_params, "base": "base", "experts": experts}], token_budget=64)
+    write_manifest(root / "family.toml", "memory", domains, evals,
+                   [{"name": "big", "n_params": n_params, "base": "base", "experts": experts}], token_budget=16)
     return root / "family.toml"
 
 

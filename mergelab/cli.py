@@ -25,6 +25,8 @@ def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
     import json
 
+    if not methods:
+        raise MergelabError("--methods: name at least one merge method (see `mergelab methods`)")
     hps: dict[str, dict] = {m: {} for m in methods}
     for item in items:
         target, sep, raw = item.partition("=")
@@ -164,6 +166,21 @@ SUMMARY_COLUMNS = ["family", "size", "method", "domain", "L_inf", "A", "b", "r2"
 JOINT_COLUMNS = ["family", "method", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "at_bound"]
 
 
+EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
+
+
+def _check_table_options(format: str, bootstrap: int, weights: str) -> None:
+    """Refuse bad options before reading the cache or fitting anything."""
+    from mergelab.export import FORMATS
+
+    if format not in FORMATS:
+        raise MergelabError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if bootstrap < 0:
+        raise MergelabError(f"--bootstrap {bootstrap}: expected 0 (no CIs) or a positive number of draws")
+    if weights not in ("k", "uniform"):
+        raise MergelabError(f"--weights {weights!r}: expected k or uniform")
+
+
 def _selected_results(db, family, method, size):
     from mergelab.store import ResultStore
 
@@ -190,6 +207,7 @@ def fit(
     """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
     from mergelab import analysis, export
 
+    _check_table_options(format, bootstrap, weights)
     results = _selected_results(db, family, method, size)
     domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
@@ -220,6 +238,9 @@ def export_cmd(
     """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
     from mergelab import analysis, export
 
+    _check_table_options(format, bootstrap, weights)
+    if what not in EXPORTABLE:
+        raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)}")
     results = _selected_results(db, family, method, size)
     options = {"what": what, "weights": weights, "bootstrap": bootstrap}
     if what == "fits":
@@ -230,10 +251,8 @@ def export_cmd(
         table = results
     elif what == "synergy":
         table = analysis.synergy_table(results)
-    elif what == "plan":
-        table = analysis.plan_table(results, weights=weights, n_boot=bootstrap)
     else:
-        raise MergelabError(f"--what {what!r}: expected fits, joint, results, synergy or plan")
+        table = analysis.plan_table(results, weights=weights, n_boot=bootstrap)
     export.write(table, format, analysis.provenance(results, **options), out)
     typer.echo(f"wrote {len(table)} rows of {what} to {out}")
 
@@ -250,10 +269,11 @@ def export_model_cmd(
 ):
     """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer)."""
     from mergelab.family import load_family
-    from mergelab.materialise import export_model, mergekit_yaml as to_yaml
+    from mergelab.materialise import check_experts, export_model, mergekit_yaml as to_yaml
 
     spec = load_family(family).size(size)
     chosen = _split(experts) or []
+    check_experts(spec, chosen)
     hparams = _parse_hparams(hp, [method])[method]
     if mergekit_yaml:
         mergekit_yaml.write_text(to_yaml(spec, method, hparams, chosen))
