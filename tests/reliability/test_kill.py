@@ -59,7 +59,8 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
     reap_orphans(queue)
     queue.resume(job_id)
     final = start_worker(queue.path, "--once")
-    assert final.wait(timeout=600) == 0, final.stdout.read().decode()
+    output = final.communicate(timeout=600)[0].decode()  # communicate drains the pipe while waiting
+    assert final.returncode == 0, output
     assert queue.get(job_id).status == "done", queue.get(job_id)
     killed = check_whole_merges(spec["db"], n_domains)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mergelab.jobs import JobQueue
+from tests.reliability.faults import wait_until
 from tests.test_app import env, run  # noqa: F401 - env is a fixture
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,8 @@ def test_launch_without_sizes_or_methods_is_refused(env, tally):  # noqa: F811
     tally["bad inputs tried: UI form values"] += 2
 
 
-def test_a_job_whose_worker_died_shows_failed_and_resumes(env, tally):  # noqa: F811
+def test_a_job_whose_worker_died_shows_failed_and_resumes(env, monkeypatch, tally):  # noqa: F811
+    monkeypatch.setenv("MERGELAB_WORKER_IDLE", "2")  # the worker Resume starts exits soon after the job
     queue = JobQueue()
     job_id = queue.submit({"family": str(env), "methods": {"average": {}}, "device": "cpu"})
     queue.claim_next(worker_pid=999_999_999)  # running, but no worker holds the queue lock: it died
@@ -53,5 +55,5 @@ def test_a_job_whose_worker_died_shows_failed_and_resumes(env, tally):  # noqa: 
     text = " ".join(e.value for e in at.error)
     assert "worker process died" in text and "resume" in text
     next(b for b in at.button if b.label == "Resume").click().run()
-    assert queue.get(job_id).status in ("queued", "running", "done")
+    assert wait_until(lambda: queue.get(job_id).status == "done", timeout=300), queue.get(job_id)
     tally["worker deaths shown and resumed in the UI"] += 1
