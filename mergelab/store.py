@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergelab.errors import CacheError
+from mergelab.locks import flock_until
 from mergelab.paths import default_db_path
 
 if TYPE_CHECKING:
@@ -112,15 +113,9 @@ class ResultStore:
             yield
             return
         with handle:
-            while True:
-                try:
-                    fcntl.flock(handle, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CacheError(f"{self.path}: cannot open the results cache (another mergelab process "
-                                         f"kept writing for {self.lock_timeout:.0f} s)") from None
-                    time.sleep(0.01)
+            if not flock_until(handle, exclusive=not read_only, deadline=deadline):
+                raise CacheError(f"{self.path}: cannot open the results cache (another mergelab process "
+                                 f"kept writing for {self.lock_timeout:.0f} s)")
             if read_only:
                 fcntl.flock(handle, fcntl.LOCK_UN)
             yield

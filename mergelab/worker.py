@@ -5,7 +5,6 @@ Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from mergelab.errors import MergelabError
 from mergelab.jobs import Job, JobQueue
+from mergelab.locks import flock_until
 
 
 class JobCancelled(Exception):
@@ -28,16 +28,10 @@ def _try_lock(queue: JobQueue, wait: float = 0.0):
     """An open file holding the worker lock, or None when another worker holds it (after `wait` seconds)."""
     lock_path(queue).parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock_path(queue), "a+")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                handle.close()
-                return None
-            time.sleep(0.05)
+    if flock_until(handle, exclusive=True, deadline=time.monotonic() + wait, poll=0.05):
+        return handle
+    handle.close()
+    return None
 
 
 def worker_running(queue: JobQueue) -> bool:
