@@ -171,10 +171,9 @@ EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
 
 def _check_table_options(format: str, bootstrap: int, weights: str) -> None:
     """Refuse bad options before reading the cache or fitting anything."""
-    from mergelab.export import FORMATS
+    from mergelab.export import check_format
 
-    if format not in FORMATS:
-        raise MergelabError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_format(format)
     if bootstrap < 0:
         raise MergelabError(f"--bootstrap {bootstrap}: expected 0 (no CIs) or a positive number of draws")
     if weights not in ("k", "uniform"):

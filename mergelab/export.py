@@ -27,11 +27,15 @@ def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise MergelabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
 def render(frame: pd.DataFrame, fmt: str, provenance: dict) -> str | bytes:
     """The table in `fmt`; provenance in a leading comment (csv, latex), a field (json) or the file
     metadata (parquet)."""
-    if fmt not in FORMATS:
-        raise MergelabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    check_format(fmt)
     prov = json.dumps(provenance, sort_keys=True, default=str)
     plain = _plain(frame)
     if fmt == "csv":
