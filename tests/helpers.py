@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 DOMAINS = ("alpha", "beta", "gamma")
@@ -89,3 +90,13 @@ def build_tiny_family(root: Path) -> Path:
     n_params = sum(p.numel() for p in base.parameters())
     return write_manifest(root / "family.toml", "tiny", DOMAINS, evals,
                           [{"name": "s", "n_params": n_params, "base": "s/base", "experts": experts}], token_budget=40)
+
+
+def wait_until(predicate, timeout: float = 120.0, poll: float = 0.02) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()

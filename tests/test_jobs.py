@@ -3,26 +3,17 @@
 import subprocess
 import sys
 import threading
-import time
 
 from mergelab.jobs import JobQueue
 from mergelab.store import ResultStore
 from mergelab.worker import ensure_worker, reap_orphans, run_job, worker_running
+from tests.helpers import wait_until
 
 METHODS = {"average": {}, "task_arithmetic": {}, "ties": {}, "dare": {}}
 
 
 def spec(family, db, **over):
     return {"family": str(family), "methods": METHODS, "db": str(db), "device": "cpu", **over}
-
-
-def wait_for(predicate, timeout=120.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_worker_runs_a_job_to_completion(tiny_family, tmp_path):
@@ -44,7 +35,7 @@ def test_cancel_keeps_rows_and_resume_completes_without_duplicates(tiny_family, 
     job = queue.claim_next(worker_pid=1)
     runner = threading.Thread(target=run_job, args=(queue, job))
     runner.start()
-    assert wait_for(lambda: queue.get(job_id).done >= 3, step=0.002)
+    assert wait_until(lambda: queue.get(job_id).done >= 3, poll=0.002)
     queue.cancel(job_id)
     runner.join(timeout=120)
     cancelled = queue.get(job_id)
@@ -84,11 +75,11 @@ def test_one_worker_per_queue_and_ensure_worker(tiny_family, tmp_path):
     queue = JobQueue(tmp_path / "jobs.sqlite")
     assert not worker_running(queue)
     assert ensure_worker(queue, idle_exit=20)
-    assert wait_for(lambda: worker_running(queue), timeout=60)
+    assert wait_until(lambda: worker_running(queue), timeout=60)
     assert not ensure_worker(queue)  # already running: nothing started
     second = subprocess.run([sys.executable, "-m", "mergelab", "worker", "--queue", queue.path, "--once"],
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == 1 and "another worker is already running" in second.stderr
     job_id = queue.submit(spec(tiny_family, tmp_path / "r.duckdb", methods={"average": {}}))
-    assert wait_for(lambda: queue.get(job_id).status == "done", timeout=120), queue.get(job_id)
+    assert wait_until(lambda: queue.get(job_id).status == "done", timeout=120), queue.get(job_id)
     assert queue.get(job_id).total == 4 + 7

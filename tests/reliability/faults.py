@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mergelab.store import KEY_COLUMNS, ResultStore
@@ -20,15 +19,6 @@ def start_worker(queue_path: Path, *extra: str) -> subprocess.Popen:
 def kill_9(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-
-
-def wait_until(predicate, timeout: float, poll: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return predicate()
 
 
 def check_whole_merges(db: Path, n_domains: int):

@@ -4,7 +4,6 @@ no traceback, and writes nothing (the cache file is never created). The number o
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 

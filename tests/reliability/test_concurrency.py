@@ -15,7 +15,7 @@ import pytest
 
 from mergelab.jobs import JobQueue
 from mergelab.store import ResultStore
-from tests.reliability.faults import check_whole_merges, start_worker, wait_until
+from tests.reliability.faults import check_whole_merges, start_worker
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from mergelab.jobs import JobQueue
 from mergelab.store import ResultStore
 from mergelab.sweep import SweepSpec, run_sweep
 from mergelab.worker import reap_orphans
-from tests.reliability.faults import check_whole_merges, compare_caches, kill_9, start_worker, wait_until
+from tests.helpers import wait_until
+from tests.reliability.faults import check_whole_merges, compare_caches, kill_9, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,6 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
         if job.status == "failed":
             assert "worker process died" in job.message
             queue.resume(job_id)  # … and its Resume button queues it again
-        done_before = queue.get(job_id).done if round_ else 0
         worker = start_worker(queue.path, "--once")
         if round_ < KILLS_BEFORE_FIRST_MERGE:
             wait_until(lambda: worker.poll() is not None, timeout=rng.uniform(0.3, 3.0))

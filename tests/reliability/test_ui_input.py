@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mergelab.jobs import JobQueue
-from tests.reliability.faults import wait_until
+from tests.helpers import wait_until
 from tests.test_app import env, run  # noqa: F401 - env is a fixture
 
 pytestmark = pytest.mark.slow
