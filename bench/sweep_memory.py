@@ -1,7 +1,8 @@
 """Peak memory of a sweep against the (M + 3) × model-size budget, on a model large enough that
 tensors, not the Python/torch runtime, dominate: a random 25M-parameter Qwen2 base with M = 4 experts
 (base + noise), swept with average, ties and dare over all subsets. The runtime's own footprint is
-measured in the same way (a process that loads one model and evaluates it once) and reported beside.
+measured in the same way and reported beside: a process that does what any sweep does besides holding
+the engine's tensors (loads one model, evaluates it on the family's eval sets, caches the rows).
 
     python bench/sweep_memory.py
 """
@@ -53,16 +54,20 @@ from pathlib import Path
 mode, manifest = sys.argv[1], sys.argv[2]
 from mergelab.family import load_family
 family = load_family(manifest)
-if mode == "runtime":
+if mode == "runtime":  # what any sweep process needs besides the engine's tensors
     from transformers import AutoTokenizer
     from mergelab.checkpoints import Checkpoint
     from mergelab.engine import ResidentModel
-    from mergelab.evaluate import evaluate, prepare_eval
+    from mergelab.evaluate import METRIC_VERSION, evaluate, prepare_eval
     from mergelab.store import ResultStore
     size = family.sizes[0]
     resident = ResidentModel(Checkpoint(size.base), "cpu")
-    evaluate(resident.model, prepare_eval(family.eval_sets, AutoTokenizer.from_pretrained(str(size.base)), 64))
-    ResultStore(Path(tempfile.mkdtemp()) / "r.duckdb").count()
+    data = prepare_eval(family.eval_sets, AutoTokenizer.from_pretrained(str(size.base)), family.token_budget)
+    losses = evaluate(resident.model, data)
+    ResultStore(Path(tempfile.mkdtemp()) / "r.duckdb").upsert([
+        {"family": family.name, "size": size.name, "n_params": size.n_params, "method": "base", "hparams": "{}",
+         "experts_key": "", "domain": d, "loss": loss, "n_tokens": data.n_tokens[d], "eval_hash": data.hashes[d],
+         "metric_version": METRIC_VERSION, "device": "cpu"} for d, loss in losses.items()])
 else:
     from mergelab.store import ResultStore
     from mergelab.sweep import SweepSpec, run_sweep

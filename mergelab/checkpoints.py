@@ -86,18 +86,32 @@ class Checkpoint:
 
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
+        t = self._read_checked(name)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def read_into(self, name: str, out) -> None:
+        """Read one tensor into `out` (same shape; cast to its dtype and moved to its device), checking
+        it is finite. A CPU `out` of the stored dtype is filled straight from the file, with no copy."""
+        if self.shapes.get(name, tuple(out.shape)) != tuple(out.shape):
+            raise CheckpointError(f"{self.files[name]}: tensor {name!r} has shape {list(self.shapes[name])}, "
+                                  f"expected {list(out.shape)}")
+        t = self._read_checked(name, out)
+        if t is not out:
+            out.copy_(t)
+
+    def _read_checked(self, name: str, into=None):
         import torch
 
         if name not in self.files:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing")
         try:
-            t = self._open(name).read(name)
+            t = self._open(name).read(name, into)
         except OSError as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has {bad} NaN/Inf values")
-        return t.to(device=device, dtype=dtype or t.dtype)
+        return t
 
     def close(self) -> None:
         """Forget the parsed headers (they are re-read on the next access)."""
@@ -170,7 +184,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str):
+    def read(self, name: str, into=None):
+        """The tensor's values: read into `into` when that is a contiguous CPU tensor of the stored
+        dtype and shape (then `into` is returned), else into a new tensor."""
         import math
 
         import torch
@@ -179,11 +195,18 @@ class SafetensorsFile:
         dtype = getattr(torch, dtype_name)
         if (end - begin) != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
             self._fail(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} in {dtype_name}")
-        buffer = bytearray(end - begin)
+        direct = (into is not None and into.dtype == dtype and into.device.type == "cpu"
+                  and into.is_contiguous() and tuple(into.shape) == shape)
+        if direct and end > begin:
+            buffer = into.view(-1).view(torch.uint8).numpy()
+        else:
+            buffer = bytearray(end - begin)
         with open(self.path, "rb") as f:
             f.seek(self.start + begin)
-            if f.readinto(buffer) != len(buffer):
+            if f.readinto(buffer) != end - begin:
                 self._fail(f"tensor {name!r} is cut short")
+        if direct:
+            return into
         if not buffer:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)

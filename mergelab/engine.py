@@ -7,12 +7,14 @@ merged model is ever written to disk or held twice.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from mergelab.checkpoints import Checkpoint, check_compatible
 from mergelab.errors import CheckpointError
 from mergelab.family import SizeSpec
+from mergelab.flat import FlatLayout
 from mergelab.methods import MergeContext, MergeMethod
 
 
@@ -37,9 +39,29 @@ def weight_dtype(device: str):
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+COMBINE_CHUNK = 1 << 20  # entries per combine step: its temporaries stay within ~2·k·4 MiB
+
+
+def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
+    """Read tensor `name` of `ckpt` into `out` (fp32), straight into place when the shapes match, else
+    through a temporary and aligned on the leading rows both have (a vocabulary of another size);
+    return the stored tensor's row count."""
+    import torch
+
+    if ckpt.shapes[name] == tuple(out.shape):
+        ckpt.read_into(name, out)
+        return out.shape[0]
+    tensor = ckpt.tensor(name, torch.float32, out.device)
+    r = min(tensor.shape[0], out.shape[0])
+    out[:r].copy_(tensor[:r])
+    return tensor.shape[0]
+
+
 @dataclass
 class ExpertPool:
-    """Base weights and stacked task vectors of one size: deltas[name] has shape [M, *shape].
+    """Base weights and stacked task vectors of one size, each role in one flat buffer
+    (`mergelab.flat`): base_flat [numel], deltas_flat [M, numel]; base[name] and deltas[name]
+    ([M, *shape]) are views into them.
 
     Vocabulary tensors of experts whose rows differ from the base's are aligned on the base's shape
     (family `vocab_policy`): only their first `merge_rows[name]` rows are merged; rows an expert lacks
@@ -48,8 +70,7 @@ class ExpertPool:
     size: SizeSpec
     names: list[str]
     expert_names: tuple[str, ...]
-    base: dict
-    deltas: dict
+    layout: FlatLayout
     base_checkpoint: Checkpoint
     merge_rows: dict = field(default_factory=dict)  # vocabulary tensor -> rows merged (base_rows/common_rows)
 
@@ -66,33 +87,36 @@ class ExpertPool:
             if policy == "common_rows":
                 rows = {n: min(r, expert.shapes[n][0]) for n, r in rows.items()}
             expert.close()
-        pool = cls(size, base_ckpt.names, tuple(size.experts), {}, {}, base_ckpt, rows)
-        pool._read_deltas(device, progress)
+        pool = cls(size, base_ckpt.names, tuple(size.experts), FlatLayout.of(base_ckpt.shapes), base_ckpt, rows)
+        pool._allocate(device)
+        pool._read_deltas(progress)
         return pool
 
-    def rows(self, name: str, tensor) -> int:
-        """How many leading rows of an expert's `tensor` enter the merge (all, outside vocabulary tensors)."""
-        return min(tensor.shape[0], self.merge_rows.get(name, tensor.shape[0]))
-
-    def _read_deltas(self, device: str, progress=None) -> None:
-        """Fill deltas[name][i] = θ_i − θ0 expert by expert, closing each file before the next, so
-        at most one checkpoint is mapped at a time; existing tensors are overwritten in place."""
+    def _allocate(self, device: str) -> None:
         import torch
 
-        if not self.base:
-            for name in self.names:
-                self.base[name] = self.base_checkpoint.tensor(name, torch.float32, device)
-            self.base_checkpoint.close()
+        self.base_flat = self.layout.zeros(dtype=torch.float32, device=device)
+        self.deltas_flat = self.layout.zeros(len(self.expert_names), dtype=torch.float32, device=device)
+        self.base, self.deltas = self.layout.views(self.base_flat), self.layout.views(self.deltas_flat)
         for name in self.names:
-            if name not in self.deltas:
-                self.deltas[name] = torch.empty((len(self.expert_names), *self.base[name].shape),
-                                                dtype=torch.float32, device=device)
+            self.base_checkpoint.read_into(name, self.base[name])
+        self.base_checkpoint.close()
+
+    def rows(self, name: str, n_rows: int) -> int:
+        """How many leading rows of an expert's tensor (of `n_rows` rows) enter the merge (all, outside
+        vocabulary tensors)."""
+        return min(n_rows, self.merge_rows.get(name, n_rows))
+
+    def _read_deltas(self, progress=None) -> None:
+        """Fill deltas[name][i] = θ_i − θ0 expert by expert, closing each file before the next, so
+        at most one checkpoint is open at a time; tensors of the base's shape are read straight into
+        place, the rest (vocabulary rows that differ) through a temporary."""
         for i, expert in enumerate(self.expert_names):
             ckpt = Checkpoint(self.size.experts[expert])
             for name in self.names:
-                tensor, out = ckpt.tensor(name, torch.float32, device), self.deltas[name][i]
-                r = self.rows(name, tensor)
-                torch.sub(tensor[:r], self.base[name][:r], out=out[:r])
+                out, base = self.deltas[name][i], self.base[name]
+                r = self.rows(name, read_aligned(ckpt, name, out))
+                out[:r].sub_(base[:r])
                 out[r:].zero_()  # vocabulary rows the expert lacks or that are not merged
             ckpt.close()
             if progress is not None:
@@ -107,31 +131,54 @@ class ExpertPool:
         if key == self.prepared_for:
             return
         if self.prepared_for is not None:
-            self._read_deltas(str(next(iter(self.base.values())).device))
+            self._read_deltas()
         if method.prepare:
-            for name in self.names:  # in place, one tensor at a time: no second set of task vectors
-                self.deltas[name].copy_(method.prepare(self.deltas[name], MergeContext(name, self.expert_names), hp))
+            # one expert's tensor at a time: temporaries stay at a few copies of one tensor
+            for name in self.names:
+                for i, expert in enumerate(self.expert_names):
+                    vector = self.deltas[name][i:i + 1]
+                    vector.copy_(method.prepare(vector, MergeContext(name, (expert,)), hp))
             self.prepared_for = key
 
     def indices(self, subset: Sequence[str]) -> list[int]:
         return [self.expert_names.index(e) for e in subset]
 
 
+@contextmanager
+def parameters_on_meta():
+    """Create module parameters on the meta device (no memory, initialisers do nothing) and buffers
+    (rotary tables) for real, where the surrounding torch.device puts them."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 class ResidentModel:
-    """One model whose parameters are overwritten in place by each merge."""
+    """One model whose parameters are overwritten in place by each merge. Its parameters are views
+    into one flat buffer (`flat`) laid out like the pool's base, so a linear merge is one op."""
 
     def __init__(self, base: Checkpoint, device: str):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from transformers.initialization import no_init_weights
-
         config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
-        with torch.device(device), no_init_weights():  # every weight is overwritten before use
+        with torch.device(device), parameters_on_meta():  # parameters get the flat buffer's views below
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(device), trust_remote_code=False)
-        model.tie_weights()  # tying is part of weight initialisation, which was skipped
+        model.tie_weights()
         self.model = model.eval()
         self.params = dict(model.named_parameters())
+        self.owner = None  # the MergeSession whose linear merge the weights hold, if any
         unknown = [n for n in base.names if n not in self.params]
         unfilled = [n for n in self.params if n not in base.shapes]
         arch = type(model).__name__
@@ -146,29 +193,43 @@ class ResidentModel:
         if wrong:
             raise CheckpointError(f"{base.files[wrong[0]]}: tensor {wrong[0]!r} has shape {list(base.shapes[wrong[0]])}, "
                                   f"{arch} built from config.json expects {list(self.params[wrong[0]].shape)}")
+        self.layout = FlatLayout.of(base.shapes)
+        self.flat = self.layout.zeros(dtype=weight_dtype(device), device=device)
+        placed = {id(self.params[name]): torch.nn.Parameter(view, requires_grad=False)
+                  for name, view in self.layout.views(self.flat).items()}
+        for module in model.modules():  # by identity, so a tied head gets the embedding's view too
+            for key, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[key] = placed[id(param)]
+        self.params = dict(model.named_parameters())
 
     def write(self, name: str, tensor) -> None:
         import torch
 
+        self.owner = None
         with torch.no_grad():
             self.params[name].copy_(tensor)
 
     def load_base(self, pool: ExpertPool) -> None:
-        for name in pool.names:
-            self.write(name, pool.base[name])
+        self.owner = None
+        self.flat.copy_(pool.base_flat)
 
     def load_expert(self, pool: ExpertPool, expert: str) -> None:
         """The expert itself, read from its checkpoint (the pool's task vectors may be prepared)."""
         import torch
 
         ckpt = Checkpoint(pool.size.experts[expert])
-        device = next(iter(pool.base.values())).device
+        self.owner = None
         with torch.no_grad():
             for name in pool.names:
-                tensor, param = ckpt.tensor(name, torch.float32, device), self.params[name]
-                r = pool.rows(name, tensor)  # aligned as in the pool: the expert alone is its own merge
-                param[:r].copy_(tensor[:r])
-                param[r:].copy_(pool.base[name][r:])
+                param = self.params[name].data
+                if param.dtype == torch.float32:
+                    r = pool.rows(name, read_aligned(ckpt, name, param))
+                else:  # bf16 on CUDA: read fp32 through a temporary of the same shape
+                    staged = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                    r = pool.rows(name, read_aligned(ckpt, name, staged))
+                    param.copy_(staged)
+                param[r:].copy_(pool.base[name][r:])  # aligned as in the pool: the expert alone is its own merge
         ckpt.close()
 
 
@@ -177,7 +238,7 @@ def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, h
     straight from the formula (no state kept between merges)."""
     import torch
 
-    index = torch.tensor(pool.indices(subset), device=next(iter(pool.base.values())).device)
+    index = torch.tensor(pool.indices(subset), device=pool.base_flat.device)
     with torch.no_grad():
         for name in pool.names:
             deltas = pool.deltas[name].index_select(0, index)
@@ -189,15 +250,21 @@ class MergeSession:
     """Merges a sequence of subsets into the resident model, reusing work between consecutive merges.
 
     Per-expert work (TIES trimming, DARE masks) is done once per method (`ExpertPool.ready_for`).
-    Linear methods keep a running sum Σ v_i of the current subset and update it by the experts that
-    enter or leave, so consecutive subsets that differ by one expert (Gray-code order) cost one add;
-    the sum is rebuilt from scratch every `refresh` updates so rounding cannot drift."""
+    Linear methods (θ0 + s·Σ prepared v_i) update the fp32 merged weights by the experts that enter
+    or leave: in `merge_order` consecutive subsets of one size differ by one swap, which costs two adds
+    over the whole model. On CPU those fp32 weights are the resident model itself, so a sweep holds
+    the base, M task vectors and the resident model: M + 2 model sizes. On GPU the resident model is
+    bf16: an fp32 copy is kept and rounded into it. The weights are rebuilt from θ0 when the scale or
+    the method changes, when rebuilding is cheaper, and every `refresh` updates, so rounding cannot
+    drift. Other methods combine entrywise, in chunks of COMBINE_CHUNK entries."""
 
     def __init__(self, pool: ExpertPool, resident: ResidentModel, refresh: int = 64):
+        if resident.layout != pool.layout:
+            raise CheckpointError(f"{pool.size.base}: the resident model was not built from this size's base")
         self.pool, self.resident, self.refresh = pool, resident, refresh
-        self.sums: dict | None = None
+        self.merged = None  # fp32 weights of the last linear merge
         self.members: frozenset[int] = frozenset()
-        self.sum_key = None
+        self.state = None  # (prepared form, scale) the merged weights were built with
         self.updates = 0
 
     def merge(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
@@ -209,47 +276,48 @@ class MergeSession:
             if method.linear_scale is None:
                 self._combine(method, hp, subset, index)
             else:
-                self._update_sums(index, self.pool.prepared_for)
-                scale = method.linear_scale(len(index), hp)
-                for name in self.pool.names:
-                    param = self.resident.params[name]
-                    if param.dtype == self.sums[name].dtype:
-                        torch.add(self.pool.base[name], self.sums[name], alpha=scale, out=param.data)
-                    else:
-                        param.copy_(self.pool.base[name] + scale * self.sums[name])
+                self._linear(index, method.linear_scale(len(index), hp))
 
     def _combine(self, method, hp, subset, index) -> None:
         import torch
 
-        rows = torch.tensor(index, device=next(iter(self.pool.base.values())).device)
-        for name in self.pool.names:
-            picked = self.pool.deltas[name].index_select(0, rows)
-            self.resident.write(name, method.combine(self.pool.base[name], picked, MergeContext(name, tuple(subset)), hp))
+        pool, flat = self.pool, self.resident.flat
+        self.resident.owner = None
+        rows = torch.tensor(index, device=pool.base_flat.device)
+        for name, lo, hi in pool.layout.chunks(COMBINE_CHUNK):
+            picked = pool.deltas_flat[:, lo:hi].index_select(0, rows)
+            flat[lo:hi] = method.combine(pool.base_flat[lo:hi], picked, MergeContext(name, tuple(subset)), hp)
 
-    def _update_sums(self, index: list[int], key) -> None:
-        target = frozenset(index)
+    def _linear(self, index: list[int], scale: float) -> None:
+        import torch
+
+        pool, flat = self.pool, self.resident.flat
+        if self.merged is None:
+            self.merged = flat if flat.dtype == torch.float32 else torch.empty_like(pool.base_flat)
+        target, state = frozenset(index), (pool.prepared_for, scale)
         enter, leave = sorted(target - self.members), sorted(self.members - target)
-        fresh = (self.sums is None or key != self.sum_key or self.updates >= self.refresh
-                 or len(enter) + len(leave) >= len(target))
-        deltas = self.pool.deltas
-        if fresh:
-            import torch
-
-            rows = sorted(target)
-            if self.sums is None:
-                self.sums = {n: deltas[n][rows].sum(dim=0) for n in self.pool.names}
-            else:  # rebuild in place: never two sets of sums alive at once
-                for n in self.pool.names:
-                    torch.sum(deltas[n][rows], dim=0, out=self.sums[n])
-            self.updates = 0
-        else:
-            for name in self.pool.names:
-                for i in enter:
-                    self.sums[name] += deltas[name][i]
-                for i in leave:
-                    self.sums[name] -= deltas[name][i]
+        intact = self.merged is not flat or self.resident.owner is self  # nothing else wrote over it
+        if intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target):
+            for i in enter:
+                self.merged.add_(pool.deltas_flat[i], alpha=scale)
+            for i in leave:
+                self.merged.sub_(pool.deltas_flat[i], alpha=scale)
             self.updates += 1
-        self.members, self.sum_key = target, key
+        else:
+            self.merged.copy_(pool.base_flat)
+            for i in sorted(target):
+                self.merged.add_(pool.deltas_flat[i], alpha=scale)
+            self.updates = 0
+        self.members, self.state = target, state
+        if self.merged is not flat:
+            flat.copy_(self.merged)  # rounded once into the bf16 resident
+        self.resident.owner = self
+
+
+def merge_rank(subset: Sequence[str], experts: Sequence[str]) -> tuple[int, int]:
+    """Sort key of the merge order: by size k, then by Gray-code rank. Within one k this is a revolving
+    door: consecutive subsets of a full enumeration differ by one swap (one expert out, one in)."""
+    return len(subset), gray_rank(sum(1 << experts.index(e) for e in subset))
 
 
 def gray_rank(mask: int) -> int:

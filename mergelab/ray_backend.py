@@ -2,8 +2,8 @@
 
 One actor per GPU (or per CPU slot on a cluster without GPUs) holds one size at a time as a
 `SizeEvaluator`: the family's task vectors and a resident model, loaded once per actor. The driver
-cuts each size's merges, already in `_merge_order` (Gray code), into contiguous chunks, so every
-chunk keeps consecutive subsets one expert apart; idle actors pull the next chunk, and each merge's
+cuts each size's merges, already in `_merge_order` (by k, then revolving door), into contiguous chunks,
+so every chunk keeps consecutive subsets one swap apart; idle actors pull the next chunk, and each merge's
 rows stream back as soon as they exist. The driver alone writes the cache (`run_sweep` does).
 
 Ray is an optional extra (`pip install 'mergelab[ray]'`), imported here only, and only when used.

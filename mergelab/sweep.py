@@ -306,17 +306,14 @@ class SizeEvaluator:
 
 def _merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:
     """Reference rows first, then one method setting after another (each prepared once), subsets in
-    Gray-code order so consecutive linear merges differ by as few experts as possible."""
-    from mergelab.engine import gray_rank
+    `merge_rank` order so consecutive linear merges of one k differ by one swap."""
+    from mergelab.engine import merge_rank
 
     groups: dict[tuple, list[WorkItem]] = {}
     for item in items:
         groups.setdefault((item.method not in (BASE, EXPERT), item.method, item.hparams), []).append(item)
-
-    def rank(item: WorkItem) -> int:
-        return gray_rank(sum(1 << experts.index(e) for e in item.subset))
-
-    return [i for key in sorted(groups, key=lambda g: (g[0], list(groups).index(g))) for i in sorted(groups[key], key=rank)]
+    return [i for key in sorted(groups, key=lambda g: (g[0], list(groups).index(g)))
+            for i in sorted(groups[key], key=lambda item: merge_rank(item.subset, experts))]
 
 
 def per_k_summary(store: ResultStore, family: str, eval_hashes: dict[str, dict[str, str]]) -> "pd.DataFrame":

@@ -71,24 +71,24 @@ def reference_ce(model, tokenizer, path, budget=None):
     return total / count, count
 
 
-def build_tiny_family(root: Path) -> Path:
-    """A 3-expert family of random tiny Qwen2 checkpoints (experts = base + noise) with 3 eval sets."""
+def build_tiny_family(root: Path, domains: tuple[str, ...] = DOMAINS) -> Path:
+    """A family of random tiny Qwen2 checkpoints, one expert (base + noise) and eval set per domain."""
     from mergelab.family import write_manifest
 
     config = tiny_config()
     base = save_checkpoint(root / "s" / "base", config, seed=0)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     experts = {}
-    for i, domain in enumerate(DOMAINS):
+    for i, domain in enumerate(domains):
         save_checkpoint(root / "s" / "experts" / domain, config, seed=10 + i, noise=0.05, base_state=state)
         experts[domain] = f"s/experts/{domain}"
     evals = {}
-    for i, domain in enumerate(DOMAINS):
+    for i, domain in enumerate(domains):
         rows = [{"prompt": f"{domain} {j} + {i} =", "response": f" {j + i}"} for j in range(12)]
         write_eval(root / "eval" / f"{domain}.jsonl", rows)
         evals[domain] = f"eval/{domain}.jsonl"
     n_params = sum(p.numel() for p in base.parameters())
-    return write_manifest(root / "family.toml", "tiny", DOMAINS, evals,
+    return write_manifest(root / "family.toml", "tiny", domains, evals,
                           [{"name": "s", "n_params": n_params, "base": "s/base", "experts": experts}], token_budget=40)
 
 

@@ -14,6 +14,7 @@ from mergelab.family import load_family
 from mergelab.methods import get_method
 from mergelab.store import ResultStore
 from mergelab.sweep import SweepSpec, parse_ks, plan_subsets, run_sweep
+from tests.helpers import build_tiny_family
 from tests.test_store import rows
 
 
@@ -166,32 +167,75 @@ def test_python_dash_m_entry_point_reports_errors_in_one_line(tmp_path):
     assert proc.returncode == 0 and "density = 0.2" in proc.stdout and "c = 0.8" in proc.stdout
 
 
-def test_merge_session_matches_the_direct_formula_across_methods_and_orders(tiny_family):
-    """Incremental running sums, prepared TIES/DARE vectors and method switches give the same weights
-    as merging each subset from scratch."""
+def _session_vs_direct(size, weight_dtype=None, monkeypatch=None, relative=0.0):
+    """Merge every subset of k ≤ 4 through a MergeSession (merge order, then a shuffled order, with
+    method switches and base/expert rows in between) and from scratch (fp32); the largest weight
+    difference, less `relative`·|direct weight|."""
     import itertools
+    import random
 
-    from mergelab.engine import MergeSession, gray_rank
+    from mergelab import engine
+    from mergelab.engine import MergeSession, merge_rank
     from mergelab.methods import METHODS
 
-    size = load_family(tiny_family).sizes[0]
     pool, fresh_pool = ExpertPool.load(size), ExpertPool.load(size)
-    session_model, direct_model = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(pool.base_checkpoint, "cpu")
+    direct_model = ResidentModel(pool.base_checkpoint, "cpu")
+    if weight_dtype is not None:  # the CUDA layout (bf16 resident, fp32 merged copy), on the CPU
+        monkeypatch.setattr(engine, "weight_dtype", lambda device: weight_dtype)
+    session_model = ResidentModel(pool.base_checkpoint, "cpu")
     session = MergeSession(pool, session_model, refresh=3)
     experts = pool.expert_names
-    subsets = [s for k in range(1, 4) for s in itertools.combinations(experts, k)]
-    gray = sorted(subsets, key=lambda s: gray_rank(sum(1 << experts.index(e) for e in s)))
-    assert all(len(set(a) ^ set(b)) == 1 for a, b in zip(gray, gray[1:]))  # one expert in or out per step
-    worst = 0.0
-    for name in ["average", "ties", "task_arithmetic", "dare", "average"]:
+    ordered = sorted((s for k in range(1, 5) for s in itertools.combinations(experts, k)),
+                     key=lambda s: merge_rank(s, experts))
+    shuffled = random.Random(0).sample(ordered, len(ordered))
+    worst, incremental = 0.0, 0
+    for name, subsets in [("average", ordered), ("ties", ordered), ("task_arithmetic", shuffled), ("dare", ordered),
+                          ("average", shuffled)]:
         method = METHODS[name]
         hp = method.resolve({})
-        for subset in gray if name != "dare" else list(reversed(subsets)):
+        for i, subset in enumerate(subsets):
+            if i % 10 == 5:  # a reference row overwrites the resident model mid-run
+                session_model.load_expert(pool, experts[0])
             session.merge(method, hp, subset)
+            incremental += session.updates > 0
             merge_into(direct_model, fresh_pool, method, hp, subset)
             for p_name, p in session_model.params.items():
-                worst = max(worst, (p - direct_model.params[p_name]).abs().max().item())
-    assert worst < 1e-6, worst
+                expected = direct_model.params[p_name]
+                worst = max(worst, ((p.float() - expected).abs() - relative * expected.abs()).max().item())
+    assert incremental > 50  # most merges in merge order update the previous one
+    return worst
+
+
+def test_merge_order_is_a_revolving_door_within_each_k():
+    import itertools
+
+    from mergelab.engine import merge_rank
+
+    experts = tuple("abcdefg")
+    subsets = sorted((s for k in range(1, 8) for s in itertools.combinations(experts, k)),
+                     key=lambda s: merge_rank(s, experts))
+    assert [len(s) for s in subsets] == sorted(len(s) for s in subsets)
+    same_k = [(a, b) for a, b in zip(subsets, subsets[1:]) if len(a) == len(b)]
+    assert len(same_k) == 2 ** 7 - 1 - 7 and all(len(set(a) - set(b)) == 1 for a, b in same_k)
+
+
+@pytest.fixture(scope="module")
+def six_expert_family(tmp_path_factory):
+    return load_family(build_tiny_family(tmp_path_factory.mktemp("six"), ("a1", "a2", "a3", "a4", "a5", "a6")))
+
+
+def test_merge_session_matches_the_direct_formula_across_methods_and_orders(six_expert_family):
+    """Incremental merged weights, prepared TIES/DARE vectors, method switches and a reference row
+    overwriting the resident model give the same weights as merging each subset from scratch."""
+    assert _session_vs_direct(six_expert_family.sizes[0]) < 1e-6
+
+
+def test_bf16_resident_gets_the_fp32_merge_rounded_once(six_expert_family, monkeypatch):
+    """The CUDA layout (bf16 resident model fed from an fp32 merged copy), run on the CPU: every weight
+    is the direct fp32 merge rounded once to bf16 (within half a bf16 step: 2^-8 relative)."""
+    import torch
+
+    assert _session_vs_direct(six_expert_family.sizes[0], torch.bfloat16, monkeypatch, 2.0 ** -8) < 1e-6
 
 
 def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):

@@ -25,13 +25,14 @@ def prepare(deltas, ctx, hp):
 
 
 def combine(base, trimmed, ctx, hp):
-    """Elect a sign per entry and take the disjoint mean of the trimmed task vectors that agree."""
-    elected = trimmed.sum(dim=0).sign()
+    """Elect a sign per entry and take the disjoint mean of the trimmed task vectors that agree.
+    An entry agrees when its sign equals the elected one (never 0), so zeros never count. One [k, n]
+    temporary: the agreement mask is built in place of the signs."""
+    elected = trimmed.sum(dim=0).sign_()
     elected[elected == 0] = 1
-    agree = (trimmed.sign() == elected) & (trimmed != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    tau = (trimmed * agree).sum(dim=0) / count
-    return base + hp["lambda"] * tau
+    agree = trimmed.sign().eq_(elected)  # 1.0 where the entry agrees, else 0.0
+    count = agree.sum(dim=0).clamp_(min=1)
+    return base + hp["lambda"] * (agree.mul_(trimmed).sum(dim=0) / count)
 
 
 def merge(base, deltas, ctx, hp):
