@@ -17,7 +17,7 @@ from common import best_of, demo_family  # noqa: E402
 def main():
     import torch
 
-    from mergelab.engine import ExpertPool, MergeSession, ResidentModel, gray_rank, merge_into, pick_device
+    from mergelab.engine import ExpertPool, MergeSession, ResidentModel, merge_into, merge_rank, pick_device
     from mergelab.family import load_family
     from mergelab.methods import get_method
 
@@ -32,21 +32,20 @@ def main():
     nbytes = sum(p.numel() * p.element_size() for p in resident.params.values())
     experts = pool.expert_names
     subsets = sorted((s for k in range(1, len(experts) + 1) for s in itertools.combinations(experts, k)),
-                     key=lambda s: gray_rank(sum(1 << experts.index(e) for e in s)))[:128]
+                     key=lambda s: merge_rank(s, experts))
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     def copy():
-        for name in pool.names:
-            resident.write(name, pool.base[name])
+        resident.load_base(pool)  # one copy of the whole model, as fast as a copy gets
         sync()
 
     t_copy = best_of(copy, 20)
     print(f"{size.name}: {size.n_params:,} params, {nbytes / 1e6:.2f} MB resident, device {device}")
     print(f"plain copy into the resident model: {nbytes / t_copy / 1e9:.2f} GB/s")
-    print(f"{len(subsets)} subsets in Gray-code order (one expert in or out per step), mean k "
+    print(f"all {len(subsets)} subsets in merge order (by k, then one swap per step), mean k "
           f"{sum(map(len, subsets)) / len(subsets):.1f}")
     session = MergeSession(pool, resident)
     for name in ("average", "task_arithmetic", "ties", "dare"):

@@ -93,10 +93,10 @@ def main():
     print(f"model: {n_params:,} params = {model_mib:.0f} MiB in fp32; M = {M} experts")
     print(f"peak RSS: sweep {sweep:.0f} MiB; runtime with one model loaded and evaluated {runtime:.0f} MiB")
     print(f"sweep minus runtime: {(sweep - runtime) / model_mib:.1f} model sizes beyond the one the runtime holds "
-          f"(budget: M + 3 = {M + 3} in all, i.e. {M + 2} beyond it)")
+          f"(the engine holds M + 2 = {M + 2} in all: base, M task vectors, resident model; "
+          f"budget M + 3 = {M + 3}, i.e. {M + 2} beyond it)")
     print(f"sweep peak / (runtime without its model + (M + 3) x model) = "
-          f"{sweep / (runtime - model_mib + (M + 3) * model_mib):.2f}")
-
+          f"{sweep / (runtime - model_mib + (M + 3) * model_mib):.2f} (target <= 1)")
 
 if __name__ == "__main__":
     main()

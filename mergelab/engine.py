@@ -50,7 +50,7 @@ def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
 
     if ckpt.shapes[name] == tuple(out.shape):
         ckpt.read_into(name, out)
-        return out.shape[0]
+        return out.shape[0] if out.dim() else 1
     tensor = ckpt.tensor(name, torch.float32, out.device)
     r = min(tensor.shape[0], out.shape[0])
     out[:r].copy_(tensor[:r])
@@ -116,8 +116,9 @@ class ExpertPool:
             for name in self.names:
                 out, base = self.deltas[name][i], self.base[name]
                 r = self.rows(name, read_aligned(ckpt, name, out))
-                out[:r].sub_(base[:r])
-                out[r:].zero_()  # vocabulary rows the expert lacks or that are not merged
+                out.sub_(base)
+                if out.dim() and r < out.shape[0]:
+                    out[r:].zero_()  # vocabulary rows the expert lacks or that are not merged
             ckpt.close()
             if progress is not None:
                 progress.update(1)
@@ -229,7 +230,8 @@ class ResidentModel:
                     staged = torch.empty(param.shape, dtype=torch.float32, device=param.device)
                     r = pool.rows(name, read_aligned(ckpt, name, staged))
                     param.copy_(staged)
-                param[r:].copy_(pool.base[name][r:])  # aligned as in the pool: the expert alone is its own merge
+                if param.dim() and r < param.shape[0]:  # aligned as in the pool: the expert alone is its own merge
+                    param[r:].copy_(pool.base[name][r:])
         ckpt.close()
 
 

@@ -1,7 +1,7 @@
 """One buffer per role instead of one allocation per tensor.
 
-The engine keeps the base, the M task vectors, the running sum and the resident model for a whole
-sweep. Stored tensor by tensor, they interleave in the allocator's heap with the per-tensor
+The engine keeps the base, the M task vectors and the resident model (plus, on CUDA, an fp32 copy
+of the merged weights) for a whole sweep. Stored tensor by tensor, they interleave in the allocator's heap with the per-tensor
 temporaries of reading and merging, which fragment it (peak RSS grew ~1.5 model sizes beyond the
 tensors held). Laid out back to back in one buffer each, they are a handful of large allocations
 that never move, and a linear merge becomes one vectorised op over the whole model.
@@ -41,7 +41,7 @@ class FlatLayout:
     def views(self, buffer) -> dict:
         """name -> view of `buffer` (shape [*lead, numel]) with shape [*lead, *shape]; no copy."""
         lead = tuple(buffer.shape[:-1])
-        return {name: buffer[..., start:start + math.prod(shape)].view(*lead, *shape)
+        return {name: buffer[..., start:start + math.prod(shape)].view((*lead, *shape))
                 for name, shape, start in ((n, s, self.offsets[n]) for n, s in self.shapes.items())}
 
     def chunks(self, size: int):

@@ -1,8 +1,9 @@
 """Memory planning before a sweep: what merging one size will hold, against what the machine has.
 
-The engine keeps, per size, the base and M task vectors in fp32 on the merge device, the resident
-model (fp32 on CPU, bf16 on CUDA) and one fp32 running sum: (M + 2) fp32 copies plus the resident model.
-A size that cannot fit is refused before anything is loaded, with the numbers."""
+The engine keeps, per size, the base and M task vectors in fp32 on the merge device and the resident
+model: fp32 on CPU, where it also holds the merged weights (M + 2 fp32 copies in all); bf16 on CUDA,
+fed from one more fp32 copy of the merged weights. A size that cannot fit is refused before anything
+is loaded, with the numbers."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ class MemoryPlan:
 
 
 def needed_bytes(n_params: int, n_experts: int, device: str) -> int:
-    resident = 2 if device.startswith("cuda") else 4
-    return int(HEADROOM * n_params * ((n_experts + 2) * 4 + resident))
+    resident = 4 + 2 if device.startswith("cuda") else 4  # CUDA: fp32 merged copy + bf16 model
+    return int(HEADROOM * n_params * ((n_experts + 1) * 4 + resident))
 
 
 def available_bytes(device: str) -> int | None:

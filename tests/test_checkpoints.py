@@ -59,6 +59,23 @@ def test_bf16_storage_is_upcast_on_request(tmp_path, base):
     assert torch.equal(t, base.tensor(base.names[0]).to(torch.bfloat16).float())
 
 
+def test_read_into_fills_the_given_tensor_in_place_and_casts(tmp_path, base):
+    """Straight from the file into a slice of a bigger buffer when dtypes match; cast on the way in
+    when they do not; a wrong shape is named."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = load_file(base.path / "model.safetensors")[name]
+    buffer = torch.zeros(expected.numel() + 10)
+    out = buffer[5:5 + expected.numel()].view(expected.shape)
+    base.read_into(name, out)
+    assert torch.equal(out, expected) and out.data_ptr() == buffer.data_ptr() + 5 * 4
+    assert buffer[:5].eq(0).all() and buffer[-5:].eq(0).all()  # nothing written outside the view
+    bf16 = copy_with(tmp_path, base, "bf16", lambda ts: {k: v.to(torch.bfloat16) for k, v in ts.items()})
+    bf16.read_into(name, out)
+    assert torch.equal(out, expected.to(torch.bfloat16).float())
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has shape \[32, 16\], expected \[16, 32\]"):
+        base.read_into(name, torch.empty(16, 32))
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     d = tmp_path / "pickled"
     d.mkdir()
@@ -97,6 +114,8 @@ def test_non_finite_weights_name_file_and_tensor(tmp_path, base, value):
     ckpt = copy_with(tmp_path, base, "nan", poison)
     with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has 1 NaN/Inf values"):
         ckpt.tensor(name)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has 1 NaN/Inf values"):
+        ckpt.read_into(name, torch.empty(ckpt.shapes[name]))
 
 
 def test_shape_vocab_missing_extra_and_tied_mismatches(tmp_path, base):
