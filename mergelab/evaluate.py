@@ -21,6 +21,7 @@ from mergelab.errors import EvalSetError
 METRIC_VERSION = 1
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_TOKENS = 16384
+DEFAULT_MAX_PADDING = 0.1  # padded positions per batch beyond its real tokens, as a share of them
 LOGITS_PER_CHUNK = 1 << 26  # positions × vocabulary per LM-head call: 256 MiB of fp32 logits, whatever the vocabulary
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_LINE_CHARS = 1 << 20  # one example; far beyond any max_length, so a longer line is a broken file
@@ -150,8 +151,8 @@ def tokenize_row(tokenizer, example: dict, path: Path) -> tuple[list[int], int]:
         raise EvalSetError(f"{path}: the chat template of {tokenizer.name_or_path} failed: {str(exc).splitlines()[0]}") from None
 
 
-def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int,
-                 max_length: int = DEFAULT_MAX_LENGTH, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> EvalData:
+def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int, max_length: int = DEFAULT_MAX_LENGTH,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, max_padding: float = DEFAULT_MAX_PADDING) -> EvalData:
     """Tokenize each domain's first examples up to `token_budget` scored tokens and batch them by length."""
     domains = tuple(eval_sets)
     sequences, n_tokens, n_truncated, hashes = [], {}, {}, {}
@@ -173,20 +174,24 @@ def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int,
         if scored == 0:
             raise EvalSetError(f"{path}: no scorable response tokens")
         n_tokens[domain], n_truncated[domain], hashes[domain] = scored, truncated, digest.hexdigest()[:16]
-    batches = _batch_by_length(sequences, tokenizer.pad_token_id or 0, batch_tokens)
+    batches = _batch_by_length(sequences, tokenizer.pad_token_id or 0, batch_tokens, max_padding)
     return EvalData(domains, batches, n_tokens, n_truncated, hashes, max_length)
 
 
-def _batch_by_length(sequences, pad_id: int, batch_tokens: int) -> list[Batch]:
-    """Group length-sorted sequences so each padded batch holds at most `batch_tokens` tokens."""
+def _batch_by_length(sequences, pad_id: int, batch_tokens: int, max_padding: float) -> list[Batch]:
+    """Group length-sorted sequences so each padded batch holds at most `batch_tokens` tokens, of which
+    at most a `max_padding` share (beyond the real tokens) is padding: padded positions cost as much
+    compute as real ones, and one batch over a wide spread of lengths is mostly padding."""
     import torch
 
-    groups, current = [], []
+    groups, current, real = [], [], 0
     for seq in sorted(sequences, key=lambda s: (s[0], s[2])):
-        if current and (len(current) + 1) * seq[0] > batch_tokens:
+        padded = (len(current) + 1) * seq[0]
+        if current and (padded > batch_tokens or padded > (1 + max_padding) * (real + seq[0])):
             groups.append(current)
-            current = []
+            current, real = [], 0
         current.append(seq)
+        real += seq[0]
     if current:
         groups.append(current)
     batches = []

@@ -43,13 +43,27 @@ def test_token_budget_counts_response_tokens_only(setup):
 def test_batching_does_not_change_results_and_hash_is_stable(setup):
     family, tokenizer, model = setup
     a = prepare_eval(family.eval_sets, tokenizer, token_budget=40, batch_tokens=32)
-    b = prepare_eval(family.eval_sets, tokenizer, token_budget=40, batch_tokens=100000)
+    b = prepare_eval(family.eval_sets, tokenizer, token_budget=40, batch_tokens=100000, max_padding=float("inf"))
     assert a.hashes == b.hashes and len(b.batches) == 1 < len(a.batches)
     ra, rb = evaluate(model, a), evaluate(model, b)
     assert all(ra[d] == pytest.approx(rb[d], abs=1e-6) for d in ra)
     assert evaluate(model, a) == ra  # deterministic
     c = prepare_eval(family.eval_sets, tokenizer, token_budget=41)
     assert c.hashes != a.hashes or c.n_tokens == a.n_tokens
+
+
+def test_batches_hold_little_padding(setup, tmp_path):
+    """Lengths spread from 4 to 60 tokens: one batch would be mostly padding; the default batches keep
+    padded positions within 10% of the real tokens (a batch of one sequence has none)."""
+    _, tokenizer, _ = setup
+    rows = [{"prompt": "p" * (i % 40), "response": "r" * (1 + i % 17)} for i in range(200)]
+    path = write_eval(tmp_path / "spread.jsonl", rows)
+    one = prepare_eval({"spread": path}, tokenizer, 10**6, batch_tokens=10**6, max_padding=float("inf"))
+    data = prepare_eval({"spread": path}, tokenizer, 10**6, batch_tokens=10**6)
+    assert len(one.batches) == 1 and one.batches[0].attention_mask.float().mean() < 0.6
+    assert len(data.batches) > 1 and data.hashes == one.hashes
+    for batch in data.batches:
+        assert batch.input_ids.numel() <= 1.1 * int(batch.attention_mask.sum())
 
 
 def test_truncation_is_counted(setup, tmp_path):
