@@ -40,6 +40,7 @@ def weight_dtype(device: str):
 
 
 COMBINE_CHUNK = 1 << 20  # entries per combine step: its temporaries stay within ~2·k·4 MiB
+STREAM_CHUNK = 1 << 24  # entries per step of a linear update: 64 MiB of a task vector moved at a time
 
 
 def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
@@ -61,7 +62,8 @@ def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
 class ExpertPool:
     """Base weights and stacked task vectors of one size, each role in one flat buffer
     (`mergelab.flat`): base_flat [numel], deltas_flat [M, numel]; base[name] and deltas[name]
-    ([M, *shape]) are views into them.
+    ([M, *shape]) are views into them. The base lives on the merge device; the task vectors too, or
+    in host memory (`store="cpu"`) when they do not fit on the GPU, from where merges stream them.
 
     Vocabulary tensors of experts whose rows differ from the base's are aligned on the base's shape
     (family `vocab_policy`): only their first `merge_rows[name]` rows are merged; rows an expert lacks
@@ -77,7 +79,7 @@ class ExpertPool:
     prepared_for: tuple | None = None  # (method, hparams) whose `prepare` has been applied to deltas
 
     @classmethod
-    def load(cls, size: SizeSpec, device: str = "cpu", progress=None) -> "ExpertPool":
+    def load(cls, size: SizeSpec, device: str = "cpu", progress=None, store: str | None = None) -> "ExpertPool":
         base_ckpt = Checkpoint(size.base)
         policy = size.vocab_policy
         rows = {} if policy == "refuse" else {n: base_ckpt.shapes[n][0] for n in base_ckpt.vocab_tensors}
@@ -88,15 +90,15 @@ class ExpertPool:
                 rows = {n: min(r, expert.shapes[n][0]) for n, r in rows.items()}
             expert.close()
         pool = cls(size, base_ckpt.names, tuple(size.experts), FlatLayout.of(base_ckpt.shapes), base_ckpt, rows)
-        pool._allocate(device)
+        pool._allocate(device, store or device)
         pool._read_deltas(progress)
         return pool
 
-    def _allocate(self, device: str) -> None:
+    def _allocate(self, device: str, store: str) -> None:
         import torch
 
         self.base_flat = self.layout.zeros(dtype=torch.float32, device=device)
-        self.deltas_flat = self.layout.zeros(len(self.expert_names), dtype=torch.float32, device=device)
+        self.deltas_flat = self.layout.zeros(len(self.expert_names), dtype=torch.float32, device=store)
         self.base, self.deltas = self.layout.views(self.base_flat), self.layout.views(self.deltas_flat)
         for name in self.names:
             self.base_checkpoint.read_into(name, self.base[name])
@@ -116,7 +118,7 @@ class ExpertPool:
             for name in self.names:
                 out, base = self.deltas[name][i], self.base[name]
                 r = self.rows(name, read_aligned(ckpt, name, out))
-                out.sub_(base)
+                out.sub_(base.to(out.device))
                 if out.dim() and r < out.shape[0]:
                     out[r:].zero_()  # vocabulary rows the expert lacks or that are not merged
             ckpt.close()
@@ -240,10 +242,10 @@ def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, h
     straight from the formula (no state kept between merges)."""
     import torch
 
-    index = torch.tensor(pool.indices(subset), device=pool.base_flat.device)
+    index = torch.tensor(pool.indices(subset), device=pool.deltas_flat.device)
     with torch.no_grad():
         for name in pool.names:
-            deltas = pool.deltas[name].index_select(0, index)
+            deltas = pool.deltas[name].index_select(0, index).to(pool.base_flat.device)
             merged = method.merge(pool.base[name], deltas, MergeContext(name, tuple(subset)), hp)
             resident.write(name, merged)
 
@@ -285,9 +287,9 @@ class MergeSession:
 
         pool, flat = self.pool, self.resident.flat
         self.resident.owner = None
-        rows = torch.tensor(index, device=pool.base_flat.device)
+        rows = torch.tensor(index, device=pool.deltas_flat.device)
         for name, lo, hi in pool.layout.chunks(COMBINE_CHUNK):
-            picked = pool.deltas_flat[:, lo:hi].index_select(0, rows)
+            picked = pool.deltas_flat[:, lo:hi].index_select(0, rows).to(flat.device)
             flat[lo:hi] = method.combine(pool.base_flat[lo:hi], picked, MergeContext(name, tuple(subset)), hp)
 
     def _linear(self, index: list[int], scale: float) -> None:
@@ -301,19 +303,25 @@ class MergeSession:
         intact = self.merged is not flat or self.resident.owner is self  # nothing else wrote over it
         if intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target):
             for i in enter:
-                self.merged.add_(pool.deltas_flat[i], alpha=scale)
+                self._add(i, scale)
             for i in leave:
-                self.merged.sub_(pool.deltas_flat[i], alpha=scale)
+                self._add(i, -scale)
             self.updates += 1
         else:
             self.merged.copy_(pool.base_flat)
             for i in sorted(target):
-                self.merged.add_(pool.deltas_flat[i], alpha=scale)
+                self._add(i, scale)
             self.updates = 0
         self.members, self.state = target, state
         if self.merged is not flat:
             flat.copy_(self.merged)  # rounded once into the bf16 resident
         self.resident.owner = self
+
+    def _add(self, i: int, alpha: float) -> None:
+        """merged += alpha · v_i, in chunks, so task vectors kept in host memory stream to the device."""
+        vector, merged = self.pool.deltas_flat[i], self.merged
+        for lo in range(0, merged.numel(), STREAM_CHUNK):
+            merged[lo:lo + STREAM_CHUNK].add_(vector[lo:lo + STREAM_CHUNK].to(merged.device), alpha=alpha)
 
 
 def merge_rank(subset: Sequence[str], experts: Sequence[str]) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 The engine keeps, per size, the base and M task vectors in fp32 on the merge device and the resident
 model: fp32 on CPU, where it also holds the merged weights (M + 2 fp32 copies in all); bf16 on CUDA,
-fed from one more fp32 copy of the merged weights. A size that cannot fit is refused before anything
-is loaded, with the numbers."""
+fed from one more fp32 copy of the merged weights. When that does not fit on a GPU but the rest does,
+the task vectors stay in host memory and stream to the GPU chunk by chunk as merges need them. A size
+that cannot fit either way is refused before anything is loaded, with the numbers."""
 
 from __future__ import annotations
 
@@ -22,19 +23,39 @@ class MemoryPlan:
     device: str
     needed_bytes: int
     available_bytes: int | None
+    host_bytes: int = 0  # task vectors kept in host memory (streamed plan), else 0
+    host_available: int | None = None
+
+    @property
+    def store(self) -> str:
+        """Where the task vectors live: the merge device, or host memory when streamed."""
+        return "cpu" if self.host_bytes else self.device
 
     @property
     def fits(self) -> bool:
-        return self.available_bytes is None or self.needed_bytes <= self.available_bytes
+        return _fits(self.needed_bytes, self.available_bytes) and _fits(self.host_bytes, self.host_available)
 
     def describe(self) -> str:
-        have = "unknown" if self.available_bytes is None else f"{self.available_bytes / 2**30:.2f} GiB"
-        return f"size {self.size} on {self.device}: needs ~{self.needed_bytes / 2**30:.2f} GiB, available {have}"
+        text = f"size {self.size} on {self.device}: needs ~{_gib(self.needed_bytes)}, available {_gib(self.available_bytes)}"
+        if self.host_bytes:
+            text += (f", with the task vectors streamed from host memory (~{_gib(self.host_bytes)}, available "
+                     f"{_gib(self.host_available)})")
+        return text
 
 
-def needed_bytes(n_params: int, n_experts: int, device: str) -> int:
+def _fits(needed: int, available: int | None) -> bool:
+    return available is None or needed <= available
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def needed_bytes(n_params: int, n_experts: int, device: str, streamed: bool = False) -> int:
+    """Bytes on the merge device: base and (unless streamed) M task vectors in fp32, and the resident model."""
     resident = 4 + 2 if device.startswith("cuda") else 4  # CUDA: fp32 merged copy + bf16 model
-    return int(HEADROOM * n_params * ((n_experts + 1) * 4 + resident))
+    vectors = 0 if streamed else n_experts
+    return int(HEADROOM * n_params * ((vectors + 1) * 4 + resident))
 
 
 def available_bytes(device: str) -> int | None:
@@ -59,7 +80,14 @@ def available_bytes(device: str) -> int | None:
 
 
 def plan_memory(n_params: int, n_experts: int, size: str, device: str) -> MemoryPlan:
-    return MemoryPlan(size, device, needed_bytes(n_params, n_experts, device), available_bytes(device))
+    """Everything on the merge device if it fits; on a GPU that cannot hold the task vectors, them in
+    host memory (streamed) if that fits; else the plan that does not fit, for `require_fit` to refuse."""
+    plan = MemoryPlan(size, device, needed_bytes(n_params, n_experts, device), available_bytes(device))
+    if plan.fits or not device.startswith("cuda"):
+        return plan
+    streamed = MemoryPlan(size, device, needed_bytes(n_params, n_experts, device, streamed=True),
+                          plan.available_bytes, int(HEADROOM * n_params * n_experts * 4), available_bytes("cpu"))
+    return streamed if streamed.fits else plan
 
 
 def require_fit(plan: MemoryPlan) -> None:

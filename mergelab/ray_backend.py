@@ -52,8 +52,10 @@ class SweepActor:
         if self.evaluator is None or self.evaluator.size.name != size_name:
             self._release()
             size = self.family.size(size_name)
-            require_fit(plan_memory(size.n_params, len(size.experts), size.name, self.device))
-            self.evaluator = SizeEvaluator(self.family.name, size, self.eval_data[size_name], self.device)
+            plan = plan_memory(size.n_params, len(size.experts), size.name, self.device)
+            require_fit(plan)
+            self.evaluator = SizeEvaluator(self.family.name, size, self.eval_data[size_name], self.device,
+                                           store=plan.store)
         yield from self.evaluator.evaluate(items)
 
     def _release(self) -> None:

@@ -200,11 +200,13 @@ def _local_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: d
 
     device = pick_device(device)
     sizes = [family.size(name) for name, items in todo.items() if items]
-    for size in sizes:
-        require_fit(plan_memory(size.n_params, len(size.experts), size.name, device))
+    plans = {size.name: plan_memory(size.n_params, len(size.experts), size.name, device) for size in sizes}
+    for plan in plans.values():
+        require_fit(plan)
     # one size alive at a time: each evaluator is dropped once its generator is exhausted
     return (row for size in sizes
-            for row in SizeEvaluator(family.name, size, eval_data[size.name], device, progress).evaluate(todo[size.name]))
+            for row in SizeEvaluator(family.name, size, eval_data[size.name], device, progress,
+                                     plans[size.name].store).evaluate(todo[size.name]))
 
 
 def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
@@ -271,7 +273,8 @@ class SizeEvaluator:
     WorkItems (in `_merge_order`) and yielding each merge's rows. The local backend makes one per size;
     each Ray actor holds one and feeds it chunks of the plan."""
 
-    def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False):
+    def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
+                 store: str | None = None):
         from tqdm.auto import tqdm
 
         from mergelab.engine import ExpertPool, MergeSession, ResidentModel
@@ -279,7 +282,7 @@ class SizeEvaluator:
         self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
         with tqdm(total=len(size.experts), desc=f"load {size.name}", unit="expert",
                   disable=not progress, leave=False) as loading:
-            self.pool = ExpertPool.load(size, device, progress=loading)
+            self.pool = ExpertPool.load(size, device, progress=loading, store=store)
         self.resident = ResidentModel(self.pool.base_checkpoint, device)
         self.session = MergeSession(self.pool, self.resident)
 

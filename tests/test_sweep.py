@@ -167,7 +167,7 @@ def test_python_dash_m_entry_point_reports_errors_in_one_line(tmp_path):
     assert proc.returncode == 0 and "density = 0.2" in proc.stdout and "c = 0.8" in proc.stdout
 
 
-def _session_vs_direct(size, weight_dtype=None, monkeypatch=None, relative=0.0):
+def _session_vs_direct(size, monkeypatch, weight_dtype=None, relative=0.0):
     """Merge every subset of k ≤ 4 through a MergeSession (merge order, then a shuffled order, with
     method switches and base/expert rows in between) and from scratch (fp32); the largest weight
     difference, less `relative`·|direct weight|."""
@@ -178,7 +178,9 @@ def _session_vs_direct(size, weight_dtype=None, monkeypatch=None, relative=0.0):
     from mergelab.engine import MergeSession, merge_rank
     from mergelab.methods import METHODS
 
-    pool, fresh_pool = ExpertPool.load(size), ExpertPool.load(size)
+    monkeypatch.setattr(engine, "STREAM_CHUNK", 1000)  # many chunks per tensor and across tensor boundaries
+    monkeypatch.setattr(engine, "COMBINE_CHUNK", 1000)
+    pool, fresh_pool = ExpertPool.load(size, "cpu", store="cpu"), ExpertPool.load(size)
     direct_model = ResidentModel(pool.base_checkpoint, "cpu")
     if weight_dtype is not None:  # the CUDA layout (bf16 resident, fp32 merged copy), on the CPU
         monkeypatch.setattr(engine, "weight_dtype", lambda device: weight_dtype)
@@ -224,10 +226,11 @@ def six_expert_family(tmp_path_factory):
     return load_family(build_tiny_family(tmp_path_factory.mktemp("six"), ("a1", "a2", "a3", "a4", "a5", "a6")))
 
 
-def test_merge_session_matches_the_direct_formula_across_methods_and_orders(six_expert_family):
+def test_merge_session_matches_the_direct_formula_across_methods_and_orders(six_expert_family, monkeypatch):
     """Incremental merged weights, prepared TIES/DARE vectors, method switches and a reference row
-    overwriting the resident model give the same weights as merging each subset from scratch."""
-    assert _session_vs_direct(six_expert_family.sizes[0]) < 1e-6
+    overwriting the resident model give the same weights as merging each subset from scratch, with
+    task vectors streamed and combined in chunks smaller than a tensor."""
+    assert _session_vs_direct(six_expert_family.sizes[0], monkeypatch) < 1e-6
 
 
 def test_bf16_resident_gets_the_fp32_merge_rounded_once(six_expert_family, monkeypatch):
@@ -235,7 +238,7 @@ def test_bf16_resident_gets_the_fp32_merge_rounded_once(six_expert_family, monke
     is the direct fp32 merge rounded once to bf16 (within half a bf16 step: 2^-8 relative)."""
     import torch
 
-    assert _session_vs_direct(six_expert_family.sizes[0], torch.bfloat16, monkeypatch, 2.0 ** -8) < 1e-6
+    assert _session_vs_direct(six_expert_family.sizes[0], monkeypatch, torch.bfloat16, 2.0 ** -8) < 1e-6
 
 
 def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
@@ -288,6 +291,27 @@ def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, t
     assert code == 2 and "zeta not among alpha, beta, gamma" in err
     code, _, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--experts", "alpha", "--out", out)
     assert code == 2 and "already exists and is not empty" in err
+
+
+def test_gpu_plan_streams_task_vectors_from_host_memory_when_only_that_fits(monkeypatch):
+    """On a GPU that cannot hold the task vectors, they stay in host memory; when neither fits, the
+    plan refuses. (The limit variable stands in for device and host memory alike.)"""
+    from mergelab.memory import needed_bytes, plan_memory
+
+    n, m = 10**6, 9
+    full, streamed = needed_bytes(n, m, "cuda:0"), needed_bytes(n, m, "cuda:0", streamed=True)
+    assert streamed == int(1.15 * n * (4 + 4 + 2)) < full == int(1.15 * n * ((m + 1) * 4 + 6))
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 2 / 2**30))
+    assert plan_memory(n, m, "s", "cuda:0").store == "cuda:0"
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 0.9 / 2**30))
+    plan = plan_memory(n, m, "s", "cuda:0")
+    assert plan.fits and plan.store == "cpu" and plan.host_bytes == int(1.15 * n * m * 4)
+    assert "streamed from host memory" in plan.describe()
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(streamed * 0.9 / 2**30))
+    plan = plan_memory(n, m, "s", "cuda:0")
+    assert not plan.fits and plan.store == "cuda:0"
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 0.9 / 2**30))
+    assert plan_memory(n, m, "s", "cpu").store == "cpu" and not plan_memory(n, m, "s", "cpu").fits
 
 
 def test_sweep_refuses_to_start_when_the_memory_plan_does_not_fit(tiny_family, tmp_path, capsys, monkeypatch):
