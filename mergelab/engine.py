@@ -255,7 +255,7 @@ class MergeSession:
 
     Per-expert work (TIES trimming, DARE masks) is done once per method (`ExpertPool.ready_for`).
     Linear methods (θ0 + s·Σ prepared v_i) update the fp32 merged weights by the experts that enter
-    or leave: in `merge_order` consecutive subsets of one size differ by one swap, which costs two adds
+    or leave: in `merge_rank` order consecutive subsets of one size differ by one swap, which costs two adds
     over the whole model. On CPU those fp32 weights are the resident model itself, so a sweep holds
     the base, M task vectors and the resident model: M + 2 model sizes. On GPU the resident model is
     bf16: an fp32 copy is kept and rounded into it. The weights are rebuilt from θ0 when the scale or

@@ -73,4 +73,4 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
     tally["kill -9 points after the first merge"] += sum(d > 0 for d in kills)
     tally["rows compared after kills"] += len(reference)
     tally["rows lost"] += len(reference) - len(killed)
-    tally["max |loss diff| after kills (running sums, fp32)"] = max_diff
+    tally["max |loss diff| after kills (incremental merges, fp32)"] = max_diff
