@@ -7,6 +7,7 @@ merged model is ever written to disk or held twice.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -136,6 +137,7 @@ class ExpertPool:
         if self.prepared_for is not None:
             self._read_deltas()
         if method.prepare:
+            self.prepared_for = ("incomplete",)  # if prepare fails midway, the next method re-reads the experts
             # one expert's tensor at a time: temporaries stay at a few copies of one tensor
             for name in self.names:
                 for i, expert in enumerate(self.expert_names):
@@ -147,24 +149,27 @@ class ExpertPool:
         return [self.expert_names.index(e) for e in subset]
 
 
+_META_LOCK = threading.Lock()
+
+
 @contextmanager
 def parameters_on_meta():
     """Create module parameters on the meta device (no memory, initialisers do nothing) and buffers
     (rotary tables) for real, where the surrounding torch.device puts them."""
     import torch
 
-    register = torch.nn.Module.register_parameter
-
     def register_on_meta(module, name, param):
         register(module, name, param)
         if param is not None:
             module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+    with _META_LOCK:  # the patch is process-wide: one model built at a time
+        register = torch.nn.Module.register_parameter
+        torch.nn.Module.register_parameter = register_on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
 
 
 class ResidentModel:
@@ -301,7 +306,9 @@ class MergeSession:
         target, state = frozenset(index), (pool.prepared_for, scale)
         enter, leave = sorted(target - self.members), sorted(self.members - target)
         intact = self.merged is not flat or self.resident.owner is self  # nothing else wrote over it
-        if intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target):
+        incremental = intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target)
+        self.state = None  # until this merge completes: one that fails midway is rebuilt next time
+        if incremental:
             for i in enter:
                 self._add(i, scale)
             for i in leave:

@@ -79,14 +79,16 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
-def plan_memory(n_params: int, n_experts: int, size: str, device: str) -> MemoryPlan:
+def plan_memory(n_params: int, n_experts: int, size: str, device: str, host_share: float = 1.0) -> MemoryPlan:
     """Everything on the merge device if it fits; on a GPU that cannot hold the task vectors, them in
-    host memory (streamed) if that fits; else the plan that does not fit, for `require_fit` to refuse."""
+    host memory (streamed) if that fits in `host_share` of it (the GPUs of one node share its memory);
+    else the plan that does not fit, for `require_fit` to refuse."""
     plan = MemoryPlan(size, device, needed_bytes(n_params, n_experts, device), available_bytes(device))
     if plan.fits or not device.startswith("cuda"):
         return plan
-    streamed = MemoryPlan(size, device, needed_bytes(n_params, n_experts, device, streamed=True),
-                          plan.available_bytes, int(HEADROOM * n_params * n_experts * 4), available_bytes("cpu"))
+    host = available_bytes("cpu")
+    streamed = MemoryPlan(size, device, needed_bytes(n_params, n_experts, device, streamed=True), plan.available_bytes,
+                          int(HEADROOM * n_params * n_experts * 4), None if host is None else int(host * host_share))
     return streamed if streamed.fits else plan
 
 

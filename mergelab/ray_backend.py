@@ -52,7 +52,8 @@ class SweepActor:
         if self.evaluator is None or self.evaluator.size.name != size_name:
             self._release()
             size = self.family.size(size_name)
-            plan = plan_memory(size.n_params, len(size.experts), size.name, self.device)
+            share = 1 / _gpus_on_this_node() if self.device.startswith("cuda") else 1.0
+            plan = plan_memory(size.n_params, len(size.experts), size.name, self.device, share)
             require_fit(plan)
             self.evaluator = SizeEvaluator(self.family.name, size, self.eval_data[size_name], self.device,
                                            store=plan.store)
@@ -119,6 +120,14 @@ def ray_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict
             ray.kill(actor)
         if started_here:
             ray.shutdown()
+
+
+def _gpus_on_this_node() -> int:
+    """GPUs of the node this actor runs on (at least 1): their actors share the node's host memory."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return max(1, int(next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == node), 1)))
 
 
 def _actor_options(ray, family: Family, todo, device: str | None) -> tuple[bool, int, dict]:

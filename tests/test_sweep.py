@@ -241,6 +241,50 @@ def test_bf16_resident_gets_the_fp32_merge_rounded_once(six_expert_family, monke
     assert _session_vs_direct(six_expert_family.sizes[0], monkeypatch, torch.bfloat16, 2.0 ** -8) < 1e-6
 
 
+def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_expert_family, monkeypatch):
+    """A prepare or a linear update that raises partway (e.g. out of memory) must not leave
+    half-prepared task vectors or half-updated weights that the next merge builds on."""
+    import dataclasses
+
+    from mergelab.engine import MergeSession
+    from mergelab.methods import METHODS
+
+    size = six_expert_family.sizes[0]
+    pool, fresh = ExpertPool.load(size), ExpertPool.load(size)
+    model, direct = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(pool.base_checkpoint, "cpu")
+    session = MergeSession(pool, model)
+    ties, average = METHODS["ties"], METHODS["average"]
+    calls = []
+
+    def failing_prepare(vector, ctx, hp):
+        calls.append(ctx)
+        if len(calls) == 5:
+            raise MemoryError("out of memory")
+        return ties.prepare(vector, ctx, hp)
+
+    with pytest.raises(MemoryError):
+        session.merge(dataclasses.replace(ties, prepare=failing_prepare), ties.resolve({}), ("a1", "a2"))
+    session.merge(average, {}, ("a1", "a2", "a3"))
+    original_add, adds = MergeSession._add, []
+
+    def add_then_fail(self, i, alpha):  # the swap's first add lands, the second fails
+        adds.append(i)
+        if len(adds) == 2:
+            raise MemoryError("out of memory")
+        original_add(self, i, alpha)
+
+    monkeypatch.setattr(MergeSession, "_add", add_then_fail)
+    with pytest.raises(MemoryError):
+        session.merge(average, {}, ("a1", "a2", "a4"))  # one swap from the previous subset
+    monkeypatch.setattr(MergeSession, "_add", original_add)
+    for method, subset in [(average, ("a1", "a2", "a4")), (ties, ("a1", "a2"))]:
+        hp = method.resolve({})
+        session.merge(method, hp, subset)
+        merge_into(direct, fresh, method, hp, subset)
+        for name, p in model.params.items():
+            assert (p - direct.params[name]).abs().max().item() < 1e-6, (method.name, name)
+
+
 def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
     from mergelab.engine import MergeSession
     from mergelab.methods import METHODS
@@ -307,6 +351,7 @@ def test_gpu_plan_streams_task_vectors_from_host_memory_when_only_that_fits(monk
     plan = plan_memory(n, m, "s", "cuda:0")
     assert plan.fits and plan.store == "cpu" and plan.host_bytes == int(1.15 * n * m * 4)
     assert "streamed from host memory" in plan.describe()
+    assert not plan_memory(n, m, "s", "cuda:0", host_share=1 / 2).fits  # two GPUs share the node's memory
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(streamed * 0.9 / 2**30))
     plan = plan_memory(n, m, "s", "cuda:0")
     assert not plan.fits and plan.store == "cuda:0"
