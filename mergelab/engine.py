@@ -45,15 +45,13 @@ STREAM_CHUNK = 1 << 24  # entries per step of a linear update: 64 MiB of a task 
 
 
 def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
-    """Read tensor `name` of `ckpt` into `out` (fp32), straight into place when the shapes match, else
-    through a temporary and aligned on the leading rows both have (a vocabulary of another size);
-    return the stored tensor's row count."""
-    import torch
-
+    """Read tensor `name` of `ckpt` into `out` (cast to its dtype), straight into place when the shapes
+    match, else through a temporary and aligned on the leading rows both have (a vocabulary of another
+    size); return the stored tensor's row count."""
     if ckpt.shapes[name] == tuple(out.shape):
         ckpt.read_into(name, out)
         return out.shape[0] if out.dim() else 1
-    tensor = ckpt.tensor(name, torch.float32, out.device)
+    tensor = ckpt.tensor(name, out.dtype, out.device)
     r = min(tensor.shape[0], out.shape[0])
     out[:r].copy_(tensor[:r])
     return tensor.shape[0]
@@ -231,12 +229,7 @@ class ResidentModel:
         with torch.no_grad():
             for name in pool.names:
                 param = self.params[name].data
-                if param.dtype == torch.float32:
-                    r = pool.rows(name, read_aligned(ckpt, name, param))
-                else:  # bf16 on CUDA: read fp32 through a temporary of the same shape
-                    staged = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-                    r = pool.rows(name, read_aligned(ckpt, name, staged))
-                    param.copy_(staged)
+                r = pool.rows(name, read_aligned(ckpt, name, param))  # cast once into a bf16 resident
                 if param.dim() and r < param.shape[0]:  # aligned as in the pool: the expert alone is its own merge
                     param[r:].copy_(pool.base[name][r:])
         ckpt.close()
