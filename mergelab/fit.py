@@ -84,7 +84,7 @@ class CurveFit:
     form: str
     params: dict[str, float]
     se: dict[str, float]
-    r2: float
+    r2: float            # weighted by the fit's weights (∝ k by default, as the paper reports it)
     aic: float
     bic: float
     sse: float
@@ -92,6 +92,8 @@ class CurveFit:
     weights: str
     at_bound: dict[str, bool]
     notes: list[str] = field(default_factory=list)
+    r2_unweighted: float = float("nan")  # every point counted once, for comparison with the weighted r2
+    aicc: float = float("nan")           # AIC with the small-sample correction: rank forms by this on ~9 points
     samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, n_params)
     spec: Form | None = field(default=None, repr=False)
 
@@ -130,7 +132,8 @@ class CurveFit:
 
     def to_dict(self) -> dict:
         out = {"form": self.form, "formula": (self.spec or FORMS[self.form]).formula, **self.params,
-               **{f"se_{k}": v for k, v in self.se.items()}, "r2": self.r2, "aic": self.aic, "bic": self.bic,
+               **{f"se_{k}": v for k, v in self.se.items()}, "r2": self.r2, "r2_unweighted": self.r2_unweighted,
+               "aic": self.aic, "aicc": self.aicc, "bic": self.bic,
                "n": self.n, "weights": self.weights, "at_bound": [k for k, v in self.at_bound.items() if v],
                "notes": list(self.notes)}
         if self.samples is not None:
@@ -345,8 +348,14 @@ def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     at_bound = {name: (v - lo <= BOUND_TOL * max(1.0, abs(hi))) or (hi - v <= BOUND_TOL * max(1.0, abs(hi)))
                 for name, (lo, hi), v in zip(spec.nonlinear, spec.bounds, (params[x] for x in spec.nonlinear))}
     at_bound |= {name: params[name] <= 0.0 for name in spec.nonneg}
-    fit = CurveFit(spec.name, params, se, r2, loglik_term + 2 * p, loglik_term + p * math.log(n), sse, n, wname,
-                   at_bound, spec=spec)
+    aic = loglik_term + 2 * p
+    # AICc (Hurvich & Tsai 1989): AIC's penalty is far too light when n is close to p (9 points, 5 parameters)
+    aicc = aic + 2 * p * (p + 1) / (n - p - 1) if n - p - 1 > 0 else math.inf
+    resid = loss - spec.basis(k, *(params[x] for x in spec.nonlinear)) @ np.array([params[x] for x in spec.linear])
+    sst_u = float(np.sum((loss - loss.mean()) ** 2))
+    r2_u = 1.0 - float(resid @ resid) / sst_u if sst_u > 0 else float("nan")
+    fit = CurveFit(spec.name, params, se, r2, aic, loglik_term + p * math.log(n), sse, n, wname,
+                   at_bound, spec=spec, r2_unweighted=r2_u, aicc=aicc)
     for name, hit in at_bound.items():
         if hit:
             fit.notes.append(f"{name} sits on its bound")

@@ -77,7 +77,9 @@ def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
 
 
 def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
-    """Every form fitted to the per-k means, ranked by AIC, with BIC, R² and leave-one-k-out RMSE."""
+    """Every form fitted to the per-k means, ranked by AICc (AIC corrected for small samples: with
+    9 points and up to 5 parameters plain AIC favours the largest form), with AIC, BIC, the weighted
+    and unweighted R² and the leave-one-k-out RMSE. `delta_aicc` is each form's AICc minus the best."""
     ks, means = _per_k_means(k, loss)
     rows = []
     for name in forms or FORMS:
@@ -88,10 +90,14 @@ def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
         except FitError as exc:
             rows.append({"form": name, "formula": FORMS[name].formula, "note": str(exc)})
             continue
-        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aic": fit.aic,
-                     "bic": fit.bic, "r2": fit.r2, "loko_rmse": rmse, "params": fit.params,
+        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aicc": fit.aicc,
+                     "aic": fit.aic, "bic": fit.bic, "r2": fit.r2, "r2_unweighted": fit.r2_unweighted,
+                     "loko_rmse": rmse, "params": fit.params,
                      "note": "; ".join(fit.notes)})
     table = pd.DataFrame(rows)
-    if "aic" not in table.columns:  # no form could be fitted: the notes say why
+    if "aicc" not in table.columns:  # no form could be fitted: the notes say why
         return table
-    return table.sort_values("aic", na_position="last").reset_index(drop=True)
+    table = table.sort_values("aicc", na_position="last").reset_index(drop=True)
+    finite = table["aicc"].replace(np.inf, np.nan)
+    table.insert(table.columns.get_loc("aicc") + 1, "delta_aicc", table["aicc"] - finite.min())
+    return table

@@ -37,8 +37,8 @@ def finite_pool_law(M: int) -> Form:
 
 
 def fit_variance(k, var, M: int, *, weights="k") -> dict[str, CurveFit]:
-    """Both variance laws fitted to per-k variances; `best` is the one with the lower AIC."""
+    """Both variance laws fitted to per-k variances; `best` is the one with the lower AICc."""
     fits = {"plain": fit_curve(k, var, weights=weights, form=plain_law()),
             "finite_pool": fit_curve(k, var, weights=weights, form=finite_pool_law(M))}
-    fits["best"] = min(fits.values(), key=lambda f: f.aic)
+    fits["best"] = min(fits.values(), key=lambda f: (f.aicc, f.aic))
     return fits
