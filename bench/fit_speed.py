@@ -1,6 +1,7 @@
 """Fit speed on the shipped demo results: refit every curve (all domains + macro × methods × sizes)
-and bootstrap one curve 1000 times, each against a plain scipy.curve_fit baseline measured in the
-same run (one curve_fit call per curve / per bootstrap draw, as a straightforward script would).
+and bootstrap one curve 1000 times (expert bootstrap), each against a plain scipy.curve_fit baseline
+measured in the same run (one curve_fit call per curve / per resampled curve, as a straightforward
+script would).
 
     python bench/fit_speed.py            # prints seconds and ratios
 """
@@ -19,7 +20,7 @@ from common import best_of  # noqa: E402
 
 from mergelab.analysis import curve_means, fit_table, merge_losses
 from mergelab.demo.up import shipped_results_path
-from mergelab.fit import bootstrap_curve
+from mergelab.intervals import expert_bootstrap
 from mergelab.store import ResultStore
 
 
@@ -56,7 +57,7 @@ def main():
 
     subsets = merge_losses(results)
     one = subsets[(subsets["size"] == subsets["size"].iloc[0]) & (subsets["method"] == "average")]
-    ours_boot = best_of(lambda: bootstrap_curve(one["k"], one["loss"], n_boot=1000), repeat=3)
+    ours_boot = best_of(lambda: expert_bootstrap(one["experts_key"], one["loss"], n_boot=1000), repeat=3)
     rng = np.random.default_rng(0)
     groups = [one["loss"].to_numpy()[one["k"].to_numpy() == k] for k in ks]
 
@@ -65,7 +66,7 @@ def main():
             scipy_fit(ks, np.array([g[rng.integers(0, len(g), len(g))].mean() for g in groups]))
 
     base_boot = best_of(scipy_boot, repeat=1)
-    print(f"1000-draw cluster bootstrap of one curve: mergelab {ours_boot:.3f} s (target < 2 s), "
+    print(f"1000-draw expert bootstrap of one curve: mergelab {ours_boot:.3f} s (target < 2 s), "
           f"scipy loop {base_boot:.3f} s, ratio {base_boot / ours_boot:.1f}x")
 
 

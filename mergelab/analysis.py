@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from mergelab import __version__
-from mergelab.fit import FitError, bootstrap_curve, fit_curves, fit_joint
+from mergelab.fit import FitError, fit_curves, fit_joint
+from mergelab.intervals import expert_bootstrap
 
 MACRO = "macro"
 REFERENCE_METHODS = ("base", "expert")
@@ -56,7 +57,7 @@ def curve_means(results: pd.DataFrame, domains=None) -> pd.DataFrame:
 def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int = 0, seed: int = 0,
               wide: pd.DataFrame | None = None) -> pd.DataFrame:
     """The floor-tail law per curve. Curves that share a k grid are fitted in one batch; with
-    n_boot > 0 each curve gets a cluster bootstrap (resampling subsets) and CI columns.
+    n_boot > 0 each curve gets expert-bootstrap intervals (mergelab.intervals) as CI columns.
     `wide` (from curve_means) may be passed in to skip recomputing the per-k means."""
     wide = curve_means(results, domains) if wide is None else wide
     ks = np.array([c for c in wide.columns if c != "n_subsets"], dtype=float)
@@ -92,7 +93,8 @@ def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray,
         try:
             if n_boot:
                 subsets = subsets_of(info)
-                out.append(bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights))
+                out.append(expert_bootstrap(subsets["experts_key"], subsets["loss"], n_boot=n_boot, seed=seed,
+                                            weights=weights))
             else:
                 out.append(fit_curves(k, means[None], weights=weights)[0])
         except FitError as exc:
@@ -180,7 +182,8 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
         subsets = subsets_of(info)
         M = int(subsets["k"].max())
         try:
-            fit = (bootstrap_curve(subsets["k"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights) if n_boot
+            fit = (expert_bootstrap(subsets["experts_key"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights)
+                   if n_boot
                    else fit_curves(*_means(subsets), weights=weights)[0])
         except FitError as exc:
             rows.append({**info, "quantity": "fit", "note": str(exc)})

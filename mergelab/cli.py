@@ -198,7 +198,7 @@ def fit(
     size: Optional[str] = typer.Option(None, help="only this size"),
     domain: Optional[str] = typer.Option(None, help="one domain, or 'macro' (default: macro and every domain)"),
     joint: bool = typer.Option(False, help="fit L(N,k) jointly over sizes instead of one curve per size"),
-    bootstrap: int = typer.Option(0, help="cluster-bootstrap draws for CIs (e.g. 1000)"),
+    bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs (e.g. 1000); they resample experts"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
     format: str = typer.Option("table", help="table, json, csv or latex"),
     out: Optional[Path] = typer.Option(None, help="write to this file"),
@@ -231,7 +231,7 @@ def export_cmd(
     family: Optional[str] = typer.Option(None, help="only this family"),
     method: Optional[str] = typer.Option(None, help="only this merge method"),
     size: Optional[str] = typer.Option(None, help="only this size"),
-    bootstrap: int = typer.Option(0, help="cluster-bootstrap draws for CIs of fits and plans"),
+    bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs of fits and plans"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
 ):
     """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""

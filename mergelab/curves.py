@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mergelab.fit import FitError, bootstrap_curve, fit_curve
+from mergelab.fit import FitError, fit_curve
+from mergelab.intervals import expert_bootstrap
 from mergelab.variance import fit_variance, subset_variance
 
 
 def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
-    """{(size, method): CurveFit or error text}; with n_boot the fits carry bootstrap draws."""
+    """{(size, method): CurveFit or error text}; with n_boot the fits carry expert-bootstrap draws."""
     fits = {}
     for (size, method), group in merges.groupby(["size", "method"]):
         try:
             if n_boot:
-                fits[size, method] = bootstrap_curve(group["k"], group["loss"], n_boot=n_boot, seed=seed)
+                fits[size, method] = expert_bootstrap(group["experts_key"], group["loss"], n_boot=n_boot, seed=seed)
             else:
                 means = group.groupby("k")["loss"].mean()
                 fits[size, method] = fit_curve(means.index.to_numpy(dtype=float), means.to_numpy())
@@ -42,7 +43,8 @@ def fit_summary(fits: dict) -> pd.DataFrame:
         if isinstance(fit, str):
             rows.append({"size": size, "method": method, "note": fit})
             continue
-        row = {"size": size, "method": method, "L∞": fit.L_inf, "A": fit.A, "b": fit.b, "R²": fit.r2}
+        row = {"size": size, "method": method, "L∞": fit.L_inf, "A": fit.A, "b": fit.b, "R² (k-weighted)": fit.r2,
+               "R² (unweighted)": fit.r2_unweighted}
         if fit.samples is not None:
             for name, (lo, hi) in fit.param_ci().items():
                 row[f"{name} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"

@@ -18,8 +18,9 @@ def _layout(fig, title: str, x: str, y: str, height: int = 440):
 
 def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, log_x: bool = False,
                  log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True):
-    """CE vs k for one domain (or macro): faint points per subset, per-k mean ± 95% CI of the mean,
-    the fitted L∞ + A/(k+b) (solid) with its floor L∞ (dashed) and bootstrap band per curve.
+    """CE vs k for one domain (or macro): faint points per subset, per-k means with their 95%
+    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
+    floor L∞ (dashed) and its expert-bootstrap band per curve.
 
     merges: rows with size, method, k, loss, experts_key. fits: {(size, method): CurveFit}.
     bands: {(size, method): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws)."""
@@ -38,13 +39,17 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
             fig.add_scatter(x=rows["k"], y=rows["loss"], mode="markers", name=f"{name} subsets", legendgroup=name,
                             showlegend=False, marker=dict(color=colour, size=4, opacity=0.18),
                             hovertext=rows["experts_key"], hovertemplate="k=%{x}<br>CE=%{y:.4f}<br>%{hovertext}<extra></extra>")
-        stats = rows.groupby("k")["loss"].agg(["mean", "std", "count"]).reset_index()
-        half = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
+        stats = rows.groupby("k")["loss"].agg(["mean", "count"]).reset_index()
+        fit = fits.get((size, method))
+        error_y = None
+        if fit is not None and not isinstance(fit, str) and fit.samples is not None:
+            _, means, lo, hi = fit.mean_ci()  # expert-bootstrap interval of the population mean at each k
+            error_y = dict(type="data", symmetric=False, array=hi - means, arrayminus=means - lo, visible=True,
+                           thickness=1)
         fig.add_scatter(x=stats["k"], y=stats["mean"], mode="markers", name=name, legendgroup=name,
                         marker=dict(color=colour, size=8, symbol=["circle", "diamond", "square", "x"][methods.index(method) % 4]),
-                        error_y=dict(type="data", array=half, visible=True, thickness=1),
-                        hovertemplate="k=%{x}<br>mean CE=%{y:.4f}<extra>" + name + "</extra>")
-        fit = fits.get((size, method))
+                        error_y=error_y, customdata=stats["count"],
+                        hovertemplate="k=%{x}<br>mean CE=%{y:.4f} nats<br>%{customdata} subsets<extra>" + name + "</extra>")
         if fit is None or isinstance(fit, str):
             continue
         grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)

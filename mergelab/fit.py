@@ -94,8 +94,12 @@ class CurveFit:
     notes: list[str] = field(default_factory=list)
     r2_unweighted: float = float("nan")  # every point counted once, for comparison with the weighted r2
     aicc: float = float("nan")           # AIC with the small-sample correction: rank forms by this on ~9 points
-    samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, n_params)
     spec: Form | None = field(default=None, repr=False)
+    # Attached by mergelab.intervals.expert_bootstrap (intervals that resample experts):
+    samples: np.ndarray | None = None      # draws of the params, (n_boot, n_params), order of `params`
+    mean_draws: np.ndarray | None = None   # per-k mean of each draw minus the fitted law, (n_boot, K)
+    observed: tuple | None = None          # (k (K,), observed per-k means (K,))
+    interval: str = ""                     # how the draws were made, for tables and captions
 
     @property
     def L_inf(self) -> float:
@@ -113,18 +117,31 @@ class CurveFit:
         return predict_form(self.spec or self.form, self.params, np.asarray(k, dtype=float))
 
     def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
-        """Percentile bootstrap CIs (needs `samples`); else ±1.96·SE normal intervals."""
+        """Percentile intervals over the expert-bootstrap draws (mergelab.intervals.expert_bootstrap).
+
+        Raises FitError without draws: the Jacobian standard errors `se` treat the per-k means as
+        independent, which subsets sharing experts are not, so no interval is built from them."""
         names = list(self.params)
-        if self.samples is not None and len(self.samples):
-            lo, hi = np.nanpercentile(self.samples, [50 * (1 - level), 50 * (1 + level)], axis=0)
-            return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(names)}
-        z = _z(level)
-        return {n: (self.params[n] - z * self.se[n], self.params[n] + z * self.se[n]) for n in names}
+        lo, hi = np.nanpercentile(self._draws(), [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(names)}
+
+    def mean_ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(k, observed per-k mean, lo, hi): basic bootstrap intervals of the population mean loss
+        at each k, m̂_k − quantiles of (m*_k − f̂(k)); finite at k = M, where one subset was merged."""
+        self._draws()
+        ks, means = self.observed
+        q_lo, q_hi = np.nanpercentile(self.mean_draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return ks, means, means - q_hi, means - q_lo
+
+    def _draws(self) -> np.ndarray:
+        if self.samples is None or not len(self.samples):
+            raise FitError("no expert-bootstrap draws on this fit: use mergelab.intervals.expert_bootstrap() "
+                           "for intervals")
+        return self.samples
 
     def band(self, k, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-        """Pointwise percentile band of the fitted curve over the bootstrap draws."""
-        if self.samples is None or not len(self.samples):
-            raise FitError("no bootstrap draws on this fit: use bootstrap_curve() for bands")
+        """Pointwise percentile band of the fitted curve over the expert-bootstrap draws."""
+        self._draws()
         k = np.asarray(k, dtype=float)
         curves = np.array([predict_form(self.spec or self.form, dict(zip(self.params, s)), k) for s in self.samples])
         lo, hi = np.nanpercentile(curves, [50 * (1 - level), 50 * (1 + level)], axis=0)
@@ -138,7 +155,7 @@ class CurveFit:
                "notes": list(self.notes)}
         if self.samples is not None:
             out.update({f"ci_{k}": list(v) for k, v in self.param_ci().items()})
-            out["n_bootstrap"] = len(self.samples)
+            out["n_bootstrap"], out["interval"] = len(self.samples), self.interval
         return out
 
 
@@ -146,12 +163,6 @@ def predict_form(form: "str | Form", params: dict[str, float], k: np.ndarray) ->
     spec = _form(form)
     X = spec.basis(np.asarray(k, dtype=float), *(params[n] for n in spec.nonlinear))
     return X @ np.array([params[n] for n in spec.linear])
-
-
-def _z(level: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.ppf(0.5 + level / 2))
 
 
 # -- input checks -----------------------------------------------------------------------------
@@ -251,6 +262,17 @@ def fit_curves(k, losses, *, weights="k", form: "str | Form" = "floor_tail") -> 
     return fits
 
 
+def fit_params(k, Y, *, weights="k", form: "str | Form" = "floor_tail") -> np.ndarray:
+    """Parameters only (no errors, notes or standard errors) of every row of Y (m, K) sharing the k
+    grid (K,): (m, n_params) in the order of CurveFit.params (linear, then nonlinear). For bootstrap
+    draws, where building m CurveFit objects would dominate the time."""
+    spec = _form(form)
+    k = np.asarray(k, dtype=float).ravel()
+    w, _ = _weights(k, weights)
+    theta, beta, _ = _fit_batch(spec, k, np.atleast_2d(np.asarray(Y, dtype=float)), w)
+    return np.column_stack([beta, theta])
+
+
 def _fit_batch(spec: Form, k: np.ndarray, Y: np.ndarray, w: np.ndarray):
     """Parameters of `spec` fitted to every row of Y: (theta (m, nonlinear), beta (m, linear), sse (m,))."""
     nonneg = [spec.linear.index(n) for n in spec.nonneg]
@@ -317,26 +339,6 @@ def _profile_nd(spec: Form, k, loss, w, nonneg) -> tuple[float, ...]:
     return tuple(map(float, res.x if res.fun <= objective(best) else best))
 
 
-def bootstrap_curve(k, loss, *, n_boot: int = 1000, seed: int = 0, weights="k", form: str = "floor_tail") -> CurveFit:
-    """Fit the per-k mean curve of merged subsets and attach a cluster bootstrap: each draw
-    resamples the subsets (not the points) within every k, with replacement, and refits.
-
-    `k` and `loss` hold one value per merged subset (e.g. the macro CE of each merge)."""
-    spec = _form(form)
-    k, loss = _clean(k, loss, max(3, spec.n_params - 1))
-    if n_boot < 1:
-        raise FitError(f"n_boot must be >= 1, got {n_boot}")
-    ks = np.unique(k)
-    groups = [loss[k == x] for x in ks]
-    fit = fit_curve(ks, [g.mean() for g in groups], weights=weights, form=form)
-    rng = np.random.default_rng(seed)
-    draws = np.column_stack([g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(axis=1) for g in groups])
-    w, _ = _weights(ks, weights)
-    theta, beta, _ = _fit_batch(spec, ks, draws, w)
-    fit.samples = np.column_stack([beta, theta])  # same order as fit.params: linear, then nonlinear
-    return fit
-
-
 def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     n, p = len(k), spec.n_params
     mean = np.average(loss, weights=w)
@@ -344,10 +346,12 @@ def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     r2 = 1.0 - sse / sst if sst > 0 else float("nan")
     # AIC/BIC of the weighted Gaussian likelihood; tiny floor keeps exact fits finite.
     loglik_term = n * math.log(max(sse, 1e-300) / n)
-    se = _standard_errors(spec, params, k, w, sse, n - p)
     at_bound = {name: (v - lo <= BOUND_TOL * max(1.0, abs(hi))) or (hi - v <= BOUND_TOL * max(1.0, abs(hi)))
                 for name, (lo, hi), v in zip(spec.nonlinear, spec.bounds, (params[x] for x in spec.nonlinear))}
     at_bound |= {name: params[name] <= 0.0 for name in spec.nonneg}
+    # Jacobian standard errors assume an interior optimum: at a bound they are not valid for any parameter
+    se = ({x: float("nan") for x in (*spec.linear, *spec.nonlinear)} if any(at_bound.values())
+          else _standard_errors(spec, params, k, w, sse, n - p))
     aic = loglik_term + 2 * p
     # AICc (Hurvich & Tsai 1989): AIC's penalty is far too light when n is close to p (9 points, 5 parameters)
     aicc = aic + 2 * p * (p + 1) / (n - p - 1) if n - p - 1 > 0 else math.inf
@@ -359,11 +363,15 @@ def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     for name, hit in at_bound.items():
         if hit:
             fit.notes.append(f"{name} sits on its bound")
+    if any(at_bound.values()):
+        fit.notes.append("no standard errors at a bound: report the expert-bootstrap interval")
     return fit
 
 
 def _standard_errors(spec: Form, params, k, w, sse, dof) -> dict[str, float]:
-    """Asymptotic SEs from the Jacobian (numeric for the nonlinear parameters)."""
+    """Asymptotic SEs from the Jacobian (numeric for the nonlinear parameters). They treat the per-k
+    means as independent points, which merges sharing experts are not: a diagnostic of the fit's
+    conditioning, not an interval to report (mergelab.intervals gives those)."""
     names = list(spec.linear) + list(spec.nonlinear)
     x0 = np.array([params[n] for n in names])
 
@@ -466,26 +474,6 @@ def fit_joint(N, k, loss, *, weights="k") -> JointFit:
     fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
     if len(sizes) < 3:
         fit.notes.append("only 2 sizes: B and β are not separately identified")
-    return fit
-
-
-def bootstrap_joint(N, k, loss, *, n_boot: int = 200, seed: int = 0, weights="k") -> JointFit:
-    """The joint fit of per-(N, k) means of merged subsets, with a cluster bootstrap: each draw
-    resamples the subsets within every (N, k) cell and refits from the point estimate."""
-    N, k, loss, _, _ = _joint_input(N, k, loss, weights)
-    cells = sorted(set(zip(N, k)))
-    groups = [loss[(N == n) & (k == kk)] for n, kk in cells]
-    cN, ck = np.array([c[0] for c in cells]), np.array([c[1] for c in cells])
-    fit = fit_joint(cN, ck, [g.mean() for g in groups], weights=weights)
-    w, _ = _weights(ck, weights)
-    start = np.array([fit.beta, fit.gamma, fit.b])
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        y = np.array([g[rng.integers(0, len(g), len(g))].mean() for g in groups])
-        theta, linear, _, ref = _joint_solve(cN, ck, y, w, start=start)
-        draws.append([linear[0], linear[1] * ref ** theta[0], theta[0], linear[2] * ref ** theta[1], *theta[1:]])
-    fit.samples = np.array(draws)  # columns in the order of fit.params
     return fit
 
 

@@ -1,6 +1,7 @@
 """Planning with a fitted law: how many experts for a target loss, when to stop adding experts,
 which size is needed. Every answer is an Estimate: the value at the fitted parameters plus a
-percentile interval over the fit's bootstrap draws (NaN bounds when the fit has none)."""
+percentile interval over the fit's expert-bootstrap draws (mergelab.intervals; NaN bounds when the
+fit has none)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def stop_rule(fit: CurveFit, tolerance: float, k_max: int = 1000) -> Estimate:
 
 def minimum_size(fit: JointFit, target: float) -> Estimate:
     """N_min = (B/(L_target − L*))^(1/β) in billions of parameters: the size whose floor meets the
-    target (intervals from `bootstrap_joint` draws)."""
+    target (intervals from `mergelab.intervals.expert_bootstrap_joint` draws)."""
 
     def n_min(p):
         gap = target - p["L_star"]

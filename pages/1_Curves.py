@@ -11,7 +11,8 @@ from mergelab.figures import curve_figure, residual_figure, size_figure, varianc
 from mergelab.fit import FitError, fit_joint
 
 ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
-               "markers: mean over subsets ± 95% CI; solid: fitted L∞ + A/(k+b); dashed: the floor L∞.")
+               "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞. "
+               "Intervals and bands resample experts, not subsets (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 methods = ui.choose("Methods", methods_all, "methods", multi=True, default=methods_all[:1])
 sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
@@ -19,7 +20,8 @@ domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domai
                    help="macro = mean over the family's domains")
 with st.sidebar.expander("Display", expanded=True):
     n_boot = st.select_slider("Bootstrap draws (band, CIs)", [0, 100, 200, 500, 1000], value=200,
-                              help="cluster bootstrap: subsets are resampled within each k")
+                              help="expert bootstrap: each draw is a new pool of experts resampled from yours, with "
+                                   "their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
     log_x, log_y = st.checkbox("log k axis"), st.checkbox("log CE axis")
     show_points = st.checkbox("show every subset", value=True)
     overlay = st.checkbox("overlay the paper's published law", help="arXiv 2509.24244, Tables 3–5 (Qwen2.5, N in billions)")

@@ -7,11 +7,13 @@ from mergelab import dashboard as ui
 from mergelab import planning
 from mergelab.curves import fit_summary
 from mergelab.figures import fractional_return_figure
-from mergelab.fit import FitError, bootstrap_joint
+from mergelab.fit import FitError
+from mergelab.intervals import expert_bootstrap_joint
 from mergelab.heldout import compare_forms, forecast_errors, leave_one_size_out
 
 ui.page_header("Fit & Plan", "How well the law holds out of sample, which form fits best, and how many experts "
-               "or how large a model a target needs. Intervals are 95% cluster-bootstrap intervals.")
+               "or how large a model a target needs. Intervals are 95% expert-bootstrap intervals: they resample "
+               "the experts, the unit of randomness (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro")
@@ -94,7 +96,7 @@ if len(sizes_all) >= 2:
 
     @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
     def joint(frame):
-        return bootstrap_joint(frame["n_params"] / 1e9, frame["k"], frame["loss"], n_boot=50)
+        return expert_bootstrap_joint(frame["n_params"] / 1e9, frame["experts_key"], frame["loss"], n_boot=50)
 
     try:
         jfit = joint(all_sizes)

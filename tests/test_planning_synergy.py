@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from mergelab import planning
-from mergelab.fit import FitError, JointFit, bootstrap_curve, fit_curve
+from mergelab.fit import FitError, JointFit, fit_curve
+from mergelab.intervals import expert_bootstrap
 from mergelab.synergy import block_means, donor_strength, receiver_susceptibility, synergy_matrix, top_pairs
 
 K = np.arange(1, 10, dtype=float)
@@ -49,11 +50,14 @@ def test_minimum_size():
     assert planning.minimum_size(joint, 0.2).value == math.inf
 
 
-def test_estimates_carry_bootstrap_intervals():
+def test_estimates_carry_expert_bootstrap_intervals():
     rng = np.random.default_rng(0)
-    ks = np.repeat(K, 20)
-    losses = 0.7 + 0.3 / (ks + 0.5) + rng.normal(0, 0.01, len(ks))
-    fit = bootstrap_curve(ks, losses, n_boot=300)
+    experts = [f"e{i}" for i in range(9)]
+    keys = ["+".join(s) for k in range(1, 10) for s in itertools.combinations(experts, k)]
+    ks = np.array([key.count("+") + 1 for key in keys], dtype=float)
+    effects = dict(zip(experts, rng.normal(0, 0.01, 9)))
+    losses = 0.7 + 0.3 / (ks + 0.5) + np.array([np.mean([effects[e] for e in key.split("+")]) for key in keys])
+    fit = expert_bootstrap(keys, losses, n_boot=300)
     est = planning.k_for_target(fit, 0.76)
     assert est.lo <= est.value <= est.hi and est.hi > est.lo
     plain = planning.k_for_target(fit_curve(K, 0.7 + 0.3 / (K + 0.5)), 0.76)
@@ -103,17 +107,3 @@ def test_synergy_from_orderings_uses_prefix_pairs(structure):
     S = synergy_matrix(additive_results(G, base, sorted(set(keys))))
     assert np.allclose(S.loc["geometry", names].to_numpy(), G.loc["geometry", names].to_numpy(), atol=1e-12)
     assert S.attrs["n_pairs"]["geometry"] == 2
-
-
-def test_minimum_size_interval_from_a_joint_bootstrap():
-    from mergelab.fit import bootstrap_joint
-
-    rng = np.random.default_rng(4)
-    N = np.repeat([0.5, 1.5, 7.0, 32.0], 9 * 15)
-    k = np.tile(np.repeat(K, 15), 4)
-    loss = 0.2 + 0.1 * N ** -0.4 + 0.05 / (k + 0.3) + rng.normal(0, 0.003, len(N))
-    fit = bootstrap_joint(N, k, loss, n_boot=60)
-    assert fit.samples.shape == (60, 6)
-    est = planning.minimum_size(fit, 0.26)
-    truth = (0.1 / 0.06) ** (1 / 0.4)
-    assert est.lo <= est.value <= est.hi and est.lo < truth < est.hi

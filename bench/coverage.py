@@ -1,0 +1,112 @@
+"""Coverage of mergelab's 95% intervals by simulation: does the interval contain the true L∞, A, b,
+L(M), k90 and the per-k mean at k = M as often as it claims?
+
+Families are simulated from a known law with expert random effects (mergelab.simulate: independent
+subset noise, shared per-expert effects, and a mix with pairwise interference), on the plans a sweep
+runs (every subset, N random subsets per k, diverse orderings), M = 9 experts. Each family is
+intervalled three ways, in the same run:
+- mergelab: the expert bootstrap (mergelab.intervals.expert_bootstrap);
+- subset bootstrap: resample the merged subsets within each k and refit — what mergelab did before
+  and what a user would write first (the baseline);
+- expert jackknife: delete one expert (and every subset holding it), refit, t interval with M − 1 dof.
+The width column is the median interval width over 3.92 × the SD of (estimate − truth) across
+families (for quantities in nats, both in units of each family's drop L(1) − L(M)): 1 is as wide
+as a correct normal interval.
+
+    python bench/coverage.py                 # 200 families per scenario and plan (about 10 min on 2 cores)
+    python bench/coverage.py --families 50   # quicker
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from scipy.stats import t as student_t
+
+from mergelab.fit import FitError, fit_params
+from mergelab.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities
+from mergelab.sweep import plan_subsets
+
+M = 9
+EXPERTS = [f"e{i}" for i in range(M)]
+PLANS = {"all subsets": "all", "10 random per k": 10, "15 orderings": "orderings:15"}
+
+
+def plan(spec) -> list[tuple[int, ...]]:
+    if spec == "all":
+        return all_subsets(M)
+    return [tuple(int(e[1:]) for e in subset) for subset in plan_subsets(EXPERTS, range(1, M + 1), spec, seed=0)]
+
+
+def per_k_means(subsets, loss, keep):
+    k = np.array([len(s) for s in subsets])
+    ks = np.unique(k[keep])
+    return ks.astype(float), np.array([loss[keep & (k == x)].mean() for x in ks])
+
+
+def subset_bootstrap(subsets, loss, rng, n_boot):
+    """The baseline: resample subsets within each k, refit; percentile intervals."""
+    k = np.array([len(s) for s in subsets])
+    ks = np.unique(k)
+    groups = [loss[k == x] for x in ks]
+    draws = np.column_stack([g[rng.integers(0, len(g), (n_boot, len(g)))].mean(axis=1) for g in groups])
+    params = fit_params(ks.astype(float), draws)
+    q = np.array([[*quantities(dict(zip(("L_inf", "A", "b"), p)), M), d[-1]] for p, d in zip(params, draws)])
+    return np.nanpercentile(q, [2.5, 97.5], axis=0)
+
+
+def expert_jackknife(subsets, loss, estimate):
+    """Delete-one-expert jackknife with a t interval (M − 1 dof)."""
+    reps = []
+    for j in range(M):
+        keep = np.array([j not in s for s in subsets])
+        ks, means = per_k_means(subsets, loss, keep)
+        try:
+            p = fit_params(ks, means[None])[0]
+        except FitError:
+            continue
+        reps.append([*quantities(dict(zip(("L_inf", "A", "b"), p)), M), means[-1]])
+    reps = np.array(reps)
+    n = len(reps)
+    se = np.sqrt((n - 1) / n * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
+    half = student_t.ppf(0.975, n - 1) * se
+    return estimate - half, estimate + half
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", type=int, default=200)
+    parser.add_argument("--draws", type=int, default=400)
+    args = parser.parse_args()
+    print(f"# Coverage of nominal 95% intervals: {args.families} simulated families per row, M = {M}, "
+          f"{args.draws} bootstrap draws\n")
+    print("| scenario | plan | interval | " + " | ".join(QUANTITIES) + " | width (median over ideal) |")
+    print("|---" * (4 + len(QUANTITIES)) + "|")
+    for scenario in SCENARIOS.values():
+        for plan_name, spec in PLANS.items():
+            start = time.perf_counter()
+            subsets = plan(spec)
+            records = coverage_records(scenario, subsets, M, args.families, n_boot=args.draws, seed=0)
+            truth, est = records["truth"], records["estimate"]
+            base = {"subset bootstrap": [], "expert jackknife": []}
+            for f, (_, loss, seed) in enumerate(families(scenario, subsets, M, args.families, seed=0)):  # the same families
+                base["subset bootstrap"].append(subset_bootstrap(subsets, loss, np.random.default_rng(seed), args.draws))
+                base["expert jackknife"].append(expert_jackknife(subsets, loss, est[f]))
+            rows = {"mergelab (expert bootstrap)": (records["lo"], records["hi"])}
+            rows |= {name: (np.array([b[0] for b in v]), np.array([b[1] for b in v])) for name, v in base.items()}
+            # families differ in scale (noise is set relative to each one's drop L(1) − L(M)): compare in those units
+            drop = np.array([law.drop(M) for law, _, _ in families(scenario, subsets, M, args.families, seed=0)])
+            unit = np.where(np.isin(QUANTITIES, ("b", "k90")), 1.0, drop[:, None])  # b and k90 have no unit
+            sd = np.nanstd((est - truth) / unit, axis=0)
+            for name, (lo, hi) in rows.items():
+                ok = np.isfinite(lo).all(axis=1)
+                cover = ((lo <= truth) & (truth <= hi))[ok].mean(axis=0)
+                width = np.nanmedian((hi - lo) / unit, axis=0) / (2 * 1.96 * sd)
+                print(f"| {scenario.name} | {plan_name} | {name} | " + " | ".join(f"{c:.1%}" for c in cover)
+                      + " | " + ", ".join(f"{w:.1f}" for w in width) + " |", flush=True)
+            print(f"<!-- {scenario.name} / {plan_name}: {time.perf_counter() - start:.0f} s -->", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Synthetic merge results with a known law, for checking that intervals cover what they claim.
+
+A simulated family draws M experts from a population and evaluates every subset of a plan:
+
+    L(S) = L∞ + A/(k+b) + (1/k)·Σ_{i∈S} a_i + (1/k²)·Σ_{i∈S} c_i + (2/k²)·Σ_{i<j∈S} w_ij + e_S
+
+with a_i ~ N(0, expert_sd²) (an expert's shared effect), c_i ~ N(0, curvature_sd²) (its effect on
+the tail), w_ij ~ N(0, pair_sd²) (pairwise interference) and e_S ~ N(0, subset_sd²/k) (independent
+noise per merge): the terms of the second-order expansion in paper §3 (see mergelab.intervals).
+Averaged over the population of experts every term but the law has mean 0, so the law is the truth
+an interval for L∞, A, b, L(M) or k90 must cover. Used by bench/coverage.py and the tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Noise structure, each SD in units of the curve's drop L(1) − L(M) (nats)."""
+
+    name: str
+    expert_sd: float = 0.0
+    curvature_sd: float = 0.0
+    pair_sd: float = 0.0
+    subset_sd: float = 0.0
+
+
+SCENARIOS = {
+    s.name: s for s in (
+        Scenario("independent subset noise", subset_sd=0.15),
+        Scenario("shared expert effects", expert_sd=0.3, curvature_sd=0.6),
+        Scenario("mix", expert_sd=0.2, curvature_sd=0.4, pair_sd=0.1, subset_sd=0.1),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Law:
+    """L∞ + A/(k+b): L_inf and A in nats, b ≥ 0 dimensionless."""
+
+    L_inf: float
+    A: float
+    b: float
+
+    def __call__(self, k) -> np.ndarray:
+        return self.L_inf + self.A / (np.asarray(k, dtype=float) + self.b)
+
+    def drop(self, M: int) -> float:
+        return float(self(1) - self(M))
+
+    def k_fraction(self, fraction: float, M: int) -> float:
+        """The k where R(k) = (L(1) − L(k))/(L(1) − L(M)) reaches `fraction` (k90 at 0.9)."""
+        inv = 1 / (1 + self.b) - fraction * (1 / (1 + self.b) - 1 / (M + self.b))
+        return 1 / inv - self.b
+
+
+def random_law(rng: np.random.Generator) -> Law:
+    """A law in the range seen on real and demo curves: L∞ ∈ [0.5, 2], A ∈ [0.1, 1], b ∈ [0.2, 3]."""
+    return Law(float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.1, 1.0)), float(rng.uniform(0.2, 3.0)))
+
+
+def simulate_losses(law: Law, scenario: Scenario, subsets: list[tuple[int, ...]], M: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """One family: the loss of each subset (tuples of expert indices in 0..M−1), (n,)."""
+    unit = law.drop(M)
+    a = rng.normal(0, scenario.expert_sd * unit, M)
+    c = rng.normal(0, scenario.curvature_sd * unit, M)
+    w = np.triu(rng.normal(0, scenario.pair_sd * unit, (M, M)), 1)
+    out = np.empty(len(subsets))
+    for i, s in enumerate(subsets):
+        k, idx = len(s), list(s)
+        pairs = w[np.ix_(idx, idx)].sum()
+        out[i] = law(k) + a[idx].sum() / k + c[idx].sum() / k ** 2 + 2 * pairs / k ** 2
+    k = np.array([len(s) for s in subsets], dtype=float)
+    return out + rng.normal(0, scenario.subset_sd * unit, len(subsets)) / np.sqrt(k)
+
+
+def all_subsets(M: int) -> list[tuple[int, ...]]:
+    return [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
+
+
+QUANTITIES = ("L_inf", "A", "b", "L(M)", "k90", "mean at k=M")
+
+
+def quantities(params: dict, M: int) -> np.ndarray:
+    """L∞, A, b, L(M) and k90 of a floor-tail parameter dict (the per-k mean is added separately)."""
+    law = Law(params["L_inf"], params["A"], params["b"])
+    return np.array([law.L_inf, law.A, law.b, float(law(M)), law.k_fraction(0.9, M)])
+
+
+def families(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n: int, seed: int = 0):
+    """Yield n simulated families on one plan: (law, loss (len(plan),), a seed for their bootstrap)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        law = random_law(rng)
+        yield law, simulate_losses(law, scenario, plan, M, rng), int(rng.integers(2**31))
+
+
+def coverage_records(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_families: int, *, n_boot: int = 400,
+                     seed: int = 0, level: float = 0.95) -> dict[str, np.ndarray]:
+    """Simulate `n_families` families on one plan and interval each with the expert bootstrap.
+
+    Returns arrays (n_families, len(QUANTITIES)): 'truth', 'estimate', 'lo', 'hi' (NaN rows where the
+    fit failed). Coverage is mean(lo ≤ truth ≤ hi)."""
+    from mergelab.fit import FitError
+    from mergelab.intervals import expert_bootstrap
+
+    keys = ["+".join(f"e{i}" for i in s) for s in plan]
+    out = {name: np.full((n_families, len(QUANTITIES)), np.nan) for name in ("truth", "estimate", "lo", "hi")}
+    tail = 50 * (1 - level), 50 * (1 + level)
+    for f, (law, loss, boot_seed) in enumerate(families(scenario, plan, M, n_families, seed)):
+        out["truth"][f] = [*quantities(vars(law), M), law(M)]
+        try:
+            fit = expert_bootstrap(keys, loss, n_boot=n_boot, seed=boot_seed)
+        except FitError:
+            continue
+        names = list(fit.params)
+        draws = np.array([quantities(dict(zip(names, s)), M) for s in fit.samples])
+        lo, hi = np.nanpercentile(draws, tail, axis=0)
+        _, means, mlo, mhi = fit.mean_ci(level)
+        out["estimate"][f] = [*quantities(fit.params, M), means[-1]]
+        out["lo"][f], out["hi"][f] = [*lo, mlo[-1]], [*hi, mhi[-1]]
+    return out

@@ -1,0 +1,84 @@
+"""Expert-level intervals: the random-effects model recovers known effects, intervals are finite at
+k = M, and a small seeded simulation shows they cover (bench/coverage.py runs the full one)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mergelab import planning
+from mergelab.intervals import SubsetDesign, expert_bootstrap, expert_bootstrap_joint, fit_effects
+from mergelab.simulate import QUANTITIES, SCENARIOS, Law, all_subsets, coverage_records, simulate_losses
+
+M = 9
+PLAN = all_subsets(M)
+KEYS = ["+".join(f"e{i}" for i in s) for s in PLAN]
+
+
+def test_effects_model_recovers_known_expert_effects():
+    rng = np.random.default_rng(0)
+    a, c = rng.normal(0, 0.05, M), rng.normal(0, 0.1, M)
+    a, c = a - a.mean(), c - c.mean()
+    design = SubsetDesign.from_subsets(KEYS)
+    k = design.k
+    loss = 1.0 + 0.5 / (k + 1.0) + (design.Z @ a) / k + (design.Z @ c) / k ** 2
+    effects = fit_effects(design, loss)
+    assert effects.curvature and effects.sigma2 < 1e-20
+    assert np.allclose(effects.a, a, atol=1e-10) and np.allclose(effects.c, c, atol=1e-10)
+    assert design.experts == tuple(f"e{i}" for i in range(M))
+
+
+def test_interval_at_k_equals_M_is_not_zero_width():
+    law = Law(1.0, 0.5, 1.0)
+    loss = simulate_losses(law, SCENARIOS["shared expert effects"], PLAN, M, np.random.default_rng(1))
+    fit = expert_bootstrap(KEYS, loss, n_boot=300, seed=0)
+    ks, means, lo, hi = fit.mean_ci()
+    assert list(ks) == list(range(1, M + 1))
+    assert (lo < means).all() and (means < hi).all()
+    assert hi[-1] - lo[-1] > 0.01 * law.drop(M)  # one subset at k = M, yet its population mean is uncertain
+    assert fit.samples.shape == (300, 3) and "M = 9 experts" in fit.interval
+    ci = fit.param_ci()
+    for name in ("L_inf", "A", "b"):
+        assert ci[name][0] <= fit.params[name] <= ci[name][1]
+
+
+def test_one_subset_per_k_gives_a_fit_without_interval_and_says_why():
+    order = [f"e{i}" for i in range(M)]
+    keys = ["+".join(order[:k]) for k in range(1, M + 1)]
+    loss = 1.0 + 0.5 / (np.arange(1, M + 1) + 1.0)
+    fit = expert_bootstrap(keys, loss, n_boot=50)
+    assert fit.samples is None and any("single subset at every k" in n for n in fit.notes)
+    est = planning.k_for_target(fit, 1.1)
+    assert np.isfinite(est.value) and np.isnan(est.lo)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_small_seeded_simulation_covers(scenario):
+    """40 families per scenario: every quantity covered in 85–100% (95% nominal; the full benchmark
+    with 200 families per plan is bench/coverage.py), with widths near a correct interval's."""
+    records = coverage_records(SCENARIOS[scenario], PLAN, M, 40, n_boot=200, seed=7)
+    truth, lo, hi = records["truth"], records["lo"], records["hi"]
+    cover = ((lo <= truth) & (truth <= hi)).mean(axis=0)
+    assert (cover >= 0.85).all(), dict(zip(QUANTITIES, cover))
+    drop = np.array([Law(*t[:3]).drop(M) for t in truth])
+    err = (records["estimate"] - truth)[:, [0, 3, 5]] / drop[:, None]  # L∞, L(M), mean at k=M (nats)
+    width = np.median((hi - lo)[:, [0, 3, 5]] / drop[:, None], axis=0)
+    assert (width < 2.5 * 3.92 * err.std(axis=0)).all(), width / (3.92 * err.std(axis=0))
+
+
+def test_joint_interval_resamples_one_pool_across_sizes():
+    rng = np.random.default_rng(4)
+    sizes = (0.5, 1.5, 7.0, 32.0)
+    a = rng.normal(0, 0.004, M)  # an expert's effect is shared by its checkpoints at every size
+    N, keys, loss = [], [], []
+    for size in sizes:
+        for s, key in zip(PLAN, KEYS):
+            k = len(s)
+            N.append(size)
+            keys.append(key)
+            loss.append(0.2 + 0.1 * size ** -0.4 + 0.05 / (k + 0.3) + a[list(s)].mean() + rng.normal(0, 0.002) / k ** 0.5)
+    fit = expert_bootstrap_joint(N, keys, loss, n_boot=40, seed=0)
+    assert fit.samples.shape == (40, 6) and np.isfinite(fit.samples).all()
+    est = planning.minimum_size(fit, 0.26)
+    truth = (0.1 / 0.06) ** (1 / 0.4)
+    assert est.lo <= est.value <= est.hi and est.lo < truth < est.hi
