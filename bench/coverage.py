@@ -1,5 +1,6 @@
 """Coverage of mergelab's 95% intervals by simulation: does the interval contain the true L∞, A, b,
-L(M), k90 and the per-k mean at k = M as often as it claims?
+L(M), k90, the per-k mean at k = M and the 3-point forecast of L(M) (from k = 1, 2, 4 only) as
+often as it claims?
 
 Families are simulated from a known law with expert random effects (mergelab.simulate: independent
 subset noise, shared per-expert effects, and a mix with pairwise interference), on the plans a sweep
@@ -52,7 +53,7 @@ def subset_bootstrap(subsets, loss, rng, n_boot):
     groups = [loss[k == x] for x in ks]
     draws = np.column_stack([g[rng.integers(0, len(g), (n_boot, len(g)))].mean(axis=1) for g in groups])
     params = fit_params(ks.astype(float), draws)
-    q = np.array([[*quantities(dict(zip(("L_inf", "A", "b"), p)), M), d[-1]] for p, d in zip(params, draws)])
+    q = np.array([[*quantities(dict(zip(("L_inf", "A", "b"), p)), M), d[-1], np.nan] for p, d in zip(params, draws)])
     return np.nanpercentile(q, [2.5, 97.5], axis=0)
 
 
@@ -66,7 +67,7 @@ def expert_jackknife(subsets, loss, estimate):
             p = fit_params(ks, means[None])[0]
         except FitError:
             continue
-        reps.append([*quantities(dict(zip(("L_inf", "A", "b"), p)), M), means[-1]])
+        reps.append([*quantities(dict(zip(("L_inf", "A", "b"), p)), M), means[-1], np.nan])
     reps = np.array(reps)
     n = len(reps)
     se = np.sqrt((n - 1) / n * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
@@ -100,11 +101,11 @@ def main():
             unit = np.where(np.isin(QUANTITIES, ("b", "k90")), 1.0, drop[:, None])  # b and k90 have no unit
             sd = np.nanstd((est - truth) / unit, axis=0)
             for name, (lo, hi) in rows.items():
-                ok = np.isfinite(lo).all(axis=1)
-                cover = ((lo <= truth) & (truth <= hi))[ok].mean(axis=0)
+                ok = np.isfinite(lo[:, :-1]).all(axis=1)
+                cover = np.where(np.isfinite(lo).any(axis=0), ((lo <= truth) & (truth <= hi))[ok].mean(axis=0), np.nan)
                 width = np.nanmedian((hi - lo) / unit, axis=0) / (2 * 1.96 * sd)
-                print(f"| {scenario.name} | {plan_name} | {name} | " + " | ".join(f"{c:.1%}" for c in cover)
-                      + " | " + ", ".join(f"{w:.1f}" for w in width) + " |", flush=True)
+                print(f"| {scenario.name} | {plan_name} | {name} | " + " | ".join("—" if np.isnan(c) else f"{c:.1%}" for c in cover)
+                      + " | " + ", ".join("—" if np.isnan(w) else f"{w:.1f}" for w in width) + " |", flush=True)
             print(f"<!-- {scenario.name} / {plan_name}: {time.perf_counter() - start:.0f} s -->", file=sys.stderr)
 
 

@@ -31,6 +31,12 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
     return macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True)
 
 
+def pool_size(rows: pd.DataFrame) -> int:
+    """M: the number of distinct experts in the rows' merges and single-expert reference rows (pass
+    the rows of one family and size). The pool, not the largest k swept, bounds what can be merged."""
+    return len({e for key in rows["experts_key"].unique() if key for e in key.split("+")})
+
+
 def domains_of(results: pd.DataFrame) -> list[str]:
     return sorted(results["domain"].unique())
 
@@ -171,7 +177,9 @@ PLAN_DEFAULTS = {"epsilon": 0.01, "tolerance": 0.001}
 
 def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int = 0,
                epsilon: float = PLAN_DEFAULTS["epsilon"], tolerance: float = PLAN_DEFAULTS["tolerance"]) -> pd.DataFrame:
-    """Per macro curve: k80, k90, k_ε and the stop rule, each with its interval when bootstrapped."""
+    """Per macro curve: k80, k90, k_ε and the stop rule, each with its interval when bootstrapped,
+    M (the pool) and whether the answer extrapolates beyond it. Curves that do not fall get no
+    floor-based answers, only the note saying why."""
     from mergelab import planning
 
     rows = []
@@ -180,7 +188,7 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
     for key in wide.index:
         info = dict(zip(wide.index.names, key))
         subsets = subsets_of(info)
-        M = int(subsets["k"].max())
+        M = pool_size(results[(results["family"] == info["family"]) & (results["size"] == info["size"])])
         try:
             fit = (expert_bootstrap(subsets["experts_key"], subsets["loss"], n_boot=n_boot, seed=seed, weights=weights)
                    if n_boot
@@ -189,10 +197,10 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
             rows.append({**info, "quantity": "fit", "note": str(exc)})
             continue
         quantities = {"k80": planning.k_at_fraction(fit, 0.8, M), "k90": planning.k_at_fraction(fit, 0.9, M),
-                      f"k_eps({epsilon:g})": planning.k_epsilon(fit, epsilon),
-                      f"stop(tol={tolerance:g})": planning.stop_rule(fit, tolerance)}
+                      f"k_eps({epsilon:g})": planning.k_epsilon(fit, epsilon, M),
+                      f"stop(tol={tolerance:g})": planning.stop_rule(fit, tolerance, M)}
         for name, est in quantities.items():
-            rows.append({**info, "quantity": name, **est.as_dict()})
+            rows.append({**info, "quantity": name, "M": M, **est.as_dict()})
     return pd.DataFrame(rows)
 
 

@@ -180,6 +180,23 @@ def size_label(rows: pd.DataFrame):
     return lambda s: f"{s} ({params[s] / 1e6:.2f}M params)" if s in params else str(s)
 
 
+def estimate_metric(label: str, est, fmt: str) -> None:
+    """A planner's answer as a metric: its 95% interval in the tooltip, 'extrapolated' beside a
+    value beyond the data, the note (why it is missing, unreachable or extrapolated) below."""
+    import math
+
+    if math.isnan(est.value):
+        value = "—"
+    elif math.isinf(est.value):
+        value = "unreachable"
+    else:
+        value = fmt.format(est.value) + (" (extrapolated)" if est.extrapolated else "")
+    interval = f"95% interval [{est.lo:.3g}, {est.hi:.3g}]" if not math.isnan(est.lo) else "no interval"
+    st.metric(label, value, help=interval)
+    if est.note:
+        st.caption(est.note)
+
+
 def page_header(title: str, caption: str) -> None:
     st.set_page_config(page_title=f"mergelab · {title}", layout="wide")
     st.title(title)

@@ -98,8 +98,8 @@ class CurveFit:
     # Attached by mergelab.intervals.expert_bootstrap (intervals that resample experts):
     samples: np.ndarray | None = None      # draws of the params, (n_boot, n_params), order of `params`
     mean_draws: np.ndarray | None = None   # per-k mean of each draw minus the fitted law, (n_boot, K)
-    observed: tuple | None = None          # (k (K,), observed per-k means (K,))
     interval: str = ""                     # how the draws were made, for tables and captions
+    observed: tuple | None = None          # (k (K,), observed per-k means (K,)), set by every fit
 
     @property
     def L_inf(self) -> float:
@@ -254,7 +254,8 @@ def fit_curves(k, losses, *, weights="k", form: "str | Form" = "floor_tail") -> 
     for row, th, be, ss in zip(losses, theta, beta, sse):
         params = dict(zip(spec.linear, map(float, be))) | dict(zip(spec.nonlinear, map(float, th)))
         fit = _finish(spec, params, k, row, w, float(ss), wname)
-        if not np.all(np.diff(_means_by_k(k, row)) <= 0):
+        fit.observed = (np.unique(k), _means_by_k(k, row))
+        if not np.all(np.diff(fit.observed[1]) <= 0):
             fit.notes.append("mean loss is not monotone in k")
         if "A" in params and params["A"] < 0:
             fit.notes.append("A < 0: the fitted loss rises with k")

@@ -33,8 +33,13 @@ def _per_k_means(k, loss) -> tuple[np.ndarray, np.ndarray]:
     return ks, np.array([loss[k == x].mean() for x in ks])
 
 
-def forecast_errors(k, loss) -> pd.DataFrame:
-    """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k."""
+def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k.
+
+    Errors are given in nats and relative to the observed loss and to the curve's drop
+    L(1) − L(k_max) (a forecast is only useful if its error is small against what merging gains).
+    With `subsets` (one experts_key per row) each prediction gets a 95% expert-bootstrap interval
+    (`lo`, `hi`): new pools of experts at k = 1, 2, 4 (mergelab.intervals), forecast again."""
     ks, means = _per_k_means(k, loss)
     missing = [x for x in (1, 2, 4) if x not in ks]
     if missing:
@@ -42,9 +47,30 @@ def forecast_errors(k, loss) -> pd.DataFrame:
     p = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
     predicted = p["L_inf"] + p["A"] / (ks + p["b"])
     out = pd.DataFrame({"k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
+    out["error_rel_loss"] = out["error"] / out["observed"]
+    out["error_rel_drop"] = out["error"] / (means[0] - means[-1])
     out["held_out"] = ~out["k"].isin([1, 2, 4])
+    if subsets is not None:
+        out["lo"], out["hi"] = _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level)
     out.attrs["forecast"] = p
     return out
+
+
+def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
+    from mergelab.intervals import mean_draws
+
+    k, loss, subsets = np.asarray(k, dtype=float), np.asarray(loss, dtype=float), np.asarray(subsets)
+    used = np.isin(k, (1, 2, 4))
+    law = lambda x: p["L_inf"] + p["A"] / (x + p["b"])  # noqa: E731
+    try:
+        _, draws = mean_draws(subsets[used], loss[used], law, n_boot=n_boot, seed=seed)
+    except FitError:
+        return np.nan, np.nan
+    curves = []
+    for L1, L2, L4 in draws:
+        q = three_point_forecast(L1, L2, L4)
+        curves.append(q["L_inf"] + q["A"] / (ks + q["b"]))
+    return np.percentile(np.array(curves), [50 * (1 - level), 50 * (1 + level)], axis=0)
 
 
 def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.DataFrame:

@@ -147,6 +147,19 @@ def simulate_pools(design: SubsetDesign, effects: ExpertEffects, mean: np.ndarra
     return mean[None, :] + (a @ design.Z.T) / k + (c @ design.Z.T) / k ** 2 + noise
 
 
+def mean_draws(subsets: Sequence, loss, population, *, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-k mean losses of the same subsets in `n_boot` new pools of experts: (ks (K,), draws (n_boot, K)).
+
+    population: callable k (n,) -> the population mean loss at each k (a fitted law's predict).
+    Raises FitError when the experts' effects cannot be estimated from these subsets."""
+    design = SubsetDesign.from_subsets(subsets)
+    y = np.asarray(loss, dtype=float)
+    effects = fit_effects(design, y)
+    rng = np.random.default_rng(seed)
+    pools = Pools.draw(design.M, n_boot, rng)
+    return design.ks(), design.per_k_means(simulate_pools(design, effects, population(design.k), pools, rng))
+
+
 def expert_bootstrap(subsets: Sequence, loss, *, n_boot: int = 1000, seed: int = 0, weights="k",
                      form: str = "floor_tail") -> CurveFit:
     """Fit the law to the per-k means of merged subsets and attach expert-level intervals.
@@ -160,20 +173,15 @@ def expert_bootstrap(subsets: Sequence, loss, *, n_boot: int = 1000, seed: int =
     if n_boot < 1:
         raise FitError(f"n_boot must be >= 1, got {n_boot}")
     design = SubsetDesign.from_subsets(subsets)
-    y = np.asarray(loss, dtype=float)
     ks = design.ks()
-    fit = fit_curve(ks, design.per_k_means(y), weights=weights, form=form)
+    fit = fit_curve(ks, design.per_k_means(np.asarray(loss, dtype=float)), weights=weights, form=form)
     try:
-        effects = fit_effects(design, y)
+        ks, draws = mean_draws(subsets, loss, fit.predict, n_boot=n_boot, seed=seed)
     except FitError as exc:
         fit.notes.append(f"no interval: {exc}")
         return fit
-    rng = np.random.default_rng(seed)
-    population = fit.predict(design.k)
-    draws = design.per_k_means(simulate_pools(design, effects, population, Pools.draw(design.M, n_boot, rng), rng))
     fit.samples = fit_params(ks, draws, weights=weights, form=form)
     fit.mean_draws = draws - fit.predict(ks)[None, :]
-    fit.observed = (ks, design.per_k_means(y))
     fit.interval = f"expert bootstrap ({n_boot} draws over M = {design.M} experts)"
     return fit
 

@@ -84,11 +84,12 @@ def all_subsets(M: int) -> list[tuple[int, ...]]:
     return [s for k in range(1, M + 1) for s in itertools.combinations(range(M), k)]
 
 
-QUANTITIES = ("L_inf", "A", "b", "L(M)", "k90", "mean at k=M")
+QUANTITIES = ("L_inf", "A", "b", "L(M)", "k90", "mean at k=M", "3-point L(M)")
 
 
 def quantities(params: dict, M: int) -> np.ndarray:
-    """L∞, A, b, L(M) and k90 of a floor-tail parameter dict (the per-k mean is added separately)."""
+    """L∞, A, b, L(M) and k90 of a floor-tail parameter dict (the per-k mean and the 3-point forecast
+    are added separately)."""
     law = Law(params["L_inf"], params["A"], params["b"])
     return np.array([law.L_inf, law.A, law.b, float(law(M)), law.k_fraction(0.9, M)])
 
@@ -108,13 +109,14 @@ def coverage_records(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_
     Returns arrays (n_families, len(QUANTITIES)): 'truth', 'estimate', 'lo', 'hi' (NaN rows where the
     fit failed). Coverage is mean(lo ≤ truth ≤ hi)."""
     from mergelab.fit import FitError
+    from mergelab.heldout import forecast_errors
     from mergelab.intervals import expert_bootstrap
 
     keys = ["+".join(f"e{i}" for i in s) for s in plan]
     out = {name: np.full((n_families, len(QUANTITIES)), np.nan) for name in ("truth", "estimate", "lo", "hi")}
     tail = 50 * (1 - level), 50 * (1 + level)
     for f, (law, loss, boot_seed) in enumerate(families(scenario, plan, M, n_families, seed)):
-        out["truth"][f] = [*quantities(vars(law), M), law(M)]
+        out["truth"][f] = [*quantities(vars(law), M), law(M), law(M)]
         try:
             fit = expert_bootstrap(keys, loss, n_boot=n_boot, seed=boot_seed)
         except FitError:
@@ -123,6 +125,8 @@ def coverage_records(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_
         draws = np.array([quantities(dict(zip(names, s)), M) for s in fit.samples])
         lo, hi = np.nanpercentile(draws, tail, axis=0)
         _, means, mlo, mhi = fit.mean_ci(level)
-        out["estimate"][f] = [*quantities(fit.params, M), means[-1]]
-        out["lo"][f], out["hi"][f] = [*lo, mlo[-1]], [*hi, mhi[-1]]
+        k = np.array([len(s) for s in plan], dtype=float)
+        forecast = forecast_errors(k, loss, keys, n_boot=n_boot, seed=boot_seed, level=level).iloc[-1]
+        out["estimate"][f] = [*quantities(fit.params, M), means[-1], forecast["predicted"]]
+        out["lo"][f], out["hi"][f] = [*lo, mlo[-1], forecast["lo"]], [*hi, mhi[-1], forecast["hi"]]
     return out

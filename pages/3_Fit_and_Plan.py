@@ -5,6 +5,7 @@ import streamlit as st
 
 from mergelab import dashboard as ui
 from mergelab import planning
+from mergelab.analysis import pool_size
 from mergelab.curves import fit_summary
 from mergelab.figures import fractional_return_figure
 from mergelab.fit import FitError
@@ -44,7 +45,7 @@ c1, c2 = st.columns(2)
 with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
-        errors = forecast_errors(merges["k"], merges["loss"])
+        errors = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
         st.caption(f"forecast: L∞ = {errors.attrs['forecast']['L_inf']:.4f}, A = {errors.attrs['forecast']['A']:.4f}, "
                    f"b = {errors.attrs['forecast']['b']:.3f} ({errors.attrs['forecast']['method'].replace('_', ' ')})")
         st.dataframe(errors, hide_index=True, width="stretch")
@@ -57,38 +58,43 @@ with c2:
                      hide_index=True, width="stretch")
     except FitError as exc:
         st.info(str(exc))
-st.markdown("**Alternative forms** (ranked by AIC; leave-one-k-out RMSE is out of sample)")
+st.markdown("**Alternative forms** (ranked by AICc, AIC corrected for 9 points; forms within ΔAICc ≤ 2 of the "
+            "best fit about as well; R² is k-weighted as in the paper, the unweighted R² beside it; leave-one-k-out "
+            "RMSE is out of sample)")
 forms = compare_forms(merges["k"], merges["loss"])
 st.dataframe(forms.drop(columns=["params"], errors="ignore"), hide_index=True, width="stretch")
 
 st.subheader("Plan")
-M = int(merges["k"].max())
+M = pool_size(rows[rows["size"] == size])
+reason = planning.not_falling(fit)
+if reason:
+    st.warning(f"No floor-based planning for {method} · {size}: {reason}.")
+defaults = planning.default_targets(fit, M)
+st.caption(f"Pool: M = {M} experts at this size. Defaults are the values the fitted law reaches at k = {(M + 1) / 2:g}; "
+           "answers beyond k = M are extrapolations of the law and marked so.")
 p1, p2, p3 = st.columns(3)
 with p1:
-    target = st.number_input("target loss", value=float(round(fit.L_inf + fit.A / (M + fit.b) * 0.5 + 0.0, 4)),
-                             format="%.4f", help="experts needed: k = A/(L_target − L∞) − b")
-    est = planning.k_for_target(fit, target)
-    st.metric("experts needed", "unreachable" if not np.isfinite(est.value) else f"{est.value:.1f}",
-              help=f"95% interval [{est.lo:.3g}, {est.hi:.3g}]")
-    if est.note:
-        st.caption(est.note)
+    target = st.number_input("target loss (nats/token)", value=round(defaults["target"], 4), format="%.4f",
+                             help="experts needed: k = A/(L_target − L∞) − b")
+    ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M), "{:.1f}")
 with p2:
-    eps = st.number_input("ε above the floor", value=0.01, min_value=1e-6, format="%.4f")
-    e = planning.k_epsilon(fit, eps)
-    st.metric("k within ε of the floor", f"{e.value:.1f}", help=f"95% interval [{e.lo:.3g}, {e.hi:.3g}]")
+    eps = st.number_input("ε above the floor (nats/token)", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
+                          format="%.4f", help="k_ε = A/ε − b")
+    ui.estimate_metric("k within ε of the floor", planning.k_epsilon(fit, eps, M), "{:.1f}")
 with p3:
-    tol = st.number_input("stop when one more expert gains less than", value=0.001, min_value=1e-6, format="%.4f")
-    s = planning.stop_rule(fit, tol)
-    st.metric("stop after k", f"{s.value:.0f}" if np.isfinite(s.value) else "never",
-              help=f"95% interval [{s.lo:.3g}, {s.hi:.3g}]")
+    tol = st.number_input("stop when one more expert gains less than (nats/token)",
+                          value=float(f"{defaults['tolerance']:.3g}"), min_value=1e-6, format="%.5f",
+                          help="first k with A/((k+b)(k+1+b)) below this")
+    ui.estimate_metric("stop after k", planning.stop_rule(fit, tol, M), "{:.0f}")
 
 k80, k90 = planning.k_at_fraction(fit, 0.8, M), planning.k_at_fraction(fit, 0.9, M)
-ks = np.linspace(1, M, 100)
-curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
-         "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
-st.plotly_chart(fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value}), width="stretch", key="R")
-st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
-           + k90.note + ".")
+if not reason:
+    ks = np.linspace(1, M, 100)
+    curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
+             "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
+    st.plotly_chart(fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value}), width="stretch", key="R")
+    st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
+               + k90.note + ".")
 
 if len(sizes_all) >= 2:
     st.markdown("**Minimum size** for a target floor (joint law over sizes)")
@@ -100,8 +106,9 @@ if len(sizes_all) >= 2:
 
     try:
         jfit = joint(all_sizes)
-        n_min = planning.minimum_size(jfit, floor_target)
-        st.metric("minimum size (parameters)", "unreachable" if not np.isfinite(n_min.value) else f"{n_min.value * 1e9:,.0f}",
+        n_min = planning.minimum_size(jfit, floor_target, sizes=all_sizes["n_params"].unique() / 1e9)
+        st.metric("minimum size (parameters)", "unreachable" if not np.isfinite(n_min.value) else
+                  f"{n_min.value * 1e9:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
                   help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
         st.caption(n_min.note or "; ".join(jfit.notes))
     except FitError as exc:

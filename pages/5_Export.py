@@ -10,7 +10,8 @@ from mergelab.figures import curve_figure
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
                "sizes, k range, number of merges, eval-set hashes, options). Every chart's camera icon saves a PNG.")
 family, rows, methods_all, _ = ui.family_with_merges()
-n_boot = st.sidebar.select_slider("Bootstrap draws for CIs", [0, 100, 200, 500], value=0)
+n_boot = st.sidebar.select_slider("Expert-bootstrap draws for CIs", [0, 100, 200, 500], value=0,
+                                 help="intervals resample experts (README, \"Intervals\"); 0 = no intervals")
 MIME = {"csv": "text/csv", "json": "application/json", "latex": "text/x-tex", "parquet": "application/octet-stream"}
 EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
 

@@ -100,3 +100,30 @@ def wait_until(predicate, timeout: float = 120.0, poll: float = 0.02) -> bool:
             return True
         time.sleep(poll)
     return predicate()
+
+
+def synthetic_results(curves: dict, experts: list[str], *, family: str = "syn", size: str = "s",
+                      n_params: int = 1_000_000, ks=None, domains=("x", "y"), seed: int = 0):
+    """Cache rows of one family and size: per method in `curves`, every subset of `experts` with k in
+    `ks` (default 1..M) and loss curves[method](k) + a per-expert effect; plus the base (k = 0) and
+    single-expert reference rows, so the pool size M = len(experts) is known to the cache."""
+    import itertools
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    effect = dict(zip(experts, rng.normal(0, 0.01, len(experts))))
+    ks = list(ks or range(1, len(experts) + 1))
+    merges = [("base", ())] + [("expert", (e,)) for e in experts]
+    merges += [(m, s) for m in curves for k in ks for s in itertools.combinations(experts, k)]
+    rows = []
+    for method, subset in merges:
+        k = len(subset)
+        law = curves.get(method, curves[next(iter(curves))])
+        loss = law(k) + np.mean([effect[e] for e in subset]) if k else law(0.5)
+        for d, domain in enumerate(domains):
+            rows.append({"family": family, "size": size, "n_params": n_params, "method": method, "hparams": "{}", "k": k,
+                         "experts_key": "+".join(subset), "domain": domain, "loss": loss + 0.1 * d, "n_tokens": 100,
+                         "eval_hash": f"h{domain}", "metric_version": 1, "device": "cpu"})
+    return pd.DataFrame(rows)

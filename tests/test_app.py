@@ -69,7 +69,7 @@ def test_fit_and_plan_shows_parameters_validation_and_planner(env):
     at = run("pages/3_Fit_and_Plan.py")
     headers = [h.value for h in at.subheader]
     assert headers == ["Parameters per size", "Held-out validation", "Plan"]
-    assert {m.label for m in at.metric} >= {"experts needed", "k within ε of the floor", "stop after k"}
+    assert {m.label for m in at.metric} >= {"experts needed, k", "k within ε of the floor", "stop after k"}
     assert any("needs k = 1, 2 and 4" in i.value for i in at.info)  # k only goes to 3 here: said, not crashed
 
 

@@ -1,0 +1,100 @@
+"""Planners stay inside the data: answers beyond the pool are marked, curves that do not fall get no
+floor-based answer, and M is the pool's size (not the largest k swept) — in the API and on Fit & Plan."""
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from mergelab import planning
+from mergelab.analysis import merge_losses, plan_table, pool_size
+from mergelab.fit import fit_curve
+from mergelab.store import ResultStore
+from tests.helpers import synthetic_results
+from tests.test_app import ROOT
+
+EXPERTS = [f"e{i}" for i in range(9)]
+FALLING = lambda k: 1.0 + 0.5 / (k + 1.0)  # noqa: E731
+NON_MONOTONE = lambda k: 4.5 + 0.4 / k + 0.05 * k  # noqa: E731  falls to k ≈ 3, then rises (TIES at density 0.2)
+
+
+@pytest.fixture
+def results():
+    # average swept only to k = 5 of 9 experts: the pool is still 9
+    return synthetic_results({"average": FALLING, "ties": NON_MONOTONE}, EXPERTS, ks=range(1, 6))
+
+
+def test_pool_size_is_the_family_pool_not_the_largest_k(results):
+    assert merge_losses(results)["k"].max() == 5
+    assert pool_size(results) == 9
+
+
+def test_answers_beyond_the_pool_are_marked_as_extrapolation():
+    fit = fit_curve(np.arange(1, 10), FALLING(np.arange(1, 10)))
+    far = planning.k_epsilon(fit, 0.004, M=9)  # k_ε = 0.5/0.004 − 1 = 124
+    assert far.value == pytest.approx(124, rel=1e-4) and far.extrapolated and "beyond the M = 9 experts" in far.note
+    near = planning.k_epsilon(fit, 0.1, M=9)
+    assert near.value == pytest.approx(4.0, rel=1e-4) and not near.extrapolated
+    assert planning.stop_rule(fit, 1e-5, M=9).extrapolated
+    defaults = planning.default_targets(fit, 9)
+    for answer in (planning.k_for_target(fit, defaults["target"], 9), planning.k_epsilon(fit, defaults["epsilon"], 9),
+                   planning.stop_rule(fit, defaults["tolerance"], 9)):
+        assert 1 <= answer.value <= 9 and not answer.extrapolated
+
+
+def test_a_curve_that_does_not_fall_gets_no_floor_based_answer():
+    k = np.arange(1, 10)
+    fit = fit_curve(k, NON_MONOTONE(k))
+    assert "non-monotone" in planning.not_falling(fit)
+    assert np.isnan(planning.k_epsilon(fit, 0.01, 9).value) and "no floor-based answer" in planning.k_epsilon(fit, 0.01).note
+    assert np.isnan(planning.k_at_fraction(fit, 0.9, 9).value)
+    # the measured means pass 4.79 at k = 3: said from the data, not called unreachable below a floor
+    target = planning.k_for_target(fit, 4.79, 9)
+    assert target.value == 3 and "not from the law" in target.note
+    rising = fit_curve(k, 1.0 + 0.01 * k)
+    assert "rises" in planning.not_falling(rising)
+
+
+def test_plan_table_reports_M_and_refuses_non_falling_curves(results):
+    table = plan_table(results)
+    assert (table["M"] == 9).all()
+    ties = table[table["method"] == "ties"]
+    assert ties["value"].isna().all() and ties["note"].str.contains("no floor-based answer").all()
+    average = table[table["method"] == "average"].set_index("quantity")
+    assert 1 <= average.loc["k90", "value"] <= 9
+
+
+@pytest.fixture
+def page_env(results, tmp_path, monkeypatch):
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(results)
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+
+
+def fit_and_plan(method: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "pages/3_Fit_and_Plan.py"), default_timeout=120)
+    at.query_params["method"] = method
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_fit_and_plan_marks_extrapolation_and_uses_the_pool(page_env):
+    at = fit_and_plan("average")
+    text = " ".join(c.value for c in at.caption)
+    assert "M = 9 experts" in text
+    metrics = {m.label: m.value for m in at.metric}
+    for label in ("experts needed, k", "k within ε of the floor", "stop after k"):  # defaults inside [1, M]
+        assert "extrapolated" not in metrics[label] and 1 <= float(metrics[label]) <= 9, metrics
+    at.number_input[1].set_value(0.0001).run()  # ε far below the tail: k_ε beyond the pool
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["k within ε of the floor"].endswith("(extrapolated)")
+    assert "beyond the M = 9 experts available" in " ".join(c.value for c in at.caption)
+
+
+def test_fit_and_plan_refuses_floor_answers_for_a_non_monotone_curve(page_env):
+    at = fit_and_plan("ties")
+    assert any("No floor-based planning" in w.value and "non-monotone" in w.value for w in at.warning)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["k within ε of the floor"] == "—" and metrics["stop after k"] == "—"
