@@ -10,12 +10,14 @@ intervalled three ways, in the same run:
 - subset bootstrap: resample the merged subsets within each k and refit — what mergelab did before
   and what a user would write first (the baseline);
 - expert jackknife: delete one expert (and every subset holding it), refit, t interval with M − 1 dof.
+A second table checks the synergy intervals (mergelab.synergy.synergy_intervals) the same way.
 The width column is the median interval width over 3.92 × the SD of (estimate − truth) across
 families (for quantities in nats, both in units of each family's drop L(1) − L(M)): 1 is as wide
 as a correct normal interval.
 
     python bench/coverage.py                 # 200 families per scenario and plan (about 10 min on 2 cores)
     python bench/coverage.py --families 50   # quicker
+    python bench/coverage.py --synergy-only  # only the synergy table (families / 4 per row)
 """
 
 import argparse
@@ -26,7 +28,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from mergelab.fit import FitError, fit_params
-from mergelab.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities
+from mergelab.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities, synergy_coverage
 from mergelab.sweep import plan_subsets
 
 M = 9
@@ -79,7 +81,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", type=int, default=200)
     parser.add_argument("--draws", type=int, default=400)
+    parser.add_argument("--synergy-only", action="store_true", help="only the synergy table")
     args = parser.parse_args()
+    if args.synergy_only:
+        return synergy_table(args)
     print(f"# Coverage of nominal 95% intervals: {args.families} simulated families per row, M = {M}, "
           f"{args.draws} bootstrap draws\n")
     print("| scenario | plan | interval | " + " | ".join(QUANTITIES) + " | width (median over ideal) |")
@@ -107,6 +112,16 @@ def main():
                 print(f"| {scenario.name} | {plan_name} | {name} | " + " | ".join("—" if np.isnan(c) else f"{c:.1%}" for c in cover)
                       + " | " + ", ".join("—" if np.isnan(w) else f"{w:.1f}" for w in width) + " |", flush=True)
             print(f"<!-- {scenario.name} / {plan_name}: {time.perf_counter() - start:.0f} s -->", file=sys.stderr)
+    synergy_table(args)
+
+
+def synergy_table(args):
+    print(f"\n# Coverage of the synergy intervals S[d, e] (every donor, {args.families // 4} families per row)\n")
+    print("| scenario | plan | coverage | median width (drops) |\n|---|---|---|---|")
+    for scenario in SCENARIOS.values():
+        for plan_name, spec in PLANS.items():
+            cover, width = synergy_coverage(scenario, plan(spec), M, args.families // 4, n_boot=args.draws // 2, seed=0)
+            print(f"| {scenario.name} | {plan_name} | {cover:.1%} | {width:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,9 +156,10 @@ def provenance(results: pd.DataFrame, **options) -> dict:
     }
 
 
-def synergy_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Long-form synergy (donor, receiver, synergy, n_pairs) per (family, size, method, hparams)."""
-    from mergelab.synergy import synergy_matrix
+def synergy_table(results: pd.DataFrame, *, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Long-form synergy (donor, receiver, synergy, n_pairs; with n_boot > 0 also the 95% interval
+    lo, hi from mergelab.synergy.synergy_intervals) per (family, size, method, hparams)."""
+    from mergelab.synergy import synergy_intervals, synergy_matrix
 
     frames = []
     merges = results[~results["method"].isin(REFERENCE_METHODS)]
@@ -166,10 +167,15 @@ def synergy_table(results: pd.DataFrame) -> pd.DataFrame:
         matrix = synergy_matrix(group)
         long = matrix.stack(future_stack=True).rename("synergy").reset_index()
         long["n_pairs"] = long["donor"].map(matrix.attrs["n_pairs"])
+        if n_boot:
+            lo, hi = synergy_intervals(group, n_boot=n_boot, seed=seed)
+            long["lo"] = lo.stack(future_stack=True).to_numpy()
+            long["hi"] = hi.stack(future_stack=True).to_numpy()
         frames.append(long.assign(**dict(zip(CURVE_KEYS, key))))
     if not frames:
         raise FitError("no merges to compute synergy from")
-    return pd.concat(frames, ignore_index=True)[CURVE_KEYS + ["donor", "receiver", "synergy", "n_pairs"]]
+    columns = ["donor", "receiver", "synergy", "n_pairs"] + (["lo", "hi"] if n_boot else [])
+    return pd.concat(frames, ignore_index=True)[CURVE_KEYS + columns]
 
 
 PLAN_DEFAULTS = {"epsilon": 0.01, "tolerance": 0.001}

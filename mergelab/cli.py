@@ -249,7 +249,7 @@ def export_cmd(
     elif what == "results":
         table = results
     elif what == "synergy":
-        table = analysis.synergy_table(results)
+        table = analysis.synergy_table(results, n_boot=bootstrap)
     else:
         table = analysis.plan_table(results, weights=weights, n_boot=bootstrap)
     export.write(table, format, analysis.provenance(results, **options), out)

@@ -126,28 +126,43 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None):
     return fig
 
 
-def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)"):
-    """Diverging colour scale centred on 0: blue helps, red hurts."""
+def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None):
+    """Diverging colour scale centred on 0: blue helps, red hurts. lo, hi: matrices of 95% intervals
+    (mergelab.synergy.synergy_intervals), shown on hover; entries whose interval holds 0 are greyed."""
     import numpy as np
     import plotly.graph_objects as go
 
     values = matrix.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    text = np.round(values, 3).astype(str)
+    hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
+    custom = None
+    if lo is not None and hi is not None:
+        lo_v, hi_v = lo.to_numpy(dtype=float), hi.to_numpy(dtype=float)
+        custom = np.dstack([lo_v, hi_v])
+        text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
+        hover = ("donor %{y} → receiver %{x}: %{z:.4f} nats<br>95% interval [%{customdata[0]:.4f}, "
+                 "%{customdata[1]:.4f}]<extra></extra>")
     fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
-                               colorscale="RdBu", colorbar=dict(title="nats"),
-                               text=np.round(values, 3), texttemplate="%{text}", textfont=dict(size=10),
-                               hovertemplate="donor %{y} → receiver %{x}: %{z:.4f}<extra></extra>"))
+                               colorscale="RdBu", colorbar=dict(title="nats"), customdata=custom,
+                               text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
     _layout(fig, title, "receiver domain", "donor expert", height=520)
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
-def bar_figure(series, title: str, x_title: str, y_title: str, height: int = 340):
-    """Horizontal-free simple bar chart of a named Series (sorted), positive blue, negative red."""
+def bar_figure(series, title: str, x_title: str, y_title: str, height: int = 340, lo=None, hi=None):
+    """Simple bar chart of a named Series (sorted), positive blue, negative red; lo, hi (Series on the
+    same index) draw 95% intervals as error bars."""
     import plotly.graph_objects as go
 
     s = series.sort_values()
-    fig = go.Figure(go.Bar(x=list(s.index), y=s.to_numpy(), marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in s]))
+    error = None
+    if lo is not None and hi is not None:
+        error = dict(type="data", symmetric=False, array=(hi[s.index] - s).to_numpy(),
+                     arrayminus=(s - lo[s.index]).to_numpy(), thickness=1)
+    fig = go.Figure(go.Bar(x=list(s.index), y=s.to_numpy(), error_y=error,
+                           marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in s]))
     return _layout(fig, title, x_title, y_title, height=height)
 
 

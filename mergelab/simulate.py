@@ -64,20 +64,39 @@ def random_law(rng: np.random.Generator) -> Law:
     return Law(float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.1, 1.0)), float(rng.uniform(0.2, 3.0)))
 
 
+@dataclass(frozen=True)
+class Pool:
+    """The M experts of one simulated family: effects a (M,), c (M,) and pairwise terms w (M, M),
+    upper triangle, all in nats."""
+
+    a: np.ndarray
+    c: np.ndarray
+    w: np.ndarray
+
+    @classmethod
+    def draw(cls, law: Law, scenario: Scenario, M: int, rng: np.random.Generator) -> "Pool":
+        unit = law.drop(M)
+        return cls(rng.normal(0, scenario.expert_sd * unit, M), rng.normal(0, scenario.curvature_sd * unit, M),
+                   np.triu(rng.normal(0, scenario.pair_sd * unit, (M, M)), 1))
+
+    def synergy(self, law: Law, donor: int, k_with: np.ndarray) -> float:
+        """The population synergy of `donor`: the mean over pairs (S, S ∪ {donor}), S of k_with − 1
+        co-experts drawn from the population, of L(S) − L(S ∪ {donor}) (co-experts' effects average 0)."""
+        k = np.asarray(k_with, dtype=float)
+        return float(np.mean(law(k - 1) - law(k) - self.a[donor] / k - self.c[donor] / k ** 2))
+
+
 def simulate_losses(law: Law, scenario: Scenario, subsets: list[tuple[int, ...]], M: int,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator, pool: Pool | None = None) -> np.ndarray:
     """One family: the loss of each subset (tuples of expert indices in 0..M−1), (n,)."""
-    unit = law.drop(M)
-    a = rng.normal(0, scenario.expert_sd * unit, M)
-    c = rng.normal(0, scenario.curvature_sd * unit, M)
-    w = np.triu(rng.normal(0, scenario.pair_sd * unit, (M, M)), 1)
+    pool = pool or Pool.draw(law, scenario, M, rng)
     out = np.empty(len(subsets))
     for i, s in enumerate(subsets):
         k, idx = len(s), list(s)
-        pairs = w[np.ix_(idx, idx)].sum()
-        out[i] = law(k) + a[idx].sum() / k + c[idx].sum() / k ** 2 + 2 * pairs / k ** 2
+        pairs = pool.w[np.ix_(idx, idx)].sum()
+        out[i] = law(k) + pool.a[idx].sum() / k + pool.c[idx].sum() / k ** 2 + 2 * pairs / k ** 2
     k = np.array([len(s) for s in subsets], dtype=float)
-    return out + rng.normal(0, scenario.subset_sd * unit, len(subsets)) / np.sqrt(k)
+    return out + rng.normal(0, scenario.subset_sd * law.drop(M), len(subsets)) / np.sqrt(k)
 
 
 def all_subsets(M: int) -> list[tuple[int, ...]]:
@@ -130,3 +149,34 @@ def coverage_records(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_
         out["estimate"][f] = [*quantities(fit.params, M), means[-1], forecast["predicted"]]
         out["lo"][f], out["hi"][f] = [*lo, mlo[-1], forecast["lo"]], [*hi, mhi[-1], forecast["hi"]]
     return out
+
+
+def synergy_coverage(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_families: int, *, n_boot: int = 200,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """(coverage, median width in units of the drop) of the synergy intervals
+    (mergelab.synergy.synergy_intervals) of every donor, over `n_families` simulated families with one
+    receiver domain."""
+    import pandas as pd
+
+    from mergelab.synergy import synergy_intervals, synergy_matrix
+
+    rng = np.random.default_rng(seed)
+    keys = ["+".join(f"e{i}" for i in s) for s in plan]
+    index = {frozenset(s): i for i, s in enumerate(plan)}
+    hits, widths = [], []
+    for _ in range(n_families):
+        law = random_law(rng)
+        pool = Pool.draw(law, scenario, M, rng)
+        loss = simulate_losses(law, scenario, plan, M, rng, pool)
+        rows = pd.DataFrame({"experts_key": keys, "domain": "x", "loss": loss})
+        estimate = synergy_matrix(rows)
+        lo, hi = synergy_intervals(rows, n_boot=n_boot, seed=int(rng.integers(2**31)), level=level)
+        for d in range(M):
+            with_d = [len(s) + 1 for s in plan if d not in s and frozenset(s) | {d} in index]
+            if not with_d or np.isnan(lo.loc[f"e{d}", "x"]):
+                continue
+            truth = pool.synergy(law, d, np.array(with_d))
+            hits.append(lo.loc[f"e{d}", "x"] <= truth <= hi.loc[f"e{d}", "x"])
+            widths.append((hi.loc[f"e{d}", "x"] - lo.loc[f"e{d}", "x"]) / law.drop(M))
+        del estimate
+    return float(np.mean(hits)), float(np.median(widths))

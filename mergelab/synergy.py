@@ -35,6 +35,66 @@ def synergy_matrix(results: pd.DataFrame, min_k: int = 1) -> pd.DataFrame:
     return matrix
 
 
+def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0, level: float = 0.95,
+                      min_k: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lo, hi): donor × receiver matrices of 95% intervals for `synergy_matrix(results, min_k)`.
+
+    Per receiver domain, the expert random-effects model of mergelab.intervals is fitted to the
+    merges' losses; each draw keeps the donor d with its own estimated effects and replaces its
+    co-experts by a new pool resampled from the others, evaluates the same subsets, and recomputes
+    S[d, e] over the same (S, S ∪ {d}) pairs. The interval is for d's synergy against the population
+    of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries whose receiver's effects
+    cannot be estimated (one subset per k) are NaN."""
+    from mergelab.fit import FitError
+    from mergelab.intervals import SubsetDesign, fit_effects
+
+    matrix = synergy_matrix(results, min_k)
+    lo, hi = (pd.DataFrame(np.nan, index=matrix.index, columns=matrix.columns) for _ in range(2))
+    table = results[results["experts_key"] != ""].pivot_table(index="experts_key", columns="domain", values="loss",
+                                                               aggfunc="first")
+    design = SubsetDesign.from_subsets(list(table.index))
+    row_of = {frozenset(key.split("+")): i for i, key in enumerate(table.index)}
+    members = list(row_of)
+    rng = np.random.default_rng(seed)
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    M, k = design.M, design.k
+    if M < 3:
+        return lo, hi
+    for receiver in table.columns:
+        y = table[receiver].to_numpy(dtype=float)
+        if not np.isfinite(y).all():
+            continue
+        try:
+            effects = fit_effects(design, y)
+        except FitError:
+            continue
+        m_k = dict(zip(design.ks(), design.per_k_means(y)))
+        mean = np.array([m_k[x] for x in k])
+        for j, donor in enumerate(design.experts):
+            if donor not in matrix.index:
+                continue
+            pairs = [(row_of[s], row_of[s | {donor}]) for s in members
+                     if donor not in s and len(s) >= min_k and (s | {donor}) in row_of]
+            if not pairs:
+                continue
+            without, with_d = np.array(pairs).T
+            others = np.delete(np.arange(M), j)
+            a_o, c_o = effects.a[others] - effects.a[others].mean(), effects.c[others] - effects.c[others].mean()
+            picks = rng.integers(0, M - 1, size=(n_boot, M))
+            scale = np.sqrt((M - 1) / (M - 2)) * np.sqrt((M - 2) / rng.chisquare(M - 2, size=(n_boot, 1)))
+            a, c = a_o[picks] * scale, c_o[picks] * scale
+            a[:, j], c[:, j] = effects.a[j], effects.c[j]  # the donor stays itself
+            noise = rng.standard_normal((n_boot, len(k))) * np.sqrt(effects.sigma2 / k)
+            y_star = mean + (a @ design.Z.T) / k + (c @ design.Z.T) / k ** 2 + noise
+            s_star = (y_star[:, without] - y_star[:, with_d]).mean(axis=1)
+            k1 = k[with_d]
+            world = np.mean(mean[without] - mean[with_d] - effects.a[j] / k1 - effects.c[j] / k1 ** 2)
+            q_lo, q_hi = np.percentile(s_star - world, tails)
+            lo.loc[donor, receiver] = matrix.loc[donor, receiver] - q_hi
+            hi.loc[donor, receiver] = matrix.loc[donor, receiver] - q_lo
+    return lo, hi
+
+
 def off_diagonal(matrix: pd.DataFrame) -> pd.DataFrame:
     """The matrix with self-pairs (donor d → receiver d) blanked: they measure the own expert."""
     out = matrix.copy()

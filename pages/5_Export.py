@@ -21,7 +21,7 @@ def table(what, frame, n_boot):
     return {"fits": lambda: analysis.fit_table(frame, n_boot=n_boot),
             "joint": lambda: analysis.joint_table(frame),
             "results": lambda: frame,
-            "synergy": lambda: analysis.synergy_table(frame),
+            "synergy": lambda: analysis.synergy_table(frame, n_boot=n_boot),
             "plan": lambda: analysis.plan_table(frame, n_boot=n_boot)}[what]()
 
 

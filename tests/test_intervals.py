@@ -82,3 +82,10 @@ def test_joint_interval_resamples_one_pool_across_sizes():
     est = planning.minimum_size(fit, 0.26)
     truth = (0.1 / 0.06) ** (1 / 0.4)
     assert est.lo <= est.value <= est.hi and est.lo < truth < est.hi
+
+
+def test_synergy_intervals_cover_in_a_small_simulation():
+    from mergelab.simulate import synergy_coverage
+
+    cover, width = synergy_coverage(SCENARIOS["mix"], PLAN, M, 12, n_boot=150, seed=3)
+    assert 0.85 <= cover <= 1.0 and 0 < width < 1, (cover, width)
