@@ -90,14 +90,14 @@ def test_three_point_falls_back_when_r_is_outside_the_closed_form_range():
 def test_leave_one_k_out_and_size_out():
     loko = leave_one_k_out(K, law(K))
     assert list(loko["k"]) == list(K) and loko["error"].abs().max() < 1e-4
-    sizes = [0.5, 1.5, 7.0, 32.0]
+    sizes = [0.5, 1.5, 3.0, 7.0, 32.0]
     N = np.repeat(sizes, 9)
-    k = np.tile(K, 4)
+    k = np.tile(K, 5)
     loss = 0.2 + 0.1 * N ** -0.4 + 0.05 * N ** -0.1 / (k + 0.3)
     loso = leave_one_size_out(N, k, loss)
-    assert set(loso["N"]) == {32.0} and loso["error"].abs().max() < 1e-3
-    with pytest.raises(FitError, match="at least 3 sizes"):
-        leave_one_size_out(N[N < 7], k[N < 7], loss[N < 7])
+    assert set(loso["N"]) == {32.0} and loso["error"].abs().max() < 1e-6 and loso.attrs["fit"].identified
+    with pytest.raises(FitError, match="at least 5 sizes, got 4"):  # 3 training sizes fix the floor exactly
+        leave_one_size_out(N[N < 32], k[N < 32], loss[N < 32])
 
 
 def test_joint_fit_recovers_parameters_and_per_size_floors():
