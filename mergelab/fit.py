@@ -497,12 +497,17 @@ class JointFit:
                 grouped.setdefault(why, []).append(JOINT_SYMBOLS.get(name, name))
         return [f"{', '.join(names_)}: {why}" for why, names_ in grouped.items()]
 
-    def require(self, *names: str, purpose: str = "this") -> None:
+    def require(self, *names: str, purpose: str = "This") -> None:
         """Raise FitError, with the reasons, unless every parameter in `names` is identified."""
         missing = [n for n in names if n in self.not_identified]
         if missing:
-            raise FitError(f"{purpose} needs {', '.join(JOINT_SYMBOLS.get(n, n) for n in names)}, which the joint fit "
-                           f"does not identify: " + "; ".join(self.reasons(missing)))
+            raise FitError(f"{purpose}: it needs {', '.join(JOINT_SYMBOLS.get(n, n) for n in names)}, which the joint "
+                           f"fit does not identify. " + "; ".join(self.reasons(missing)))
+
+    def describe(self) -> str:
+        """One line for a caption: the identified parameters, and R² weighted ∝ k and unweighted."""
+        shown = [f"{JOINT_SYMBOLS[n]} = {v:.4g}" for n, v in self.reported().items() if v == v]
+        return " · ".join(shown + [f"R² = {self.r2:.4f} (weights ∝ k), {self.r2_unweighted:.4f} (unweighted)"])
 
     def to_dict(self) -> dict:
         return {"form": "joint", "formula": "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", **self.reported(),

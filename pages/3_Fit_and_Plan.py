@@ -54,7 +54,7 @@ with c2:
         st.dataframe(leave_one_size_out(all_sizes["n_params"] / 1e9, all_sizes["k"], all_sizes["loss"]),
                      hide_index=True, width="stretch")
     except FitError as exc:
-        st.info(str(exc))
+        st.warning(str(exc))
 st.markdown("**Alternative forms** (ranked by AIC; leave-one-k-out RMSE is out of sample)")
 forms = compare_forms(merges["k"], merges["loss"])
 st.dataframe(forms.drop(columns=["params"], errors="ignore"), hide_index=True, width="stretch")
@@ -98,9 +98,11 @@ if len(sizes_all) >= 2:
 
     try:
         jfit = joint(all_sizes)
+        jfit.require("L_star", "B", "beta", purpose="No minimum size: N_min = (B/(L_target − L*))^(1/β) extrapolates "
+                     "the floor law in N")
         n_min = planning.minimum_size(jfit, floor_target)
         st.metric("minimum size (parameters)", "unreachable" if not np.isfinite(n_min.value) else f"{n_min.value * 1e9:,.0f}",
                   help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
         st.caption(n_min.note or "; ".join(jfit.notes))
     except FitError as exc:
-        st.info(str(exc))
+        st.warning(str(exc))
