@@ -170,10 +170,12 @@ def test_a_zero_tail_leaves_gamma_and_b_meaningless():
     assert not {"L_star", "B", "beta"} & set(fit.not_identified)
 
 
-def test_a_parameter_on_its_upper_bound_is_the_bounds_not_the_datas():
+def test_bounds_upper_is_the_bounds_value_and_beta_zero_merges_l_star_with_b():
     N, k = grid([0.5, 1.5, 7, 14, 32])
     fit = fit_joint(N, k, law(N, k, TRUTH | {"beta": 5.0}))  # beyond the cap β ≤ 3
     assert fit.params["beta"] == pytest.approx(3.0) and any("upper bound" in w for w in fit.not_identified["beta"])
+    fit = fit_joint(N, k, law(N, k, TRUTH | {"beta": -0.2}))  # a floor growing like N^0.2: β < 0 is outside the law
+    assert fit.params["beta"] < 1e-6 and any("only L* + B" in w for w in fit.not_identified["L_star"])
     # a lower bound is a value like any other: γ = 0, b = 0 (the paper's γ ≈ 1e-11, b0 ≈ 1e-14) are identified
     fit = fit_joint(N, k, law(N, k, TRUTH | {"gamma": 0.0, "b": 0.0}))
     assert fit.identified and fit.at_bound["gamma"] and fit.at_bound["b"]
