@@ -108,7 +108,7 @@ def test_joint_fit_recovers_parameters_and_per_size_floors():
     fit = fit_joint(N, k, loss)
     for name, value in truth.items():
         assert fit.params[name] == pytest.approx(value, rel=2e-3, abs=2e-4), name
-    assert fit.r2 > 0.99999
+    assert fit.r2 > 0.99999 and fit.identified  # 4 sizes: one more than the floor's 3 parameters
     assert fit.floor(7.0) == pytest.approx(0.2 + 0.1 * 7 ** -0.4, rel=1e-4)
     assert fit.tail(7.0) == pytest.approx(0.05 * 7 ** -0.1, rel=1e-3)
 
