@@ -123,7 +123,11 @@ def subset_lookup(results: pd.DataFrame):
 
 
 def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataFrame:
-    """The joint law over sizes per (method, hyperparameters, domain), N in billions of parameters."""
+    """The joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3, Tables 3–5) over sizes
+    per (method, hyperparameters, domain); N in billions of parameters, CE in nats/token.
+
+    Parameters the data do not identify are NaN; `identified` and `reason` say which and why (the rules
+    are in `mergelab.fit.JointFit`). `r2` is weighted ∝ k, as the paper reports it; `r2_unweighted` beside it."""
     rows = []
     for domain in domains or [MACRO, *domains_of(results)]:
         merges = merge_losses(results, domain)
@@ -134,9 +138,18 @@ def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataF
             try:
                 row.update(fit_joint(means["n_params"] / 1e9, means["k"], means["loss"], weights=weights).to_dict())
             except FitError as exc:
-                row["notes"] = [str(exc)]
+                row.update(identified=False, reason=str(exc), notes=[str(exc)])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def joint_warning(table: pd.DataFrame) -> str:
+    """A sentence for a `joint_table` with fits that are not identified ("" when every fit is)."""
+    if "identified" not in table or table.empty:
+        return ""
+    bad = int((~table["identified"].fillna(False).astype(bool)).sum())
+    return (f"{bad} of {len(table)} joint fits are not identified: the parameters the data do not pin down are "
+            "blank, and the reason column says why." if bad else "")
 
 
 def provenance(results: pd.DataFrame, **options) -> dict:

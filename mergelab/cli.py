@@ -163,7 +163,9 @@ def results(
 
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
 SUMMARY_COLUMNS = ["family", "size", "method", "domain", "L_inf", "A", "b", "r2", "n_subsets", "at_bound"]
-JOINT_COLUMNS = ["family", "method", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "at_bound"]
+JOINT_COLUMNS = ["family", "method", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
+                 "identified", "reason"]
+JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
 
 EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
@@ -197,7 +199,8 @@ def fit(
     method: Optional[str] = typer.Option(None, help="only this merge method"),
     size: Optional[str] = typer.Option(None, help="only this size"),
     domain: Optional[str] = typer.Option(None, help="one domain, or 'macro' (default: macro and every domain)"),
-    joint: bool = typer.Option(False, help="fit L(N,k) jointly over sizes instead of one curve per size"),
+    joint: bool = typer.Option(False, help="fit L(N,k) jointly over sizes instead of one curve per size; parameters "
+                                           "the data do not identify are left blank, with the reason"),
     bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs (e.g. 1000); they resample experts"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
     format: str = typer.Option("table", help="table, json, csv or latex"),
@@ -218,6 +221,9 @@ def fit(
         table = table[cols + cis].copy()
         for c in cis:
             table[c] = table[c].map(lambda v: f"[{v[0]:.4g}, {v[1]:.4g}]" if isinstance(v, list) else v)
+        for c in (JOINT_PARAMS if joint else []):  # not identified: no number, the reason column says why
+            if c in table.columns:
+                table[c] = table[c].map(lambda v: "–" if v is None or v != v else f"{v:.4g}")
     text = export.write(table, format, analysis.provenance(results, **options), out)
     typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
 

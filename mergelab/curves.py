@@ -37,6 +37,9 @@ def bands(fits: dict, merges: pd.DataFrame) -> dict:
     return out
 
 
+DISPLAY = {"L_inf": "L∞"}
+
+
 def fit_summary(fits: dict) -> pd.DataFrame:
     rows = []
     for (size, method), fit in fits.items():
@@ -47,7 +50,7 @@ def fit_summary(fits: dict) -> pd.DataFrame:
                "R² (unweighted)": fit.r2_unweighted}
         if fit.samples is not None:
             for name, (lo, hi) in fit.param_ci().items():
-                row[f"{name} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"
+                row[f"{DISPLAY.get(name, name)} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"
         row["note"] = "; ".join(fit.notes)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -402,19 +402,60 @@ def _means_by_k(k, loss) -> np.ndarray:
 
 
 # -- joint fit over sizes -----------------------------------------------------------------------
+#
+# L(N, k) = L* + B·N^(−β) + A0·N^(−γ)/(k + b): arXiv 2509.24244, §3 and Tables 3–5 (CE in nats/token,
+# N in billions of parameters). The fit is unit-free: the loss is standardised and N divided by the
+# geometric mean of the sizes before fitting, and the result mapped back, so the same points in nats,
+# millinats or with an offset give the same β, γ, b and proportionally scaled L*, B, A0.
+
+JOINT_PARAMS = ("L_star", "B", "beta", "A0", "gamma", "b")
+JOINT_SYMBOLS = {"L_star": "L*", "B": "B", "beta": "β", "A0": "A0", "gamma": "γ", "b": "b"}
+JOINT_BOUNDS = ((0.0, EXP_MAX), (0.0, EXP_MAX), (0.0, B_MAX))  # β, γ, b
+FLOOR_SIZES = 4    # sizes the floor L* + B·N^(−β) needs: its 3 parameters and one more size to test the form
+TAIL_SIZES = 3     # sizes the tail A0·N^(−γ) needs: its 2 parameters and one more
+EXACT = 1e-6       # a residual RMS or a term's variation below this fraction of the loss's spread counts as 0
+LR_95 = 3.841458820694124  # χ²(1) 95% quantile: threshold of the profile likelihood ratio
 
 
 @dataclass
 class JointFit:
-    """L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b), N in billions of parameters."""
+    """L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3, Tables 3–5); CE in nats/token
+    (or whatever unit the loss came in: L*, B and A0 carry it), N in billions of parameters.
+
+    `params` holds the fitted values, which `predict` uses; `not_identified` maps the parameters the
+    data do not pin down to the reason, and `reported()` / `to_dict()` blank those (NaN). Rules, in
+    order (a parameter flagged by several gets every reason):
+
+    1. sizes: the floor (L*, B, β) needs ≥ 4 sizes (with 3, the three per-size floors determine it
+       exactly and nothing tests the N^(−β) form; with 2, B and β are not separately identified);
+       the tail (A0, γ) needs ≥ 3 sizes;
+    2. a term that is 0: when B·N^(−β) varies by less than 1e-6 of the loss's spread over the sizes,
+       β means nothing (B ≈ 0); when A0·N^(−γ)/(k+b) does, γ and b mean nothing (A0 ≈ 0);
+    3. bounds: β, γ or b on its upper bound (3, 3, 100) is set by the bound, not the data; β = 0 makes
+       B·N^(−β) a constant, so only L* + B is identified. γ = 0 or b = 0 (a tail that does not shrink
+       with N, a pure 1/k) are values like any other: noted, not flagged;
+    4. the joint L* above the largest size's own per-curve floor L∞ (by more than 1.96 standard
+       errors): the floor law contradicts the per-size floors (L*, B, β flagged);
+    5. a flat profile: fixing β (or γ, or b) anywhere on its range and refitting the rest never raises
+       the SSE past the 95% likelihood-ratio threshold n·ln(SSE/SSE_min) = 3.84 (SSE_min floored at a
+       residual RMS of 1e-6 of the loss's spread, the precision of exact input).
+    """
 
     params: dict[str, float]
-    r2: float
+    r2: float            # weighted by the fit's weights (∝ k by default, as the paper reports it)
     sse: float
     n: int
     at_bound: dict[str, bool]
     notes: list[str] = field(default_factory=list)
     samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, 6)
+    r2_unweighted: float = float("nan")  # every (N, k) point counted once
+    n_sizes: int = 0
+    not_identified: dict[str, list[str]] = field(default_factory=dict)  # parameter -> why the data do not pin it down
+
+    @property
+    def identified(self) -> bool:
+        """True when every parameter is pinned down by the data (see the class docstring's rules)."""
+        return not self.not_identified
 
     @property
     def L_star(self) -> float:
@@ -453,29 +494,98 @@ class JointFit:
         """A(N) = A0·N^(−γ)."""
         return self.params["A0"] * np.asarray(N, dtype=float) ** -self.params["gamma"]
 
+    def reported(self) -> dict[str, float]:
+        """The parameters to show: NaN for those that are not identified."""
+        return {n: (math.nan if n in self.not_identified else v) for n, v in self.params.items()}
+
+    def reasons(self, names=None) -> list[str]:
+        """One line per distinct reason, naming its parameters: ["L*, B, β: 3 sizes for …", …]."""
+        grouped: dict[str, list[str]] = {}
+        for name, whys in self.not_identified.items():
+            for why in whys if names is None or name in names else ():
+                grouped.setdefault(why, []).append(JOINT_SYMBOLS.get(name, name))
+        return [f"{', '.join(names_)}: {why}" for why, names_ in grouped.items()]
+
+    def require(self, *names: str, purpose: str = "This") -> None:
+        """Raise FitError, with the reasons, unless every parameter in `names` is identified."""
+        missing = [n for n in names if n in self.not_identified]
+        if missing:
+            raise FitError(f"{purpose}: it needs {', '.join(JOINT_SYMBOLS.get(n, n) for n in names)}, which the joint "
+                           f"fit does not identify. " + "; ".join(self.reasons(missing)))
+
+    def describe(self) -> str:
+        """One line for a caption: the identified parameters, and R² weighted ∝ k and unweighted."""
+        shown = [f"{JOINT_SYMBOLS[n]} = {v:.4g}" for n, v in self.reported().items() if v == v]
+        return " · ".join(shown + [f"R² = {self.r2:.4f} (weights ∝ k), {self.r2_unweighted:.4f} (unweighted)"])
+
     def to_dict(self) -> dict:
-        return {"form": "joint", "formula": "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", **self.params, "r2": self.r2,
-                "n": self.n, "at_bound": [k for k, v in self.at_bound.items() if v], "notes": list(self.notes)}
-
-
-JOINT_BOUNDS = ((0.0, EXP_MAX), (0.0, EXP_MAX), (0.0, B_MAX))  # β, γ, b
+        return {"form": "joint", "formula": "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", **self.reported(),
+                "r2": self.r2, "r2_unweighted": self.r2_unweighted, "n": self.n, "n_sizes": self.n_sizes,
+                "identified": self.identified, "not_identified": list(self.not_identified),
+                "reason": "; ".join(self.reasons()),
+                "at_bound": [k for k, v in self.at_bound.items() if v], "notes": list(self.notes)}
 
 
 def fit_joint(N, k, loss, *, weights="k") -> JointFit:
-    """Joint fit over sizes. N in billions of parameters (internally rescaled for conditioning)."""
+    """Weighted least squares of L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) over sizes (weights ∝ k by
+    default, as the paper, arXiv 2509.24244 §3). N in billions of parameters; loss in nats/token or any
+    unit (the fit standardises it). Judges which parameters the data identify (see `JointFit`)."""
     N, k, loss, w, sizes = _joint_input(N, k, loss, weights)
-    theta, linear, sse, ref = _joint_solve(N, k, loss, w, start=None)
-    beta, gamma, b = map(float, theta)
-    params = {"L_star": float(linear[0]), "B": float(linear[1] * ref ** beta), "beta": beta,
-              "A0": float(linear[2] * ref ** gamma), "gamma": gamma, "b": b}
+    problem = _JointLS(N, k, loss, w)
+    theta, sse_z = problem.solve()
+    params = problem.params(theta)
+    resid = loss - problem.predict(theta)
+    sse = float(np.sum(w * resid ** 2))
     sst = float(np.sum(w * (loss - np.average(loss, weights=w)) ** 2))
+    sst_u = float(np.sum((loss - loss.mean()) ** 2))
     at_bound = {n: (v - lo <= BOUND_TOL) or (hi - v <= BOUND_TOL * hi)
                 for n, (lo, hi), v in zip(("beta", "gamma", "b"), JOINT_BOUNDS, theta)}
-    fit = JointFit(params, 1.0 - float(sse) / sst, float(sse), len(k), at_bound)
+    fit = JointFit(params, 1.0 - sse / sst, sse, len(k), at_bound, r2_unweighted=1.0 - float(resid @ resid) / sst_u,
+                   n_sizes=len(sizes))
     fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
-    if len(sizes) < 3:
-        fit.notes.append("only 2 sizes: B and β are not separately identified")
+    fit.not_identified = _identification(problem, theta, sse_z, fit, N, k, loss, w, sizes)
     return fit
+
+
+def _identification(problem: "_JointLS", theta, sse_z, fit: JointFit, N, k, loss, w, sizes) -> dict[str, list[str]]:
+    """The parameters the data do not pin down, with the reason (rules in `JointFit`'s docstring)."""
+    out: dict[str, list[str]] = {}
+
+    def flag(names, reason):
+        for name in names:
+            out.setdefault(name, []).append(reason)
+
+    p, n_sizes, spread = fit.params, len(sizes), float(loss.std())
+    if n_sizes < FLOOR_SIZES:
+        flag(("L_star", "B", "beta"), f"{n_sizes} sizes: " + (
+            "the 3 per-size floors fix L* + B·N^−β exactly, nothing tests it" if n_sizes == 3
+            else "B and β are not separately identified") + f" (the floor needs ≥ {FLOOR_SIZES} sizes)")
+    if n_sizes < TAIL_SIZES:
+        flag(("A0", "gamma"), f"{n_sizes} sizes: the 2 per-size tails fix A0·N^−γ exactly, nothing tests it "
+                              f"(the tail needs ≥ {TAIL_SIZES} sizes)")
+    if np.ptp(p["B"] * sizes ** -p["beta"]) < EXACT * spread:
+        flag(("beta",), "B·N^−β is flat over the sizes (B ≈ 0): β has no meaning")
+    if np.ptp(p["A0"] * N ** -p["gamma"] / (k + p["b"])) < EXACT * spread:
+        flag(("gamma", "b"), "the tail A0·N^−γ/(k+b) is 0 (A0 ≈ 0): γ and b have no meaning")
+    for name, (lo, hi), value in zip(("beta", "gamma", "b"), JOINT_BOUNDS, theta):
+        if hi - value <= BOUND_TOL * hi:
+            flag((name,), "on its upper bound: the value is the bound's, not the data's")
+    if theta[0] <= BOUND_TOL:
+        flag(("L_star", "B"), "β = 0 makes B·N^−β a constant: only L* + B is identified")
+    top = N == sizes[-1]
+    try:
+        own = fit_curve(k[top], loss[top], weights=w[top])
+    except FitError:
+        own = None
+    if own is not None:
+        se = own.se["L_inf"]
+        if p["L_star"] > own.L_inf + (1.96 * se if np.isfinite(se) else 0.0) + EXACT * spread:
+            flag(("L_star", "B", "beta"), f"L* = {p['L_star']:.4g} lies above the largest size's own floor "
+                                          f"L∞ = {own.L_inf:.4g} (N = {sizes[-1]:.3g}B)")
+    for j, name in enumerate(("beta", "gamma", "b")):
+        if name not in out and problem.flat_profile(j, theta, sse_z):
+            flag((name,), "flat profile: any value on its range fits as well (within the 95% likelihood-ratio threshold)")
+    return {name: out[name] for name in JOINT_PARAMS if name in out}
 
 
 def _joint_input(N, k, loss, weights):
@@ -490,30 +600,142 @@ def _joint_input(N, k, loss, weights):
     return N, k, loss, w, sizes
 
 
+class _JointLS:
+    """The joint law as a unit-free least-squares problem. The loss is standardised, z = (loss − μ)/σ,
+    and N divided by the geometric mean of the sizes; the linear parameters (L*, B, A0) are profiled out
+    by a weighted linear solve (SVD, so collinear columns do no harm) given θ = (β, γ, b), and θ comes
+    from a grid, several starts at the grid's local minima, and a bounded trust-region Gauss–Newton
+    refinement of the projected residual (variable projection, Kaufman's Jacobian) with relative
+    tolerances. Nothing here depends on the loss's units or offset."""
+
+    GRID = (np.linspace(0.0, EXP_MAX, 16), np.linspace(0.0, EXP_MAX, 16), _grid(0.0, B_MAX, 20))
+    STARTS = 5
+
+    def __init__(self, N, k, loss, w):
+        self.ref = float(np.exp(np.log(np.unique(N)).mean()))
+        self.lnx, self.k, self.w, self.sw = np.log(N / self.ref), k, w, np.sqrt(w)
+        self.mu, self.sd = float(loss.mean()), float(loss.std())
+        z = (loss - self.mu) / self.sd
+        self.zw = z * self.sw
+        self.sst = float(np.sum(w * (z - np.average(z, weights=w)) ** 2))
+        self._grid_sse: np.ndarray | None = None
+        self._cache: tuple = (None, None)
+
+    def _linear(self, theta):
+        """(c, weighted residual, U) at θ: c the standardised linear parameters, U an orthonormal basis
+        of the weighted design's column space."""
+        key = np.asarray(theta, dtype=float).tobytes()
+        if self._cache[0] == key:
+            return self._cache[1]
+        beta, gamma, b = theta
+        Xw = self.sw[:, None] * self._design(beta, gamma, b)
+        U, s, Vt = np.linalg.svd(Xw, full_matrices=False)
+        keep = s > s[0] * 1e-13
+        U, s, Vt = U[:, keep], s[keep], Vt[keep]
+        c = Vt.T @ ((U.T @ self.zw) / s)
+        out = (c, self.zw - Xw @ c, U)
+        self._cache = (key, out)
+        return out
+
+    def _design(self, beta, gamma, b):
+        return _cols(1.0, np.exp(-beta * self.lnx), np.exp(-gamma * self.lnx) / (self.k + b))
+
+    def _jacobian(self, theta):
+        c, _, U = self._linear(theta)
+        beta, gamma, b = theta
+        floor, tail = np.exp(-beta * self.lnx), np.exp(-gamma * self.lnx) / (self.k + b)
+        D = self.sw[:, None] * np.column_stack([-self.lnx * floor * c[1], -self.lnx * tail * c[2], -tail / (self.k + b) * c[2]])
+        return -(D - U @ (U.T @ D))
+
+    def sse(self, theta) -> float:
+        r = self._linear(theta)[1]
+        return float(r @ r)
+
+    def grid_sse(self) -> np.ndarray:
+        """SSE (standardised) at every point of GRID, shape (16, 16, 20), in one batched solve."""
+        if self._grid_sse is None:
+            mesh = np.meshgrid(*self.GRID, indexing="ij")
+            X = self._design(*(m.reshape(-1, 1) for m in mesh))
+            with np.errstate(all="ignore"):
+                _, sse = _solve_linear(X, self.zw / self.sw, self.w)
+            self._grid_sse = np.where(np.isfinite(sse), sse, np.inf).reshape(mesh[0].shape)
+        return self._grid_sse
+
+    def refine(self, start, free=(0, 1, 2)) -> tuple[np.ndarray, float]:
+        """Bounded trust-region refinement of the θ entries in `free`, the others held at `start`."""
+        from scipy.optimize import least_squares
+
+        lo, hi = (np.array([bd[i] for bd in JOINT_BOUNDS]) for i in (0, 1))
+        theta0, free = np.clip(np.asarray(start, dtype=float), lo, hi), list(free)
+
+        def full(v):
+            theta = theta0.copy()
+            theta[free] = v
+            return theta
+
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            res = least_squares(lambda v: self._linear(full(v))[1], theta0[free],
+                                jac=lambda v: self._jacobian(full(v))[:, free], bounds=(lo[free], hi[free]),
+                                method="trf", x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=300)
+        theta = full(res.x)
+        sse = self.sse(theta)
+        if not np.isfinite(sse) or sse > self.sse(theta0):
+            theta, sse = theta0, self.sse(theta0)
+        return theta, sse
+
+    def starts(self) -> list[np.ndarray]:
+        """The lowest local minima of the grid (up to STARTS), best first."""
+        from scipy.ndimage import minimum_filter
+
+        S = self.grid_sse()
+        minima = np.flatnonzero(S.ravel() <= minimum_filter(S, size=3, mode="nearest").ravel())
+        best = minima[np.argsort(S.ravel()[minima], kind="stable")][:self.STARTS]
+        return [np.array([g[i] for g, i in zip(self.GRID, np.unravel_index(j, S.shape))]) for j in best]
+
+    def solve(self, start=None) -> tuple[np.ndarray, float]:
+        """θ = (β, γ, b) with the lowest SSE from `start`, or from every grid start; and that SSE."""
+        fits = [self.refine(s) for s in ([start] if start is not None else self.starts())]
+        return min(fits, key=lambda f: f[1])
+
+    def flat_profile(self, j: int, theta, sse_min: float) -> bool:
+        """True when θ_j fixed anywhere on its grid, the rest refitted, never raises the SSE past the
+        95% likelihood-ratio threshold. The grid's own minimum over the others bounds the profile
+        from above, so only grid values above the threshold need a refit."""
+        floor = max(sse_min, EXACT ** 2 * self.sst)
+        threshold = floor * math.exp(LR_95 / len(self.zw))
+        S = np.moveaxis(self.grid_sse(), j, 0).reshape(len(self.GRID[j]), -1)
+        others = [i for i in range(3) if i != j]
+        for i in np.argsort(-S.min(axis=1), kind="stable"):
+            if S[i].min() < threshold:
+                return True
+            grid_best = np.array(np.unravel_index(int(np.argmin(S[i])), [len(self.GRID[o]) for o in others]))
+            from_grid, from_fit = np.array(theta, dtype=float), np.array(theta, dtype=float)
+            from_grid[others] = [self.GRID[o][g] for o, g in zip(others, grid_best)]
+            from_grid[j] = from_fit[j] = self.GRID[j][i]
+            if min(self.refine(s, others)[1] for s in (from_grid, from_fit)) >= threshold:
+                return False
+        return True
+
+    def linear(self, theta) -> np.ndarray:
+        """(L*, B_ref, A0_ref) in the loss's units, for N/ref."""
+        c = self._linear(theta)[0]
+        return np.array([self.mu + self.sd * c[0], self.sd * c[1], self.sd * c[2]])
+
+    def params(self, theta) -> dict[str, float]:
+        L, B_ref, A0_ref = self.linear(theta)
+        beta, gamma, b = map(float, theta)
+        return {"L_star": float(L), "B": float(B_ref * self.ref ** beta), "beta": beta,
+                "A0": float(A0_ref * self.ref ** gamma), "gamma": gamma, "b": b}
+
+    def predict(self, theta) -> np.ndarray:
+        _, r, _ = self._linear(theta)
+        return self.mu + self.sd * (self.zw - r) / self.sw
+
+
 def _joint_solve(N, k, loss, w, start):
-    """(β, γ, b), the linear (L*, B_ref, A0_ref), sse and the N reference scale. Without a start:
-    a vectorised grid over (β, γ, b) first; then bounded L-BFGS-B."""
-    from scipy.optimize import minimize
-
-    ref = float(np.exp(np.log(np.unique(N)).mean()))  # fit in N/ref for conditioning
-    x = N / ref
-
-    def basis(beta, gamma, b):
-        return _cols(1.0, x ** -beta, x ** -gamma / (k + b))
-
-    def objective(theta):
-        _, s = _solve_linear(basis(*theta), loss, w)
-        return float(s) if np.isfinite(s) else np.inf
-
-    if start is None:
-        grids = (np.linspace(0, EXP_MAX, 13), np.linspace(0, EXP_MAX, 13), _grid(0.0, B_MAX, 16))
-        mesh = [m.ravel()[:, None] for m in np.meshgrid(*grids, indexing="ij")]
-        with np.errstate(all="ignore"):
-            _, sse = _solve_linear(basis(*mesh), loss, w)
-        start = np.array([m[int(np.argmin(np.where(np.isfinite(sse), sse, np.inf))), 0] for m in mesh])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = minimize(objective, start, method="L-BFGS-B", bounds=JOINT_BOUNDS)
-    theta = res.x if res.fun <= objective(start) else np.asarray(start, dtype=float)
-    linear, sse = _solve_linear(basis(*theta), loss, w)
-    return theta, linear, float(sse), ref
+    """(β, γ, b), the linear (L*, B_ref, A0_ref) in the loss's units, the weighted SSE and the N
+    reference scale (B = B_ref·ref^β, A0 = A0_ref·ref^γ). Without a start, a grid and several starts."""
+    problem = _JointLS(N, k, loss, w)
+    theta, sse_z = problem.solve(start)
+    return theta, problem.linear(theta), sse_z * problem.sd ** 2, problem.ref

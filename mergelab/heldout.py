@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mergelab.fit import FORMS, FitError, fit_curve, fit_joint
+from mergelab.fit import FLOOR_SIZES, FORMS, FitError, fit_curve, fit_joint
 
 
 def three_point_forecast(L1: float, L2: float, L4: float) -> dict:
@@ -88,13 +88,24 @@ def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.Dat
 
 
 def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
-    """Fit the joint law on all but the largest size and predict the largest size's per-k means."""
+    """Fit the joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3) on all but the
+    largest size and predict the largest size's per-k means. N in billions of parameters, loss in
+    nats/token (any unit: errors come back in it).
+
+    Extrapolating in N needs the training sizes to identify the law: at least FLOOR_SIZES (4) of them,
+    so 5 sizes in all, and a training fit with every parameter identified (`JointFit.not_identified`);
+    otherwise FitError with the reason. The training fit is in `attrs["fit"]`."""
     N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
     sizes = np.unique(N)
-    if len(sizes) < 3:
-        raise FitError(f"leave-one-size-out needs at least 3 sizes (2 to fit, 1 to predict), got {len(sizes)}")
+    if len(sizes) < FLOOR_SIZES + 1:
+        raise FitError(f"leave-one-size-out needs at least {FLOOR_SIZES + 1} sizes, got {len(sizes)}: {FLOOR_SIZES} to fit "
+                       f"(the floor L* + B·N^−β has 3 parameters, and with 3 sizes they fix it exactly, untested) "
+                       f"and 1 to predict")
     train = N < sizes[-1]
     fit = fit_joint(N[train], k[train], loss[train], weights=weights)
+    if not fit.identified:
+        raise FitError(f"leave-one-size-out: the joint law fitted on the {len(sizes) - 1} smaller sizes is not "
+                       "identified, so its prediction for the largest is not a test of the law: " + "; ".join(fit.reasons()))
     ks, means = _per_k_means(k[~train], loss[~train])
     predicted = fit.predict(sizes[-1], ks)
     out = pd.DataFrame({"N": sizes[-1], "k": ks, "observed": means, "predicted": predicted, "error": predicted - means})

@@ -179,7 +179,13 @@ def default_targets(fit: CurveFit, M: int) -> dict[str, float]:
 def minimum_size(fit: JointFit, target: float, sizes=None) -> Estimate:
     """N_min = (B/(L_target − L*))^(1/β) in billions of parameters: the size whose floor meets the
     target (intervals from `mergelab.intervals.expert_bootstrap_joint` draws). With `sizes` (the
-    swept sizes, billions), an answer outside their range is marked as an extrapolation."""
+    swept sizes, billions), an answer outside their range is marked as an extrapolation. A fit whose
+    L*, B or β is not identified (JointFit.not_identified) gets no answer, only the reason."""
+
+    missing = [name for name in ("L_star", "B", "beta") if name in getattr(fit, "not_identified", {})]
+    if missing:
+        return Estimate(float("nan"), note="No minimum size: N_min = (B/(L_target − L*))^(1/β) extrapolates the floor "
+                                           "law in N, which these sizes do not identify: " + "; ".join(fit.reasons(missing)))
 
     def n_min(p):
         gap = target - p["L_star"]

@@ -66,7 +66,10 @@ with right:
             joint = fit_joint(means["n_params"] / 1e9, means["k"], means["loss"])
         except FitError as exc:
             st.caption(f"joint fit: {exc}")
-    st.plotly_chart(size_figure(points, joint, k=k_fixed), width="stretch", key="sizes")
+    drawn = joint if joint is not None and joint.identified else None
+    st.plotly_chart(size_figure(points, drawn, k=k_fixed), width="stretch", key="sizes")
     if joint is not None:
-        st.caption(" · ".join(f"{k} = {v:.4g}" for k, v in joint.params.items()) + f" · R² = {joint.r2:.4f}"
-                   + ("" if not joint.notes else " · " + "; ".join(joint.notes)))
+        if drawn is None:
+            st.warning("Joint law L* + B·N^−β + A0·N^−γ/(k+b) not drawn: the data do not identify it. "
+                       + "; ".join(joint.reasons()))
+        st.caption(joint.describe() + ("" if not joint.notes else " · " + "; ".join(joint.notes)))

@@ -57,7 +57,7 @@ with c2:
         st.dataframe(leave_one_size_out(all_sizes["n_params"] / 1e9, all_sizes["k"], all_sizes["loss"]),
                      hide_index=True, width="stretch")
     except FitError as exc:
-        st.info(str(exc))
+        st.warning(str(exc))
 st.markdown("**Alternative forms** (ranked by AICc, AIC corrected for 9 points; forms within ΔAICc ≤ 2 of the "
             "best fit about as well; R² is k-weighted as in the paper, the unweighted R² beside it; leave-one-k-out "
             "RMSE is out of sample)")
@@ -107,9 +107,12 @@ if len(sizes_all) >= 2:
     try:
         jfit = joint(all_sizes)
         n_min = planning.minimum_size(jfit, floor_target, sizes=all_sizes["n_params"].unique() / 1e9)
-        st.metric("minimum size (parameters)", "unreachable" if not np.isfinite(n_min.value) else
-                  f"{n_min.value * 1e9:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
-                  help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
-        st.caption(n_min.note or "; ".join(jfit.notes))
+        if np.isnan(n_min.value):
+            st.warning(n_min.note)
+        else:
+            st.metric("minimum size (parameters)", "unreachable" if np.isinf(n_min.value) else
+                      f"{n_min.value * 1e9:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
+                      help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
+            st.caption(n_min.note or "; ".join(jfit.notes))
     except FitError as exc:
-        st.info(str(exc))
+        st.warning(str(exc))

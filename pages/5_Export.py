@@ -35,6 +35,8 @@ for what, label, formats in [("fits", "Fitted parameters per curve", ("csv", "js
     provenance = analysis.provenance(rows, what=what, bootstrap=n_boot, weights="k")
     cols = st.columns(len(formats) + 1)
     cols[0].caption(f"{len(frame):,} rows")
+    if what == "joint" and analysis.joint_warning(frame):
+        st.warning(analysis.joint_warning(frame))
     for col, fmt in zip(cols[1:], formats):
         col.download_button(f"{fmt.upper()}", render(frame, fmt, provenance), file_name=f"{family}_{what}.{EXT[fmt]}",
                             mime=MIME[fmt], key=f"dl-{what}-{fmt}")

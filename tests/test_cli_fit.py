@@ -56,6 +56,13 @@ def test_fit_table_with_bootstrap_and_joint_csv(db, capsys):
     assert code == 0 and lines[0].startswith("# provenance: ")
     joint = pd.read_csv(pd.io.common.StringIO(out), comment="#")
     assert joint.loc[0, "gamma"] == pytest.approx(0.0, abs=0.05) and joint.loc[0, "r2"] > 0.99
+    assert joint.loc[0, "r2_unweighted"] > 0.98
+    # three sizes fix the floor's L*, B, β exactly: flagged, no numbers printed for them
+    assert not joint.loc[0, "identified"] and "3 sizes" in joint.loc[0, "reason"]
+    assert joint.loc[0, ["L_star", "B", "beta"]].isna().all() and joint.loc[0, ["A0", "gamma", "b"]].notna().all()
+    code, out, _ = cli(capsys, "fit", "--db", db, "--joint", "--domain", "x")
+    row = out.splitlines()[1]
+    assert code == 0 and row.split()[3:6] == ["–", "–", "–"] and "False" in row and "3 sizes" in row
 
 
 @pytest.mark.parametrize("what, fmt", [("fits", "parquet"), ("joint", "json"), ("synergy", "latex"),

@@ -1,4 +1,4 @@
-"""The law fits: exact recovery, recovery within bootstrap CIs, 3-point forecast, held-out checks,
+"""The law fits: exact recovery, standard errors withheld at bounds, 3-point forecast, held-out checks,
 alternative forms, the finite-pool variance law and clear errors on degenerate input."""
 
 import itertools
@@ -58,6 +58,84 @@ def test_no_standard_errors_at_a_bound():
     assert any("expert-bootstrap interval" in n for n in fit.notes)
     interior = fit_curve(K, law(K) + np.random.default_rng(0).normal(0, 1e-3, 9))
     assert not any(interior.at_bound.values()) and all(np.isfinite(v) for v in interior.se.values())
+
+
+def test_weights_change_the_fit_and_are_validated():
+    y = law(K) + np.array([0.01, -0.01, 0, 0, 0, 0, 0, 0, 0.01])
+    assert fit_curve(K, y, weights="k").params != fit_curve(K, y, weights="uniform").params
+    with pytest.raises(FitError, match="positive finite"):
+        fit_curve(K, y, weights=np.zeros(9))
+    with pytest.raises(FitError, match="expected 'k', 'uniform'"):
+        fit_curve(K, y, weights="sqrt")
+
+
+def test_three_point_closed_form_matches_least_squares_on_exact_data():
+    forecast = three_point_forecast(*law([1, 2, 4]))
+    fit = fit_curve(K, law(K))
+    assert forecast["method"] == "closed_form"
+    for name in ("L_inf", "A", "b"):
+        assert forecast[name] == pytest.approx(fit.params[name], abs=1e-5)
+    errors = forecast_errors(K, law(K))
+    assert errors["held_out"].sum() == 6 and errors["error"].abs().max() < 1e-9
+
+
+def test_three_point_falls_back_when_r_is_outside_the_closed_form_range():
+    # r = (L1−L2)/(L2−L4) = 3 > 2 would need b < 0: constrained least squares instead, b on its bound.
+    forecast = three_point_forecast(1.0, 0.7, 0.6)
+    assert forecast["method"] == "least_squares" and forecast["b"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_leave_one_k_out_and_size_out():
+    loko = leave_one_k_out(K, law(K))
+    assert list(loko["k"]) == list(K) and loko["error"].abs().max() < 1e-4
+    sizes = [0.5, 1.5, 3.0, 7.0, 32.0]
+    N = np.repeat(sizes, 9)
+    k = np.tile(K, 5)
+    loss = 0.2 + 0.1 * N ** -0.4 + 0.05 * N ** -0.1 / (k + 0.3)
+    loso = leave_one_size_out(N, k, loss)
+    assert set(loso["N"]) == {32.0} and loso["error"].abs().max() < 1e-6 and loso.attrs["fit"].identified
+    with pytest.raises(FitError, match="at least 5 sizes, got 4"):  # 3 training sizes fix the floor exactly
+        leave_one_size_out(N[N < 32], k[N < 32], loss[N < 32])
+
+
+def test_joint_fit_recovers_parameters_and_per_size_floors():
+    N = np.repeat([0.5, 1.5, 7.0, 32.0], 9)
+    k = np.tile(K, 4)
+    truth = dict(L_star=0.2, B=0.1, beta=0.4, A0=0.05, gamma=0.1, b=0.3)
+    loss = truth["L_star"] + truth["B"] * N ** -truth["beta"] + truth["A0"] * N ** -truth["gamma"] / (k + truth["b"])
+    fit = fit_joint(N, k, loss)
+    for name, value in truth.items():
+        assert fit.params[name] == pytest.approx(value, rel=2e-3, abs=2e-4), name
+    assert fit.r2 > 0.99999 and fit.identified  # 4 sizes: one more than the floor's 3 parameters
+    assert fit.floor(7.0) == pytest.approx(0.2 + 0.1 * 7 ** -0.4, rel=1e-4)
+    assert fit.tail(7.0) == pytest.approx(0.05 * 7 ** -0.1, rel=1e-3)
+
+
+@pytest.mark.parametrize("k, loss, fragment", [
+    ([1, 2, 1, 2], [1.0, 0.9, 1.1, 0.8], "need at least 3 distinct k to fit, got 2 (k = 1, 2)"),
+    (K, np.full(9, 0.5), "loss is constant"),
+    (K, np.r_[law(K)[:8], np.nan], "1 of 9 rows have NaN/Inf"),
+    ([0, 1, 2, 3], [1, 0.9, 0.8, 0.7], "k must be >= 1"),
+    (K, law(K)[:5], "differ in length"),
+])
+def test_degenerate_input_gets_a_clear_error(k, loss, fragment):
+    with pytest.raises(FitError) as err:
+        fit_curve(k, loss)
+    assert fragment in str(err.value)
+
+
+def test_single_size_joint_fit_is_refused_and_non_monotone_is_noted():
+    with pytest.raises(FitError, match="at least 2 sizes, got 1"):
+        fit_joint(np.full(9, 0.5), K, law(K))
+    bumpy = law(K) + np.array([0, 0, 0.05, 0, 0, 0, 0, 0, 0])
+    assert "mean loss is not monotone in k" in fit_curve(K, bumpy).notes
+    rising = 1.0 - 0.3 / (K + 0.5)
+    assert "A < 0: the fitted loss rises with k" in fit_curve(K, rising).notes
+
+
+def test_bound_flags():
+    fit = fit_curve(K, law(K, b=0.0))
+    assert fit.at_bound["b"] and "b sits on its bound" in fit.notes
 
 
 def test_alternative_forms_ranked_with_the_true_form_first():
