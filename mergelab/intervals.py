@@ -114,10 +114,24 @@ def fit_effects(design: SubsetDesign, loss) -> ExpertEffects:
     dof = len(y) - rank
     sigma2 = float(np.sum(k * resid ** 2) / dof) if dof > 0 else 0.0
     K, M = onehot.shape[1], design.M
-    a = coef[K:K + M]
-    c = coef[K + M:K + 2 * M] if curvature else np.zeros(M)
     # fitted values are unique; the split between m_k and the effects' means is not: centre the effects
-    return ExpertEffects(a - a.mean(), c - c.mean(), sigma2, dof, bool(curvature))
+    centre = np.eye(M) - 1.0 / M
+    cov = sigma2 * np.linalg.pinv((X * sw).T @ (X * sw))  # of the estimates; exact for contrasts such as a_i − ā
+    blocks = [slice(K, K + M)] + ([slice(K + M, K + 2 * M)] if curvature else [])
+    effects = [_deflate(centre @ coef[b], centre @ cov[b, b] @ centre) for b in blocks]
+    return ExpertEffects(effects[0], effects[1] if curvature else np.zeros(M), sigma2, dof, bool(curvature))
+
+
+def _deflate(effects: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Centred effect estimates scaled so that their spread is the experts' own, not the estimation
+    noise's (a method-of-moments correction: mean square of the estimates − mean noise variance).
+    Without it a design with few subsets per expert would resample noise as if it were experts."""
+    M = len(effects)
+    spread = float(effects @ effects) / (M - 1)
+    if spread <= 0:
+        return effects
+    own = max(0.0, spread - float(np.trace(noise)) / (M - 1))
+    return effects * np.sqrt(own / spread)
 
 
 @dataclass(frozen=True)
