@@ -17,15 +17,15 @@ if results.empty:
     st.stop()
 
 family, rows = ui.family_rows(results)
-sizes, methods = ui.sizes_in_order(rows), ui.merge_methods(rows)
-merges = rows[rows["method"].isin(methods)]
+sizes, settings = ui.sizes_in_order(rows), ui.merge_settings(rows)
+merges = rows[rows["setting"].isin(settings)]
 n_merges = merges[["size", "method", "hparams", "experts_key"]].drop_duplicates().shape[0]
 st.caption(f"{ui.results_store().path} · {n_merges:,} merges of {family} on {rows['domain'].nunique()} domains · "
            f"sizes {', '.join(sizes)}")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("families cached", results["family"].nunique())
 c2.metric("sizes", len(sizes))
-c3.metric("methods", len(methods))
+c3.metric("method settings", len(settings), help="a method with one set of hyperparameters is one setting")
 c4.metric("merges", f"{n_merges:,}")
 
 links = st.columns(5)
@@ -36,8 +36,8 @@ for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2
 
 
 size = ui.choose("Size", sizes, "size", default=sizes[-1], format_func=ui.size_label(rows))
-macro = ui.merges(family, "macro", methods, [size])
-fitted = ui.fits(family, "macro", methods, [size])
+macro = ui.merges(family, "macro", settings, [size])
+fitted = ui.fits(family, "macro", settings, [size])
 st.plotly_chart(curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} · {size} · cross-domain mean, every method",
                              show_points=False), width="stretch", key="overview")
 st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors. "

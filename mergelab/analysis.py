@@ -1,8 +1,14 @@
 """From cached result rows to fitted tables: curves per (size, method, hyperparameters, domain or
-macro), fitted in batches, with provenance. The dashboard and the CLI call these."""
+macro), fitted in batches, with provenance. The dashboard and the CLI call these.
+
+A curve is (family, size, method, hyperparameters, domain): two settings of one method (TIES at
+density 0.2 and 0.5) are two curves everywhere. `setting` names a method with its hyperparameters
+for legends, pickers and tables: the method alone when the family has one setting of it, else the
+method and the hyperparameters that differ ("ties density=0.5")."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -17,18 +23,40 @@ REFERENCE_METHODS = ("base", "expert")
 CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]
 
 
+def setting_labels(frame: pd.DataFrame) -> pd.Series:
+    """The setting of each row (columns family, method, hparams): the method alone when its family
+    has one setting of it in `frame`, else the method and the hyperparameters that differ between
+    its settings, e.g. 'ties lambda=0.5'."""
+    labels = {}
+    for (family, method), group in frame.groupby(["family", "method"], sort=False):
+        settings = {h: json.loads(h) for h in group["hparams"].unique()}
+        names = sorted({name for p in settings.values() for name in p})
+        differ = [n for n in names if len({json.dumps(p.get(n)) for p in settings.values()}) > 1]
+        for hparams, p in settings.items():
+            labels[family, method, hparams] = " ".join([method, *(f"{n}={json.dumps(p.get(n))}" for n in differ)])
+    return pd.Series([labels[key] for key in zip(frame["family"], frame["method"], frame["hparams"])],
+                     index=frame.index, dtype=object, name="setting")
+
+
+def with_settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with a `setting` column (see setting_labels) after `method`."""
+    out = frame.drop(columns="setting", errors="ignore")
+    out.insert(out.columns.get_loc("method") + 1, "setting", setting_labels(out) if len(out) else pd.Series(dtype=object))
+    return out
+
+
 def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
     """One row per merge (k ≥ 1, merge methods only) with the loss on `domain`, or the macro mean
-    over domains for merges evaluated on every domain of their family."""
+    over domains for merges evaluated on every domain of their family; with its `setting`."""
     rows = results[~results["method"].isin(REFERENCE_METHODS) & (results["k"] >= 1)]
     keys = CURVE_KEYS + ["experts_key", "k"]
     if domain != MACRO:
-        return rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True)
+        return with_settings(rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True))
     n_domains = rows.groupby("family")["domain"].nunique().rename("family_domains")
     # rows are unique per (merge, domain) by the cache key, so a row count is a domain count
     macro = rows.groupby(keys, as_index=False, sort=False).agg(loss=("loss", "mean"), n_domains=("loss", "size"))
     macro = macro.join(n_domains, on="family")
-    return macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True)
+    return with_settings(macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True))
 
 
 def pool_size(rows: pd.DataFrame) -> int:
@@ -83,7 +111,8 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
             info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
             info.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
             rows.append(info)
-    return pd.DataFrame(rows).sort_values(["family", "domain", "method", "n_params"], ignore_index=True)
+    return with_settings(pd.DataFrame(rows).sort_values(["family", "domain", "method", "hparams", "n_params"],
+                                                        ignore_index=True))
 
 
 def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
@@ -140,7 +169,7 @@ def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataF
             except FitError as exc:
                 row.update(identified=False, reason=str(exc), notes=[str(exc)])
             rows.append(row)
-    return pd.DataFrame(rows)
+    return with_settings(pd.DataFrame(rows))
 
 
 def joint_warning(table: pd.DataFrame) -> str:
@@ -188,7 +217,7 @@ def synergy_table(results: pd.DataFrame, *, n_boot: int = 0, seed: int = 0) -> p
     if not frames:
         raise FitError("no merges to compute synergy from")
     columns = ["donor", "receiver", "synergy", "n_pairs"] + (["lo", "hi"] if n_boot else [])
-    return pd.concat(frames, ignore_index=True)[CURVE_KEYS + columns]
+    return with_settings(pd.concat(frames, ignore_index=True)[CURVE_KEYS + columns])
 
 
 PLAN_DEFAULTS = {"epsilon": 0.01, "tolerance": 0.001}
@@ -220,7 +249,7 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
                       f"stop(tol={tolerance:g})": planning.stop_rule(fit, tolerance, M)}
         for name, est in quantities.items():
             rows.append({**info, "quantity": name, "M": M, **est.as_dict()})
-    return pd.DataFrame(rows)
+    return with_settings(pd.DataFrame(rows))
 
 
 def _means(subsets: pd.DataFrame):

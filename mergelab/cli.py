@@ -162,8 +162,8 @@ def results(
 
 
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
-SUMMARY_COLUMNS = ["family", "size", "method", "domain", "L_inf", "A", "b", "r2", "n_subsets", "at_bound"]
-JOINT_COLUMNS = ["family", "method", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
+SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets", "at_bound"]
+JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
                  "identified", "reason"]
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 

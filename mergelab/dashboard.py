@@ -39,29 +39,30 @@ def _merges(path: str, stamp: float, family: str, domain: str) -> pd.DataFrame:
     return merge_losses(rows[rows["family"] == family], domain)
 
 
-def merges(family: str, domain: str, methods=None, sizes=None) -> pd.DataFrame:
-    """One row per merge of `family` with its loss on `domain` (or macro); cached per cache version,
-    so switching selections does not recompute it."""
+def merges(family: str, domain: str, settings=None, sizes=None) -> pd.DataFrame:
+    """One row per merge of `family` with its loss on `domain` (or macro), for the given method
+    settings (mergelab.analysis.setting_labels) and sizes; cached per cache version, so switching
+    selections does not recompute it."""
     path = results_store().path
     frame = _merges(str(path), _stamp(path), family, domain)
-    if methods is not None:
-        frame = frame[frame["method"].isin(list(methods))]
+    if settings is not None:
+        frame = frame[frame["setting"].isin(list(settings))]
     if sizes is not None:
         frame = frame[frame["size"].isin(list(sizes))]
     return frame
 
 
 @st.cache_resource(show_spinner="Fitting…", max_entries=64)
-def _fits(path: str, stamp: float, family: str, domain: str, methods: tuple, sizes: tuple, n_boot: int) -> dict:
+def _fits(path: str, stamp: float, family: str, domain: str, settings: tuple, sizes: tuple, n_boot: int) -> dict:
     from mergelab.curves import fit_groups
 
-    return fit_groups(merges(family, domain, methods, sizes), n_boot)
+    return fit_groups(merges(family, domain, settings, sizes), n_boot)
 
 
-def fits(family: str, domain: str, methods, sizes, n_boot: int = 0) -> dict:
-    """{(size, method): CurveFit or error text}, cached per selection and cache version."""
+def fits(family: str, domain: str, settings, sizes, n_boot: int = 0) -> dict:
+    """{(size, setting): CurveFit or error text}, cached per selection and cache version."""
     path = results_store().path
-    return _fits(str(path), _stamp(path), family, domain, tuple(methods), tuple(sizes), n_boot)
+    return _fits(str(path), _stamp(path), family, domain, tuple(settings), tuple(sizes), n_boot)
 
 
 def load_results() -> pd.DataFrame:
@@ -139,40 +140,45 @@ def choose(label: str, options: list, key: str, *, multi: bool = False, default=
 
 
 def family_with_merges() -> tuple[str, pd.DataFrame, list[str], list[str]]:
-    """The page preamble: all rows, the family picked in the sidebar, its rows, its merge methods and
-    its sizes by parameter count; stops with an empty state when there is nothing to show."""
+    """The page preamble: all rows, the family picked in the sidebar, its rows (with their `setting`),
+    its merge method settings and its sizes by parameter count; stops with an empty state when there
+    is nothing to show."""
     results = load_results()
     if results.empty:
         empty_state()
     family, rows = family_rows(results)
-    methods = merge_methods(rows)
+    methods = merge_settings(rows)
     if not methods:
         empty_state(f"merges for {family}")
     return family, rows, methods, sizes_in_order(rows)
 
 
-def pick_method_and_size(rows: pd.DataFrame, methods: list[str], sizes: list[str]) -> tuple[str, str]:
-    """One method and one size (the largest by default), remembered across pages."""
-    method = choose("Method", methods, "method")
+def pick_method_and_size(rows: pd.DataFrame, settings: list[str], sizes: list[str]) -> tuple[str, str]:
+    """One method setting and one size (the largest by default), remembered across pages."""
+    method = choose("Method", settings, "method", help="a method with its hyperparameters when the family has "
+                                                        "several settings of it (e.g. 'ties lambda=0.5')")
     return method, choose("Size", sizes, "size", default=sizes[-1], format_func=size_label(rows))
 
 
 def family_rows(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """The family picked in the sidebar and its rows."""
+    """The family picked in the sidebar and its rows, with their `setting` (method + hyperparameters)."""
+    from mergelab.analysis import with_settings
+
     families = sorted(results["family"].unique())
     default = "demo-standard" if "demo-standard" in families else families[0]
     family = choose("Family", families, "family", default=default)
-    return family, results[results["family"] == family]
+    return family, with_settings(results[results["family"] == family])
 
 
 def sizes_in_order(rows: pd.DataFrame) -> list[str]:
     return list(rows.drop_duplicates("size").sort_values("n_params")["size"])
 
 
-def merge_methods(rows: pd.DataFrame) -> list[str]:
+def merge_settings(rows: pd.DataFrame) -> list[str]:
+    """The merge method settings in `rows` (reference rows base/expert left out), sorted."""
     from mergelab.analysis import REFERENCE_METHODS
 
-    return sorted(m for m in rows["method"].unique() if m not in REFERENCE_METHODS)
+    return sorted(rows.loc[~rows["method"].isin(REFERENCE_METHODS), "setting"].unique())
 
 
 def size_label(rows: pd.DataFrame):

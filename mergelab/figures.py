@@ -22,16 +22,16 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
     floor L∞ (dashed) and its expert-bootstrap band per curve.
 
-    merges: rows with size, method, k, loss, experts_key. fits: {(size, method): CurveFit}.
-    bands: {(size, method): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws)."""
+    merges: rows with size, setting (method + hyperparameters), k, loss, experts_key.
+    fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws)."""
     import numpy as np
     import plotly.graph_objects as go
 
     fig = go.Figure()
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
-    methods = sorted(merges["method"].unique())
+    methods = sorted(merges["setting"].unique())
     by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
-    for (size, method), rows in merges.groupby(["size", "method"]):
+    for (size, method), rows in merges.groupby(["size", "setting"]):
         colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
                   else _size_colour(sizes_in_order, size))
         name = f"{method} · {size}" if len(methods) > 1 else size
@@ -73,11 +73,11 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
 
 
 def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str = "Residuals of the per-k means"):
-    """Per-k mean minus the fitted curve, per (size, method): structure here means the law misses."""
+    """Per-k mean minus the fitted curve, per (size, setting): structure here means the law misses."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for (size, method), rows in merges.groupby(["size", "method"]):
+    for (size, method), rows in merges.groupby(["size", "setting"]):
         fit = fits.get((size, method))
         if fit is None or isinstance(fit, str):
             continue
@@ -94,7 +94,7 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for (size, method), rows in variances.groupby(["size", "method"]):
+    for (size, method), rows in variances.groupby(["size", "setting"]):
         colour = _size_colour(sizes_in_order, size)
         fig.add_scatter(x=rows["k"], y=rows["var"], mode="markers", name=f"{method} · {size}", marker=dict(color=colour))
         grid = np.linspace(rows["k"].min(), rows["k"].max(), 100)
@@ -113,7 +113,7 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for method, rows in points.groupby("method"):
+    for method, rows in points.groupby("setting"):
         fig.add_scatter(x=rows["N"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}")
     if joint is not None:
         grid = np.geomspace(points["N"].min() / 1.5, points["N"].max() * 1.5, 100)

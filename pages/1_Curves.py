@@ -39,7 +39,7 @@ ui.live_refresh()
 overlays = {}
 if overlay:
     ks = np.arange(1, int(merges["k"].max()) + 1)
-    for method in methods:
+    for method in sorted(merges["method"].unique()):
         if method in reference.methods():
             overlays[f"paper {method}, N={paper_N}B"] = (ks, reference.law_loss(method, domain, paper_N, ks))
 fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x, log_y=log_y,

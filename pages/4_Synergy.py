@@ -14,10 +14,7 @@ ui.page_header("Synergy", "S[d, e] = mean drop of the CE on receiver e when expe
                "that holds 0.")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
-chosen = rows[(rows["method"] == method) & (rows["size"] == size)]
-hparams = sorted(chosen["hparams"].unique())
-if len(hparams) > 1:
-    chosen = chosen[chosen["hparams"] == st.sidebar.selectbox("Hyperparameters", hparams)]
+chosen = rows[(rows["setting"] == method) & (rows["size"] == size)]
 
 
 n_boot = st.sidebar.select_slider("Bootstrap draws (intervals)", [0, 100, 200, 500], value=200,

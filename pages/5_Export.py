@@ -1,5 +1,7 @@
 """Export: fitted parameters, raw results, synergy and plans as files, each with provenance; charts as HTML."""
 
+import re
+
 import streamlit as st
 
 from mergelab import analysis
@@ -46,8 +48,9 @@ method = ui.choose("Method", methods_all, "method")
 sizes = ui.sizes_in_order(rows)
 fig = curve_figure(ui.merges(family, "macro", [method], sizes), ui.fits(family, "macro", [method], sizes),
                    sizes_in_order=sizes, title=f"{family} · {method} · macro")
+stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{family}_{method}")  # a setting label holds spaces and '='
 st.plotly_chart(fig, width="stretch", key="export-chart",
-                config={"toImageButtonOptions": {"format": "svg", "filename": f"{family}_{method}"}})
-st.download_button("HTML (interactive)", fig.to_html(include_plotlyjs=True), file_name=f"{family}_{method}.html",
+                config={"toImageButtonOptions": {"format": "svg", "filename": stem}})
+st.download_button("HTML (interactive)", fig.to_html(include_plotlyjs=True), file_name=f"{stem}.html",
                    mime="text/html", key="dl-chart-html")
 st.caption("The camera icon above saves the chart as SVG; the HTML file opens in any browser.")

@@ -118,12 +118,13 @@ def synthetic_results(curves: dict, experts: list[str], *, family: str = "syn", 
     merges = [("base", ())] + [("expert", (e,)) for e in experts]
     merges += [(m, s) for m in curves for k in ks for s in itertools.combinations(experts, k)]
     rows = []
-    for method, subset in merges:
+    for spec, subset in merges:
+        method, hparams = spec if isinstance(spec, tuple) else (spec, "{}")  # a key may be (method, hparams JSON)
         k = len(subset)
-        law = curves.get(method, curves[next(iter(curves))])
+        law = curves.get(spec, curves[next(iter(curves))])
         loss = law(k) + np.mean([effect[e] for e in subset]) if k else law(0.5)
         for d, domain in enumerate(domains):
-            rows.append({"family": family, "size": size, "n_params": n_params, "method": method, "hparams": "{}", "k": k,
+            rows.append({"family": family, "size": size, "n_params": n_params, "method": method, "hparams": hparams, "k": k,
                          "experts_key": "+".join(subset), "domain": domain, "loss": loss + 0.1 * d, "n_tokens": 100,
                          "eval_hash": f"h{domain}", "metric_version": 1, "device": "cpu"})
     return pd.DataFrame(rows)

@@ -54,7 +54,7 @@ def test_curves_refit_on_selection_and_remember_it(env):
     at.multiselect(key="w:methods").set_value(["average", "ties"]).run()
     assert not at.exception
     table = at.dataframe[0].value
-    assert set(table["method"]) == {"average", "ties"}
+    assert set(table["setting"]) == {"average", "ties"}
     at.selectbox(key="w:domain").set_value("beta").run()
     assert at.query_params["domain"] == "beta" and at.query_params["methods"] == "average,ties"
     assert at.session_state["sel:domain"] == "beta"
