@@ -128,3 +128,15 @@ def synthetic_results(curves: dict, experts: list[str], *, family: str = "syn", 
                          "experts_key": "+".join(subset), "domain": domain, "loss": loss + 0.1 * d, "n_tokens": 100,
                          "eval_hash": f"h{domain}", "metric_version": 1, "device": "cpu"})
     return pd.DataFrame(rows)
+
+
+def serve_cache(rows, tmp_path: Path, monkeypatch) -> Path:
+    """Write `rows` into a fresh results cache and point the dashboard at it (private home and queue)."""
+    from mergelab.store import ResultStore
+
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(rows)
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    return db

@@ -3,14 +3,12 @@ floor-based answer, and M is the pool's size (not the largest k swept) — in th
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from mergelab import planning
 from mergelab.analysis import merge_losses, plan_table, pool_size
 from mergelab.fit import fit_curve
-from mergelab.store import ResultStore
-from tests.helpers import synthetic_results
-from tests.test_app import ROOT
+from tests.helpers import serve_cache, synthetic_results
+from tests.test_app import run
 
 EXPERTS = [f"e{i}" for i in range(9)]
 FALLING = lambda k: 1.0 + 0.5 / (k + 1.0)  # noqa: E731
@@ -65,19 +63,11 @@ def test_plan_table_reports_M_and_refuses_non_falling_curves(results):
 
 @pytest.fixture
 def page_env(results, tmp_path, monkeypatch):
-    db = tmp_path / "r.duckdb"
-    ResultStore(db).upsert(results)
-    monkeypatch.setenv("MERGELAB_DB", str(db))
-    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    serve_cache(results, tmp_path, monkeypatch)
 
 
-def fit_and_plan(method: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages/3_Fit_and_Plan.py"), default_timeout=120)
-    at.query_params["method"] = method
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+def fit_and_plan(method: str):
+    return run("pages/3_Fit_and_Plan.py", method=method)
 
 
 def test_fit_and_plan_marks_extrapolation_and_uses_the_pool(page_env):

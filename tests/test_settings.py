@@ -4,12 +4,10 @@ are never fitted as one curve, and every table, legend and picker names the sett
 import json
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from mergelab.analysis import fit_table, merge_losses, plan_table, setting_labels
 from mergelab.store import ResultStore
-from tests.helpers import synthetic_results
-from tests.test_app import ROOT
+from tests.helpers import serve_cache, synthetic_results
+from tests.test_app import run as page
 from tests.test_sweep import cli
 
 EXPERTS = [f"e{i}" for i in range(6)]
@@ -48,20 +46,7 @@ def test_cli_fit_lists_both_settings(results, tmp_path, capsys):
 
 @pytest.fixture
 def page_env(results, tmp_path, monkeypatch):
-    db = tmp_path / "r.duckdb"
-    ResultStore(db).upsert(results)
-    monkeypatch.setenv("MERGELAB_DB", str(db))
-    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
-
-
-def page(name: str, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / name), default_timeout=120)
-    for key, value in query.items():
-        at.query_params[key] = value
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    serve_cache(results, tmp_path, monkeypatch)
 
 
 def test_curves_page_fits_one_curve_per_setting(page_env):
