@@ -38,10 +38,10 @@ class Checkpoint:
         config_path = self.path / "config.json"
         try:
             return json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{config_path}: config.json missing") from None
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{config_path}: config.json missing") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
 
     @cached_property
     def tied_embeddings(self) -> bool:
@@ -107,7 +107,7 @@ class Checkpoint:
         try:
             t = self._open(name).read(name, into)
         except OSError as exc:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from exc
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has {bad} NaN/Inf values")
@@ -125,7 +125,7 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{index}: malformed shard index ({exc!r})") from None
+                raise CheckpointError(f"{index}: malformed shard index ({exc!r})") from exc
             files = {name: self.path / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():

@@ -25,8 +25,8 @@ def pick_device(requested: str | None = None) -> str:
     if requested and requested != "auto":
         try:
             torch.device(requested)
-        except RuntimeError:
-            raise CheckpointError(f"device {requested!r} is not a torch device (auto, cpu, cuda, cuda:N, mps)") from None
+        except RuntimeError as exc:
+            raise CheckpointError(f"device {requested!r} is not a torch device (auto, cpu, cuda, cuda:N, mps)") from exc
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise CheckpointError(f"device {requested!r} requested but CUDA is not available")
         return requested

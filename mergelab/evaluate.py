@@ -33,10 +33,10 @@ def load_eval_set(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvalSetError(f"{path}: eval set not found") from None
+    except FileNotFoundError as exc:
+        raise EvalSetError(f"{path}: eval set not found") from exc
     except UnicodeDecodeError as exc:
-        raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     examples = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -47,7 +47,7 @@ def load_eval_set(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise EvalSetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            raise EvalSetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
             raise EvalSetError(f"{path}:{lineno}: expected an object with 'prompt' and 'response'")
         if "messages" in row:
@@ -146,9 +146,9 @@ def tokenize_row(tokenizer, example: dict, path: Path) -> tuple[list[int], int]:
     try:
         return tokenize_chat(tokenizer, example["messages"])
     except ValueError as exc:
-        raise EvalSetError(f"{path}: {exc} (tokenizer in {tokenizer.name_or_path})") from None
+        raise EvalSetError(f"{path}: {exc} (tokenizer in {tokenizer.name_or_path})") from exc
     except Exception as exc:  # the template's own error (jinja raise_exception, undefined variables)
-        raise EvalSetError(f"{path}: the chat template of {tokenizer.name_or_path} failed: {str(exc).splitlines()[0]}") from None
+        raise EvalSetError(f"{path}: the chat template of {tokenizer.name_or_path} failed: {str(exc).splitlines()[0]}") from exc
 
 
 def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int, max_length: int = DEFAULT_MAX_LENGTH,

@@ -70,7 +70,7 @@ def write(frame: pd.DataFrame, fmt: str, provenance: dict, out: Path | None) -> 
     try:
         Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
     except OSError as exc:
-        raise MergelabError(f"{out}: cannot write ({exc.strerror})") from None
+        raise MergelabError(f"{out}: cannot write ({exc.strerror})") from exc
     return None
 
 

@@ -78,10 +78,10 @@ def load_family(path: str | Path) -> Family:
         manifest = manifest / "family.toml"
     try:
         raw = tomllib.loads(manifest.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{manifest}: family manifest not found") from None
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{manifest}: family manifest not found") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{manifest}: not valid TOML ({exc})") from None
+        raise ManifestError(f"{manifest}: not valid TOML ({exc})") from exc
     root = manifest.parent.resolve()
 
     def fail(msg: str):

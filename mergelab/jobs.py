@@ -89,7 +89,7 @@ class JobQueue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise MergelabError(f"{self.path}: cannot open the job queue ({exc})") from None
+            raise MergelabError(f"{self.path}: cannot open the job queue ({exc})") from exc
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA journal_mode=WAL")
@@ -97,7 +97,7 @@ class JobQueue:
             con.executescript(SCHEMA)
             yield con
         except sqlite3.DatabaseError as exc:
-            raise MergelabError(f"{self.path}: job queue error ({exc})") from None
+            raise MergelabError(f"{self.path}: job queue error ({exc})") from exc
         finally:
             con.close()
 

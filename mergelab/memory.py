@@ -63,8 +63,8 @@ def available_bytes(device: str) -> int | None:
     if os.environ.get(LIMIT_ENV):
         try:
             return int(float(os.environ[LIMIT_ENV]) * 2**30)
-        except ValueError:
-            raise MergelabError(f"{LIMIT_ENV}={os.environ[LIMIT_ENV]!r}: expected a number of GiB") from None
+        except ValueError as exc:
+            raise MergelabError(f"{LIMIT_ENV}={os.environ[LIMIT_ENV]!r}: expected a number of GiB") from exc
     if device.startswith("cuda"):
         import torch
 

@@ -42,7 +42,7 @@ def confined(path: str | Path) -> Path:
     try:
         resolved = Path(path).expanduser().resolve()
     except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, symlink loops, unknown ~user
-        raise MergelabError(f"{path!r}: not a usable path ({exc})") from None
+        raise MergelabError(f"{path!r}: not a usable path ({exc})") from exc
     roots = allowed_roots()
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise MergelabError(f"{path}: outside the allowed folders ({', '.join(map(str, roots))}); "

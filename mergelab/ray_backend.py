@@ -30,8 +30,8 @@ def require_ray():
     """The `ray` module, or a clear error naming the extra to install."""
     try:
         import ray
-    except ImportError:
-        raise MergelabError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    except ImportError as exc:
+        raise MergelabError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}") from exc
     return ray
 
 

@@ -89,7 +89,7 @@ class ResultStore:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise CacheError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from None
+                raise CacheError(f"{self.path}: cannot create the cache directory ({exc.strerror})") from exc
         deadline = time.monotonic() + self.lock_timeout
         with self._turnstile(read_only, deadline):
             con = self._open(read_only, deadline)
@@ -100,7 +100,7 @@ class ResultStore:
                     self._check_version(con)
                 yield con
             except duckdb.Error as exc:
-                raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}{_hint(str(exc))}") from None
+                raise CacheError(f"{self.path}: {str(exc).splitlines()[0]}{_hint(str(exc))}") from exc
             finally:
                 con.close()
 
@@ -132,7 +132,7 @@ class ResultStore:
                     time.sleep(0.05)
                     continue
                 reason = "locked by another process" if locked else str(exc).splitlines()[0]
-                raise CacheError(f"{self.path}: cannot open the results cache ({reason})") from None
+                raise CacheError(f"{self.path}: cannot open the results cache ({reason})") from exc
 
     def _ensure_schema(self, con) -> None:
         version = self._check_version(con)

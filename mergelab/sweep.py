@@ -32,8 +32,8 @@ def parse_ks(text: str, n_experts: int) -> list[int]:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
             ks.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise MergelabError(f"--k {text!r}: expected a range like 1-9 or a list like 1,2,4") from None
+    except ValueError as exc:
+        raise MergelabError(f"--k {text!r}: expected a range like 1-9 or a list like 1,2,4") from exc
     bad = sorted(k for k in ks if not 1 <= k <= n_experts)
     if not ks or bad:
         raise MergelabError(f"--k {text!r}: k must lie in 1..{n_experts} (the number of experts)")
@@ -246,7 +246,7 @@ def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(size.base), trust_remote_code=False)
     except Exception as exc:
-        raise CheckpointError(f"{size.base}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{size.base}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from exc
     return prepare_eval(family.eval_sets, tokenizer, family.token_budget, family.max_length)
 
 

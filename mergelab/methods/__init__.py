@@ -10,8 +10,8 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (average.METHOD, task_arit
 def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
-    except KeyError:
-        raise HyperparameterError(f"unknown merge method {name!r} (known: {', '.join(METHODS)})") from None
+    except KeyError as exc:
+        raise HyperparameterError(f"unknown merge method {name!r} (known: {', '.join(METHODS)})") from exc
 
 
 __all__ = ["METHODS", "MergeContext", "MergeMethod", "Param", "canonical_hparams", "get_method"]
