@@ -48,12 +48,13 @@ class Form:
         return len(self.linear) + len(self.nonlinear)
 
 
-def _cols(*columns) -> np.ndarray:
-    """Design-matrix columns broadcast to one shape and stacked last: (..., n, p)."""
+def design_columns(*columns) -> np.ndarray:
+    """Design-matrix columns broadcast to one shape and stacked last: (..., n, p) (for Form.basis)."""
     return np.stack(np.broadcast_arrays(*columns), -1).astype(float)
 
 
-def _grid(lo: float, hi: float, n: int, log: bool = True) -> np.ndarray:
+def param_grid(lo: float, hi: float, n: int, log: bool = True) -> np.ndarray:
+    """n grid points on [lo, hi] for a nonlinear parameter (log-spaced, with lo itself when it is 0)."""
     if log:
         return np.concatenate([[lo], np.geomspace(max(lo, 1e-3), hi, n - 1)]) if lo == 0 else np.geomspace(lo, hi, n)
     return np.linspace(lo, hi, n)
@@ -62,17 +63,17 @@ def _grid(lo: float, hi: float, n: int, log: bool = True) -> np.ndarray:
 FORMS: dict[str, Form] = {
     f.name: f for f in (
         Form("floor_tail", "L∞ + A/(k+b)", ("L_inf", "A"), ("b",), ((0.0, B_MAX),),
-             lambda k, b: _cols(1.0, 1.0 / (k + b)), (_grid(0.0, B_MAX, 48),)),
+             lambda k, b: design_columns(1.0, 1.0 / (k + b)), (param_grid(0.0, B_MAX, 48),)),
         Form("power", "L∞ + A·k^(−α)", ("L_inf", "A"), ("alpha",), ((1e-3, EXP_MAX),),
-             lambda k, a: _cols(1.0, k ** -a), (_grid(1e-3, EXP_MAX, 40),)),
+             lambda k, a: design_columns(1.0, k ** -a), (param_grid(1e-3, EXP_MAX, 40),)),
         Form("exponential", "L∞ + A·exp(−λk)", ("L_inf", "A"), ("lam",), ((1e-3, EXP_MAX),),
-             lambda k, lam: _cols(1.0, np.exp(-lam * k)), (_grid(1e-3, EXP_MAX, 40),)),
+             lambda k, lam: design_columns(1.0, np.exp(-lam * k)), (param_grid(1e-3, EXP_MAX, 40),)),
         Form("log", "a − c·ln k", ("a", "c"), (), (),
-             lambda k: _cols(1.0, -np.log(k)), ()),
+             lambda k: design_columns(1.0, -np.log(k)), ()),
         Form("floor_tail_interference", "L∞ + A/(k+b) + D·k/(k+q)", ("L_inf", "A", "D"), ("b", "q"),
              ((0.0, B_MAX), (0.1, 50.0)),
-             lambda k, b, q: _cols(1.0, 1.0 / (k + b), k / (k + q)),
-             (_grid(0.0, B_MAX, 20), _grid(0.1, 50.0, 12)), nonneg=("D",)),
+             lambda k, b, q: design_columns(1.0, 1.0 / (k + b), k / (k + q)),
+             (param_grid(0.0, B_MAX, 20), param_grid(0.1, 50.0, 12)), nonneg=("D",)),
     )
 }
 
@@ -608,7 +609,7 @@ class _JointLS:
     refinement of the projected residual (variable projection, Kaufman's Jacobian) with relative
     tolerances. Nothing here depends on the loss's units or offset."""
 
-    GRID = (np.linspace(0.0, EXP_MAX, 16), np.linspace(0.0, EXP_MAX, 16), _grid(0.0, B_MAX, 20))
+    GRID = (np.linspace(0.0, EXP_MAX, 16), np.linspace(0.0, EXP_MAX, 16), param_grid(0.0, B_MAX, 20))
     STARTS = 5
 
     def __init__(self, N, k, loss, w):
@@ -638,7 +639,7 @@ class _JointLS:
         return out
 
     def _design(self, beta, gamma, b):
-        return _cols(1.0, np.exp(-beta * self.lnx), np.exp(-gamma * self.lnx) / (self.k + b))
+        return design_columns(1.0, np.exp(-beta * self.lnx), np.exp(-gamma * self.lnx) / (self.k + b))
 
     def _jacobian(self, theta):
         c, _, U = self._linear(theta)

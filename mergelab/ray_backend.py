@@ -2,7 +2,7 @@
 
 One actor per GPU (or per CPU slot on a cluster without GPUs) holds one size at a time as a
 `SizeEvaluator`: the family's task vectors and a resident model, loaded once per actor. The driver
-cuts each size's merges, already in `_merge_order` (by k, then revolving door), into contiguous chunks,
+cuts each size's merges, already in `merge_order` (by k, then revolving door), into contiguous chunks,
 so every chunk keeps consecutive subsets one swap apart; idle actors pull the next chunk, and each merge's
 rows stream back as soon as they exist. The driver alone writes the cache (`run_sweep` does).
 
@@ -18,7 +18,7 @@ from typing import Iterator
 from mergelab.errors import MergelabError
 from mergelab.evaluate import EvalData
 from mergelab.family import Family
-from mergelab.sweep import SizeEvaluator, WorkItem, _merge_order
+from mergelab.sweep import SizeEvaluator, WorkItem, merge_order
 
 INSTALL_HINT = "pip install 'mergelab[ray]'"
 IN_FLIGHT = 2        # chunks queued per actor, so an actor never waits on the driver between chunks
@@ -83,7 +83,7 @@ def chunk_plan(family: Family, todo: dict[str, list[WorkItem]], n_actors: int,
     for name, items in todo.items():
         if not items:
             continue
-        ordered = _merge_order(items, family.size(name).expert_names)
+        ordered = merge_order(items, family.size(name).expert_names)
         step = chunk_size or max(1, min(MAX_CHUNK, math.ceil(len(ordered) / (CHUNKS_PER_ACTOR * n_actors))))
         chunks.extend((name, ordered[i:i + step]) for i in range(0, len(ordered), step))
     return chunks

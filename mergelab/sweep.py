@@ -270,7 +270,7 @@ def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[Wo
 
 class SizeEvaluator:
     """One size's task vectors and resident model, loaded once, then evaluating any list of that size's
-    WorkItems (in `_merge_order`) and yielding each merge's rows. The local backend makes one per size;
+    WorkItems (in `merge_order`) and yielding each merge's rows. The local backend makes one per size;
     each Ray actor holds one and feeds it chunks of the plan."""
 
     def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
@@ -289,7 +289,7 @@ class SizeEvaluator:
     def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, list[dict]]]:
         import json
 
-        for item in _merge_order(items, self.pool.expert_names):
+        for item in merge_order(items, self.pool.expert_names):
             if item.method == BASE:
                 self.resident.load_base(self.pool)
             elif item.method == EXPERT:
@@ -307,7 +307,7 @@ class SizeEvaluator:
                 "n_truncated": self.data.n_truncated[domain]}
 
 
-def _merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:
+def merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:
     """Reference rows first, then one method setting after another (each prepared once), subsets in
     `merge_rank` order so consecutive linear merges of one k differ by one swap."""
     from mergelab.engine import merge_rank

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mergelab.fit import B_MAX, CurveFit, Form, _cols, _grid, fit_curve
+from mergelab.fit import B_MAX, CurveFit, Form, design_columns, param_grid, fit_curve
 
 
 def subset_variance(k, loss, ddof: int = 0) -> pd.DataFrame:
@@ -24,7 +24,7 @@ def subset_variance(k, loss, ddof: int = 0) -> pd.DataFrame:
 
 def plain_law() -> Form:
     return Form("variance", "V∞ + C/(k+b)", ("V_inf", "C"), ("b",), ((0.0, B_MAX),),
-                lambda k, b: _cols(1.0, 1.0 / (k + b)), (_grid(0.0, B_MAX, 48),), nonneg=("V_inf",))
+                lambda k, b: design_columns(1.0, 1.0 / (k + b)), (param_grid(0.0, B_MAX, 48),), nonneg=("V_inf",))
 
 
 def finite_pool_law(M: int) -> Form:
@@ -32,7 +32,7 @@ def finite_pool_law(M: int) -> Form:
         return (M - k) / (M - 1)
 
     return Form("variance_finite_pool", f"(M−k)/(M−1)·(V∞ + C/(k+b)), M={M}", ("V_inf", "C"), ("b",),
-                ((0.0, B_MAX),), lambda k, b: _cols(pool(k), pool(k) / (k + b)), (_grid(0.0, B_MAX, 48),),
+                ((0.0, B_MAX),), lambda k, b: design_columns(pool(k), pool(k) / (k + b)), (param_grid(0.0, B_MAX, 48),),
                 nonneg=("V_inf",))
 
 
