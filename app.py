@@ -3,8 +3,9 @@ and where to go next."""
 
 import streamlit as st
 
-from mergelab import dashboard as ui
-from mergelab.figures import curve_figure
+from mergelab.ui import dashboard as ui
+from mergelab.ui.figures import curve_figure
+from mergelab.names import MACRO
 
 ui.page_header("mergelab: model-merging scaling curves",
                "Merged-model cross-entropy vs the number of merged experts k, per method and model size, with the "
@@ -36,8 +37,8 @@ for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2
 
 
 size = ui.choose("Size", sizes, "size", default=sizes[-1], format_func=ui.size_label(rows))
-macro = ui.merges(family, "macro", settings, [size])
-fitted = ui.fits(family, "macro", settings, [size])
+macro = ui.merges(family, MACRO, settings, [size])
+fitted = ui.fits(family, MACRO, settings, [size])
 st.plotly_chart(curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} · {size} · cross-domain mean, every method",
                              show_points=False), width="stretch", key="overview")
 st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors. "

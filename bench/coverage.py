@@ -2,15 +2,15 @@
 L(M), k90, the per-k mean at k = M and the 3-point forecast of L(M) (from k = 1, 2, 4 only) as
 often as it claims?
 
-Families are simulated from a known law with expert random effects (mergelab.simulate: independent
+Families are simulated from a known law with expert random effects (mergelab.analysis.simulate: independent
 subset noise, shared per-expert effects, and a mix with pairwise interference), on the plans a sweep
 runs (every subset, N random subsets per k, diverse orderings), M = 9 experts. Each family is
 intervalled three ways, in the same run:
-- mergelab: the expert bootstrap (mergelab.intervals.expert_bootstrap);
+- mergelab: the expert bootstrap (mergelab.analysis.intervals.expert_bootstrap);
 - subset bootstrap: resample the merged subsets within each k and refit — what mergelab did before
   and what a user would write first (the baseline);
 - expert jackknife: delete one expert (and every subset holding it), refit, t interval with M − 1 dof.
-A second table checks the synergy intervals (mergelab.synergy.synergy_intervals) the same way.
+A second table checks the synergy intervals (mergelab.analysis.synergy.synergy_intervals) the same way.
 The width column is the median interval width over 3.92 × the SD of (estimate − truth) across
 families (for quantities in nats, both in units of each family's drop L(1) − L(M)): 1 is as wide
 as a correct normal interval.
@@ -27,9 +27,9 @@ import time
 import numpy as np
 from scipy.stats import t as student_t
 
-from mergelab.fit import FitError, fit_params
-from mergelab.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities, synergy_coverage
-from mergelab.sweep import plan_subsets
+from mergelab.analysis.fit import FitError, fit_params
+from mergelab.analysis.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities, synergy_coverage
+from mergelab.sweep.plan import plan_subsets
 
 M = 9
 EXPERTS = [f"e{i}" for i in range(M)]

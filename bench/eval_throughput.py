@@ -17,9 +17,9 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.engine import pick_device, weight_dtype
-    from mergelab.evaluate import evaluate, load_eval_set, prepare_eval, tokenize_example
-    from mergelab.family import load_family
+    from mergelab.engine.session import pick_device, weight_dtype
+    from mergelab.engine.evaluate import evaluate, load_eval_set, prepare_eval, tokenize_example
+    from mergelab.io.family import load_family
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import best_of  # noqa: E402
 
-from mergelab.analysis import curve_means, fit_table, merge_losses
+from mergelab.analysis.tables import curve_means, fit_table, merge_losses
 from mergelab.demo.up import shipped_results_path
-from mergelab.intervals import expert_bootstrap
+from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.store import ResultStore
 
 

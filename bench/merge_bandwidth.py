@@ -17,9 +17,9 @@ from common import best_of, demo_family  # noqa: E402
 def main():
     import torch
 
-    from mergelab.engine import ExpertPool, MergeSession, ResidentModel, merge_into, merge_rank, pick_device
-    from mergelab.family import load_family
-    from mergelab.methods import get_method
+    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, merge_into, merge_rank, pick_device
+    from mergelab.io.family import load_family
+    from mergelab.engine.methods import get_method
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")

@@ -22,7 +22,7 @@ def build(root: Path) -> Path:
 
     from mergelab.demo.domains import DOMAINS, generate
     from mergelab.demo.tokenizer import save_tokenizer
-    from mergelab.family import write_manifest
+    from mergelab.io.family import write_manifest
 
     config = Qwen2Config(vocab_size=264, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
@@ -52,13 +52,13 @@ CHILD = """
 import resource, sys, tempfile
 from pathlib import Path
 mode, manifest = sys.argv[1], sys.argv[2]
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 family = load_family(manifest)
 if mode == "runtime":  # what any sweep process needs besides the engine's tensors
     from transformers import AutoTokenizer
-    from mergelab.checkpoints import Checkpoint
-    from mergelab.engine import ResidentModel
-    from mergelab.evaluate import METRIC_VERSION, evaluate, prepare_eval
+    from mergelab.io.checkpoints import Checkpoint
+    from mergelab.engine.session import ResidentModel
+    from mergelab.engine.evaluate import METRIC_VERSION, evaluate, prepare_eval
     from mergelab.store import ResultStore
     size = family.sizes[0]
     resident = ResidentModel(Checkpoint(size.base), "cpu")
@@ -70,7 +70,8 @@ if mode == "runtime":  # what any sweep process needs besides the engine's tenso
          "metric_version": METRIC_VERSION, "device": "cpu"} for d, loss in losses.items()])
 else:
     from mergelab.store import ResultStore
-    from mergelab.sweep import SweepSpec, run_sweep
+    from mergelab.sweep.plan import SweepSpec
+    from mergelab.sweep.runner import run_sweep
     spec = SweepSpec(family, ["big"], {"average": {}, "ties": {}, "dare": {}}, [1, 2, 3, 4])
     run_sweep(spec, ResultStore(Path(tempfile.mkdtemp()) / "r.duckdb"), progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -85,7 +86,7 @@ def peak(mode: str, manifest: Path) -> float:
 def main():
     root = Path(tempfile.mkdtemp())
     manifest = build(root)
-    from mergelab.family import load_family
+    from mergelab.io.family import load_family
 
     n_params = load_family(manifest).sizes[0].n_params
     model_mib = n_params * 4 / 2**20

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mergekit_config(method: str, size, subset, density: float) -> str:
-    from mergelab.materialise import mergekit_yaml
+    from mergelab.engine.materialise import mergekit_yaml
 
     return mergekit_yaml(size, method, {"density": density} if method == "ties" else {}, subset)
 
@@ -51,7 +51,7 @@ def naive_eval(model_dir: Path, family, tokenizer) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergelab.evaluate import load_eval_set, tokenize_example
+    from mergelab.engine.evaluate import load_eval_set, tokenize_example
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -70,8 +70,8 @@ def naive_eval(model_dir: Path, family, tokenizer) -> float:
 
 
 def ours_weights(size, method: str, subset, density: float):
-    from mergelab.engine import ExpertPool, MergeSession, ResidentModel
-    from mergelab.methods import get_method
+    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
+    from mergelab.engine.methods import get_method
 
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
@@ -98,8 +98,8 @@ def compare(size, method, subset, density, out: Path) -> tuple[float, float]:
 def main():
     from transformers import AutoTokenizer
 
-    from mergelab.family import load_family
-    from mergelab.sweep import plan_subsets
+    from mergelab.io.family import load_family
+    from mergelab.sweep.plan import plan_subsets
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--mergekit", default=str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"))

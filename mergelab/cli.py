@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from mergelab.errors import MergelabError
+from mergelab.names import REFERENCE_METHODS
 
 app = typer.Typer(help="Model-merging scaling curves: build families, sweep merges, read results.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -88,12 +89,13 @@ def host_warning(host: str) -> str | None:
 def _launch_ui(port: int, db: Path | None, host: str = "127.0.0.1") -> None:
     import subprocess
 
-    app_path = Path(__file__).resolve().parent.parent / "app.py"
+    from mergelab.paths import app_path
+
     env = dict(os.environ, **({"MERGELAB_DB": str(db)} if db else {}))
     warning = host_warning(host)
     if warning:
         typer.echo(warning, err=True)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true"]
     typer.echo(f"dashboard: http://{host}:{port}")
     raise typer.Exit(subprocess.call(cmd, env=env))
@@ -115,9 +117,11 @@ def sweep(
     address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
 ):
     """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
-    from mergelab.family import load_family
+    from mergelab.io.family import load_family
     from mergelab.store import ResultStore
-    from mergelab.sweep import SweepSpec, parse_ks, parse_subsets, per_k_summary, run_sweep
+    from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
+    from mergelab.analysis.means import per_k_summary
+    from mergelab.sweep.runner import run_sweep
 
     fam = load_family(family)
     method_names = _split(methods) or []
@@ -186,7 +190,7 @@ def _selected_results(db, family, method, size):
     from mergelab.store import ResultStore
 
     results = ResultStore(db).results(family=family, size=size,
-                                      method=None if method is None else [method, "base", "expert"])
+                                      method=None if method is None else [method, *REFERENCE_METHODS])
     if results.empty:
         raise MergelabError("no cached results match the selection (run `mergelab sweep` first)")
     return results
@@ -207,7 +211,8 @@ def fit(
     out: Optional[Path] = typer.Option(None, help="write to this file"),
 ):
     """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
-    from mergelab import analysis, export
+    from mergelab.analysis import tables as analysis
+    from mergelab import export
 
     _check_table_options(format, bootstrap, weights)
     results = _selected_results(db, family, method, size)
@@ -241,7 +246,8 @@ def export_cmd(
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
 ):
     """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
-    from mergelab import analysis, export
+    from mergelab.analysis import tables as analysis
+    from mergelab import export
 
     _check_table_options(format, bootstrap, weights)
     if what not in EXPORTABLE:
@@ -273,8 +279,8 @@ def export_model_cmd(
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
 ):
     """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer)."""
-    from mergelab.family import load_family
-    from mergelab.materialise import check_experts, export_model, mergekit_yaml as to_yaml
+    from mergelab.io.family import load_family
+    from mergelab.engine.materialise import check_experts, export_model, mergekit_yaml as to_yaml
 
     spec = load_family(family).size(size)
     chosen = _split(experts) or []
@@ -294,8 +300,8 @@ def worker(
     idle_exit: Optional[float] = typer.Option(None, help="exit after this many idle seconds"),
 ):
     """Run queued sweep jobs (the dashboard starts one of these for you)."""
-    from mergelab.jobs import JobQueue
-    from mergelab.worker import run_worker
+    from mergelab.sweep.jobs import JobQueue
+    from mergelab.sweep.worker import run_worker
 
     raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
 
@@ -303,7 +309,7 @@ def worker(
 @app.command("methods")
 def list_methods():
     """List the merge methods with their hyperparameters, defaults and ranges."""
-    from mergelab.methods import METHODS
+    from mergelab.engine.methods import METHODS
 
     for method in METHODS.values():
         typer.echo(f"{method.name}: {method.doc}")

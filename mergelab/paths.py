@@ -24,9 +24,25 @@ def default_db_path() -> Path:
     return data_home() / "results.duckdb"
 
 
+SHIPPED = "_shipped"  # inside an installed wheel: app.py, pages/ and data/ (see setup.py)
+
+
+def shipped_root() -> Path:
+    """Where app.py, pages/ and data/ are: the repository root in a source checkout (or an editable
+    install), `mergelab/_shipped/` in an installed wheel, which carries copies of them."""
+    package = Path(__file__).resolve().parent
+    bundled = package / SHIPPED
+    return bundled if (bundled / "app.py").is_file() else package.parent
+
+
 def repo_data_dir() -> Path:
-    """The data/ directory shipped beside the package (paper tables, demo results)."""
-    return Path(__file__).resolve().parent.parent / "data"
+    """The shipped data/ directory (paper tables, demo results)."""
+    return shipped_root() / "data"
+
+
+def app_path() -> Path:
+    """The dashboard's entry page, app.py (its pages/ directory lies beside it)."""
+    return shipped_root() / "app.py"
 
 
 def allowed_roots() -> list[Path]:

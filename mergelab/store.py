@@ -69,11 +69,6 @@ ON CONFLICT DO NOTHING
 """
 
 
-def experts_key(experts) -> str:
-    """Canonical key of an expert set: sorted names joined by '+'."""
-    return "+".join(sorted(experts))
-
-
 class ResultStore:
     def __init__(self, path: str | Path | None = None, lock_timeout: float = 10.0):
         self.path = Path(path) if path else default_db_path()

@@ -4,11 +4,12 @@ variance across subsets and CE vs model size."""
 import numpy as np
 import streamlit as st
 
-from mergelab import dashboard as ui
-from mergelab import reference
-from mergelab.curves import bands, fit_summary, size_points, variance_tables
-from mergelab.figures import curve_figure, residual_figure, size_figure, variance_figure
-from mergelab.fit import FitError, fit_joint
+from mergelab.ui import dashboard as ui
+from mergelab.analysis import reference
+from mergelab.ui.curves import bands, fit_summary, size_points, variance_tables
+from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
+from mergelab.analysis.fit import FitError, fit_joint
+from mergelab.names import MACRO
 
 ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
                "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞. "
@@ -16,7 +17,7 @@ ui.page_header("Curves", "Cross-entropy of merged models vs the number of expert
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 methods = ui.choose("Methods", methods_all, "methods", multi=True, default=methods_all[:1])
 sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
-domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro",
+domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO,
                    help="macro = mean over the family's domains")
 with st.sidebar.expander("Display", expanded=True):
     n_boot = st.select_slider("Bootstrap draws (band, CIs)", [0, 100, 200, 500, 1000], value=200,

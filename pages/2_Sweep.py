@@ -1,16 +1,17 @@
 """Sweep: launch a merge sweep in the background worker and watch it run."""
 
-from pathlib import Path
 
 import streamlit as st
 
-from mergelab import dashboard as ui
+from mergelab.ui import dashboard as ui
 from mergelab.errors import MergelabError
-from mergelab.family import load_family
-from mergelab.jobs import JobQueue
-from mergelab.methods import METHODS
+from mergelab.io.family import load_family
+from mergelab.sweep.jobs import JobQueue
+from mergelab.engine.methods import METHODS
 from mergelab.paths import confined, data_home
-from mergelab.worker import ensure_worker, reap_orphans
+from mergelab.sweep.plan import SweepJob
+from mergelab.sweep.runner import plan_sweep
+from mergelab.sweep.worker import ensure_worker, reap_orphans
 
 FALLBACK_SECONDS_PER_MERGE = 0.1
 
@@ -18,7 +19,7 @@ ui.page_header("Sweep", "Merge chosen subsets of experts and evaluate them in a 
                "progress survives reloads and closed tabs, cached merges are skipped, new points land in the cache.")
 queue = JobQueue()
 jobs = queue.list(limit=30)
-known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.get("family", "") for j in jobs} - {""})
+known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.family for j in jobs} - {""})
 choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
                       help="demo families live in the data dir; `mergelab demo build` makes more")
 manifest = st.text_input("path to family.toml") if choice == "other path…" or not known else choice
@@ -63,32 +64,28 @@ with st.form("sweep"):
     estimate = st.form_submit_button("Estimate")
     launch = st.form_submit_button("Launch sweep", type="primary")
 
-spec = {"family": str(confined(manifest)), "sizes": sizes, "methods": {m: hparams[m] for m in methods},
-        "ks": list(range(k_lo, k_hi + 1)),
-        "subsets": {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
-        "seed": int(seed), "device": device, "db": str(ui.results_store().path)}
+job = SweepJob(str(confined(manifest)), {m: hparams[m] for m in methods}, tuple(sizes), tuple(range(k_lo, k_hi + 1)),
+               {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
+               int(seed), device, str(ui.results_store().path))
 
 if estimate or launch:
     if not sizes or not methods:
         st.error("Pick at least one size and one method.")
         st.stop()
-    from mergelab.sweep import SweepSpec, plan_sweep
-
     try:
-        report, todo, _ = plan_sweep(SweepSpec(family, sizes, spec["methods"], spec["ks"], spec["subsets"], spec["seed"]),
-                                     ui.results_store())
+        report, todo, _ = plan_sweep(job.sweep_spec(), ui.results_store())
     except MergelabError as exc:
         st.error(str(exc))
         st.stop()
     n_todo = sum(map(len, todo.values()))
-    rates = [j.seconds_per_merge for j in jobs if j.status == "done" and j.spec.get("family") == spec["family"]
+    rates = [j.seconds_per_merge for j in jobs if j.status == "done" and j.spec.family == job.family
              and j.seconds_per_merge]
     rate = rates[0] if rates else FALLBACK_SECONDS_PER_MERGE
     st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
     if launch:
-        job_id = queue.submit(spec)
+        job_id = queue.submit(job)
         started = ensure_worker(queue)
         st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
 
@@ -110,9 +107,7 @@ def job_panel():
     for job in recent:
         with st.container(border=True):
             head, buttons = st.columns([5, 1])
-            methods = ", ".join(job.spec.get("methods", {}))
-            head.markdown(f"**Job {job.id}** · {job.status} · {Path(job.spec.get('family', '?')).parent.name} · "
-                          f"sizes {', '.join(job.spec.get('sizes') or ['all'])} · {methods}")
+            head.markdown(f"**Job {job.id}** · {job.status} · {job.spec.label}")
             head.progress(min(job.fraction, 1.0), text=f"{job.done:,} / {job.total:,} merges · {job.rows:,} rows written · "
                                                        f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
             if job.message:

@@ -3,21 +3,22 @@
 import numpy as np
 import streamlit as st
 
-from mergelab import dashboard as ui
-from mergelab import planning
-from mergelab.analysis import pool_size
-from mergelab.curves import fit_summary
-from mergelab.figures import fractional_return_figure
-from mergelab.fit import FitError
-from mergelab.intervals import expert_bootstrap_joint
-from mergelab.heldout import compare_forms, forecast_errors, leave_one_size_out
+from mergelab.ui import dashboard as ui
+from mergelab.analysis import planning
+from mergelab.analysis.tables import pool_size
+from mergelab.ui.curves import fit_summary
+from mergelab.ui.figures import fractional_return_figure
+from mergelab.analysis.fit import FitError
+from mergelab.analysis.intervals import expert_bootstrap_joint
+from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_size_out
+from mergelab.names import MACRO, PARAMS_PER_BILLION, billions
 
 ui.page_header("Fit & Plan", "How well the law holds out of sample, which form fits best, and how many experts "
                "or how large a model a target needs. Intervals are 95% expert-bootstrap intervals: they resample "
                "the experts, the unit of randomness (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
-domain = ui.choose("Domain", ["macro", *sorted(rows["domain"].unique())], "domain", default="macro")
+domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO)
 n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
 
 all_sizes = ui.merges(family, domain, [method], sizes_all)
@@ -54,7 +55,7 @@ with c1:
 with c2:
     st.markdown("**Leave-one-size-out**: fit the joint law on the smaller sizes, predict the largest")
     try:
-        st.dataframe(leave_one_size_out(all_sizes["n_params"] / 1e9, all_sizes["k"], all_sizes["loss"]),
+        st.dataframe(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"], all_sizes["loss"]),
                      hide_index=True, width="stretch")
     except FitError as exc:
         st.warning(str(exc))
@@ -102,17 +103,17 @@ if len(sizes_all) >= 2:
 
     @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
     def joint(frame):
-        return expert_bootstrap_joint(frame["n_params"] / 1e9, frame["experts_key"], frame["loss"], n_boot=50)
+        return expert_bootstrap_joint(billions(frame["n_params"]), frame["experts_key"], frame["loss"], n_boot=50)
 
     try:
         jfit = joint(all_sizes)
-        n_min = planning.minimum_size(jfit, floor_target, sizes=all_sizes["n_params"].unique() / 1e9)
+        n_min = planning.minimum_size(jfit, floor_target, sizes=billions(all_sizes["n_params"].unique()))
         if np.isnan(n_min.value):
             st.warning(n_min.note)
         else:
             st.metric("minimum size (parameters)", "unreachable" if np.isinf(n_min.value) else
-                      f"{n_min.value * 1e9:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
-                      help=f"95% interval [{n_min.lo * 1e9:,.0f}, {n_min.hi * 1e9:,.0f}]")
+                      f"{n_min.value * PARAMS_PER_BILLION:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
+                      help=f"95% interval [{n_min.lo * PARAMS_PER_BILLION:,.0f}, {n_min.hi * PARAMS_PER_BILLION:,.0f}]")
             st.caption(n_min.note or "; ".join(jfit.notes))
     except FitError as exc:
         st.warning(str(exc))

@@ -3,9 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from mergelab import dashboard as ui
-from mergelab.figures import bar_figure, synergy_heatmap
-from mergelab.synergy import (DEFAULT_BLOCKS, block_means, donor_strength, receiver_susceptibility, synergy_intervals,
+from mergelab.ui import dashboard as ui
+from mergelab.ui.figures import bar_figure, synergy_heatmap
+from mergelab.analysis.synergy import (DEFAULT_BLOCKS, block_means, donor_strength, receiver_susceptibility, synergy_intervals,
                                synergy_matrix, top_pairs)
 
 ui.page_header("Synergy", "S[d, e] = mean drop of the CE on receiver e when expert d joins a merge, over every pair of "

@@ -4,10 +4,11 @@ import re
 
 import streamlit as st
 
-from mergelab import analysis
-from mergelab import dashboard as ui
+from mergelab.analysis import tables as analysis
+from mergelab.ui import dashboard as ui
 from mergelab.export import render
-from mergelab.figures import curve_figure
+from mergelab.ui.figures import curve_figure
+from mergelab.names import MACRO
 
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
                "sizes, k range, number of merges, eval-set hashes, options). Every chart's camera icon saves a PNG.")
@@ -46,8 +47,8 @@ for what, label, formats in [("fits", "Fitted parameters per curve", ("csv", "js
 st.subheader("Chart")
 method = ui.choose("Method", methods_all, "method")
 sizes = ui.sizes_in_order(rows)
-fig = curve_figure(ui.merges(family, "macro", [method], sizes), ui.fits(family, "macro", [method], sizes),
-                   sizes_in_order=sizes, title=f"{family} · {method} · macro")
+fig = curve_figure(ui.merges(family, MACRO, [method], sizes), ui.fits(family, MACRO, [method], sizes),
+                   sizes_in_order=sizes, title=f"{family} · {method} · {MACRO}")
 stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{family}_{method}")  # a setting label holds spaces and '='
 st.plotly_chart(fig, width="stretch", key="export-chart",
                 config={"toImageButtonOptions": {"format": "svg", "filename": stem}})

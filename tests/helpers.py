@@ -56,7 +56,7 @@ def reference_ce(model, tokenizer, path, budget=None):
     at a time) with the prompt masked by labels = -100; returns (CE, scored tokens)."""
     import torch
 
-    from mergelab.evaluate import load_eval_set, tokenize_row
+    from mergelab.engine.evaluate import load_eval_set, tokenize_row
 
     total = count = 0
     for example in load_eval_set(path):
@@ -73,7 +73,7 @@ def reference_ce(model, tokenizer, path, budget=None):
 
 def build_tiny_family(root: Path, domains: tuple[str, ...] = DOMAINS) -> Path:
     """A family of random tiny Qwen2 checkpoints, one expert (base + noise) and eval set per domain."""
-    from mergelab.family import write_manifest
+    from mergelab.io.family import write_manifest
 
     config = tiny_config()
     base = save_checkpoint(root / "s" / "base", config, seed=0)

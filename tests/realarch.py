@@ -87,7 +87,7 @@ def build_family(root: Path, arch: str, dtype: str = "bfloat16", expert_rows: di
     `expert_rows` gives experts whose embedding (and untied lm_head) rows were resized."""
     import torch
 
-    from mergelab.family import write_manifest
+    from mergelab.io.family import write_manifest
 
     config = real_config(arch)
     tokenizer = chat_tokenizer() if chat else None

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["app.py", "pages/1_Curves.py", "pages/2_Sweep.py", "pages/3_Fit_and_Plan.py", "pages/4_Synergy.py",

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from mergelab.export import read_provenance
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mergelab.errors import EvalSetError, ManifestError
-from mergelab.evaluate import evaluate, load_eval_set, prepare_eval, tokenize_chat
-from mergelab.family import load_family
+from mergelab.engine.evaluate import evaluate, load_eval_set, prepare_eval, tokenize_chat
+from mergelab.io.family import load_family
 from tests.helpers import reference_ce, write_eval
 from tests.realarch import chat_rows, chat_tokenizer, plain_rows, real_config
 

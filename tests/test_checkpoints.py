@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab.checkpoints import Checkpoint, check_compatible
+from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.errors import CheckpointError
 from tests.helpers import save_checkpoint, tiny_config
 

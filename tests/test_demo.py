@@ -10,7 +10,7 @@ import pytest
 from mergelab.demo.build import build_family
 from mergelab.demo.domains import DOMAINS
 from mergelab.demo.up import prepare_demo, shipped_results_path
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 from mergelab.store import ResultStore
 
 pytestmark = pytest.mark.slow

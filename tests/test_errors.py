@@ -3,9 +3,9 @@
 import pytest
 
 from mergelab.errors import ManifestError, MergelabError
-from mergelab.family import load_family
-from mergelab.methods import get_method
-from mergelab.sweep import parse_ks
+from mergelab.io.family import load_family
+from mergelab.engine.methods import get_method
+from mergelab.sweep.plan import parse_ks
 from tests.test_sweep import cli
 
 

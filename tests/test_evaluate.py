@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergelab.errors import EvalSetError
-from mergelab.evaluate import evaluate, load_eval_set, prepare_eval
-from mergelab.family import load_family
+from mergelab.engine.evaluate import evaluate, load_eval_set, prepare_eval
+from mergelab.io.family import load_family
 from tests.helpers import reference_ce, write_eval
 
 

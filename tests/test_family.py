@@ -5,7 +5,7 @@ import re
 import pytest
 
 from mergelab.errors import ManifestError
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 
 
 def test_valid_manifest_loads(tiny_family):

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from mergelab.fit import FORMS, FitError, fit_curve, fit_curves, fit_joint
-from mergelab.heldout import compare_forms, forecast_errors, leave_one_k_out, leave_one_size_out, three_point_forecast
-from mergelab.variance import fit_variance, subset_variance
+from mergelab.analysis.fit import FORMS, FitError, fit_curve, fit_curves, fit_joint
+from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_k_out, leave_one_size_out, three_point_forecast
+from mergelab.analysis.variance import fit_variance, subset_variance
 
 K = np.arange(1, 10, dtype=float)
 M = 9

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from mergelab.flat import ALIGN, FlatLayout
+from mergelab.engine.flat import ALIGN, FlatLayout
 
 SHAPES = {"embed": (11, 3), "norm": (3,), "scalar": (), "proj": (5, 7)}
 

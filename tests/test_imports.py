@@ -20,21 +20,21 @@ def run_blocked(blocked, code):
 
 
 def test_backend_imports_without_streamlit_plotly_duckdb():
-    code = ("import mergelab, mergelab.family, mergelab.checkpoints, mergelab.methods, mergelab.engine, "
-            "mergelab.evaluate, mergelab.sweep, mergelab.store, mergelab.figures, mergelab.cli, mergelab.demo.build; "
+    code = ("import mergelab, mergelab.io.family, mergelab.io.checkpoints, mergelab.engine.methods, mergelab.engine.session, "
+            "mergelab.engine.evaluate, mergelab.sweep.runner, mergelab.store, mergelab.ui.figures, mergelab.cli, mergelab.demo.build; "
             "print('ok')")
     proc = run_blocked({"streamlit", "plotly", "duckdb"}, code)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_package_import_does_not_pull_torch():
-    code = "import sys, mergelab, mergelab.methods, mergelab.family, mergelab.sweep; print('torch' in sys.modules)"
+    code = "import sys, mergelab, mergelab.engine.methods, mergelab.io.family, mergelab.sweep.runner; print('torch' in sys.modules)"
     proc = run_blocked(set(), code)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 
 
 def test_merging_works_where_duckdb_is_missing():
-    code = ("import torch; from mergelab.methods import get_method, MergeContext; "
+    code = ("import torch; from mergelab.engine.methods import get_method, MergeContext; "
             "m = get_method('ties'); out = m.merge(torch.zeros(3), torch.ones(2, 3), MergeContext('t', ('a', 'b')), m.resolve({})); "
             "print(out.tolist())")
     proc = run_blocked({"streamlit", "plotly", "duckdb"}, code)

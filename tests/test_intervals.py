@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from mergelab import planning
-from mergelab.intervals import SubsetDesign, expert_bootstrap, expert_bootstrap_joint, fit_effects
-from mergelab.simulate import QUANTITIES, SCENARIOS, Law, all_subsets, coverage_records, simulate_losses
+from mergelab.analysis import planning
+from mergelab.analysis.intervals import SubsetDesign, expert_bootstrap, expert_bootstrap_joint, fit_effects
+from mergelab.analysis.simulate import QUANTITIES, SCENARIOS, Law, all_subsets, coverage_records, simulate_losses
 
 M = 9
 PLAN = all_subsets(M)
@@ -85,7 +85,7 @@ def test_joint_interval_resamples_one_pool_across_sizes():
 
 
 def test_synergy_intervals_cover_in_a_small_simulation():
-    from mergelab.simulate import synergy_coverage
+    from mergelab.analysis.simulate import synergy_coverage
 
     cover, width = synergy_coverage(SCENARIOS["mix"], PLAN, M, 12, n_boot=150, seed=3)
     assert 0.85 <= cover <= 1.0 and 0 < width < 1, (cover, width)

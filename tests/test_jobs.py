@@ -4,16 +4,17 @@ import subprocess
 import sys
 import threading
 
-from mergelab.jobs import JobQueue
+from mergelab.sweep.jobs import JobQueue
+from mergelab.sweep.plan import SweepJob
 from mergelab.store import ResultStore
-from mergelab.worker import ensure_worker, reap_orphans, run_job, worker_running
+from mergelab.sweep.worker import ensure_worker, reap_orphans, run_job, worker_running
 from tests.helpers import wait_until
 
 METHODS = {"average": {}, "task_arithmetic": {}, "ties": {}, "dare": {}}
 
 
 def spec(family, db, **over):
-    return {"family": str(family), "methods": METHODS, "db": str(db), "device": "cpu", **over}
+    return SweepJob(**{"family": str(family), "methods": METHODS, "db": str(db), "device": "cpu", **over})
 
 
 def test_worker_runs_a_job_to_completion(tiny_family, tmp_path):
@@ -62,7 +63,7 @@ def test_failed_job_records_the_reason(tmp_path):
 
 def test_queued_job_cancels_at_once_and_orphans_are_failed(tmp_path):
     queue = JobQueue(tmp_path / "jobs.sqlite")
-    first, second = queue.submit({"family": "x"}), queue.submit({"family": "y"})
+    first, second = queue.submit(SweepJob("x")), queue.submit(SweepJob("y"))
     queue.cancel(first)
     assert queue.get(first).status == "cancelled"
     claimed = queue.claim_next(worker_pid=999_999_999)

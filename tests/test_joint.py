@@ -1,6 +1,6 @@
 """The joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3, Tables 3–5): every
 published law comes back from its own noise-free points in any units, and the fit says which
-parameters the data do not identify, and why (rules in `mergelab.fit.JointFit`)."""
+parameters the data do not identify, and why (rules in `mergelab.analysis.fit.JointFit`)."""
 
 import math
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelab import reference
-from mergelab.fit import FitError, JointFit, fit_joint
-from mergelab.heldout import leave_one_size_out
+from mergelab.analysis import reference
+from mergelab.analysis.fit import FitError, JointFit, fit_joint
+from mergelab.analysis.heldout import leave_one_size_out
 from tests.test_cli_fit import db  # noqa: F401  (a 3-size cache, used by the page tests)
 
 PAPER_SIZES = np.array([0.5, 1.5, 3, 7, 14, 32, 72])  # Qwen2.5, billions of parameters
@@ -220,7 +220,7 @@ def test_leave_one_size_out_needs_four_training_sizes_that_identify_the_law():
 
 
 def test_joint_table_blanks_what_is_not_identified():
-    from mergelab import analysis
+    from mergelab.analysis import tables as analysis
 
     rows = []
     for i, n in enumerate([0.5, 7.0, 32.0]):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mergelab.errors import HyperparameterError
-from mergelab.methods import METHODS, MergeContext, canonical_hparams, get_method
-from mergelab.methods.dare import keep_mask
-from mergelab.methods.ties import trim
+from mergelab.engine.methods import METHODS, MergeContext, canonical_hparams, get_method
+from mergelab.engine.methods.dare import keep_mask
+from mergelab.engine.methods.ties import trim
 
 CTX = MergeContext("layer.weight", ("e1", "e2"))
 

@@ -4,9 +4,9 @@ floor-based answer, and M is the pool's size (not the largest k swept) — in th
 import numpy as np
 import pytest
 
-from mergelab import planning
-from mergelab.analysis import merge_losses, plan_table, pool_size
-from mergelab.fit import fit_curve
+from mergelab.analysis import planning
+from mergelab.analysis.tables import merge_losses, plan_table, pool_size
+from mergelab.analysis.fit import fit_curve
 from tests.helpers import serve_cache, synthetic_results
 from tests.test_app import run
 

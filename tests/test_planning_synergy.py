@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelab import planning
-from mergelab.fit import FitError, JointFit, fit_curve
-from mergelab.intervals import expert_bootstrap
-from mergelab.synergy import block_means, donor_strength, receiver_susceptibility, synergy_matrix, top_pairs
+from mergelab.analysis import planning
+from mergelab.analysis.fit import FitError, JointFit, fit_curve
+from mergelab.analysis.intervals import expert_bootstrap
+from mergelab.analysis.synergy import block_means, donor_strength, receiver_susceptibility, synergy_matrix, top_pairs
 
 K = np.arange(1, 10, dtype=float)
 

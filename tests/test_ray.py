@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from mergelab.family import load_family
+from mergelab.io.family import load_family
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 from tests.test_imports import run_blocked
 from tests.test_sweep import cli
 
@@ -102,7 +103,7 @@ def test_address_without_the_ray_backend_is_refused(tiny_family, tmp_path, capsy
 
 def test_ray_backend_without_ray_installed_names_the_extra(tiny_family, tmp_path):
     db = tmp_path / "r.duckdb"
-    code = ("import sys, mergelab.ray_backend; from mergelab.cli import main; "
+    code = ("import sys, mergelab.sweep.ray_backend; from mergelab.cli import main; "
             f"sys.argv = ['mergelab', 'sweep', '--family', {str(tiny_family)!r}, '--db', {str(db)!r}, '--backend', 'ray']; "
             "main()")
     proc = run_blocked({"ray"}, code)  # Ray made unimportable in that process, as if not installed

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergelab.checkpoints import Checkpoint
-from mergelab.engine import ExpertPool, MergeSession, ResidentModel
+from mergelab.io.checkpoints import Checkpoint
+from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
 from mergelab.errors import CheckpointError
-from mergelab.family import load_family
-from mergelab.methods import METHODS
+from mergelab.io.family import load_family
+from mergelab.engine.methods import METHODS
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 from tests.helpers import DOMAINS, reference_ce
 from tests.realarch import build_family
 
@@ -101,7 +102,7 @@ def test_swept_ce_equals_transformers_loss_of_the_exported_model(family, tmp_pat
     one example at a time on the `export-model` output loaded by AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.materialise import export_model
+    from mergelab.engine.materialise import export_model
 
     size, hp = family.sizes[0], {"density": 0.5}
     out = export_model(size, "ties", hp, ("alpha", "gamma"), tmp_path / "merged")
@@ -120,7 +121,7 @@ def test_an_unknown_logit_transform_is_evaluated_through_the_full_forward(tmp_pa
     reproduce that, notices, and evaluation goes through the model's own forward instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.evaluate import _head_matches_forward, evaluate, prepare_eval
+    from mergelab.engine.evaluate import _head_matches_forward, evaluate, prepare_eval
 
     family = load_family(build_family(tmp_path, "granite", dtype="float32"))
     model = AutoModelForCausalLM.from_pretrained(str(family.sizes[0].base), dtype=torch.float32).eval()
@@ -135,7 +136,7 @@ def test_an_unknown_logit_transform_is_evaluated_through_the_full_forward(tmp_pa
 def test_soft_capping_is_applied_on_the_fast_path(family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.evaluate import _head_matches_forward, prepare_eval
+    from mergelab.engine.evaluate import _head_matches_forward, prepare_eval
 
     base = family.sizes[0].base
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mergelab import reference as ref
+from mergelab.analysis import reference as ref
 
 EXPECTED_COLUMNS = {
     "joint_fits": ["method", "domain", "L_star", "B", "beta", "A0", "gamma", "b0", "r2"],

@@ -4,7 +4,7 @@ are never fitted as one curve, and every table, legend and picker names the sett
 import json
 
 import pytest
-from mergelab.analysis import fit_table, merge_losses, plan_table, setting_labels
+from mergelab.analysis.tables import fit_table, merge_losses, plan_table, setting_labels
 from mergelab.store import ResultStore
 from tests.helpers import serve_cache, synthetic_results
 from tests.test_app import run as page

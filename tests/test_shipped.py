@@ -5,10 +5,11 @@ import pytest
 
 from mergelab.demo.build import build_family
 from mergelab.demo.up import shipped_results_path
-from mergelab.family import load_family
-from mergelab.methods import METHODS
+from mergelab.io.family import load_family
+from mergelab.engine.methods import METHODS
 from mergelab.store import KEY_COLUMNS, ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 
 SIZES = ("xs", "s", "m")
 
@@ -48,7 +49,8 @@ def test_fifteen_orderings_estimate_the_exhaustive_per_k_mean(shipped):
     per k each) estimate the mean over all C(9,k) subsets. Across the 12 curves (3 sizes × 4 methods)
     and k = 1..8 the error is within 3 standard errors everywhere and about 1 on average. (The same
     orderings serve every curve, so an unlucky k shows up in all of them: k = 3 sits near −2.5 SE.)"""
-    from mergelab.sweep import diverse_orderings, ordering_estimate
+    from mergelab.analysis.means import ordering_estimate
+    from mergelab.sweep.plan import diverse_orderings
 
     z_scores = []
     orderings = diverse_orderings(sorted(EXPERTS_STANDARD), 15, seed=0)

@@ -4,7 +4,8 @@ import duckdb
 import pytest
 
 from mergelab.errors import CacheError
-from mergelab.store import SCHEMA_VERSION, ResultStore, experts_key
+from mergelab.store import SCHEMA_VERSION, ResultStore
+from mergelab.names import experts_key
 
 
 def rows(keys=("", "a", "a+b"), domains=("x", "y"), loss=1.0, **over):

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab.engine import ExpertPool, ResidentModel, merge_into
-from mergelab.family import load_family
-from mergelab.methods import get_method
+from mergelab.engine.session import ExpertPool, ResidentModel, merge_into
+from mergelab.io.family import load_family
+from mergelab.engine.methods import get_method
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, parse_ks, plan_subsets, run_sweep
+from mergelab.sweep.plan import SweepSpec, parse_ks, plan_subsets
+from mergelab.sweep.runner import run_sweep
 from tests.helpers import build_tiny_family
 from tests.test_store import rows
 
@@ -58,7 +59,7 @@ def test_plan_subsets_all_and_sampled():
 
 
 def test_diverse_orderings_are_spread_and_their_prefixes_planned():
-    from mergelab.sweep import diverse_orderings
+    from mergelab.sweep.plan import diverse_orderings
 
     experts = list("abcdefghi")
     orders = diverse_orderings(experts, 15, seed=0)
@@ -174,9 +175,9 @@ def _session_vs_direct(size, monkeypatch, weight_dtype=None, relative=0.0):
     import itertools
     import random
 
-    from mergelab import engine
-    from mergelab.engine import MergeSession, merge_rank
-    from mergelab.methods import METHODS
+    from mergelab.engine import session as engine
+    from mergelab.engine.session import MergeSession, merge_rank
+    from mergelab.engine.methods import METHODS
 
     monkeypatch.setattr(engine, "STREAM_CHUNK", 1000)  # many chunks per tensor and across tensor boundaries
     monkeypatch.setattr(engine, "COMBINE_CHUNK", 1000)
@@ -211,7 +212,7 @@ def _session_vs_direct(size, monkeypatch, weight_dtype=None, relative=0.0):
 def test_merge_order_is_a_revolving_door_within_each_k():
     import itertools
 
-    from mergelab.engine import merge_rank
+    from mergelab.engine.session import merge_rank
 
     experts = tuple("abcdefg")
     subsets = sorted((s for k in range(1, 8) for s in itertools.combinations(experts, k)),
@@ -246,8 +247,8 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
     half-prepared task vectors or half-updated weights that the next merge builds on."""
     import dataclasses
 
-    from mergelab.engine import MergeSession
-    from mergelab.methods import METHODS
+    from mergelab.engine.session import MergeSession
+    from mergelab.engine.methods import METHODS
 
     size = six_expert_family.sizes[0]
     pool, fresh = ExpertPool.load(size), ExpertPool.load(size)
@@ -286,8 +287,8 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
 
 
 def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
-    from mergelab.engine import MergeSession
-    from mergelab.methods import METHODS
+    from mergelab.engine.session import MergeSession
+    from mergelab.engine.methods import METHODS
 
     size = load_family(tiny_family).sizes[0]
     pool = ExpertPool.load(size)
@@ -313,7 +314,7 @@ def test_dashboard_binds_loopback_unless_told_and_warns_then():
 def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.evaluate import evaluate, prepare_eval
+    from mergelab.engine.evaluate import evaluate, prepare_eval
 
     out, cfg = tmp_path / "merged", tmp_path / "merge.yml"
     code, stdout, err = cli(capsys, "export-model", "--family", tiny_family, "--size", "s", "--method", "ties",
@@ -340,7 +341,7 @@ def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, t
 def test_gpu_plan_streams_task_vectors_from_host_memory_when_only_that_fits(monkeypatch):
     """On a GPU that cannot hold the task vectors, they stay in host memory; when neither fits, the
     plan refuses. (The limit variable stands in for device and host memory alike.)"""
-    from mergelab.memory import needed_bytes, plan_memory
+    from mergelab.engine.memory import needed_bytes, plan_memory
 
     n, m = 10**6, 9
     full, streamed = needed_bytes(n, m, "cuda:0"), needed_bytes(n, m, "cuda:0", streamed=True)
@@ -360,7 +361,7 @@ def test_gpu_plan_streams_task_vectors_from_host_memory_when_only_that_fits(monk
 
 
 def test_sweep_refuses_to_start_when_the_memory_plan_does_not_fit(tiny_family, tmp_path, capsys, monkeypatch):
-    from mergelab.memory import needed_bytes
+    from mergelab.engine.memory import needed_bytes
 
     family = load_family(tiny_family)
     need = needed_bytes(family.sizes[0].n_params, 3, "cpu")

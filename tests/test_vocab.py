@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergelab.engine import ExpertPool, MergeSession, ResidentModel
+from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
 from mergelab.errors import CheckpointError, ManifestError
-from mergelab.family import load_family
-from mergelab.methods import METHODS
+from mergelab.io.family import load_family
+from mergelab.engine.methods import METHODS
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
 from tests.helpers import reference_ce
 from tests.realarch import VOCAB_ROWS, build_family
 
@@ -51,7 +52,7 @@ def aligned(base: torch.Tensor, expert: torch.Tensor, rows: int) -> torch.Tensor
 
 
 def test_refused_by_default_with_file_tensor_rows_and_option(manifest, tmp_path):
-    from mergelab.materialise import export_model
+    from mergelab.engine.materialise import export_model
 
     family = load_family(manifest)
     size = family.sizes[0]
@@ -108,7 +109,7 @@ def test_merges_align_every_expert_on_the_base_rows(manifest, policy, limit):
 def test_sweep_and_export_under_a_policy(manifest, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.materialise import export_model
+    from mergelab.engine.materialise import export_model
 
     family = with_policy(manifest, "base_rows")
     size = family.sizes[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 from mergelab.demo.domains import DOMAINS, generate
 from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
-from mergelab.family import write_manifest
+from mergelab.io.family import write_manifest
 
 BUILD_THREADS = 2  # fixed so that the same seed gives the same bits on any machine of one ISA
 VOCAB_ROWS = 264   # 259 byte-level tokens padded to a multiple of 8, like real padded vocabularies

@@ -25,9 +25,10 @@ def load_shipped_results(store) -> int:
 def prepare_demo(preset: str = "micro", db: Path | None = None, progress: bool = True) -> Path:
     """Build the demo family if absent, seed the cache, sweep the family if nothing is cached for it."""
     from mergelab.demo.build import build_family
-    from mergelab.family import load_family
+    from mergelab.io.family import load_family
     from mergelab.store import ResultStore
-    from mergelab.sweep import SweepSpec, run_sweep
+    from mergelab.sweep.plan import SweepSpec
+    from mergelab.sweep.runner import run_sweep
 
     family_dir = data_home() / f"demo-{preset}"
     if not (family_dir / "family.toml").is_file():

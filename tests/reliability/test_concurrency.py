@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mergelab.jobs import JobQueue
+from mergelab.sweep.jobs import JobQueue
 from mergelab.store import ResultStore
+from mergelab.sweep.plan import SweepJob
 from tests.reliability.faults import check_whole_merges, start_worker
 
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def claim_all(queue_path: str, out) -> None:
 
 def test_racing_claims_never_hand_a_job_out_twice(tmp_path, tally):
     queue = JobQueue(tmp_path / "jobs.sqlite")
-    ids = [queue.submit({"family": f"f{i}"}) for i in range(60)]
+    ids = [queue.submit(SweepJob(f"f{i}")) for i in range(60)]
     out = multiprocessing.get_context("spawn").Queue()
     procs = [multiprocessing.get_context("spawn").Process(target=claim_all, args=(str(queue.path), out)) for _ in range(4)]
     for p in procs:
@@ -111,7 +112,7 @@ def test_racing_claims_never_hand_a_job_out_twice(tmp_path, tally):
 def test_two_workers_on_one_queue_run_each_job_once(tiny_family, tmp_path, tally):
     queue = JobQueue(tmp_path / "jobs.sqlite")
     db = tmp_path / "r.duckdb"
-    ids = [queue.submit({"family": str(tiny_family), "methods": {m: {}}, "db": str(db), "device": "cpu"})
+    ids = [queue.submit(SweepJob(str(tiny_family), {m: {}}, db=str(db), device="cpu"))
            for m in ("average", "task_arithmetic", "ties")]
     first, second = start_worker(queue.path, "--idle-exit", "2"), start_worker(queue.path, "--idle-exit", "2")
     outputs = [w.communicate(timeout=300)[0].decode() for w in (first, second)]

@@ -7,11 +7,13 @@ import random
 
 import pytest
 
-from mergelab.family import load_family
-from mergelab.jobs import JobQueue
+from mergelab.io.family import load_family
+from mergelab.sweep.jobs import JobQueue
 from mergelab.store import ResultStore
-from mergelab.sweep import SweepSpec, run_sweep
-from mergelab.worker import reap_orphans
+from mergelab.sweep.plan import SweepSpec
+from mergelab.sweep.runner import run_sweep
+from mergelab.sweep.plan import SweepJob
+from mergelab.sweep.worker import reap_orphans
 from tests.helpers import wait_until
 from tests.reliability.faults import check_whole_merges, compare_caches, kill_9, start_worker
 
@@ -30,8 +32,8 @@ def running_past(queue: JobQueue, job_id: int, merges: int) -> bool:
 def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_family, tmp_path, tally):
     rng = random.Random(7)
     family = load_family(micro_family)
-    spec = {"family": str(micro_family), "sizes": ["xs"], "methods": METHODS, "ks": [1, 2, 3, 4],
-            "subsets": "all", "device": "cpu", "db": str(tmp_path / "killed.duckdb")}
+    spec = SweepJob(str(micro_family), METHODS, sizes=("xs",), ks=(1, 2, 3, 4), subsets="all", device="cpu",
+                    db=str(tmp_path / "killed.duckdb"))
     queue = JobQueue(tmp_path / "jobs.sqlite")
     job_id = queue.submit(spec)
     n_domains = len(family.domains)
@@ -53,7 +55,7 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
         assert worker.poll() is None, "the sweep finished before the planned kill: make it longer"
         kill_9(worker)
         kills.append(queue.get(job_id).done)
-        rows_seen.append(len(check_whole_merges(spec["db"], n_domains)) if (tmp_path / "killed.duckdb").exists() else 0)
+        rows_seen.append(len(check_whole_merges(spec.db, n_domains)) if (tmp_path / "killed.duckdb").exists() else 0)
     assert rows_seen == sorted(rows_seen), "a kill lost rows that were already written"
 
     reap_orphans(queue)
@@ -62,7 +64,7 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
     output = final.communicate(timeout=600)[0].decode()  # communicate drains the pipe while waiting
     assert final.returncode == 0, output
     assert queue.get(job_id).status == "done", queue.get(job_id)
-    killed = check_whole_merges(spec["db"], n_domains)
+    killed = check_whole_merges(spec.db, n_domains)
 
     reference_db = tmp_path / "uninterrupted.duckdb"
     run_sweep(SweepSpec(family, ["xs"], METHODS, [1, 2, 3, 4]), ResultStore(reference_db), device="cpu", progress=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergelab.jobs import JobQueue
+from mergelab.sweep.jobs import JobQueue
+from mergelab.sweep.plan import SweepJob
 from tests.helpers import wait_until
 from tests.test_app import env, run  # noqa: F401 - env is a fixture
 
@@ -48,7 +49,7 @@ def test_launch_without_sizes_or_methods_is_refused(env, tally):  # noqa: F811
 def test_a_job_whose_worker_died_shows_failed_and_resumes(env, monkeypatch, tally):  # noqa: F811
     monkeypatch.setenv("MERGELAB_WORKER_IDLE", "2")  # the worker Resume starts exits soon after the job
     queue = JobQueue()
-    job_id = queue.submit({"family": str(env), "methods": {"average": {}}, "device": "cpu"})
+    job_id = queue.submit(SweepJob(str(env), {"average": {}}, device="cpu"))
     queue.claim_next(worker_pid=999_999_999)  # running, but no worker holds the queue lock: it died
     at = run("pages/2_Sweep.py")
     assert queue.get(job_id).status == "failed"

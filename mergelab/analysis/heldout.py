@@ -1,0 +1,140 @@
+"""Held-out validation of the merging law: 3-point forecasts, leave-one-k-out, leave-one-size-out,
+and ranking alternative forms by information criteria and held-out error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mergelab.analysis.fit import FLOOR_SIZES, FORMS, FitError, fit_curve, fit_joint
+
+
+def three_point_forecast(L1: float, L2: float, L4: float) -> dict:
+    """L∞, A, b from the mean losses at k = 1, 2, 4.
+
+    Closed form: r = (L1−L2)/(L2−L4), b = (4−2r)/(2r−1), A = (L1−L2)(1+b)(2+b), L∞ = L1 − A/(1+b),
+    valid when r ∈ (0.5, 2] (so that b ≥ 0); otherwise a least-squares fit with b ≥ 0."""
+    values = np.array([L1, L2, L4], dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise FitError("three_point_forecast needs finite L1, L2, L4")
+    if L2 != L4:
+        r = (L1 - L2) / (L2 - L4)
+        if 0.5 < r <= 2.0:
+            b = (4 - 2 * r) / (2 * r - 1)
+            A = (L1 - L2) * (1 + b) * (2 + b)
+            return {"L_inf": L1 - A / (1 + b), "A": A, "b": b, "method": "closed_form"}
+    fit = fit_curve([1.0, 2.0, 4.0], values, weights="uniform")
+    return {"L_inf": fit.L_inf, "A": fit.A, "b": fit.b, "method": "least_squares"}
+
+
+def _per_k_means(k, loss) -> tuple[np.ndarray, np.ndarray]:
+    k, loss = np.asarray(k, dtype=float), np.asarray(loss, dtype=float)
+    ks = np.unique(k)
+    return ks, np.array([loss[k == x].mean() for x in ks])
+
+
+def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k.
+
+    Errors are given in nats and relative to the observed loss and to the curve's drop
+    L(1) − L(k_max) (a forecast is only useful if its error is small against what merging gains).
+    With `subsets` (one experts_key per row) each prediction gets a 95% expert-bootstrap interval
+    (`lo`, `hi`): new pools of experts at k = 1, 2, 4 (mergelab.analysis.intervals), forecast again."""
+    ks, means = _per_k_means(k, loss)
+    missing = [x for x in (1, 2, 4) if x not in ks]
+    if missing:
+        raise FitError(f"the 3-point forecast needs k = 1, 2 and 4; missing k = {missing}")
+    p = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
+    predicted = p["L_inf"] + p["A"] / (ks + p["b"])
+    out = pd.DataFrame({"k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
+    out["error_rel_loss"] = out["error"] / out["observed"]
+    out["error_rel_drop"] = out["error"] / (means[0] - means[-1])
+    out["held_out"] = ~out["k"].isin([1, 2, 4])
+    if subsets is not None:
+        out["lo"], out["hi"] = _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level)
+    out.attrs["forecast"] = p
+    return out
+
+
+def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
+    from mergelab.analysis.intervals import mean_draws
+
+    k, loss, subsets = np.asarray(k, dtype=float), np.asarray(loss, dtype=float), np.asarray(subsets)
+    used = np.isin(k, (1, 2, 4))
+    law = lambda x: p["L_inf"] + p["A"] / (x + p["b"])  # noqa: E731
+    try:
+        _, draws = mean_draws(subsets[used], loss[used], law, n_boot=n_boot, seed=seed)
+    except FitError:
+        return np.nan, np.nan
+    curves = []
+    for L1, L2, L4 in draws:
+        q = three_point_forecast(L1, L2, L4)
+        curves.append(q["L_inf"] + q["A"] / (ks + q["b"]))
+    return np.percentile(np.array(curves), [50 * (1 - level), 50 * (1 + level)], axis=0)
+
+
+def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.DataFrame:
+    """Fit the per-k means without each k in turn and predict it."""
+    ks, means = _per_k_means(k, loss)
+    if len(ks) < FORMS[form].n_params + 1:
+        raise FitError(f"leave-one-k-out with form {form!r} needs at least {FORMS[form].n_params + 1} distinct k")
+    rows = []
+    for i, held in enumerate(ks):
+        keep = np.arange(len(ks)) != i
+        fit = fit_curve(ks[keep], means[keep], weights=weights, form=form)
+        pred = float(fit.predict([held])[0])
+        rows.append({"k": held, "observed": means[i], "predicted": pred, "error": pred - means[i]})
+    return pd.DataFrame(rows)
+
+
+def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
+    """Fit the joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3) on all but the
+    largest size and predict the largest size's per-k means. N in billions of parameters, loss in
+    nats/token (any unit: errors come back in it).
+
+    Extrapolating in N needs the training sizes to identify the law: at least FLOOR_SIZES (4) of them,
+    so 5 sizes in all, and a training fit with every parameter identified (`JointFit.not_identified`);
+    otherwise FitError with the reason. The training fit is in `attrs["fit"]`."""
+    N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
+    sizes = np.unique(N)
+    if len(sizes) < FLOOR_SIZES + 1:
+        raise FitError(f"leave-one-size-out needs at least {FLOOR_SIZES + 1} sizes, got {len(sizes)}: {FLOOR_SIZES} to fit "
+                       f"(the floor L* + B·N^−β has 3 parameters, and with 3 sizes they fix it exactly, untested) "
+                       f"and 1 to predict")
+    train = N < sizes[-1]
+    fit = fit_joint(N[train], k[train], loss[train], weights=weights)
+    if not fit.identified:
+        raise FitError(f"leave-one-size-out: the joint law fitted on the {len(sizes) - 1} smaller sizes is not "
+                       "identified, so its prediction for the largest is not a test of the law: " + "; ".join(fit.reasons()))
+    ks, means = _per_k_means(k[~train], loss[~train])
+    predicted = fit.predict(sizes[-1], ks)
+    out = pd.DataFrame({"N": sizes[-1], "k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
+    out.attrs["fit"] = fit
+    return out
+
+
+def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
+    """Every form fitted to the per-k means, ranked by AICc (AIC corrected for small samples: with
+    9 points and up to 5 parameters plain AIC favours the largest form), with AIC, BIC, the weighted
+    and unweighted R² and the leave-one-k-out RMSE. `delta_aicc` is each form's AICc minus the best."""
+    ks, means = _per_k_means(k, loss)
+    rows = []
+    for name in forms or FORMS:
+        try:
+            fit = fit_curve(ks, means, weights=weights, form=name)
+            loko = leave_one_k_out(ks, means, weights=weights, form=name)
+            rmse = float(np.sqrt(np.mean(loko["error"] ** 2)))
+        except FitError as exc:
+            rows.append({"form": name, "formula": FORMS[name].formula, "note": str(exc)})
+            continue
+        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aicc": fit.aicc,
+                     "aic": fit.aic, "bic": fit.bic, "r2": fit.r2, "r2_unweighted": fit.r2_unweighted,
+                     "loko_rmse": rmse, "params": fit.params,
+                     "note": "; ".join(fit.notes)})
+    table = pd.DataFrame(rows)
+    if "aicc" not in table.columns:  # no form could be fitted: the notes say why
+        return table
+    table = table.sort_values("aicc", na_position="last").reset_index(drop=True)
+    finite = table["aicc"].replace(np.inf, np.nan)
+    table.insert(table.columns.get_loc("aicc") + 1, "delta_aicc", table["aicc"] - finite.min())
+    return table

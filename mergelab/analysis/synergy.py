@@ -1,0 +1,138 @@
+"""Cross-domain synergy: S[d, e] = mean drop of the CE on receiver domain e when donor expert d is
+added to a merge, over every pair of merges (S, S ∪ {d}) present in the results — all of them
+with exhaustive subsets, consecutive prefixes with orderings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mergelab.names import key_experts
+
+DEFAULT_BLOCKS = {
+    "math": ("algebra", "analysis", "geometry", "discrete", "number_theory"),
+    "science": ("chemistry", "physics", "biology"),
+    "code": ("code",),
+}
+
+
+def synergy_matrix(results: pd.DataFrame, min_k: int = 1) -> pd.DataFrame:
+    """Donors (experts) × receivers (domains) from rows of one (family, size, method, hparams):
+    columns experts_key, domain, loss. Merges of fewer than `min_k` experts are not used as S."""
+    table = results.pivot_table(index="experts_key", columns="domain", values="loss", aggfunc="first")
+    sets = {key: frozenset(key_experts(key)) for key in table.index}
+    index_of = {s: key for key, s in sets.items()}
+    donors = sorted({e for s in sets.values() for e in s})
+    drops = {d: [] for d in donors}
+    for key, members in sets.items():
+        if len(members) < min_k:
+            continue
+        for d in donors:
+            if d not in members and (members | {d}) in index_of:
+                drops[d].append(table.loc[key].to_numpy() - table.loc[index_of[members | {d}]].to_numpy())
+    matrix = pd.DataFrame({d: np.nanmean(v, axis=0) if v else np.full(len(table.columns), np.nan)
+                           for d, v in drops.items()}, index=table.columns).T
+    matrix.index.name, matrix.columns.name = "donor", "receiver"
+    matrix.attrs["n_pairs"] = {d: len(v) for d, v in drops.items()}
+    return matrix
+
+
+def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0, level: float = 0.95,
+                      min_k: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lo, hi): donor × receiver matrices of 95% intervals for `synergy_matrix(results, min_k)`.
+
+    Per receiver domain, the expert random-effects model of mergelab.analysis.intervals is fitted to the
+    merges' losses; each draw keeps the donor d with its own estimated effects and replaces its
+    co-experts by a new pool resampled from the others, evaluates the same subsets, and recomputes
+    S[d, e] over the same (S, S ∪ {d}) pairs. The interval is for d's synergy against the population
+    of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries whose receiver's effects
+    cannot be estimated (one subset per k) are NaN."""
+    from mergelab.analysis.fit import FitError
+    from mergelab.analysis.intervals import SubsetDesign, fit_effects
+
+    matrix = synergy_matrix(results, min_k)
+    lo, hi = (pd.DataFrame(np.nan, index=matrix.index, columns=matrix.columns) for _ in range(2))
+    table = results[results["experts_key"] != ""].pivot_table(index="experts_key", columns="domain", values="loss",
+                                                               aggfunc="first")
+    design = SubsetDesign.from_subsets(list(table.index))
+    row_of = {frozenset(key_experts(key)): i for i, key in enumerate(table.index)}
+    members = list(row_of)
+    rng = np.random.default_rng(seed)
+    tails = [50 * (1 - level), 50 * (1 + level)]
+    M, k = design.M, design.k
+    if M < 3:
+        return lo, hi
+    for receiver in table.columns:
+        y = table[receiver].to_numpy(dtype=float)
+        if not np.isfinite(y).all():
+            continue
+        try:
+            effects = fit_effects(design, y)
+        except FitError:
+            continue
+        m_k = dict(zip(design.ks(), design.per_k_means(y)))
+        mean = np.array([m_k[x] for x in k])
+        for j, donor in enumerate(design.experts):
+            if donor not in matrix.index:
+                continue
+            pairs = [(row_of[s], row_of[s | {donor}]) for s in members
+                     if donor not in s and len(s) >= min_k and (s | {donor}) in row_of]
+            if not pairs:
+                continue
+            without, with_d = np.array(pairs).T
+            others = np.delete(np.arange(M), j)
+            a_o, c_o = effects.a[others] - effects.a[others].mean(), effects.c[others] - effects.c[others].mean()
+            picks = rng.integers(0, M - 1, size=(n_boot, M))
+            scale = np.sqrt((M - 1) / (M - 2)) * np.sqrt((M - 2) / rng.chisquare(M - 2, size=(n_boot, 1)))
+            a, c = a_o[picks] * scale, c_o[picks] * scale
+            a[:, j], c[:, j] = effects.a[j], effects.c[j]  # the donor stays itself
+            noise = rng.standard_normal((n_boot, len(k))) * np.sqrt(effects.sigma2 / k)
+            y_star = mean + (a @ design.Z.T) / k + (c @ design.Z.T) / k ** 2 + noise
+            s_star = (y_star[:, without] - y_star[:, with_d]).mean(axis=1)
+            k1 = k[with_d]
+            world = np.mean(mean[without] - mean[with_d] - effects.a[j] / k1 - effects.c[j] / k1 ** 2)
+            q_lo, q_hi = np.percentile(s_star - world, tails)
+            lo.loc[donor, receiver] = matrix.loc[donor, receiver] - q_hi
+            hi.loc[donor, receiver] = matrix.loc[donor, receiver] - q_lo
+    return lo, hi
+
+
+def off_diagonal(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The matrix with self-pairs (donor d → receiver d) blanked: they measure the own expert."""
+    out = matrix.copy()
+    for d in out.index:
+        if d in out.columns:
+            out.loc[d, d] = np.nan
+    return out
+
+
+def donor_strength(matrix: pd.DataFrame) -> pd.Series:
+    """How much each donor helps the other domains on average."""
+    return off_diagonal(matrix).mean(axis=1).rename("donor_strength")
+
+
+def receiver_susceptibility(matrix: pd.DataFrame) -> pd.Series:
+    """How much each domain gains on average from the other donors."""
+    return off_diagonal(matrix).mean(axis=0).rename("receiver_susceptibility")
+
+
+def block_means(matrix: pd.DataFrame, blocks: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
+    """Mean synergy from donors of one block to receivers of another (self-pairs excluded)."""
+    blocks = blocks or DEFAULT_BLOCKS
+    clean = off_diagonal(matrix)
+    out = pd.DataFrame(index=list(blocks), columns=list(blocks), dtype=float)
+    for a, donors in blocks.items():
+        for b, receivers in blocks.items():
+            sub = clean.reindex(index=[d for d in donors if d in clean.index],
+                                columns=[r for r in receivers if r in clean.columns])
+            values = sub.to_numpy().ravel()
+            out.loc[a, b] = np.nanmean(values) if np.isfinite(values).any() else np.nan
+    out.index.name, out.columns.name = "donor_block", "receiver_block"
+    return out
+
+
+def top_pairs(matrix: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """The n most positive and n most negative off-diagonal pairs."""
+    pairs = off_diagonal(matrix).stack().rename("synergy").reset_index()
+    pairs = pairs.sort_values("synergy", ascending=False)
+    return pd.concat([pairs.head(n), pairs.tail(n)]).drop_duplicates().reset_index(drop=True)

@@ -1,0 +1,269 @@
+"""Response-only, token-weighted cross-entropy per domain, batched by length and deterministic.
+
+Each example is [bos] + prompt + response + [eos]; only the response tokens and the eos are scored
+(the prompt is masked as labels = −100 would mask it). A conversation (`messages`, ending with the
+assistant turn) is rendered by the tokenizer's chat template instead: the prompt is the conversation
+before the last turn with the generation prompt added, and the scored tokens are the assistant reply
+with its end-of-turn marker as the template renders it. A domain's loss is the sum of the token NLLs
+over its first examples up to a fixed budget of scored tokens, divided by their number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergelab.errors import EvalSetError
+from mergelab.io.family import DEFAULT_MAX_LENGTH
+
+METRIC_VERSION = 1
+DEFAULT_BATCH_TOKENS = 16384
+DEFAULT_MAX_PADDING = 0.1  # padded positions per batch beyond its real tokens, as a share of them
+LOGITS_PER_CHUNK = 1 << 26  # positions × vocabulary per LM-head call: 256 MiB of fp32 logits, whatever the vocabulary
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_LINE_CHARS = 1 << 20  # one example; far beyond any max_length, so a longer line is a broken file
+
+
+def load_eval_set(path: str | Path) -> list[dict]:
+    """Read a JSONL eval set: one object per line with `prompt` and `response`, or `text` (every token
+    scored), or `messages` (a conversation whose last message is the assistant's reply)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise EvalSetError(f"{path}: eval set not found") from exc
+    except UnicodeDecodeError as exc:
+        raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    examples = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_LINE_CHARS:
+            raise EvalSetError(f"{path}:{lineno}: line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} "
+                               f"allowed for one example (is this an eval set?)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalSetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise EvalSetError(f"{path}:{lineno}: expected an object with 'prompt' and 'response'")
+        if "messages" in row:
+            examples.append({"messages": _check_messages(row["messages"], f"{path}:{lineno}")})
+            continue
+        if "text" in row and "response" not in row:
+            row = {"prompt": "", "response": row["text"]}
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise EvalSetError(f"{path}:{lineno}: field {key!r} missing or not a string")
+        if not row["response"]:
+            raise EvalSetError(f"{path}:{lineno}: empty 'response'")
+        examples.append({"prompt": row["prompt"], "response": row["response"]})
+    if not examples:
+        raise EvalSetError(f"{path}: eval set is empty")
+    return examples
+
+
+def _check_messages(messages, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise EvalSetError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise EvalSetError(f"{where}: messages[{i}] must have a 'role' ({', '.join(ROLES)}) and a string 'content'")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise EvalSetError(f"{where}: the last message must be a non-empty 'assistant' reply (the scored tokens)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@dataclass
+class Batch:
+    input_ids: object      # [B, T] long
+    attention_mask: object  # [B, T] long
+    rows: object           # [n] batch row of each scored position
+    cols: object           # [n] position whose next-token prediction is scored
+    targets: object        # [n] the token to predict
+    domains: object        # [n] domain index of each scored token
+
+
+@dataclass
+class EvalData:
+    """Tokenized eval sets of a family, ready to run: fixed order, fixed budget, fixed batches."""
+
+    domains: tuple[str, ...]
+    batches: list[Batch]
+    n_tokens: dict[str, int]
+    n_truncated: dict[str, int]      # examples cut to max_length (those cut before their reply are dropped)
+    hashes: dict[str, str] = field(default_factory=dict)
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def to(self, device) -> "EvalData":
+        moved = [Batch(*(getattr(b, f).to(device) for f in Batch.__dataclass_fields__)) for b in self.batches]
+        return EvalData(self.domains, moved, self.n_tokens, self.n_truncated, self.hashes, self.max_length)
+
+    def truncation_note(self) -> str | None:
+        """One line for the user when examples were cut to max_length, per domain; None when none were."""
+        cut = {d: n for d, n in self.n_truncated.items() if n}
+        if not cut:
+            return None
+        per_domain = ", ".join(f"{d} {n}" for d, n in cut.items())
+        return f"{sum(cut.values())} eval examples cut to {self.max_length} tokens ({per_domain})"
+
+
+def tokenize_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of one example and the number of leading positions that are not scored."""
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = head + tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else head
+    tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + tail
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def tokenize_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], int]:
+    """Token ids of one conversation rendered by the chat template and the number of prompt positions.
+
+    The prompt is the template applied to the messages before the last one with the generation prompt
+    (what a model answering the conversation sees); the reply is what the full rendering adds after it,
+    less trailing whitespace (the layout between turns, not part of the answer). Both are tokenized as
+    the template's text, with no extra special tokens (templates place bos themselves)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+    if not full.startswith(prompt) or len(full) == len(prompt):
+        raise ValueError("the chat template does not render the conversation as the generation prompt followed "
+                         "by the assistant reply")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"], len(prompt_ids)
+
+
+def tokenize_row(tokenizer, example: dict, path: Path) -> tuple[list[int], int]:
+    """One row of `load_eval_set` as (ids, number of unscored leading positions); errors name `path`."""
+    if "messages" not in example:
+        return tokenize_example(tokenizer, example["prompt"], example["response"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalSetError(f"{path}: rows with 'messages' need a chat template, but the tokenizer in "
+                           f"{tokenizer.name_or_path} has none (add chat_template.jinja or tokenizer_config.json's chat_template)")
+    try:
+        return tokenize_chat(tokenizer, example["messages"])
+    except ValueError as exc:
+        raise EvalSetError(f"{path}: {exc} (tokenizer in {tokenizer.name_or_path})") from exc
+    except Exception as exc:  # the template's own error (jinja raise_exception, undefined variables)
+        raise EvalSetError(f"{path}: the chat template of {tokenizer.name_or_path} failed: {str(exc).splitlines()[0]}") from exc
+
+
+def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int, max_length: int = DEFAULT_MAX_LENGTH,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, max_padding: float = DEFAULT_MAX_PADDING) -> EvalData:
+    """Tokenize each domain's first examples up to `token_budget` scored tokens and batch them by length."""
+    domains = tuple(eval_sets)
+    sequences, n_tokens, n_truncated, hashes = [], {}, {}, {}
+    for d_index, (domain, path) in enumerate(eval_sets.items()):
+        digest = hashlib.sha256(f"metric={METRIC_VERSION};budget={token_budget};max_length={max_length}".encode())
+        scored = truncated = 0
+        for example in load_eval_set(path):
+            ids, n_prompt = tokenize_row(tokenizer, example, path)
+            if len(ids) > max_length:
+                ids, truncated = ids[:max_length], truncated + 1
+            n_scored = max(0, len(ids) - max(n_prompt, 1))
+            if n_scored == 0:
+                continue
+            digest.update(json.dumps([ids, n_prompt]).encode())
+            sequences.append((len(ids), d_index, len(sequences), ids, n_prompt))
+            scored += n_scored
+            if scored >= token_budget:
+                break
+        if scored == 0:
+            raise EvalSetError(f"{path}: no scorable response tokens")
+        n_tokens[domain], n_truncated[domain], hashes[domain] = scored, truncated, digest.hexdigest()[:16]
+    batches = _batch_by_length(sequences, tokenizer.pad_token_id or 0, batch_tokens, max_padding)
+    return EvalData(domains, batches, n_tokens, n_truncated, hashes, max_length)
+
+
+def _batch_by_length(sequences, pad_id: int, batch_tokens: int, max_padding: float) -> list[Batch]:
+    """Group length-sorted sequences so each padded batch holds at most `batch_tokens` tokens, of which
+    at most a `max_padding` share (beyond the real tokens) is padding: padded positions cost as much
+    compute as real ones, and one batch over a wide spread of lengths is mostly padding."""
+    import torch
+
+    groups, current, real = [], [], 0
+    for seq in sorted(sequences, key=lambda s: (s[0], s[2])):
+        padded = (len(current) + 1) * seq[0]
+        if current and (padded > batch_tokens or padded > (1 + max_padding) * (real + seq[0])):
+            groups.append(current)
+            current, real = [], 0
+        current.append(seq)
+        real += seq[0]
+    if current:
+        groups.append(current)
+    batches = []
+    for group in groups:
+        width = max(s[0] for s in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(group), width), dtype=torch.long)
+        rows, cols, targets, domains = [], [], [], []
+        for r, (length, d_index, _, ids, n_prompt) in enumerate(group):
+            input_ids[r, :length] = torch.tensor(ids)
+            attention[r, :length] = 1
+            for t in range(max(n_prompt, 1), length):  # token t is predicted at position t-1
+                rows.append(r), cols.append(t - 1), targets.append(ids[t]), domains.append(d_index)
+        batches.append(Batch(input_ids, attention, *(torch.tensor(x) for x in (rows, cols, targets, domains))))
+    return batches
+
+
+def evaluate(model, data: EvalData) -> dict[str, float]:
+    """Mean response-token CE per domain (nats).
+
+    The decoder runs once per batch and the LM head only on the scored positions, in chunks of at most
+    LOGITS_PER_CHUNK logits (a 150K vocabulary would otherwise need GBs per batch), followed by the
+    logit soft-capping of architectures that have it (Gemma 2/3). Whether this reproduces the model's
+    own forward is checked once per model; architectures that transform logits some other way are
+    evaluated through their full forward instead (slower, same numbers)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(data.domains), dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        fast = _head_matches_forward(model, data.batches[0])
+        for b in data.batches:
+            for part, logits in _scored_logits(model, b, fast):
+                nll = F.cross_entropy(logits, b.targets[part], reduction="none")
+                sums.index_add_(0, b.domains[part], nll.double())
+    totals = sums.cpu().tolist()
+    return {d: totals[i] / data.n_tokens[d] for i, d in enumerate(data.domains)}
+
+
+def _scored_logits(model, b: Batch, fast: bool):
+    """fp32 logits at the batch's scored positions, chunk by chunk: yields (slice of positions, logits)."""
+    if fast:
+        hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        hidden = hidden[b.rows, b.cols]
+    else:
+        full = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+    step = max(1, LOGITS_PER_CHUNK // model.get_output_embeddings().weight.shape[0])
+    for start in range(0, len(b.targets), step):
+        part = slice(start, start + step)
+        yield part, _head_logits(model, hidden[part]) if fast else full[part].float()
+
+
+def _head_logits(model, hidden):
+    """fp32 logits from final hidden states: the LM head, then soft-capping where the config has it."""
+    import torch
+
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+_FAST_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> does _head_logits match forward
+
+
+def _head_matches_forward(model, batch) -> bool:
+    """Compare decoder + _head_logits with the model's own forward on one sequence, once per model
+    (weights change between merges, the architecture does not). bf16 rounding stays well inside the
+    tolerance; a missing logit transform (a scale, a cap) does not."""
+    if model not in _FAST_HEAD:
+        ids = batch.input_ids[:1, : int(batch.attention_mask[0].sum())]
+        ours = _head_logits(model, model.get_decoder()(input_ids=ids).last_hidden_state[0])
+        theirs = model(input_ids=ids).logits[0].float()
+        _FAST_HEAD[model] = bool((ours - theirs).abs().max() <= 1e-2 * (1 + theirs.abs().max()))
+    return _FAST_HEAD[model]

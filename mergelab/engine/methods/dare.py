@@ -1,0 +1,45 @@
+"""dare: drop each task-vector entry with probability p (Bernoulli mask per expert and tensor), rescale
+survivors by 1/(1−p), then average: θ0 + (1/k)·Σ m_i⊙v_i/(1−p). Masks are drawn on the CPU from a
+generator seeded by (seed, expert, tensor), so results do not depend on subset order, device or threads."""
+
+import hashlib
+
+from mergelab.engine.methods.base import MergeMethod, Param
+
+
+def mask_seed(seed: int, expert: str, tensor: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{expert}|{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keep_mask(shape, p: float, seed: int, expert: str, tensor: str):
+    import torch
+
+    generator = torch.Generator().manual_seed(mask_seed(seed, expert, tensor))
+    return torch.rand(shape, generator=generator) >= p
+
+
+def prepare(deltas, ctx, hp):
+    """Each expert's task vector with its seeded drop mask applied and survivors rescaled."""
+    import torch
+
+    p = hp["p"]
+    scale = 1.0 / (1.0 - p) if hp["rescale"] else 1.0
+    masks = torch.stack([keep_mask(deltas.shape[1:], p, hp["seed"], e, ctx.tensor) for e in ctx.experts])
+    return deltas * masks.to(device=deltas.device, dtype=deltas.dtype) * scale
+
+
+def merge(base, deltas, ctx, hp):
+    return base + prepare(deltas, ctx, hp).mean(dim=0)
+
+
+METHOD = MergeMethod(
+    "dare", merge, __doc__.split(": ", 1)[1],
+    {
+        "p": Param(0.2, "drop rate p", float, 0.0, 1.0, high_open=True),
+        "rescale": Param(True, "rescale survivors by 1/(1−p)", bool),
+        "seed": Param(0, "seed of the drop masks", int, low=0),
+    },
+    prepare=prepare,
+    linear_scale=lambda k, hp: 1.0 / k,
+)

@@ -1,0 +1,50 @@
+"""ties: per tensor, trim each task vector to its top-density |v|, elect a sign per entry
+(sign of the trimmed sum, 0 → +), average the entries that agree with it (disjoint mean), θ0 + λ·τ."""
+
+import math
+
+from mergelab.engine.methods.base import MergeMethod, Param
+
+
+def trim(deltas, density: float):
+    """Keep the ceil(density·n) largest-|v| entries of each expert's tensor (at least one; ties at the
+    threshold are all kept). The threshold comes from kthvalue, not a full sort."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    n = flat.shape[1]
+    keep = min(n, max(1, math.ceil(density * n)))
+    if keep == n:
+        return deltas
+    magnitude = flat.abs()
+    threshold = magnitude.kthvalue(n - keep + 1, dim=1, keepdim=True).values
+    return (flat * (magnitude >= threshold)).reshape(deltas.shape)
+
+
+def prepare(deltas, ctx, hp):
+    return trim(deltas, hp["density"])
+
+
+def combine(base, trimmed, ctx, hp):
+    """Elect a sign per entry and take the disjoint mean of the trimmed task vectors that agree.
+    An entry agrees when its sign equals the elected one (never 0), so zeros never count. One [k, n]
+    temporary: the agreement mask is built in place of the signs."""
+    elected = trimmed.sum(dim=0).sign_()
+    elected[elected == 0] = 1
+    agree = trimmed.sign().eq_(elected)  # 1.0 where the entry agrees, else 0.0
+    count = agree.sum(dim=0).clamp_(min=1)
+    return base + hp["lambda"] * (agree.mul_(trimmed).sum(dim=0) / count)
+
+
+def merge(base, deltas, ctx, hp):
+    return combine(base, prepare(deltas, ctx, hp), ctx, hp)
+
+
+METHOD = MergeMethod(
+    "ties", merge, __doc__.split(": ", 1)[1],
+    {
+        "density": Param(0.2, "fraction of largest-|v| entries kept per tensor", float, 0.0, 1.0, low_open=True),
+        "lambda": Param(1.0, "scale λ of the merged task vector (paper: 0.5 or 1.0)", float, low=0.0, low_open=True),
+    },
+    prepare=prepare,
+    combine=combine,
+)

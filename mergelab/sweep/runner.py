@@ -1,0 +1,150 @@
+"""Run a sweep: validate it, skip what is cached, merge and evaluate the rest on a backend (local or
+Ray), and write the rows to the results cache as they arrive (this process alone writes)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
+from mergelab.engine.methods import canonical_hparams, get_method
+from mergelab.errors import CheckpointError, MergelabError
+from mergelab.io.checkpoints import Checkpoint, check_compatible
+from mergelab.io.family import Family, SizeSpec
+from mergelab.names import BASE, EXPERT, experts_key
+from mergelab.store import ResultStore
+from mergelab.sweep.local import local_results
+from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
+from mergelab.sweep.ray_backend import ray_results, require_ray
+
+
+@dataclass
+class SweepReport:
+    planned: int = 0
+    skipped: int = 0
+    merged: int = 0
+    rows_written: int = 0
+    seconds: float = 0.0
+    eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
+
+
+class _RowWriter:
+    """Buffers rows and upserts them at most every `flush_seconds` (and at the end), so a crash loses
+    at most the last few seconds of work and the cache never sees half a merge."""
+
+    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport):
+        self.store, self.flush_seconds, self.report = store, flush_seconds, report
+        self.rows, self.last = [], time.monotonic()
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        if time.monotonic() - self.last >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.report.rows_written += self.store.upsert(self.rows)
+            self.rows = []
+        self.last = time.monotonic()
+
+
+ProgressCallback = Callable[["SweepReport", int, "WorkItem | None"], None]
+
+
+BACKENDS = ("local", "ray")
+
+
+def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, progress: bool = True,
+              flush_seconds: float = 2.0, on_progress: ProgressCallback | None = None,
+              backend: str = "local", address: str | None = None) -> SweepReport:
+    """Run the sweep here (backend "local") or on a Ray cluster (backend "ray", `address` as for
+    `ray.init`); either way this process alone writes the cache, as rows arrive.
+    `on_progress(report, total, item)` is called once the plan is known (item None) and after every
+    merge; it may raise to stop the sweep (rows done so far are kept)."""
+    from tqdm.auto import tqdm
+
+    if backend not in BACKENDS:
+        raise MergelabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "ray":
+        require_ray()  # before the (slow) planning: a missing extra fails at once
+    started = time.perf_counter()
+    report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
+    if backend == "local":
+        results = local_results(spec.family, todo, eval_data, device, progress)
+    else:
+        results = ray_results(spec.family, todo, eval_data, device, address)
+    total = sum(map(len, todo.values()))
+    writer = _RowWriter(store, flush_seconds, report)
+    bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
+    try:
+        if on_progress:
+            on_progress(report, total, None)
+        for item, rows in results:
+            writer.add(rows)
+            report.merged += 1
+            bar.update(1)
+            if on_progress:
+                on_progress(report, total, item)
+    finally:
+        results.close()  # stops the backend's work in flight (Ray actors) when the sweep is stopped early
+        bar.close()
+        writer.flush()
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
+    """Validate the spec and checkpoints, tokenize the eval sets and list the merges not yet cached
+    (per size). Nothing is written; the dashboard uses this for its estimate before launch."""
+    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    sizes = [spec.family.size(name) for name in spec.sizes]
+    _check_sizes(sizes)
+    report, todo, eval_data = SweepReport(), {}, {}
+    for size in sizes:
+        eval_data[size.name] = _prepare_size_eval(spec.family, size)
+        report.eval_hashes[size.name] = eval_data[size.name].hashes
+        if eval_data[size.name].truncation_note():
+            report.eval_notes[size.name] = eval_data[size.name].truncation_note()
+        planned = _plan_size(spec, size, methods)
+        report.planned += len(planned)
+        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
+        report.skipped += len(planned) - len(todo[size.name])
+    return report, todo, eval_data
+
+
+def _check_sizes(sizes: list[SizeSpec]) -> None:
+    """Validate every checkpoint's tensor names and shapes up front, before any row is written."""
+    for size in sizes:
+        base = Checkpoint(size.base)
+        for path in size.experts.values():
+            check_compatible(base, Checkpoint(path), size.vocab_policy)
+
+
+def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(size.base), trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(f"{size.base}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from exc
+    return prepare_eval(family.eval_sets, tokenizer, family.token_budget, family.max_length)
+
+
+def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> list[WorkItem]:
+    items = []
+    if spec.reference_rows:
+        items.append(WorkItem(size.name, BASE, "{}", ()))
+        items.extend(WorkItem(size.name, EXPERT, "{}", (e,)) for e in size.expert_names)
+    subsets = plan_subsets(size.expert_names, spec.ks, spec.subsets, spec.seed)
+    for name, hp in methods.items():
+        items.extend(WorkItem(size.name, name, canonical_hparams(hp), s) for s in subsets)
+    return items
+
+
+def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes) -> list[WorkItem]:
+    cached = {}
+    for method, hparams in {(i.method, i.hparams) for i in items}:
+        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION)
+    return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]

@@ -1,0 +1,122 @@
+"""The long-lived `mergelab worker` process: claims queued sweep jobs one at a time, runs them,
+reports progress and heartbeats to the queue, stops between merges when asked to cancel.
+
+Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for its lifetime."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mergelab.errors import MergelabError
+from mergelab.locks import flock_until
+from mergelab.store import ResultStore
+from mergelab.sweep.jobs import Job, JobQueue
+from mergelab.sweep.runner import run_sweep
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop a sweep between merges."""
+
+
+def lock_path(queue: JobQueue) -> Path:
+    return queue.path.with_name(queue.path.name + ".lock")
+
+
+def _try_lock(queue: JobQueue, wait: float = 0.0):
+    """An open file holding the worker lock, or None when another worker holds it (after `wait` seconds)."""
+    lock_path(queue).parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path(queue), "a+")
+    if flock_until(handle, exclusive=True, deadline=time.monotonic() + wait, poll=0.05):
+        return handle
+    handle.close()
+    return None
+
+
+def worker_running(queue: JobQueue) -> bool:
+    handle = _try_lock(queue)
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def reap_orphans(queue: JobQueue) -> int:
+    """Mark running jobs failed when no worker holds the queue lock: their worker died (killed, out of
+    memory, machine restarted). The lock, not a PID, decides, so a reused PID cannot fool it."""
+    handle = _try_lock(queue)
+    if handle is None:
+        return 0
+    try:
+        return queue.fail_orphans()
+    finally:
+        handle.close()
+
+
+def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
+    """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with once."""
+    # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
+    lock = _try_lock(queue, wait=3.0)
+    if lock is None:
+        print(f"another worker is already running on {queue.path}", file=sys.stderr)
+        return 1
+    try:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        queue.fail_orphans()  # we hold the lock and have claimed nothing: any running job lost its worker
+        idle_since = time.monotonic()
+        while True:
+            job = queue.claim_next(os.getpid())
+            if job is None:
+                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                    return 0
+                time.sleep(poll)
+                continue
+            run_job(queue, job)
+            idle_since = time.monotonic()
+    finally:
+        lock.close()
+
+
+def run_job(queue: JobQueue, job: Job) -> None:
+    """Run one job to done, cancelled or failed (with the reason); never raises."""
+    state = {"report": None}
+
+    def on_progress(report, total, item):
+        state["report"] = report
+        current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
+        if queue.progress(job.id, report.merged, total, report.skipped, report.rows_written, current):
+            raise JobCancelled
+
+    try:
+        report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device, progress=False,
+                           on_progress=on_progress)
+        queue.finish(job.id, "done", f"{report.merged} merges evaluated, {report.skipped} already cached",
+                     rows=report.rows_written)
+    except JobCancelled:
+        report = state["report"]
+        queue.finish(job.id, "cancelled", f"cancelled after {report.merged} merges; resume to continue",
+                     rows=report.rows_written)
+    except MergelabError as exc:
+        queue.finish(job.id, "failed", str(exc))
+    except Exception as exc:  # e.g. out of memory: the job fails with the reason, the worker goes on
+        queue.finish(job.id, "failed", f"{type(exc).__name__}: {exc}; resume to continue")
+
+
+def ensure_worker(queue: JobQueue, idle_exit: float | None = None) -> bool:
+    """Start a detached worker unless one is running; returns True if one was started. It exits after
+    `idle_exit` idle seconds (default MERGELAB_WORKER_IDLE or 900)."""
+    idle_exit = idle_exit if idle_exit is not None else float(os.environ.get("MERGELAB_WORKER_IDLE", 900))
+    if worker_running(queue):
+        return False
+    log = queue.path.with_name("worker.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue.path),
+                          "--idle-exit", str(idle_exit)], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ))
+    return True

@@ -1,0 +1,82 @@
+"""Per-curve computations the Curves and Fit & Plan pages share (no streamlit here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mergelab.analysis.fit import FitError, fit_curve
+from mergelab.analysis.intervals import expert_bootstrap
+from mergelab.analysis.variance import fit_variance, subset_variance
+from mergelab.names import billions
+
+
+def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
+    """{(size, setting): CurveFit or error text}, one curve per method setting (mergelab.analysis.tables:
+    method + hyperparameters); with n_boot the fits carry expert-bootstrap draws."""
+    fits = {}
+    for (size, setting), group in merges.groupby(["size", "setting"]):
+        try:
+            if n_boot:
+                fits[size, setting] = expert_bootstrap(group["experts_key"], group["loss"], n_boot=n_boot, seed=seed)
+            else:
+                means = group.groupby("k")["loss"].mean()
+                fits[size, setting] = fit_curve(means.index.to_numpy(dtype=float), means.to_numpy())
+        except FitError as exc:
+            fits[size, setting] = str(exc)
+    return fits
+
+
+def bands(fits: dict, merges: pd.DataFrame) -> dict:
+    out = {}
+    for key, fit in fits.items():
+        if isinstance(fit, str) or fit.samples is None:
+            continue
+        ks = merges[(merges["size"] == key[0]) & (merges["setting"] == key[1])]["k"]
+        grid = np.linspace(ks.min(), ks.max(), 60)
+        lo, hi = fit.band(grid)
+        out[key] = (grid, lo, hi)
+    return out
+
+
+DISPLAY = {"L_inf": "L∞"}
+
+
+def fit_summary(fits: dict) -> pd.DataFrame:
+    rows = []
+    for (size, setting), fit in fits.items():
+        if isinstance(fit, str):
+            rows.append({"size": size, "setting": setting, "note": fit})
+            continue
+        row = {"size": size, "setting": setting, "L∞": fit.L_inf, "A": fit.A, "b": fit.b, "R² (k-weighted)": fit.r2,
+               "R² (unweighted)": fit.r2_unweighted}
+        if fit.samples is not None:
+            for name, (lo, hi) in fit.param_ci().items():
+                row[f"{DISPLAY.get(name, name)} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"
+        row["note"] = "; ".join(fit.notes)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def variance_tables(merges: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Across-subset variance per k and its two laws per (size, setting); the finite-pool factor uses
+    M, the size's pool of experts, not the largest k swept."""
+    from mergelab.analysis.tables import pool_size
+
+    frames, fits = [], {}
+    pools = {size: pool_size(group) for size, group in merges.groupby("size")}
+    for (size, setting), group in merges.groupby(["size", "setting"]):
+        var = subset_variance(group["k"], group["loss"]).assign(size=size, setting=setting)
+        frames.append(var)
+        try:
+            fits[size, setting] = fit_variance(var["k"], var["var"], pools[size])
+        except FitError:
+            pass
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), fits
+
+
+def size_points(merges: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Mean loss at one k per setting and size, with N in billions of parameters."""
+    at_k = merges[merges["k"] == k]
+    return (at_k.groupby(["setting", "size", "n_params"], as_index=False)["loss"].mean()
+            .assign(N=lambda f: billions(f["n_params"])).sort_values("N"))

@@ -1,0 +1,181 @@
+"""Plotly figure builders: pure functions, DataFrame in, Figure out (no streamlit here)."""
+
+from __future__ import annotations
+
+SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
+
+
+def _size_colour(sizes_in_order: list[str], size: str) -> str:
+    return SIZE_COLOURS[sizes_in_order.index(size) % len(SIZE_COLOURS)] if size in sizes_in_order else "#444"
+
+
+def _layout(fig, title: str, x: str, y: str, height: int = 440):
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=height,
+                      margin=dict(t=60, r=20, l=60, b=50), legend=dict(font=dict(size=11)))
+    return fig
+
+
+def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, log_x: bool = False,
+                 log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True):
+    """CE vs k for one domain (or macro): faint points per subset, per-k means with their 95%
+    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
+    floor L∞ (dashed) and its expert-bootstrap band per curve.
+
+    merges: rows with size, setting (method + hyperparameters), k, loss, experts_key.
+    fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws)."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
+    methods = sorted(merges["setting"].unique())
+    by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
+    for (size, method), rows in merges.groupby(["size", "setting"]):
+        colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
+                  else _size_colour(sizes_in_order, size))
+        name = f"{method} · {size}" if len(methods) > 1 else size
+        if show_points:
+            fig.add_scatter(x=rows["k"], y=rows["loss"], mode="markers", name=f"{name} subsets", legendgroup=name,
+                            showlegend=False, marker=dict(color=colour, size=4, opacity=0.18),
+                            hovertext=rows["experts_key"], hovertemplate="k=%{x}<br>CE=%{y:.4f}<br>%{hovertext}<extra></extra>")
+        stats = rows.groupby("k")["loss"].agg(["mean", "count"]).reset_index()
+        fit = fits.get((size, method))
+        error_y = None
+        if fit is not None and not isinstance(fit, str) and fit.samples is not None:
+            _, means, lo, hi = fit.mean_ci()  # expert-bootstrap interval of the population mean at each k
+            error_y = dict(type="data", symmetric=False, array=hi - means, arrayminus=means - lo, visible=True,
+                           thickness=1)
+        fig.add_scatter(x=stats["k"], y=stats["mean"], mode="markers", name=name, legendgroup=name,
+                        marker=dict(color=colour, size=8, symbol=["circle", "diamond", "square", "x"][methods.index(method) % 4]),
+                        error_y=error_y, customdata=stats["count"],
+                        hovertemplate="k=%{x}<br>mean CE=%{y:.4f} nats<br>%{customdata} subsets<extra>" + name + "</extra>")
+        if fit is None or isinstance(fit, str):
+            continue
+        grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)
+        dash = dashes[methods.index(method) % len(dashes)]
+        if bands and (size, method) in bands:
+            bk, lo, hi = bands[(size, method)]
+            fig.add_scatter(x=np.r_[bk, bk[::-1]], y=np.r_[hi, lo[::-1]], fill="toself", fillcolor=colour, opacity=0.15,
+                            line=dict(width=0), name=f"{name} 95% band", legendgroup=name, showlegend=False, hoverinfo="skip")
+        fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, width=2, dash=dash),
+                        name=f"{name} fit", legendgroup=name, showlegend=False,
+                        hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} CE=%{{y:.4f}}"
+                                       f"<extra>{name} fit</extra>"))
+        if fit.A > 0:  # a floor only means something for a falling curve
+            fig.add_hline(y=fit.L_inf, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
+    for label, (k, loss) in (overlays or {}).items():
+        fig.add_scatter(x=k, y=loss, mode="lines", name=label, line=dict(color="#888", width=1.5, dash="dot"))
+    _layout(fig, title, "experts merged, k", "cross-entropy (nats/token)")
+    fig.update_xaxes(type="log" if log_x else "linear", dtick=None if log_x else 1)
+    fig.update_yaxes(type="log" if log_y else "linear")
+    return fig
+
+
+def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str = "Residuals of the per-k means"):
+    """Per-k mean minus the fitted curve, per (size, setting): structure here means the law misses."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (size, method), rows in merges.groupby(["size", "setting"]):
+        fit = fits.get((size, method))
+        if fit is None or isinstance(fit, str):
+            continue
+        means = rows.groupby("k")["loss"].mean()
+        fig.add_scatter(x=means.index, y=means.to_numpy() - fit.predict(means.index.to_numpy()), mode="lines+markers",
+                        name=f"{method} · {size}", line=dict(color=_size_colour(sizes_in_order, size)))
+    fig.add_hline(y=0, line=dict(color="#999", width=1))
+    return _layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=300)
+
+
+def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: str = "Variance across subsets"):
+    """Across-subset variance vs k with the plain and finite-pool 1/(k+b) laws."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (size, method), rows in variances.groupby(["size", "setting"]):
+        colour = _size_colour(sizes_in_order, size)
+        fig.add_scatter(x=rows["k"], y=rows["var"], mode="markers", name=f"{method} · {size}", marker=dict(color=colour))
+        grid = np.linspace(rows["k"].min(), rows["k"].max(), 100)
+        for law, dash in (("plain", "dot"), ("finite_pool", "solid")):
+            fit = fits.get((size, method), {}).get(law)
+            if fit is not None:
+                fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, dash=dash, width=1.5),
+                                name=f"{method} · {size} {law.replace('_', '-')} law", showlegend=False)
+    return _layout(fig, title + " (dots: plain law, solid: finite-pool law)", "experts merged, k",
+                   "variance of CE (nats²)", height=340)
+
+
+def size_figure(points, joint=None, *, k: int, title: str | None = None):
+    """CE vs model size at fixed k (log x), with the fitted floor L∞(N) and L(N, k) of a joint fit."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method, rows in points.groupby("setting"):
+        fig.add_scatter(x=rows["N"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}")
+    if joint is not None:
+        grid = np.geomspace(points["N"].min() / 1.5, points["N"].max() * 1.5, 100)
+        fig.add_scatter(x=grid, y=joint.predict(grid, k), mode="lines", name=f"joint law at k={k}", line=dict(color="#333"))
+        fig.add_scatter(x=grid, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
+                        line=dict(color="#333", dash="dash"))
+    _layout(fig, title or f"Cross-entropy vs model size at k = {k}", "parameters N (billions)",
+            "cross-entropy (nats/token)", height=340)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None):
+    """Diverging colour scale centred on 0: blue helps, red hurts. lo, hi: matrices of 95% intervals
+    (mergelab.analysis.synergy.synergy_intervals), shown on hover; entries whose interval holds 0 are greyed."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    values = matrix.to_numpy(dtype=float)
+    bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    text = np.round(values, 3).astype(str)
+    hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
+    custom = None
+    if lo is not None and hi is not None:
+        lo_v, hi_v = lo.to_numpy(dtype=float), hi.to_numpy(dtype=float)
+        custom = np.dstack([lo_v, hi_v])
+        text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
+        hover = ("donor %{y} → receiver %{x}: %{z:.4f} nats<br>95% interval [%{customdata[0]:.4f}, "
+                 "%{customdata[1]:.4f}]<extra></extra>")
+    fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
+                               colorscale="RdBu", colorbar=dict(title="nats"), customdata=custom,
+                               text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
+    _layout(fig, title, "receiver domain", "donor expert", height=520)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def bar_figure(series, title: str, x_title: str, y_title: str, height: int = 340, lo=None, hi=None):
+    """Simple bar chart of a named Series (sorted), positive blue, negative red; lo, hi (Series on the
+    same index) draw 95% intervals as error bars."""
+    import plotly.graph_objects as go
+
+    s = series.sort_values()
+    error = None
+    if lo is not None and hi is not None:
+        error = dict(type="data", symmetric=False, array=(hi[s.index] - s).to_numpy(),
+                     arrayminus=(s - lo[s.index]).to_numpy(), thickness=1)
+    fig = go.Figure(go.Bar(x=list(s.index), y=s.to_numpy(), error_y=error,
+                           marker_color=["#2166ac" if v >= 0 else "#b2182b" for v in s]))
+    return _layout(fig, title, x_title, y_title, height=height)
+
+
+def fractional_return_figure(curves: dict, M: int, marks: dict | None = None):
+    """R(k) = (L(1) − L(k))/(L(1) − L(M)) per curve with k80 / k90 marked."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, (k, r) in curves.items():
+        fig.add_scatter(x=k, y=r, mode="lines", name=label)
+    for level in (0.8, 0.9):
+        fig.add_hline(y=level, line=dict(color="#999", dash="dot"), annotation_text=f"{int(level * 100)}%")
+    for label, k in (marks or {}).items():
+        fig.add_vline(x=k, line=dict(color="#999", dash="dash", width=1), annotation_text=label)
+    _layout(fig, f"Fractional return R(k) (M = {M})", "experts merged, k", "share of the k=1→M gain", height=340)
+    return fig
