@@ -17,7 +17,7 @@ from common import best_of, demo_family  # noqa: E402
 def main():
     import torch
 
-    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, merge_into, merge_rank, pick_device
+    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, merge_rank, pick_device
     from mergelab.io.family import load_family
     from mergelab.engine.methods import get_method
 
@@ -29,6 +29,8 @@ def main():
     pool = ExpertPool.load(size, device)
     fresh = ExpertPool.load(size, device)  # raw task vectors for the direct-formula baseline
     resident = ResidentModel(pool.base_checkpoint, device)
+    session = MergeSession(pool, resident)
+    formula = MergeSession(fresh, resident)  # the direct-formula baseline writes through its own session
     nbytes = sum(p.numel() * p.element_size() for p in resident.params.values())
     experts = pool.expert_names
     subsets = sorted((s for k in range(1, len(experts) + 1) for s in itertools.combinations(experts, k)),
@@ -39,7 +41,7 @@ def main():
             torch.cuda.synchronize()
 
     def copy():
-        resident.load_base(pool)  # one copy of the whole model, as fast as a copy gets
+        session.load_base()  # one copy of the whole model, as fast as a copy gets
         sync()
 
     t_copy = best_of(copy, 20)
@@ -47,7 +49,6 @@ def main():
     print(f"plain copy into the resident model: {nbytes / t_copy / 1e9:.2f} GB/s")
     print(f"all {len(subsets)} subsets in merge order (by k, then one swap per step), mean k "
           f"{sum(map(len, subsets)) / len(subsets):.1f}")
-    session = MergeSession(pool, resident)
     for name in ("average", "task_arithmetic", "ties", "dare"):
         method = get_method(name)
         hp = method.resolve({})
@@ -55,7 +56,7 @@ def main():
 
         def direct():
             for subset in subsets:
-                merge_into(resident, fresh, method, hp, subset)
+                formula.merge_formula(method, hp, subset)
             sync()
 
         def engine():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab.engine.session import ExpertPool, ResidentModel, merge_into
+from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
 from mergelab.io.family import load_family
 from mergelab.engine.methods import get_method
 from mergelab.store import ResultStore
@@ -40,7 +40,7 @@ def test_merge_writes_mean_of_experts_into_resident_model_with_tied_head(tiny_fa
     size = load_family(tiny_family).sizes[0]
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
-    merge_into(resident, pool, get_method("average"), {}, ("alpha", "gamma"))
+    MergeSession(pool, resident).merge_formula(get_method("average"), {}, ("alpha", "gamma"))
     experts = [load_file(size.experts[e] / "model.safetensors") for e in ("alpha", "gamma")]
     state = resident.model.state_dict()
     for name in pool.names:
@@ -187,6 +187,7 @@ def _session_vs_direct(size, monkeypatch, weight_dtype=None, relative=0.0):
         monkeypatch.setattr(engine, "weight_dtype", lambda device: weight_dtype)
     session_model = ResidentModel(pool.base_checkpoint, "cpu")
     session = MergeSession(pool, session_model, refresh=3)
+    direct = MergeSession(fresh_pool, direct_model)
     experts = pool.expert_names
     ordered = sorted((s for k in range(1, 5) for s in itertools.combinations(experts, k)),
                      key=lambda s: merge_rank(s, experts))
@@ -198,10 +199,10 @@ def _session_vs_direct(size, monkeypatch, weight_dtype=None, relative=0.0):
         hp = method.resolve({})
         for i, subset in enumerate(subsets):
             if i % 10 == 5:  # a reference row overwrites the resident model mid-run
-                session_model.load_expert(pool, experts[0])
+                session.load_expert(experts[0])
             session.merge(method, hp, subset)
             incremental += session.updates > 0
-            merge_into(direct_model, fresh_pool, method, hp, subset)
+            direct.merge_formula(method, hp, subset)
             for p_name, p in session_model.params.items():
                 expected = direct_model.params[p_name]
                 worst = max(worst, ((p.float() - expected).abs() - relative * expected.abs()).max().item())
@@ -253,7 +254,7 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
     size = six_expert_family.sizes[0]
     pool, fresh = ExpertPool.load(size), ExpertPool.load(size)
     model, direct = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(pool.base_checkpoint, "cpu")
-    session = MergeSession(pool, model)
+    session, direct_session = MergeSession(pool, model), MergeSession(fresh, direct)
     ties, average = METHODS["ties"], METHODS["average"]
     calls = []
 
@@ -281,7 +282,7 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
     for method, subset in [(average, ("a1", "a2", "a4")), (ties, ("a1", "a2"))]:
         hp = method.resolve({})
         session.merge(method, hp, subset)
-        merge_into(direct, fresh, method, hp, subset)
+        direct_session.merge_formula(method, hp, subset)
         for name, p in model.params.items():
             assert (p - direct.params[name]).abs().max().item() < 1e-6, (method.name, name)
 
@@ -293,8 +294,9 @@ def test_expert_rows_read_the_expert_even_after_prepared_methods(tiny_family):
     size = load_family(tiny_family).sizes[0]
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
-    MergeSession(pool, resident).merge(METHODS["ties"], METHODS["ties"].resolve({}), ("alpha", "beta"))
-    resident.load_expert(pool, "beta")
+    session = MergeSession(pool, resident)
+    session.merge(METHODS["ties"], METHODS["ties"].resolve({}), ("alpha", "beta"))
+    session.load_expert("beta")
     expert = load_file(size.experts["beta"] / "model.safetensors")
     for name in pool.names:
         assert torch.equal(resident.params[name].detach(), expert[name])
@@ -374,3 +376,23 @@ def test_sweep_refuses_to_start_when_the_memory_plan_does_not_fit(tiny_family, t
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(need * 2 / 2**30))
     code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
     assert code == 0, err
+
+
+def test_the_merge_session_is_the_resident_models_only_writer(tiny_family):
+    """The resident model has no writing methods; reference rows go through the session, so the session
+    rebuilds its linear merge after one instead of updating weights that no longer hold it."""
+    from mergelab.engine.methods import METHODS
+
+    assert not any(hasattr(ResidentModel, name) for name in ("write", "load_base", "load_expert", "owner"))
+    size = load_family(tiny_family).sizes[0]
+    pool, fresh = ExpertPool.load(size), ExpertPool.load(size)
+    resident, direct = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(pool.base_checkpoint, "cpu")
+    session, formula = MergeSession(pool, resident), MergeSession(fresh, direct)
+    average = METHODS["average"]
+    session.merge(average, {}, ("alpha", "beta"))
+    assert session.holds_merge
+    session.load_base()
+    assert not session.holds_merge and torch.equal(resident.flat, pool.base_flat)
+    session.merge(average, {}, ("alpha", "gamma"))  # one swap away, but the base was loaded in between
+    formula.merge_formula(average, {}, ("alpha", "gamma"))
+    assert session.updates == 0 and torch.allclose(resident.flat, direct.flat, atol=1e-6)

@@ -101,7 +101,7 @@ def test_merges_align_every_expert_on_the_base_rows(manifest, policy, limit):
         assert resident.params[name].shape[0] == VOCAB_ROWS
         if policy == "common_rows":  # beyond the shared rows nothing moves
             assert torch.equal(resident.params[name].detach()[limit:], base[name][limit:])
-    resident.load_expert(pool, "beta")  # the single-expert reference row: the expert as the merge sees it
+    session.load_expert("beta")  # the single-expert reference row: the expert as the merge sees it
     for name in vocab:
         assert torch.equal(resident.params[name].detach(), aligned(base[name], experts["beta"][name], limit))
 

@@ -27,7 +27,7 @@ def check_experts(size: SizeSpec, experts: Sequence[str]) -> None:
 def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path) -> Path:
     """Merge `experts` of `size` with the method and save config, safetensors and tokenizer to `out`
     (written beside it first and renamed into place, so a crash never leaves half a model)."""
-    from mergelab.engine.session import ExpertPool, ResidentModel, merge_into
+    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
 
     check_experts(size, experts)
     out = Path(out)
@@ -37,7 +37,7 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
     resolved = method.resolve(hp)
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
-    merge_into(resident, pool, method, resolved, tuple(experts))
+    MergeSession(pool, resident).merge_formula(method, resolved, tuple(experts))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -172,7 +172,10 @@ def parameters_on_meta():
 
 class ResidentModel:
     """One model whose parameters are overwritten in place by each merge. Its parameters are views
-    into one flat buffer (`flat`) laid out like the pool's base, so a linear merge is one op."""
+    into one flat buffer (`flat`) laid out like the pool's base, so a linear merge is one op.
+
+    It has no writer of its own: a `MergeSession` is the one thing that writes its weights (merges,
+    the base, single experts), so the session always knows what they hold."""
 
     def __init__(self, base: Checkpoint, device: str):
         import torch
@@ -184,7 +187,6 @@ class ResidentModel:
         model.tie_weights()
         self.model = model.eval()
         self.params = dict(model.named_parameters())
-        self.owner = None  # the MergeSession whose linear merge the weights hold, if any
         unknown = [n for n in base.names if n not in self.params]
         unfilled = [n for n in self.params if n not in base.shapes]
         arch = type(model).__name__
@@ -209,44 +211,6 @@ class ResidentModel:
                     module._parameters[key] = placed[id(param)]
         self.params = dict(model.named_parameters())
 
-    def write(self, name: str, tensor) -> None:
-        import torch
-
-        self.owner = None
-        with torch.no_grad():
-            self.params[name].copy_(tensor)
-
-    def load_base(self, pool: ExpertPool) -> None:
-        self.owner = None
-        self.flat.copy_(pool.base_flat)
-
-    def load_expert(self, pool: ExpertPool, expert: str) -> None:
-        """The expert itself, read from its checkpoint (the pool's task vectors may be prepared)."""
-        import torch
-
-        ckpt = Checkpoint(pool.size.experts[expert])
-        self.owner = None
-        with torch.no_grad():
-            for name in pool.names:
-                param = self.params[name].data
-                r = pool.rows(name, read_aligned(ckpt, name, param))  # cast once into a bf16 resident
-                if param.dim() and r < param.shape[0]:  # aligned as in the pool: the expert alone is its own merge
-                    param[r:].copy_(pool.base[name][r:])
-        ckpt.close()
-
-
-def merge_into(resident: ResidentModel, pool: ExpertPool, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
-    """Merge `subset` of the pool's experts with `method` into the resident model, tensor by tensor,
-    straight from the formula (no state kept between merges)."""
-    import torch
-
-    index = torch.tensor(pool.indices(subset), device=pool.deltas_flat.device)
-    with torch.no_grad():
-        for name in pool.names:
-            deltas = pool.deltas[name].index_select(0, index).to(pool.base_flat.device)
-            merged = method.merge(pool.base[name], deltas, MergeContext(name, tuple(subset)), hp)
-            resident.write(name, merged)
-
 
 class MergeSession:
     """Merges a sequence of subsets into the resident model, reusing work between consecutive merges.
@@ -258,7 +222,11 @@ class MergeSession:
     the base, M task vectors and the resident model: M + 2 model sizes. On GPU the resident model is
     bf16: an fp32 copy is kept and rounded into it. The weights are rebuilt from θ0 when the scale or
     the method changes, when rebuilding is cheaper, and every `refresh` updates, so rounding cannot
-    drift. Other methods combine entrywise, in chunks of COMBINE_CHUNK entries."""
+    drift. Other methods combine entrywise, in chunks of COMBINE_CHUNK entries.
+
+    The session is the resident model's only writer: the reference rows (`load_base`, `load_expert`)
+    and the formula-by-formula merge (`merge_formula`) go through it too, so it knows whether the
+    weights still hold its last linear merge."""
 
     def __init__(self, pool: ExpertPool, resident: ResidentModel, refresh: int = 64):
         if resident.layout != pool.layout:
@@ -268,6 +236,43 @@ class MergeSession:
         self.members: frozenset[int] = frozenset()
         self.state = None  # (prepared form, scale) the merged weights were built with
         self.updates = 0
+        self.holds_merge = False  # the resident weights are the last linear merge (nothing wrote over them)
+
+    def load_base(self) -> None:
+        """The base model θ0 into the resident model (the k = 0 reference row)."""
+        self.holds_merge = False
+        self.resident.flat.copy_(self.pool.base_flat)
+
+    def load_expert(self, expert: str) -> None:
+        """The expert itself, read from its checkpoint (the pool's task vectors may be prepared), into
+        the resident model: the k = 1 reference row. Vocabulary rows are aligned as in the pool."""
+        import torch
+
+        pool = self.pool
+        ckpt = Checkpoint(pool.size.experts[expert])
+        self.holds_merge = False
+        with torch.no_grad():
+            for name in pool.names:
+                param = self.resident.params[name].data
+                r = pool.rows(name, read_aligned(ckpt, name, param))  # cast once into a bf16 resident
+                if param.dim() and r < param.shape[0]:  # aligned as in the pool: the expert alone is its own merge
+                    param[r:].copy_(pool.base[name][r:])
+        ckpt.close()
+
+    def merge_formula(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
+        """Merge `subset` straight from the method's formula (`method.merge`), tensor by tensor, reading
+        the pool's task vectors as they are: no state kept between merges, no incremental update. The
+        reference the incremental path is tested against, and what `export-model` writes."""
+        import torch
+
+        pool = self.pool
+        self.holds_merge = False
+        index = torch.tensor(pool.indices(subset), device=pool.deltas_flat.device)
+        with torch.no_grad():
+            for name in pool.names:
+                deltas = pool.deltas[name].index_select(0, index).to(pool.base_flat.device)
+                merged = method.merge(pool.base[name], deltas, MergeContext(name, tuple(subset)), hp)
+                self.resident.params[name].copy_(merged)
 
     def merge(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
         import torch
@@ -284,7 +289,7 @@ class MergeSession:
         import torch
 
         pool, flat = self.pool, self.resident.flat
-        self.resident.owner = None
+        self.holds_merge = False
         rows = torch.tensor(index, device=pool.deltas_flat.device)
         for name, lo, hi in pool.layout.chunks(COMBINE_CHUNK):
             picked = pool.deltas_flat[:, lo:hi].index_select(0, rows).to(flat.device)
@@ -298,7 +303,7 @@ class MergeSession:
             self.merged = flat if flat.dtype == torch.float32 else torch.empty_like(pool.base_flat)
         target, state = frozenset(index), (pool.prepared_for, scale)
         enter, leave = sorted(target - self.members), sorted(self.members - target)
-        intact = self.merged is not flat or self.resident.owner is self  # nothing else wrote over it
+        intact = self.merged is not flat or self.holds_merge  # nothing wrote over the last linear merge
         incremental = intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target)
         self.state = None  # until this merge completes: one that fails midway is rebuilt next time
         if incremental:
@@ -315,7 +320,7 @@ class MergeSession:
         self.members, self.state = target, state
         if self.merged is not flat:
             flat.copy_(self.merged)  # rounded once into the bf16 resident
-        self.resident.owner = self
+        self.holds_merge = True
 
     def _add(self, i: int, alpha: float) -> None:
         """merged += alpha · v_i, in chunks, so task vectors kept in host memory stream to the device."""

@@ -34,9 +34,9 @@ class SizeEvaluator:
     def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, list[dict]]]:
         for item in merge_order(items, self.pool.expert_names):
             if item.method == BASE:
-                self.resident.load_base(self.pool)
+                self.session.load_base()
             elif item.method == EXPERT:
-                self.resident.load_expert(self.pool, item.subset[0])
+                self.session.load_expert(item.subset[0])
             else:
                 self.session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
             losses = evaluate(self.resident.model, self.data)
