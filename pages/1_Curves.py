@@ -47,7 +47,7 @@ fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {
                    bands=bands(fits, merges) if n_boot else None, overlays=overlays, show_points=show_points)
 st.plotly_chart(fig, width="stretch", key="curve")
 st.dataframe(fit_summary(fits), hide_index=True, width="stretch")
-if any(isinstance(f, str) for f in fits.values()):
+if any(not f.ok for f in fits.values()):
     st.warning("Some curves could not be fitted: see the note column.")
 
 left, right = st.columns(2)

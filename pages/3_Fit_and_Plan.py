@@ -33,12 +33,12 @@ st.subheader("Parameters per size")
 summary = fit_summary(fits)
 st.dataframe(summary, hide_index=True, width="stretch")
 for (s, m), fit in fits.items():
-    if not isinstance(fit, str) and any(fit.at_bound.values()):
+    if fit.ok and any(fit.at_bound.values()):
         st.warning(f"{m} · {s}: {', '.join(n for n, hit in fit.at_bound.items() if hit)} sits on its bound — "
                    "the data do not pin it down.")
 fit = fits.get((size, method))
-if fit is None or isinstance(fit, str):
-    st.error(f"The curve for {method} · {size} cannot be fitted: {fit}")
+if fit is None or not fit.ok:
+    st.error(f"The curve for {method} · {size} cannot be fitted: {fit.reason if fit else 'no merges'}")
     st.stop()
 
 st.subheader("Held-out validation")
@@ -46,16 +46,16 @@ c1, c2 = st.columns(2)
 with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
-        errors = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
-        st.caption(f"forecast: L∞ = {errors.attrs['forecast']['L_inf']:.4f}, A = {errors.attrs['forecast']['A']:.4f}, "
-                   f"b = {errors.attrs['forecast']['b']:.3f} ({errors.attrs['forecast']['method'].replace('_', ' ')})")
-        st.dataframe(errors, hide_index=True, width="stretch")
+        check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
+        st.caption(f"forecast: L∞ = {check.fit.L_inf:.4f}, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
+                   f"({check.fit.notes[0]})")
+        st.dataframe(check.table, hide_index=True, width="stretch")
     except FitError as exc:
         st.info(str(exc))
 with c2:
     st.markdown("**Leave-one-size-out**: fit the joint law on the smaller sizes, predict the largest")
     try:
-        st.dataframe(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"], all_sizes["loss"]),
+        st.dataframe(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"], all_sizes["loss"]).table,
                      hide_index=True, width="stretch")
     except FitError as exc:
         st.warning(str(exc))

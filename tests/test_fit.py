@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mergelab.analysis.fit import FORMS, FitError, fit_curve, fit_curves, fit_joint
-from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_k_out, leave_one_size_out, three_point_forecast
+from mergelab.analysis.heldout import CLOSED_FORM, LEAST_SQUARES, compare_forms, forecast_errors, leave_one_k_out, leave_one_size_out, three_point_forecast
 from mergelab.analysis.variance import fit_variance, subset_variance
 
 K = np.arange(1, 10, dtype=float)
@@ -72,17 +72,18 @@ def test_weights_change_the_fit_and_are_validated():
 def test_three_point_closed_form_matches_least_squares_on_exact_data():
     forecast = three_point_forecast(*law([1, 2, 4]))
     fit = fit_curve(K, law(K))
-    assert forecast["method"] == "closed_form"
+    assert forecast.notes[0] == CLOSED_FORM and forecast.r2 == pytest.approx(1.0)
     for name in ("L_inf", "A", "b"):
-        assert forecast[name] == pytest.approx(fit.params[name], abs=1e-5)
-    errors = forecast_errors(K, law(K))
-    assert errors["held_out"].sum() == 6 and errors["error"].abs().max() < 1e-9
+        assert forecast.params[name] == pytest.approx(fit.params[name], abs=1e-5)
+    check = forecast_errors(K, law(K))
+    errors = check.table
+    assert check.fit.params == forecast.params and errors["held_out"].sum() == 6 and errors["error"].abs().max() < 1e-9
 
 
 def test_three_point_falls_back_when_r_is_outside_the_closed_form_range():
     # r = (L1−L2)/(L2−L4) = 3 > 2 would need b < 0: constrained least squares instead, b on its bound.
     forecast = three_point_forecast(1.0, 0.7, 0.6)
-    assert forecast["method"] == "least_squares" and forecast["b"] == pytest.approx(0.0, abs=1e-9)
+    assert forecast.notes[0] == LEAST_SQUARES and forecast.b == pytest.approx(0.0, abs=1e-9)
 
 
 def test_leave_one_k_out_and_size_out():
@@ -93,7 +94,7 @@ def test_leave_one_k_out_and_size_out():
     k = np.tile(K, 5)
     loss = 0.2 + 0.1 * N ** -0.4 + 0.05 * N ** -0.1 / (k + 0.3)
     loso = leave_one_size_out(N, k, loss)
-    assert set(loso["N"]) == {32.0} and loso["error"].abs().max() < 1e-6 and loso.attrs["fit"].identified
+    assert set(loso.table["N"]) == {32.0} and loso.table["error"].abs().max() < 1e-6 and loso.fit.identified
     with pytest.raises(FitError, match="at least 5 sizes, got 4"):  # 3 training sizes fix the floor exactly
         leave_one_size_out(N[N < 32], k[N < 32], loss[N < 32])
 
@@ -170,3 +171,32 @@ def test_finite_pool_variance_is_zero_at_M_and_fits_better():
 def test_compare_forms_reports_when_no_form_fits():
     table = compare_forms([1, 2, 3], [1.0, 0.8, 0.7])
     assert "aic" not in table.columns and table["note"].str.contains("at least").all()
+
+
+# -- one result protocol ------------------------------------------------------------------------
+
+
+def test_curve_and_joint_fits_share_one_result_protocol():
+    from mergelab.analysis.fit import JOINT, FitFailure, FitResult, fit_joint
+    from mergelab.analysis.intervals import expert_bootstrap
+
+    curve = fit_curve(K, law(K))
+    N = np.repeat([0.5, 1.5, 3.0, 7.0, 32.0], 9)
+    k = np.tile(K, 5)
+    joint = fit_joint(N, k, 0.2 + 0.1 * N ** -0.4 + 0.05 * N ** -0.1 / (k + 0.3) + 1e-4 * np.sin(7 * k * N))
+    for fit in (curve, joint):
+        assert isinstance(fit, FitResult) and fit.ok
+        assert set(fit.se) == set(fit.params) and set(fit.at_bound) <= set(fit.params)
+        assert all(np.isfinite([fit.r2, fit.r2_unweighted, fit.aic, fit.bic])) and isinstance(fit.notes, list)
+        with pytest.raises(FitError, match="no expert-bootstrap draws"):
+            fit.param_ci()
+        row = fit.to_dict()
+        assert {"r2", "aic", "aicc", "bic", "at_bound", "notes"} <= set(row) and any(c.startswith("se_") for c in row)
+    assert joint.predict(7.0, 3) == pytest.approx(0.2 + 0.1 * 7 ** -0.4 + 0.05 * 7 ** -0.1 / 3.3, abs=1e-3)
+    assert joint.spec is JOINT and set(JOINT.linear + JOINT.nonlinear) == set(joint.params)
+    assert all(np.isfinite(v) for v in joint.se.values())  # interior, identified: Jacobian SEs for all six
+    subsets = [f"e{i}" for i in range(9)]
+    boot = expert_bootstrap(["+".join(subsets[:k]) for k in range(1, 10) for _ in range(1)], law(K), n_boot=20)
+    assert boot.ok and "no interval" in boot.notes[-1]  # one subset per k: a fit with a note, not a string
+    failure = FitFailure("loss is constant")
+    assert not failure.ok and str(failure) == "loss is constant" and failure.to_dict() == {"notes": ["loss is constant"]}

@@ -209,7 +209,7 @@ def test_leave_one_size_out_needs_four_training_sizes_that_identify_the_law():
     N, k = grid([0.5, 1.5, 3, 7, 32])
     y = law(N, k, TRUTH)
     out = leave_one_size_out(N, k, y)
-    assert out["error"].abs().max() < 1e-6 and out.attrs["fit"].identified
+    assert out.table["error"].abs().max() < 1e-6 and out.fit.identified
     with pytest.raises(FitError, match="at least 5 sizes, got 4"):
         leave_one_size_out(N[N > 0.5], k[N > 0.5], y[N > 0.5])
     with pytest.raises(FitError, match="not identified.*B ≈ 0"):

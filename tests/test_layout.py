@@ -152,3 +152,14 @@ def test_pages_and_app_import_no_private_names():
                 if private:
                     problems.append(f"{path.name}:{node.lineno}: {', '.join(private)}")
     assert not problems, problems
+
+
+def test_a_failed_fit_is_never_a_string():
+    """Fits come back as FitResult objects, failures as FitFailure or FitError: no code tells them apart
+    by checking for a string."""
+    import re
+
+    pattern = re.compile(r"isinstance\(\s*\w*fit\w*\s*,\s*str\s*\)")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in [*PACKAGE.rglob("*.py"), ROOT / "app.py", *(ROOT / "pages").glob("*.py")]
+             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mergelab.analysis.means import per_k_means
 from mergelab.errors import MergelabError
 
 B_MAX = 100.0       # upper bound of the offset b (k + b); larger means "no curvature in the data"
@@ -78,9 +79,52 @@ FORMS: dict[str, Form] = {
 }
 
 
+class FitResult:
+    """What every fit returns, per curve (`CurveFit`) or jointly over sizes (`JointFit`):
+
+    params (name -> value, in the loss's units: CE in nats per token for the laws here), se (Jacobian
+    standard errors; NaN at a bound or where not identified), r2 (weighted like the fit, ∝ k by default)
+    and r2_unweighted, aic, aicc, bic, sse, n, at_bound (name -> on a bound), notes, samples (bootstrap
+    draws of the params, or None), param_ci(level) (percentile intervals over the draws; FitError
+    without), predict(*x) and to_dict(). A curve that cannot be fitted is a `FitFailure` (in tables and
+    dictionaries of fits) or a raised `FitError`, never a string."""
+
+    ok = True  # a fit, not a FitFailure
+
+    def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
+        """Percentile intervals over the expert-bootstrap draws (mergelab.analysis.intervals).
+
+        Raises FitError without draws: the Jacobian standard errors `se` treat the per-k means as
+        independent, which subsets sharing experts are not, so no interval is built from them."""
+        names = list(self.params)
+        lo, hi = np.nanpercentile(self._draws(), [50 * (1 - level), 50 * (1 + level)], axis=0)
+        return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(names)}
+
+    def _draws(self) -> np.ndarray:
+        if self.samples is None or not len(self.samples):
+            raise FitError("no expert-bootstrap draws on this fit: use mergelab.analysis.intervals.expert_bootstrap() "
+                           "for intervals")
+        return self.samples
+
+
+@dataclass(frozen=True)
+class FitFailure:
+    """A curve that could not be fitted, and why: what a table or a dictionary of fits holds in its place."""
+
+    reason: str
+    ok = False
+
+    def to_dict(self) -> dict:
+        return {"notes": [self.reason]}
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass
-class CurveFit:
-    """A fitted curve: parameters, standard errors, goodness of fit and bound flags."""
+class CurveFit(FitResult):
+    """A fitted curve L(k) (a `Form`: floor_tail L∞ + A/(k+b) by default): parameters, standard errors,
+    goodness of fit and bound flags (the `FitResult` protocol)."""
 
     form: str
     params: dict[str, float]
@@ -117,15 +161,6 @@ class CurveFit:
     def predict(self, k) -> np.ndarray:
         return predict_form(self.spec or self.form, self.params, np.asarray(k, dtype=float))
 
-    def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
-        """Percentile intervals over the expert-bootstrap draws (mergelab.analysis.intervals.expert_bootstrap).
-
-        Raises FitError without draws: the Jacobian standard errors `se` treat the per-k means as
-        independent, which subsets sharing experts are not, so no interval is built from them."""
-        names = list(self.params)
-        lo, hi = np.nanpercentile(self._draws(), [50 * (1 - level), 50 * (1 + level)], axis=0)
-        return {n: (float(lo[i]), float(hi[i])) for i, n in enumerate(names)}
-
     def mean_ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(k, observed per-k mean, lo, hi): basic bootstrap intervals of the population mean loss
         at each k, m̂_k − quantiles of (m*_k − f̂(k)); finite at k = M, where one subset was merged."""
@@ -133,12 +168,6 @@ class CurveFit:
         ks, means = self.observed
         q_lo, q_hi = np.nanpercentile(self.mean_draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
         return ks, means, means - q_hi, means - q_lo
-
-    def _draws(self) -> np.ndarray:
-        if self.samples is None or not len(self.samples):
-            raise FitError("no expert-bootstrap draws on this fit: use mergelab.analysis.intervals.expert_bootstrap() "
-                           "for intervals")
-        return self.samples
 
     def band(self, k, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise percentile band of the fitted curve over the expert-bootstrap draws."""
@@ -255,7 +284,7 @@ def fit_curves(k, losses, *, weights="k", form: "str | Form" = "floor_tail") -> 
     for row, th, be, ss in zip(losses, theta, beta, sse):
         params = dict(zip(spec.linear, map(float, be))) | dict(zip(spec.nonlinear, map(float, th)))
         fit = _finish(spec, params, k, row, w, float(ss), wname)
-        fit.observed = (np.unique(k), _means_by_k(k, row))
+        fit.observed = per_k_means(k, row)
         if not np.all(np.diff(fit.observed[1]) <= 0):
             fit.notes.append("mean loss is not monotone in k")
         if "A" in params and params["A"] < 0:
@@ -346,27 +375,46 @@ def _finish(spec: Form, params, k, loss, w, sse, wname) -> CurveFit:
     mean = np.average(loss, weights=w)
     sst = float(np.sum(w * (loss - mean) ** 2))
     r2 = 1.0 - sse / sst if sst > 0 else float("nan")
-    # AIC/BIC of the weighted Gaussian likelihood; tiny floor keeps exact fits finite.
-    loglik_term = n * math.log(max(sse, 1e-300) / n)
     at_bound = {name: (v - lo <= BOUND_TOL * max(1.0, abs(hi))) or (hi - v <= BOUND_TOL * max(1.0, abs(hi)))
                 for name, (lo, hi), v in zip(spec.nonlinear, spec.bounds, (params[x] for x in spec.nonlinear))}
     at_bound |= {name: params[name] <= 0.0 for name in spec.nonneg}
     # Jacobian standard errors assume an interior optimum: at a bound they are not valid for any parameter
     se = ({x: float("nan") for x in (*spec.linear, *spec.nonlinear)} if any(at_bound.values())
           else _standard_errors(spec, params, k, w, sse, n - p))
-    aic = loglik_term + 2 * p
-    # AICc (Hurvich & Tsai 1989): AIC's penalty is far too light when n is close to p (9 points, 5 parameters)
-    aicc = aic + 2 * p * (p + 1) / (n - p - 1) if n - p - 1 > 0 else math.inf
+    aic, aicc, bic = criteria(sse, n, p)
     resid = loss - spec.basis(k, *(params[x] for x in spec.nonlinear)) @ np.array([params[x] for x in spec.linear])
     sst_u = float(np.sum((loss - loss.mean()) ** 2))
     r2_u = 1.0 - float(resid @ resid) / sst_u if sst_u > 0 else float("nan")
-    fit = CurveFit(spec.name, params, se, r2, aic, loglik_term + p * math.log(n), sse, n, wname,
+    fit = CurveFit(spec.name, params, se, r2, aic, bic, sse, n, wname,
                    at_bound, spec=spec, r2_unweighted=r2_u, aicc=aicc)
     for name, hit in at_bound.items():
         if hit:
             fit.notes.append(f"{name} sits on its bound")
     if any(at_bound.values()):
         fit.notes.append("no standard errors at a bound: report the expert-bootstrap interval")
+    return fit
+
+
+def criteria(sse: float, n: int, p: int) -> tuple[float, float, float]:
+    """(AIC, AICc, BIC) of a weighted Gaussian least-squares fit with p parameters on n points (a tiny floor
+    on the SSE keeps exact fits finite). AICc (Hurvich & Tsai 1989) corrects AIC's penalty, far too light
+    when n is close to p (9 points, 5 parameters); it is infinite when n ≤ p + 1."""
+    loglik_term = n * math.log(max(sse, 1e-300) / n)
+    aic = loglik_term + 2 * p
+    aicc = aic + 2 * p * (p + 1) / (n - p - 1) if n - p - 1 > 0 else math.inf
+    return aic, aicc, loglik_term + p * math.log(n)
+
+
+def fit_at(params: dict[str, float], k, loss, *, weights="uniform", form: "str | Form" = "floor_tail") -> CurveFit:
+    """The CurveFit of given parameters (no optimisation) on the points (k, loss): residual SSE, R²,
+    criteria, standard errors and bound flags, as `fit_curve` reports them (e.g. a closed-form solution)."""
+    spec = _form(form)
+    k, loss = np.asarray(k, dtype=float).ravel(), np.asarray(loss, dtype=float).ravel()
+    w, wname = _weights(k, weights)
+    params = {n: float(params[n]) for n in (*spec.linear, *spec.nonlinear)}
+    resid = loss - predict_form(spec, params, k)
+    fit = _finish(spec, params, k, loss, w, float(np.sum(w * resid ** 2)), wname)
+    fit.observed = per_k_means(k, loss)
     return fit
 
 
@@ -380,7 +428,7 @@ def _standard_errors(spec: Form, params, k, w, sse, dof) -> dict[str, float]:
     def model(x):
         return spec.basis(k, *x[len(spec.linear):]) @ x[:len(spec.linear)]
 
-    J = np.empty((len(k), len(x0)))
+    J = np.empty((len(w), len(x0)))
     for i in range(len(x0)):
         h = 1e-6 * max(1.0, abs(x0[i]))
         up, down = x0.copy(), x0.copy()
@@ -395,11 +443,6 @@ def _standard_errors(spec: Form, params, k, w, sse, dof) -> dict[str, float]:
         return {n: float(math.sqrt(v)) if v >= 0 else float("nan") for n, v in zip(names, np.diag(cov))}
     except np.linalg.LinAlgError:
         return {n: float("nan") for n in names}
-
-
-def _means_by_k(k, loss) -> np.ndarray:
-    ks = np.unique(k)
-    return np.array([loss[k == x].mean() for x in ks])
 
 
 # -- joint fit over sizes -----------------------------------------------------------------------
@@ -418,8 +461,21 @@ EXACT = 1e-6       # a residual RMS or a term's variation below this fraction of
 LR_95 = 3.841458820694124  # χ²(1) 95% quantile: threshold of the profile likelihood ratio
 
 
+def _joint_basis(x, beta, gamma, b):
+    N, k = x
+    return design_columns(1.0, N ** -beta, N ** -gamma / (k + b))
+
+
+# The joint law as a Form over x = (N, k): linear in (L*, B, A0) given (β, γ, b), like every per-curve
+# form; `fit_joint` profiles it with the same linear solve (`_solve_linear`) on its grid, then refines
+# (β, γ, b) by variable projection (`_JointLS`), since three nonlinear parameters need more than a grid.
+JOINT = Form("joint", "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", ("L_star", "B", "A0"), ("beta", "gamma", "b"),
+             JOINT_BOUNDS, _joint_basis,
+             (np.linspace(0.0, EXP_MAX, 16), np.linspace(0.0, EXP_MAX, 16), param_grid(0.0, B_MAX, 20)))
+
+
 @dataclass
-class JointFit:
+class JointFit(FitResult):
     """L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3, Tables 3–5); CE in nats/token
     (or whatever unit the loss came in: L*, B and A0 carry it), N in billions of parameters.
 
@@ -452,6 +508,13 @@ class JointFit:
     r2_unweighted: float = float("nan")  # every (N, k) point counted once
     n_sizes: int = 0
     not_identified: dict[str, list[str]] = field(default_factory=dict)  # parameter -> why the data do not pin it down
+    se: dict[str, float] = field(default_factory=dict)  # Jacobian SEs: NaN at a bound or where not identified
+    aic: float = float("nan")
+    aicc: float = float("nan")
+    bic: float = float("nan")
+    weights: str = "k"
+    form = "joint"
+    spec = JOINT
 
     @property
     def identified(self) -> bool:
@@ -483,9 +546,9 @@ class JointFit:
         return self.params["b"]
 
     def predict(self, N, k) -> np.ndarray:
-        p = self.params
-        N, k = np.asarray(N, dtype=float), np.asarray(k, dtype=float)
-        return p["L_star"] + p["B"] * N ** -p["beta"] + p["A0"] * N ** -p["gamma"] / (k + p["b"])
+        """L(N, k) at sizes N (billions of parameters) and k experts (broadcast)."""
+        N, k = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(k, dtype=float))
+        return predict_form(JOINT, self.params, (N, k))
 
     def floor(self, N) -> np.ndarray:
         """L∞(N) = L* + B·N^(−β)."""
@@ -520,7 +583,8 @@ class JointFit:
         return " · ".join(shown + [f"R² = {self.r2:.4f} (weights ∝ k), {self.r2_unweighted:.4f} (unweighted)"])
 
     def to_dict(self) -> dict:
-        return {"form": "joint", "formula": "L* + B·N^(−β) + A0·N^(−γ)/(k+b)", **self.reported(),
+        return {"form": "joint", "formula": JOINT.formula, **self.reported(),
+                **{f"se_{k}": v for k, v in self.se.items()}, "aic": self.aic, "aicc": self.aicc, "bic": self.bic,
                 "r2": self.r2, "r2_unweighted": self.r2_unweighted, "n": self.n, "n_sizes": self.n_sizes,
                 "identified": self.identified, "not_identified": list(self.not_identified),
                 "reason": "; ".join(self.reasons()),
@@ -545,6 +609,11 @@ def fit_joint(N, k, loss, *, weights="k") -> JointFit:
                    n_sizes=len(sizes))
     fit.notes += [f"{n} sits on its bound" for n, hit in at_bound.items() if hit]
     fit.not_identified = _identification(problem, theta, sse_z, fit, N, k, loss, w, sizes)
+    fit.aic, fit.aicc, fit.bic = criteria(sse, len(k), JOINT.n_params)
+    fit.weights = _weights(k, weights)[1]
+    nan = {n: float("nan") for n in JOINT_PARAMS}
+    se = nan if any(at_bound.values()) else _standard_errors(JOINT, params, (N, k), w, sse, len(k) - JOINT.n_params)
+    fit.se = {n: (math.nan if n in fit.not_identified else se[n]) for n in JOINT_PARAMS}
     return fit
 
 
@@ -609,12 +678,13 @@ class _JointLS:
     refinement of the projected residual (variable projection, Kaufman's Jacobian) with relative
     tolerances. Nothing here depends on the loss's units or offset."""
 
-    GRID = (np.linspace(0.0, EXP_MAX, 16), np.linspace(0.0, EXP_MAX, 16), param_grid(0.0, B_MAX, 20))
+    GRID = JOINT.grid
     STARTS = 5
 
     def __init__(self, N, k, loss, w):
         self.ref = float(np.exp(np.log(np.unique(N)).mean()))
-        self.lnx, self.k, self.w, self.sw = np.log(N / self.ref), k, w, np.sqrt(w)
+        self.x, self.k, self.w, self.sw = N / self.ref, k, w, np.sqrt(w)
+        self.lnx = np.log(self.x)
         self.mu, self.sd = float(loss.mean()), float(loss.std())
         z = (loss - self.mu) / self.sd
         self.zw = z * self.sw
@@ -639,7 +709,7 @@ class _JointLS:
         return out
 
     def _design(self, beta, gamma, b):
-        return design_columns(1.0, np.exp(-beta * self.lnx), np.exp(-gamma * self.lnx) / (self.k + b))
+        return JOINT.basis((self.x, self.k), beta, gamma, b)
 
     def _jacobian(self, theta):
         c, _, U = self._linear(theta)

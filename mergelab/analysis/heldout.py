@@ -3,17 +3,41 @@ and ranking alternative forms by information criteria and held-out error."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from mergelab.analysis.fit import FLOOR_SIZES, FORMS, FitError, fit_curve, fit_joint
+from mergelab.analysis.fit import FLOOR_SIZES, FORMS, CurveFit, FitError, FitResult, fit_at, fit_curve, fit_joint
+from mergelab.analysis.means import per_k_means
+
+CLOSED_FORM = "3-point closed form from k = 1, 2, 4"
+LEAST_SQUARES = "3-point constrained least squares on k = 1, 2, 4 (r outside (0.5, 2], or L2 = L4)"
 
 
-def three_point_forecast(L1: float, L2: float, L4: float) -> dict:
-    """L∞, A, b from the mean losses at k = 1, 2, 4.
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out check: `fit`, the law fitted without the held-out points (CurveFit or JointFit), and
+    `table`, its predictions against the observed per-k means (errors in the loss's units)."""
 
-    Closed form: r = (L1−L2)/(L2−L4), b = (4−2r)/(2r−1), A = (L1−L2)(1+b)(2+b), L∞ = L1 − A/(1+b),
-    valid when r ∈ (0.5, 2] (so that b ≥ 0); otherwise a least-squares fit with b ≥ 0."""
+    fit: FitResult
+    table: pd.DataFrame
+
+
+def three_point_forecast(L1: float, L2: float, L4: float) -> CurveFit:
+    """The floor-tail law L∞ + A/(k+b) through the mean losses at k = 1, 2, 4 (nats per token).
+
+    Closed form (DESIGN §3): r = (L1−L2)/(L2−L4), b = (4−2r)/(2r−1), A = (L1−L2)(1+b)(2+b),
+    L∞ = L1 − A/(1+b), valid when r ∈ (0.5, 2] (so that b ≥ 0); otherwise a least-squares fit with b ≥ 0.
+    The first note says which. Raises FitError on non-finite input."""
+    params, how = _three_point(L1, L2, L4)
+    fit = fit_at(params, [1.0, 2.0, 4.0], [L1, L2, L4], weights="uniform")
+    fit.notes.insert(0, how)
+    return fit
+
+
+def _three_point(L1: float, L2: float, L4: float) -> tuple[dict[str, float], str]:
+    """(L_inf, A, b) of the 3-point forecast and how it was found (the bootstrap calls this per draw)."""
     values = np.array([L1, L2, L4], dtype=float)
     if not np.all(np.isfinite(values)):
         raise FitError("three_point_forecast needs finite L1, L2, L4")
@@ -22,29 +46,24 @@ def three_point_forecast(L1: float, L2: float, L4: float) -> dict:
         if 0.5 < r <= 2.0:
             b = (4 - 2 * r) / (2 * r - 1)
             A = (L1 - L2) * (1 + b) * (2 + b)
-            return {"L_inf": L1 - A / (1 + b), "A": A, "b": b, "method": "closed_form"}
+            return {"L_inf": L1 - A / (1 + b), "A": A, "b": b}, CLOSED_FORM
     fit = fit_curve([1.0, 2.0, 4.0], values, weights="uniform")
-    return {"L_inf": fit.L_inf, "A": fit.A, "b": fit.b, "method": "least_squares"}
+    return {"L_inf": fit.L_inf, "A": fit.A, "b": fit.b}, LEAST_SQUARES
 
 
-def _per_k_means(k, loss) -> tuple[np.ndarray, np.ndarray]:
-    k, loss = np.asarray(k, dtype=float), np.asarray(loss, dtype=float)
-    ks = np.unique(k)
-    return ks, np.array([loss[k == x].mean() for x in ks])
-
-
-def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95) -> HeldOut:
     """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k.
 
     Errors are given in nats and relative to the observed loss and to the curve's drop
     L(1) − L(k_max) (a forecast is only useful if its error is small against what merging gains).
     With `subsets` (one experts_key per row) each prediction gets a 95% expert-bootstrap interval
     (`lo`, `hi`): new pools of experts at k = 1, 2, 4 (mergelab.analysis.intervals), forecast again."""
-    ks, means = _per_k_means(k, loss)
+    ks, means = per_k_means(k, loss)
     missing = [x for x in (1, 2, 4) if x not in ks]
     if missing:
         raise FitError(f"the 3-point forecast needs k = 1, 2 and 4; missing k = {missing}")
-    p = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
+    forecast = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
+    p = forecast.params
     predicted = p["L_inf"] + p["A"] / (ks + p["b"])
     out = pd.DataFrame({"k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
     out["error_rel_loss"] = out["error"] / out["observed"]
@@ -52,8 +71,7 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
     out["held_out"] = ~out["k"].isin([1, 2, 4])
     if subsets is not None:
         out["lo"], out["hi"] = _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level)
-    out.attrs["forecast"] = p
-    return out
+    return HeldOut(forecast, out)
 
 
 def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
@@ -68,14 +86,14 @@ def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
         return np.nan, np.nan
     curves = []
     for L1, L2, L4 in draws:
-        q = three_point_forecast(L1, L2, L4)
+        q, _ = _three_point(L1, L2, L4)
         curves.append(q["L_inf"] + q["A"] / (ks + q["b"]))
     return np.percentile(np.array(curves), [50 * (1 - level), 50 * (1 + level)], axis=0)
 
 
 def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.DataFrame:
     """Fit the per-k means without each k in turn and predict it."""
-    ks, means = _per_k_means(k, loss)
+    ks, means = per_k_means(k, loss)
     if len(ks) < FORMS[form].n_params + 1:
         raise FitError(f"leave-one-k-out with form {form!r} needs at least {FORMS[form].n_params + 1} distinct k")
     rows = []
@@ -87,14 +105,14 @@ def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
+def leave_one_size_out(N, k, loss, *, weights="k") -> HeldOut:
     """Fit the joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3) on all but the
     largest size and predict the largest size's per-k means. N in billions of parameters, loss in
     nats/token (any unit: errors come back in it).
 
     Extrapolating in N needs the training sizes to identify the law: at least FLOOR_SIZES (4) of them,
     so 5 sizes in all, and a training fit with every parameter identified (`JointFit.not_identified`);
-    otherwise FitError with the reason. The training fit is in `attrs["fit"]`."""
+    otherwise FitError with the reason. Returns the training fit and the table of predictions."""
     N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
     sizes = np.unique(N)
     if len(sizes) < FLOOR_SIZES + 1:
@@ -106,18 +124,17 @@ def leave_one_size_out(N, k, loss, *, weights="k") -> pd.DataFrame:
     if not fit.identified:
         raise FitError(f"leave-one-size-out: the joint law fitted on the {len(sizes) - 1} smaller sizes is not "
                        "identified, so its prediction for the largest is not a test of the law: " + "; ".join(fit.reasons()))
-    ks, means = _per_k_means(k[~train], loss[~train])
+    ks, means = per_k_means(k[~train], loss[~train])
     predicted = fit.predict(sizes[-1], ks)
     out = pd.DataFrame({"N": sizes[-1], "k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
-    out.attrs["fit"] = fit
-    return out
+    return HeldOut(fit, out)
 
 
 def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
     """Every form fitted to the per-k means, ranked by AICc (AIC corrected for small samples: with
     9 points and up to 5 parameters plain AIC favours the largest form), with AIC, BIC, the weighted
     and unweighted R² and the leave-one-k-out RMSE. `delta_aicc` is each form's AICc minus the best."""
-    ks, means = _per_k_means(k, loss)
+    ks, means = per_k_means(k, loss)
     rows = []
     for name in forms or FORMS:
         try:

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from mergelab.analysis.fit import CurveFit, FitError, JointFit, fit_curve, fit_joint, fit_params
+from mergelab.analysis.means import per_k_means
 from mergelab.names import key_experts
 
 
@@ -69,8 +70,7 @@ class SubsetDesign:
 
     def per_k_means(self, Y: np.ndarray) -> np.ndarray:
         """Mean over subsets at each k in ks(): Y (..., n) -> (..., K)."""
-        onehot = (self.k[:, None] == self.ks()[None, :]).astype(float)
-        return (Y @ onehot) / onehot.sum(axis=0)
+        return per_k_means(self.k, Y)[1]
 
 
 @dataclass(frozen=True)

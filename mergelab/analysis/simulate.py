@@ -147,7 +147,7 @@ def coverage_records(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_
         lo, hi = np.nanpercentile(draws, tail, axis=0)
         _, means, mlo, mhi = fit.mean_ci(level)
         k = np.array([len(s) for s in plan], dtype=float)
-        forecast = forecast_errors(k, loss, keys, n_boot=n_boot, seed=boot_seed, level=level).iloc[-1]
+        forecast = forecast_errors(k, loss, keys, n_boot=n_boot, seed=boot_seed, level=level).table.iloc[-1]
         out["estimate"][f] = [*quantities(fit.params, M), means[-1], forecast["predicted"]]
         out["lo"][f], out["hi"][f] = [*lo, mlo[-1], forecast["lo"]], [*hi, mhi[-1], forecast["hi"]]
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mergelab import __version__
-from mergelab.analysis.fit import FitError, fit_curves, fit_joint
+from mergelab.analysis.fit import FitError, FitFailure, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.names import MACRO, REFERENCE_METHODS, billions, key_experts
 
@@ -108,7 +108,7 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
         infos = [dict(zip(names, keys[i])) for i in members]
         for i, info, fit in zip(members, infos, _fit_group(subsets_of, infos, grid_k, curves, weights, n_boot, seed)):
             info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
-            info.update(fit.to_dict() if not isinstance(fit, str) else {"notes": [fit]})
+            info.update(fit.to_dict())
             rows.append(info)
     return with_settings(pd.DataFrame(rows).sort_values(["family", "domain", "method", "hparams", "n_params"],
                                                         ignore_index=True))
@@ -116,7 +116,7 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
 
 def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
     """Fits of curves sharing one k grid: batched, or bootstrapped one by one. A curve that cannot
-    be fitted yields its error message."""
+    be fitted yields a FitFailure with the reason."""
     if not n_boot:
         try:
             return fit_curves(k, curves, weights=weights)
@@ -132,7 +132,7 @@ def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray,
             else:
                 out.append(fit_curves(k, means[None], weights=weights)[0])
         except FitError as exc:
-            out.append(str(exc))
+            out.append(FitFailure(str(exc)))
     return out
 
 

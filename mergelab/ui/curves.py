@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mergelab.analysis.fit import FitError, fit_curve
+from mergelab.analysis.fit import FitError, FitFailure, fit_curve
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.variance import fit_variance, subset_variance
 from mergelab.names import billions
 
 
 def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
-    """{(size, setting): CurveFit or error text}, one curve per method setting (mergelab.analysis.tables:
+    """{(size, setting): CurveFit, or FitFailure with the reason}, one curve per method setting (mergelab.analysis.tables:
     method + hyperparameters); with n_boot the fits carry expert-bootstrap draws."""
     fits = {}
     for (size, setting), group in merges.groupby(["size", "setting"]):
@@ -23,14 +23,14 @@ def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
                 means = group.groupby("k")["loss"].mean()
                 fits[size, setting] = fit_curve(means.index.to_numpy(dtype=float), means.to_numpy())
         except FitError as exc:
-            fits[size, setting] = str(exc)
+            fits[size, setting] = FitFailure(str(exc))
     return fits
 
 
 def bands(fits: dict, merges: pd.DataFrame) -> dict:
     out = {}
     for key, fit in fits.items():
-        if isinstance(fit, str) or fit.samples is None:
+        if not fit.ok or fit.samples is None:
             continue
         ks = merges[(merges["size"] == key[0]) & (merges["setting"] == key[1])]["k"]
         grid = np.linspace(ks.min(), ks.max(), 60)
@@ -45,8 +45,8 @@ DISPLAY = {"L_inf": "L∞"}
 def fit_summary(fits: dict) -> pd.DataFrame:
     rows = []
     for (size, setting), fit in fits.items():
-        if isinstance(fit, str):
-            rows.append({"size": size, "setting": setting, "note": fit})
+        if not fit.ok:
+            rows.append({"size": size, "setting": setting, "note": fit.reason})
             continue
         row = {"size": size, "setting": setting, "L∞": fit.L_inf, "A": fit.A, "b": fit.b, "R² (k-weighted)": fit.r2,
                "R² (unweighted)": fit.r2_unweighted}

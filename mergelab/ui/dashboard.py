@@ -61,7 +61,7 @@ def _fits(path: str, stamp: float, family: str, domain: str, settings: tuple, si
 
 
 def fits(family: str, domain: str, settings, sizes, n_boot: int = 0) -> dict:
-    """{(size, setting): CurveFit or error text}, cached per selection and cache version."""
+    """{(size, setting): CurveFit or FitFailure}, cached per selection and cache version."""
     path = results_store().path
     return _fits(str(path), _stamp(path), family, domain, tuple(settings), tuple(sizes), n_boot)
 

@@ -42,7 +42,7 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
         stats = rows.groupby("k")["loss"].agg(["mean", "count"]).reset_index()
         fit = fits.get((size, method))
         error_y = None
-        if fit is not None and not isinstance(fit, str) and fit.samples is not None:
+        if fit is not None and fit.ok and fit.samples is not None:
             _, means, lo, hi = fit.mean_ci()  # expert-bootstrap interval of the population mean at each k
             error_y = dict(type="data", symmetric=False, array=hi - means, arrayminus=means - lo, visible=True,
                            thickness=1)
@@ -50,7 +50,7 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                         marker=dict(color=colour, size=8, symbol=["circle", "diamond", "square", "x"][methods.index(method) % 4]),
                         error_y=error_y, customdata=stats["count"],
                         hovertemplate="k=%{x}<br>mean CE=%{y:.4f} nats<br>%{customdata} subsets<extra>" + name + "</extra>")
-        if fit is None or isinstance(fit, str):
+        if fit is None or not fit.ok:
             continue
         grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)
         dash = dashes[methods.index(method) % len(dashes)]
@@ -79,7 +79,7 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
     fig = go.Figure()
     for (size, method), rows in merges.groupby(["size", "setting"]):
         fit = fits.get((size, method))
-        if fit is None or isinstance(fit, str):
+        if fit is None or not fit.ok:
             continue
         means = rows.groupby("k")["loss"].mean()
         fig.add_scatter(x=means.index, y=means.to_numpy() - fit.predict(means.index.to_numpy()), mode="lines+markers",
