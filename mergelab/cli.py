@@ -172,9 +172,6 @@ JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "ga
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
 
-EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
-
-
 def _check_table_options(format: str, bootstrap: int, weights: str) -> None:
     """Refuse bad options before reading the cache or fitting anything."""
     from mergelab.export import check_format
@@ -250,20 +247,11 @@ def export_cmd(
     from mergelab import export
 
     _check_table_options(format, bootstrap, weights)
-    if what not in EXPORTABLE:
-        raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)}")
+    if what not in export.EXPORTABLE:
+        raise MergelabError(f"--what {what!r}: expected {', '.join(export.EXPORTABLE)}")
     results = _selected_results(db, family, method, size)
     options = {"what": what, "weights": weights, "bootstrap": bootstrap}
-    if what == "fits":
-        table = analysis.fit_table(results, weights=weights, n_boot=bootstrap)
-    elif what == "joint":
-        table = analysis.joint_table(results, weights=weights)
-    elif what == "results":
-        table = results
-    elif what == "synergy":
-        table = analysis.synergy_table(results, n_boot=bootstrap)
-    else:
-        table = analysis.plan_table(results, weights=weights, n_boot=bootstrap)
+    table = export.table(what, results, weights=weights, n_boot=bootstrap)
     export.write(table, format, analysis.provenance(results, **options), out)
     typer.echo(f"wrote {len(table)} rows of {what} to {out}")
 

@@ -1,4 +1,5 @@
-"""Tables out: CSV, JSON, LaTeX and Parquet, each carrying its provenance."""
+"""Tables out: what can be exported (`table`, used by `mergelab export` and the Export page) and how
+(CSV, JSON, LaTeX and Parquet, each carrying its provenance)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,27 @@ import pandas as pd
 from mergelab.errors import MergelabError
 
 FORMATS = ("csv", "json", "latex", "parquet", "table")
+EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
+
+
+def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int = 0) -> pd.DataFrame:
+    """The table `what` computed from cached rows `results` (ResultStore.results()): fitted parameters per
+    curve ("fits"), the joint law per setting and domain ("joint"), the rows themselves ("results"),
+    donor→receiver synergy ("synergy") or a plan with k80, k90, k_ε and the stop rule ("plan"). n_boot > 0
+    adds expert-bootstrap intervals to fits, synergy and plans. Raises MergelabError for an unknown `what`."""
+    from mergelab.analysis import tables
+
+    if what not in EXPORTABLE:
+        raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)}")
+    if what == "fits":
+        return tables.fit_table(results, weights=weights, n_boot=n_boot)
+    if what == "joint":
+        return tables.joint_table(results, weights=weights)
+    if what == "synergy":
+        return tables.synergy_table(results, n_boot=n_boot)
+    if what == "plan":
+        return tables.plan_table(results, weights=weights, n_boot=n_boot)
+    return results
 
 
 def _cell(value):

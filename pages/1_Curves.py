@@ -8,7 +8,8 @@ from mergelab.ui import dashboard as ui
 from mergelab.analysis import reference
 from mergelab.ui.curves import bands, fit_summary, size_points, variance_tables
 from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
-from mergelab.analysis.fit import FitError, fit_joint
+from mergelab.analysis.fit import FitError
+from mergelab.analysis.tables import fit_joint_merges
 from mergelab.names import MACRO
 
 ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
@@ -61,10 +62,8 @@ with right:
     points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)
     joint = None
     if points["N"].nunique() >= 2 and len(methods) == 1:
-        all_merges = ui.merges(family, domain, methods, sizes_all)
-        means = all_merges.groupby(["n_params", "k"], as_index=False)["loss"].mean()
         try:
-            joint = fit_joint(means["n_params"] / 1e9, means["k"], means["loss"])
+            joint = fit_joint_merges(ui.merges(family, domain, methods, sizes_all))
         except FitError as exc:
             st.caption(f"joint fit: {exc}")
     drawn = joint if joint is not None and joint.identified else None

@@ -6,6 +6,7 @@ import streamlit as st
 
 from mergelab.analysis import tables as analysis
 from mergelab.ui import dashboard as ui
+from mergelab import export
 from mergelab.export import render
 from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO
@@ -21,11 +22,7 @@ EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
 
 @st.cache_data(show_spinner="Preparing…", max_entries=16)
 def table(what, frame, n_boot):
-    return {"fits": lambda: analysis.fit_table(frame, n_boot=n_boot),
-            "joint": lambda: analysis.joint_table(frame),
-            "results": lambda: frame,
-            "synergy": lambda: analysis.synergy_table(frame, n_boot=n_boot),
-            "plan": lambda: analysis.plan_table(frame, n_boot=n_boot)}[what]()
+    return export.table(what, frame, n_boot=n_boot)
 
 
 for what, label, formats in [("fits", "Fitted parameters per curve", ("csv", "json", "latex")),

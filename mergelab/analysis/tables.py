@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from mergelab import __version__
-from mergelab.analysis.fit import FitError, FitFailure, fit_curves, fit_joint
+from mergelab.analysis.fit import FitError, FitFailure, JointFit, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
+from mergelab.analysis.means import mean_by_k, per_k_means
 from mergelab.names import MACRO, REFERENCE_METHODS, billions, key_experts
 
 CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]
@@ -79,11 +80,10 @@ def curve_means(results: pd.DataFrame, domains=None) -> pd.DataFrame:
     if plain:
         rows = results[~results["method"].isin(REFERENCE_METHODS) & (results["k"] >= 1) & results["domain"].isin(plain)]
         frames.append(rows[CURVE_KEYS + ["domain", "experts_key", "k", "loss"]])
-    merges = pd.concat(frames, ignore_index=True)
     keys = CURVE_KEYS + ["domain"]
-    grouped = merges.groupby(keys + ["k"], sort=False)["loss"].agg(["mean", "size"])
-    wide = grouped["mean"].unstack("k").sort_index()
-    wide["n_subsets"] = grouped["size"].groupby(level=keys).sum()  # one row per merge and k
+    means = mean_by_k(pd.concat(frames, ignore_index=True), keys).set_index(keys + ["k"])
+    wide = means["loss"].unstack("k").sort_index()
+    wide["n_subsets"] = means["n_subsets"].groupby(level=keys).sum()  # one row per merge and k
     return wide
 
 
@@ -160,15 +160,21 @@ def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataF
     for domain in domains or [MACRO, *domains_of(results)]:
         merges = merge_losses(results, domain)
         for (family, method, hparams), group in merges.groupby(["family", "method", "hparams"]):
-            means = group.groupby(["n_params", "k"], as_index=False)["loss"].mean()
             row = {"family": family, "method": method, "hparams": hparams, "domain": domain,
                    "sizes": sorted(group["size"].unique()), "n_subsets": len(group)}
             try:
-                row.update(fit_joint(billions(means["n_params"]), means["k"], means["loss"], weights=weights).to_dict())
+                row.update(fit_joint_merges(group, weights=weights).to_dict())
             except FitError as exc:
                 row.update(identified=False, reason=str(exc), notes=[str(exc)])
             rows.append(row)
     return with_settings(pd.DataFrame(rows))
+
+
+def fit_joint_merges(merges: pd.DataFrame, *, weights="k") -> JointFit:
+    """The joint law fitted to the per-(N, k) mean losses of merges (rows of `merge_losses` for one
+    setting, all its sizes): N = n_params in billions, loss in nats per token. Raises FitError."""
+    means = mean_by_k(merges, ["n_params"])
+    return fit_joint(billions(means["n_params"]), means["k"], means["loss"], weights=weights)
 
 
 def joint_warning(table: pd.DataFrame) -> str:
@@ -252,5 +258,5 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
 
 
 def _means(subsets: pd.DataFrame):
-    means = subsets.groupby("k")["loss"].mean()
-    return means.index.to_numpy(dtype=float), means.to_numpy()[None]
+    ks, means = per_k_means(subsets["k"], subsets["loss"])
+    return ks, means[None]

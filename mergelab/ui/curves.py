@@ -7,6 +7,7 @@ import pandas as pd
 
 from mergelab.analysis.fit import FitError, FitFailure, fit_curve
 from mergelab.analysis.intervals import expert_bootstrap
+from mergelab.analysis.means import mean_by_k, per_k_means
 from mergelab.analysis.variance import fit_variance, subset_variance
 from mergelab.names import billions
 
@@ -20,8 +21,7 @@ def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
             if n_boot:
                 fits[size, setting] = expert_bootstrap(group["experts_key"], group["loss"], n_boot=n_boot, seed=seed)
             else:
-                means = group.groupby("k")["loss"].mean()
-                fits[size, setting] = fit_curve(means.index.to_numpy(dtype=float), means.to_numpy())
+                fits[size, setting] = fit_curve(*per_k_means(group["k"], group["loss"]))
         except FitError as exc:
             fits[size, setting] = FitFailure(str(exc))
     return fits
@@ -77,6 +77,5 @@ def variance_tables(merges: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 def size_points(merges: pd.DataFrame, k: int) -> pd.DataFrame:
     """Mean loss at one k per setting and size, with N in billions of parameters."""
-    at_k = merges[merges["k"] == k]
-    return (at_k.groupby(["setting", "size", "n_params"], as_index=False)["loss"].mean()
-            .assign(N=lambda f: billions(f["n_params"])).sort_values("N"))
+    return mean_by_k(merges[merges["k"] == k], ["setting", "size", "n_params"]).assign(
+        N=lambda f: billions(f["n_params"])).sort_values("N")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mergelab.analysis.means import mean_by_k, per_k_means
+
 SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
 
@@ -39,16 +41,16 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
             fig.add_scatter(x=rows["k"], y=rows["loss"], mode="markers", name=f"{name} subsets", legendgroup=name,
                             showlegend=False, marker=dict(color=colour, size=4, opacity=0.18),
                             hovertext=rows["experts_key"], hovertemplate="k=%{x}<br>CE=%{y:.4f}<br>%{hovertext}<extra></extra>")
-        stats = rows.groupby("k")["loss"].agg(["mean", "count"]).reset_index()
+        stats = mean_by_k(rows)
         fit = fits.get((size, method))
         error_y = None
         if fit is not None and fit.ok and fit.samples is not None:
             _, means, lo, hi = fit.mean_ci()  # expert-bootstrap interval of the population mean at each k
             error_y = dict(type="data", symmetric=False, array=hi - means, arrayminus=means - lo, visible=True,
                            thickness=1)
-        fig.add_scatter(x=stats["k"], y=stats["mean"], mode="markers", name=name, legendgroup=name,
+        fig.add_scatter(x=stats["k"], y=stats["loss"], mode="markers", name=name, legendgroup=name,
                         marker=dict(color=colour, size=8, symbol=["circle", "diamond", "square", "x"][methods.index(method) % 4]),
-                        error_y=error_y, customdata=stats["count"],
+                        error_y=error_y, customdata=stats["n_subsets"],
                         hovertemplate="k=%{x}<br>mean CE=%{y:.4f} nats<br>%{customdata} subsets<extra>" + name + "</extra>")
         if fit is None or not fit.ok:
             continue
@@ -81,8 +83,8 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
         fit = fits.get((size, method))
         if fit is None or not fit.ok:
             continue
-        means = rows.groupby("k")["loss"].mean()
-        fig.add_scatter(x=means.index, y=means.to_numpy() - fit.predict(means.index.to_numpy()), mode="lines+markers",
+        ks, means = per_k_means(rows["k"], rows["loss"])
+        fig.add_scatter(x=ks, y=means - fit.predict(ks), mode="lines+markers",
                         name=f"{method} · {size}", line=dict(color=_size_colour(sizes_in_order, size)))
     fig.add_hline(y=0, line=dict(color="#999", width=1))
     return _layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=300)
