@@ -89,13 +89,13 @@ def host_warning(host: str) -> str | None:
 def _launch_ui(port: int, db: Path | None, host: str = "127.0.0.1") -> None:
     import subprocess
 
-    from mergelab.paths import app_path
+    from mergelab.paths import app_path, streamlit_options
 
     env = dict(os.environ, **({"MERGELAB_DB": str(db)} if db else {}))
     warning = host_warning(host)
     if warning:
         typer.echo(warning, err=True)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), "--server.address", host,
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), *streamlit_options(), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true"]
     typer.echo(f"dashboard: http://{host}:{port}")
     raise typer.Exit(subprocess.call(cmd, env=env))

@@ -45,6 +45,21 @@ def app_path() -> Path:
     return shipped_root() / "app.py"
 
 
+def streamlit_options() -> list[str]:
+    """The shipped .streamlit/config.toml as `streamlit run` flags (theme, toolbar, usage stats), so the
+    dashboard looks the same whatever folder it is started from. The [server] section is left to the
+    caller (`mergelab demo up` passes address, port and headless itself)."""
+    import tomllib
+
+    path = shipped_root() / ".streamlit" / "config.toml"
+    if not path.is_file():
+        return []
+    config = tomllib.loads(path.read_text())
+    return [f"--{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for section, options in config.items() for key, value in options.items()
+            if section != "server"]
+
+
 def allowed_roots() -> list[Path]:
     """Where the dashboard may read families from: the data home plus MERGELAB_ROOTS (os.pathsep-separated)."""
     extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p]
