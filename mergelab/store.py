@@ -70,6 +70,13 @@ ON CONFLICT DO NOTHING
 
 
 class ResultStore:
+    """The results cache at `path` (default: MERGELAB_DB, else results.duckdb in the data dir): one row
+    per (merge, domain) with the loss in nats per token and the size as a parameter count (KEY_COLUMNS,
+    RESULT_COLUMNS). `upsert` inserts rows idempotently, `results` / `macro` / `cached_keys` read them as
+    DataFrames. Every call opens the file briefly; readers retry while a writer holds it, for up to
+    `lock_timeout` seconds. Raises CacheError (a MergelabError) for a file it cannot open, a foreign or
+    newer-schema file, a full disk, or an unknown filter column."""
+
     def __init__(self, path: str | Path | None = None, lock_timeout: float = 10.0):
         self.path = Path(path) if path else default_db_path()
         self.lock_timeout = lock_timeout

@@ -266,12 +266,22 @@ def _form(name: "str | Form") -> Form:
 
 
 def fit_curve(k, loss, *, weights="k", form: "str | Form" = "floor_tail") -> CurveFit:
-    """Weighted nonlinear least squares of one curve (weights ∝ k by default, as the paper)."""
+    """Weighted least squares of one curve, L(k) = L∞ + A/(k+b) by default (arXiv 2509.24244 §3, fitted
+    with weights ∝ k as there), or another `form` (FORMS: power, exponential, log, floor_tail_interference).
+
+    k: (n,) experts merged (≥ 1; repeated k are fine, e.g. every subset); loss: (n,) CE in nats per token
+    (or any unit: parameters come back in it); weights: "k", "uniform" or (n,) positive numbers.
+    The linear parameters are solved exactly given the nonlinear ones, which come from a grid and a bounded
+    refinement (b ∈ [0, 100]); parameters on a bound are flagged in `at_bound`. Returns a CurveFit (the
+    FitResult protocol). Raises FitError for NaN/Inf, k < 1, fewer than 3 distinct k (more for larger
+    forms), a constant loss, bad weights or an unknown form."""
     return fit_curves(k, np.asarray(loss, dtype=float)[None, :], weights=weights, form=form)[0]
 
 
 def fit_curves(k, losses, *, weights="k", form: "str | Form" = "floor_tail") -> list[CurveFit]:
-    """Fit many curves that share one k vector (the rows of `losses`) in one vectorised pass."""
+    """`fit_curve` of many curves sharing one k vector, in one vectorised pass: k (K,), losses (m, K)
+    (nats per token); returns m CurveFits. Raises FitError if any row cannot be fitted (fit rows one by one
+    to tell which)."""
     spec = _form(form)
     losses = np.atleast_2d(np.asarray(losses, dtype=float))
     min_k = max(3, spec.n_params - 1)
@@ -593,8 +603,10 @@ class JointFit(FitResult):
 
 def fit_joint(N, k, loss, *, weights="k") -> JointFit:
     """Weighted least squares of L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) over sizes (weights ∝ k by
-    default, as the paper, arXiv 2509.24244 §3). N in billions of parameters; loss in nats/token or any
-    unit (the fit standardises it). Judges which parameters the data identify (see `JointFit`)."""
+    default, as the paper, arXiv 2509.24244 §3 and Tables 3–5). N: (n,) sizes in billions of parameters
+    (`mergelab.names.billions`); k: (n,) experts merged; loss: (n,) CE in nats per token or any unit (the
+    fit standardises it). Judges which parameters the data identify (see `JointFit`). Raises FitError for
+    NaN/Inf, k < 1, fewer than 3 distinct k, fewer than 2 sizes, N ≤ 0 or a constant loss."""
     N, k, loss, w, sizes = _joint_input(N, k, loss, weights)
     problem = _JointLS(N, k, loss, w)
     theta, sse_z = problem.solve()

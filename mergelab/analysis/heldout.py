@@ -112,7 +112,7 @@ def leave_one_size_out(N, k, loss, *, weights="k") -> HeldOut:
 
     Extrapolating in N needs the training sizes to identify the law: at least FLOOR_SIZES (4) of them,
     so 5 sizes in all, and a training fit with every parameter identified (`JointFit.not_identified`);
-    otherwise FitError with the reason. Returns the training fit and the table of predictions."""
+    otherwise raises FitError with the reason. Returns the training fit and the table of predictions."""
     N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
     sizes = np.unique(N)
     if len(sizes) < FLOOR_SIZES + 1:

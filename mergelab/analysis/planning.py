@@ -115,7 +115,8 @@ def k_for_target(fit: CurveFit, target: float, M: int | None = None) -> Estimate
 
 
 def k_epsilon(fit: CurveFit, eps: float, M: int | None = None) -> Estimate:
-    """k_ε = A/ε − b: where the loss is within ε (nats) of the floor."""
+    """k_ε = A/ε − b (DESIGN §3): the k where the fitted loss is within ε (nats per token) of the floor L∞.
+    M: the pool size, beyond which the answer is marked extrapolated. Raises FitError unless ε > 0."""
     if not eps > 0:
         raise FitError(f"epsilon must be > 0, got {eps!r}")
     return _refuse(fit) or _in_pool(_estimate(fit, lambda p: p["A"] / eps - p["b"]), M)

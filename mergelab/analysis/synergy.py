@@ -18,7 +18,10 @@ DEFAULT_BLOCKS = {
 
 def synergy_matrix(results: pd.DataFrame, min_k: int = 1) -> pd.DataFrame:
     """Donors (experts) × receivers (domains) from rows of one (family, size, method, hparams):
-    columns experts_key, domain, loss. Merges of fewer than `min_k` experts are not used as S."""
+    columns experts_key, domain, loss (nats per token). S[d, e] = mean over every pair of cached merges
+    (S, S ∪ {d}) of L_e(S) − L_e(S ∪ {d}): positive when d joining lowers the CE on e (nats; after the
+    paper's synergy analysis, arXiv 2509.24244 §5). Merges of fewer than `min_k` experts are not used as
+    S. `attrs["n_pairs"]` counts the pairs per donor; a donor without pairs gets a row of NaN."""
     table = results.pivot_table(index="experts_key", columns="domain", values="loss", aggfunc="first")
     sets = {key: frozenset(key_experts(key)) for key in table.index}
     index_of = {s: key for key, s in sets.items()}

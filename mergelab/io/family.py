@@ -51,6 +51,9 @@ class SizeSpec:
 
 @dataclass(frozen=True)
 class Family:
+    """A family as its manifest describes it: domains, one eval set per domain, and per size (`SizeSpec`:
+    parameter count, base checkpoint, one expert per domain) — all paths absolute."""
+
     name: str
     manifest: Path
     domains: tuple[str, ...]
@@ -72,7 +75,10 @@ class Family:
 
 
 def load_family(path: str | Path) -> Family:
-    """Read and validate a family manifest; every problem names the manifest and the field."""
+    """Read and validate a family manifest (`path`: family.toml or its directory; format in the module
+    docstring). Relative paths resolve against the manifest's folder and must stay inside it; every file
+    must exist. Raises ManifestError naming the manifest and the field for anything missing or malformed.
+    Checkpoint contents are checked later, when a sweep or export opens them (CheckpointError)."""
     manifest = Path(path)
     if manifest.is_dir():
         manifest = manifest / "family.toml"

@@ -62,7 +62,13 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     """Run the sweep here (backend "local") or on a Ray cluster (backend "ray", `address` as for
     `ray.init`); either way this process alone writes the cache, as rows arrive.
     `on_progress(report, total, item)` is called once the plan is known (item None) and after every
-    merge; it may raise to stop the sweep (rows done so far are kept)."""
+    merge; it may raise to stop the sweep (rows done so far are kept).
+
+    Rows hold the loss in nats per token per domain (`mergelab.engine.evaluate`) and the size as its
+    parameter count; merges already cached for the same eval sets and metric version are skipped.
+    Raises HyperparameterError (unknown method or value), CheckpointError (incompatible checkpoints,
+    unknown device), EvalSetError, MergelabError (a memory plan that does not fit, an unknown backend, Ray
+    missing) before anything is written, and CacheError if the cache cannot be written."""
     from tqdm.auto import tqdm
 
     if backend not in BACKENDS:

@@ -67,6 +67,13 @@ class Param:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """A merge method: `merge(base, deltas, ctx, hp)` with base θ0 (fp32, any shape), deltas the stacked
+    task vectors v_i = θ_i − θ0 ([k, *θ0.shape], fp32), ctx the tensor and expert names, hp the resolved
+    hyperparameters (`resolve` fills defaults, raises HyperparameterError for unknown names or values out
+    of range); returns the merged tensor in fp32. `prepare` / `linear_scale` / `combine` split the same
+    formula for sweeps (module docstring). `paper` names where the formula comes from, `mergekit` its
+    mergekit 0.1.5 equivalent (what `mergelab export-model --mergekit-yaml` writes)."""
+
     name: str
     merge: Callable[..., Any]
     doc: str
@@ -74,6 +81,8 @@ class MergeMethod:
     prepare: Callable[..., Any] | None = None       # per-expert transform of the stacked task vectors
     linear_scale: Callable[[int, dict], float] | None = None  # merged = θ0 + scale(k)·Σ prepared
     combine: Callable[..., Any] | None = None       # non-linear finish on prepared task vectors
+    paper: str = ""      # the method's paper (and where mergelab's default comes from)
+    mergekit: str = ""   # the equivalent mergekit config, and how it differs
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -42,4 +42,8 @@ METHOD = MergeMethod(
     },
     prepare=prepare,
     linear_scale=lambda k, hp: 1.0 / k,
+    paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
+          "Lunch, ICML 2024 (arXiv 2311.03099): drop with rate p, rescale by 1/(1−p), then average",
+    mergekit="merge_method: dare_linear with base_model θ0, weight 1/k, density 1 − p, normalize: false "
+             "(same distribution, different masks: mergekit draws them from its own RNG)",
 )

@@ -47,4 +47,8 @@ METHOD = MergeMethod(
     },
     prepare=prepare,
     combine=combine,
+    paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 "
+          "(arXiv 2306.01708): trim, elect sign, disjoint mean; density 0.2 and λ ∈ {0.5, 1.0} as in arXiv 2509.24244",
+    mergekit="merge_method: ties with base_model θ0, weight 1, density, parameters: {normalize: true, lambda: λ} "
+             "(mergekit keeps int(density·n) entries per tensor, mergelab ceil(density·n) ≥ 1: identical at density 1)",
 )
