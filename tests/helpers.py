@@ -102,6 +102,34 @@ def wait_until(predicate, timeout: float = 120.0, poll: float = 0.02) -> bool:
     return predicate()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(url: str, proc, timeout: float = 60.0) -> None:
+    """Wait until the Streamlit server at `url` answers /_stcore/health; fail the test with its output
+    (and stop it) if it exits or does not answer within `timeout` seconds."""
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.3)
+
+
 def synthetic_results(curves: dict, experts: list[str], *, family: str = "syn", size: str = "s",
                       n_params: int = 1_000_000, ks=None, domains=("x", "y"), seed: int = 0):
     """Cache rows of one family and size: per method in `curves`, every subset of `experts` with k in

@@ -3,11 +3,8 @@ selections update charts, a sweep launched from the UI runs to 100%, an export d
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from mergelab.io.family import load_family
 from mergelab.store import ResultStore
 from mergelab.sweep.plan import SweepSpec
 from mergelab.sweep.runner import run_sweep
+from tests.helpers import free_port, wait_for_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -24,12 +22,6 @@ ARTIFACTS = ROOT / "artifacts" / "screenshots"
 PAGES = {"overview": "", "curves": "Curves", "sweep": "Sweep", "fit_and_plan": "Fit_and_Plan",
          "synergy": "Synergy", "export": "Export"}
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -50,17 +42,7 @@ def server(tiny_family, micro_family, tmp_path):
                              "--server.port", str(port), "--server.headless", "true"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
-        time.sleep(0.3)
+    wait_for_dashboard(url, proc)
     yield {"url": url, "db": db}
     proc.terminate()
     proc.wait(timeout=10)

@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, wait_for_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -81,21 +80,11 @@ def test_demo_up_and_fit_from_the_wheel(installed):
     fits = json.loads(run([mergelab, "fit", "--db", db, "--family", "demo-micro", "--method", "average",
                            "--domain", "macro", "--format", "json"], env=env, cwd=work).stdout)
     assert len(fits["rows"]) == 2 and all(row["A"] > 0 for row in fits["rows"])  # sizes xs and s
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([str(mergelab), "demo", "up", "--db", str(db), "--port", str(port)], env=env, cwd=work,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.communicate(timeout=10)[0]
-            time.sleep(0.5)
+        wait_for_dashboard(f"http://127.0.0.1:{port}", server, timeout=90)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

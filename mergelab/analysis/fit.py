@@ -91,6 +91,13 @@ class FitResult:
 
     ok = True  # a fit, not a FitFailure
 
+    def __getattr__(self, name: str) -> float:
+        """Each parameter as an attribute: fit.L_inf, fit.A, fit.b; joint.L_star, joint.beta, …"""
+        params = self.__dict__.get("params") or {}
+        if name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or parameter {name!r}")
+
     def param_ci(self, level: float = 0.95) -> dict[str, tuple[float, float]]:
         """Percentile intervals over the expert-bootstrap draws (mergelab.analysis.intervals).
 
@@ -145,18 +152,6 @@ class CurveFit(FitResult):
     mean_draws: np.ndarray | None = None   # per-k mean of each draw minus the fitted law, (n_boot, K)
     interval: str = ""                     # how the draws were made, for tables and captions
     observed: tuple | None = None          # (k (K,), observed per-k means (K,)), set by every fit
-
-    @property
-    def L_inf(self) -> float:
-        return self.params["L_inf"]
-
-    @property
-    def A(self) -> float:
-        return self.params["A"]
-
-    @property
-    def b(self) -> float:
-        return self.params["b"]
 
     def predict(self, k) -> np.ndarray:
         return predict_form(self.spec or self.form, self.params, np.asarray(k, dtype=float))
@@ -530,30 +525,6 @@ class JointFit(FitResult):
     def identified(self) -> bool:
         """True when every parameter is pinned down by the data (see the class docstring's rules)."""
         return not self.not_identified
-
-    @property
-    def L_star(self) -> float:
-        return self.params["L_star"]
-
-    @property
-    def B(self) -> float:
-        return self.params["B"]
-
-    @property
-    def beta(self) -> float:
-        return self.params["beta"]
-
-    @property
-    def A0(self) -> float:
-        return self.params["A0"]
-
-    @property
-    def gamma(self) -> float:
-        return self.params["gamma"]
-
-    @property
-    def b(self) -> float:
-        return self.params["b"]
 
     def predict(self, N, k) -> np.ndarray:
         """L(N, k) at sizes N (billions of parameters) and k experts (broadcast)."""
