@@ -21,8 +21,8 @@ from mergelab.errors import MergelabError
 from mergelab.family import write_manifest
 
 # Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
-# are too small to gain from more, and two threads on a busy 2-core machine spin (measured: 13 ms per
-# step with one thread, 90–1800 ms with two while other work ran).
+# are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
+# model at batch 32: 13 ms per step on one thread, 1.8 s on two while other work ran).
 BUILD_THREADS = 1
 VOCAB_ROWS = 264   # 259 byte-level tokens padded to a multiple of 8, like real padded vocabularies
 
@@ -75,7 +75,7 @@ PRESETS = {
                     pretrain_steps=400, expert_steps=20, expert_lr=1e-3, expert_batch_size=64,
                     n_train=2000, n_eval=80, token_budget=128),
     "standard": Preset("standard", (SizeConfig("xs", 24, 2, 2, 1, 64), SizeConfig("s", 48, 2, 4, 2, 128),
-                                    SizeConfig("m", 64, 3, 4, 2, 192), SizeConfig("l", 96, 3, 4, 2, 256),
+                                    SizeConfig("m", 64, 3, 4, 2, 192), SizeConfig("l", 96, 3, 4, 2, 256, lr=2e-3),
                                     SizeConfig("xl", 128, 4, 8, 4, 384, lr=2e-3)),
                        pretrain_steps=3000, expert_steps=40, expert_lr=3e-4, expert_batch_size=128,
                        n_train=10000, token_budget=256, jobs=2),
