@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -91,8 +92,9 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
                  progress: bool = True, force: bool = False, jobs: int | None = None) -> Path:
     """Build the family into `out` atomically (a temp dir renamed at the end); returns the manifest path.
 
-    `jobs` > 1 builds that many sizes at once in separate processes (default: the preset's `jobs`);
-    every size is seeded on its own and trained on one thread, so the bits do not depend on it."""
+    `jobs` > 1 builds that many sizes at once in separate processes (default: the preset's `jobs`, at
+    most one per CPU); every size is seeded on its own and trained on one thread, so the bits do not
+    depend on it."""
     import torch
 
     preset = _preset(preset_name)
@@ -100,7 +102,7 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
     unknown = sorted(set(sizes or []) - {s.name for s in preset.sizes})
     if unknown:
         raise MergelabError(f"preset {preset_name!r} has no size {unknown[0]!r} (sizes: {', '.join(s.name for s in preset.sizes)})")
-    jobs = preset.jobs if jobs is None else jobs
+    jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
     if jobs < 1:
         raise MergelabError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
