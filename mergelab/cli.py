@@ -45,11 +45,13 @@ def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
 
 @demo_app.command("build")
 def demo_build(
-    preset: str = typer.Option("micro", help="micro (2 sizes, seconds) or standard (3 sizes, minutes)"),
+    preset: str = typer.Option("micro", help="micro (2 sizes, seconds) or standard (5 sizes, minutes)"),
     out: Path = typer.Option(..., help="directory to write the family into"),
     seed: int = typer.Option(0, help="seed of data, initialisation and training"),
     sizes: Optional[str] = typer.Option(None, help="comma-separated subset of the preset's sizes"),
     force: bool = typer.Option(False, help="replace a non-empty output directory"),
+    jobs: Optional[int] = typer.Option(None, help="sizes built at once in separate processes (default: the preset's; "
+                                                  "the checkpoints are the same whatever the number)"),
 ):
     """Build a demo family: base + one expert per domain per size, eval sets, family.toml."""
     import time
@@ -57,7 +59,7 @@ def demo_build(
     from mergelab.demo.build import build_family
 
     t0 = time.perf_counter()
-    manifest = build_family(preset, out, seed=seed, sizes=_split(sizes), force=force)
+    manifest = build_family(preset, out, seed=seed, sizes=_split(sizes), force=force, jobs=jobs)
     typer.echo(f"wrote {manifest} in {time.perf_counter() - t0:.1f} s")
 
 

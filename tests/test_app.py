@@ -137,4 +137,4 @@ def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     at = run("app.py")
     assert ResultStore(db).count() > 0
     assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 1
-    assert at.selectbox(key="w:size").value == "m"  # the largest size by default
+    assert at.selectbox(key="w:size").value == "xl"  # the largest size by default

@@ -52,6 +52,15 @@ def test_same_seed_gives_bitwise_identical_checkpoints(micro_family, tmp_path):
         assert digest(other.parent / rel) != digest(micro_family.parent / rel), rel
 
 
+def test_sizes_built_in_parallel_processes_are_bitwise_the_same(micro_family, tmp_path):
+    parallel = build_family("micro", tmp_path / "parallel", progress=False, jobs=2)
+    files = sorted(p.relative_to(micro_family.parent) for p in micro_family.parent.rglob("*.safetensors"))
+    assert len(files) == 2 * 10
+    for rel in files:
+        assert digest(parallel.parent / rel) == digest(micro_family.parent / rel), rel
+    assert parallel.read_text() == micro_family.read_text()
+
+
 def test_main_job_prepares_family_cache_and_a_falling_curve(micro_family, tmp_path, monkeypatch):
     """`mergelab demo up` without the UI: family found, shipped rows loaded, default sweep run once."""
     home = tmp_path / "home"

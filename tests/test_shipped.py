@@ -5,13 +5,16 @@ import pytest
 
 from mergelab.demo.build import build_family
 from mergelab.demo.up import shipped_results_path
+from mergelab.engine.methods import METHODS, canonical_hparams, get_method
 from mergelab.io.family import load_family
-from mergelab.engine.methods import METHODS
 from mergelab.store import KEY_COLUMNS, ResultStore
 from mergelab.sweep.plan import SweepSpec
 from mergelab.sweep.runner import run_sweep
 
-SIZES = ("xs", "s", "m")
+SIZES = ("xs", "s", "m", "l", "xl")
+# Every merge method at its defaults, plus TIES at λ = 0.5 as a second setting of the same method.
+SETTINGS = [(m, canonical_hparams(get_method(m).resolve({}))) for m in METHODS] + \
+    [("ties", canonical_hparams(get_method("ties").resolve({"lambda": 0.5})))]
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +25,15 @@ def shipped():
 def test_shipped_results_hold_the_full_standard_sweep(shipped):
     assert set(shipped["family"]) == {"demo-standard"}
     assert not shipped.duplicated(KEY_COLUMNS).any()
-    merges = shipped.groupby(["size", "method"])["experts_key"].nunique()
+    merges = shipped.groupby(["size", "method", "hparams"])["experts_key"].nunique()
+    assert set(shipped["size"]) == set(SIZES)
     for size in SIZES:
-        assert merges[size, "base"] == 1 and merges[size, "expert"] == 9
-        for method in METHODS:
-            assert merges[size, method] == 511, (size, method)
-    assert (shipped.groupby(["size", "method", "experts_key"]).size() == 9).all()
-    assert shipped["n_params"].max() / shipped["n_params"].min() >= 10
+        assert merges[size, "base", "{}"] == 1 and merges[size, "expert", "{}"] == 9
+        for method, hparams in SETTINGS:
+            assert merges[size, method, hparams] == 511, (size, method, hparams)
+    assert len(merges) == len(SIZES) * (2 + len(SETTINGS))
+    assert (shipped.groupby(["size", "method", "hparams", "experts_key"]).size() == 9).all()
+    assert shipped["n_params"].max() / shipped["n_params"].min() >= 30
 
 
 @pytest.mark.slow
@@ -37,8 +42,10 @@ def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_pa
     store = ResultStore(tmp_path / "r.duckdb")
     spec = SweepSpec(family, ["xs"], {m: {} for m in METHODS}, [1, 2, 5, 9], subsets=2, seed=0)
     report = run_sweep(spec, store, progress=False)
+    half = SweepSpec(family, ["xs"], {"ties": {"lambda": 0.5}}, [2, 9], subsets=2, seed=0, reference_rows=False)
+    merged = report.merged + run_sweep(half, store, progress=False).merged
     ours = store.results()
-    assert report.merged == 10 + 4 * 7 and len(ours) == report.merged * 9
+    assert merged == 10 + 4 * 7 + 3 and len(ours) == merged * 9
     both = ours.merge(shipped, on=KEY_COLUMNS, suffixes=("", "_shipped"))
     assert len(both) == len(ours)  # same keys, including the eval-set hashes
     assert (both["loss"] - both["loss_shipped"]).abs().max() < 1e-4
@@ -46,22 +53,24 @@ def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_pa
 
 def test_fifteen_orderings_estimate_the_exhaustive_per_k_mean(shipped):
     """The paper's Appendix E shortcut on the shipped standard sweep: 15 diverse orderings (one merge
-    per k each) estimate the mean over all C(9,k) subsets. Across the 12 curves (3 sizes × 4 methods)
-    and k = 1..8 the error is within 3 standard errors everywhere and about 1 on average. (The same
-    orderings serve every curve, so an unlucky k shows up in all of them: k = 3 sits near −2.5 SE.)"""
+    per k each) estimate the mean over all C(9,k) subsets. Across the 25 curves (5 sizes × 5 method
+    settings, TIES at λ = 1 and 0.5) and k = 1..8 the error is within 1.5 standard errors everywhere
+    and about 0.5 on average. (The same orderings serve every curve, so an unlucky k shows up in all the
+    curves of one size: at m, k = 6 sits near −1.3 SE for every method.)"""
     from mergelab.analysis.means import ordering_estimate
     from mergelab.sweep.plan import diverse_orderings
 
     z_scores = []
     orderings = diverse_orderings(sorted(EXPERTS_STANDARD), 15, seed=0)
-    for (size, method), rows in shipped[shipped["method"].isin(list(METHODS))].groupby(["size", "method"]):
+    curves = shipped[shipped["method"].isin(list(METHODS))].groupby(["size", "method", "hparams"])
+    for _, rows in curves:
         macro = rows.groupby("experts_key")["loss"].mean()
         estimate = ordering_estimate(macro.to_dict(), orderings, range(1, 10)).set_index("k")
         exhaustive = rows.groupby(["experts_key", "k"])["loss"].mean().groupby("k").mean()
         assert estimate.loc[9, "se"] < 1e-12 and abs(estimate.loc[9, "mean"] - exhaustive[9]) < 1e-12
         z_scores += list(((estimate["mean"] - exhaustive) / estimate["se"]).loc[1:8])
     z = pd.Series(z_scores)
-    assert len(z) == 12 * 8 and z.abs().max() < 3 and z.abs().mean() < 1.5, z.describe()
+    assert len(z) == len(SIZES) * len(SETTINGS) * 8 and z.abs().max() < 3 and z.abs().mean() < 1.5, z.describe()
 
 
 EXPERTS_STANDARD = ("algebra", "analysis", "geometry", "discrete", "number_theory", "code", "chemistry", "physics",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -20,7 +21,10 @@ from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
 from mergelab.io.family import write_manifest
 
-BUILD_THREADS = 2  # fixed so that the same seed gives the same bits on any machine of one ISA
+# Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
+# are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
+# model at batch 32: 13 ms per step on one thread, 1.8 s on two while other work ran).
+BUILD_THREADS = 1
 VOCAB_ROWS = 264   # 259 byte-level tokens padded to a multiple of 8, like real padded vocabularies
 
 
@@ -32,6 +36,7 @@ class SizeConfig:
     heads: int
     kv_heads: int
     intermediate: int
+    lr: float | None = None  # pretraining learning rate for this size (None: the preset's)
 
     def qwen2_config(self):
         from transformers import Qwen2Config
@@ -46,6 +51,10 @@ class SizeConfig:
 
 @dataclass(frozen=True)
 class Preset:
+    """The recipe. Pretraining: language modelling (every token after <bos> is a target) on the
+    nine-domain mixture. Experts: a short, gentle fine-tune from the base on one domain, scored on the
+    response tokens only (like supervised fine-tuning), with a fraction `expert_replay` of each batch
+    drawn from the whole mixture."""
     name: str
     sizes: tuple[SizeConfig, ...]
     pretrain_steps: int
@@ -53,6 +62,10 @@ class Preset:
     batch_size: int = 32
     lr: float = 3e-3
     expert_lr: float = 2e-3
+    expert_batch_size: int = 32
+    expert_replay: float = 0.0     # fraction of each expert batch drawn from the mixture
+    expert_targets: str = "response"  # "response" (prompt tokens masked) or "all"
+    jobs: int = 1         # sizes built at once, in separate processes
     n_train: int = 2000   # training examples per domain
     n_eval: int = 200     # eval examples written per domain
     token_budget: int = 128  # scored tokens per domain at evaluation
@@ -60,10 +73,13 @@ class Preset:
 
 PRESETS = {
     "micro": Preset("micro", (SizeConfig("xs", 16, 1, 2, 1, 48), SizeConfig("s", 32, 2, 4, 2, 96)),
-                    pretrain_steps=120, expert_steps=30, n_train=600, n_eval=80, token_budget=128),
-    "standard": Preset("standard", (SizeConfig("xs", 32, 2, 4, 2, 96), SizeConfig("s", 64, 2, 4, 2, 192),
-                                    SizeConfig("m", 128, 3, 8, 4, 384)),
-                       pretrain_steps=300, expert_steps=80),
+                    pretrain_steps=400, expert_steps=20, expert_lr=1e-3, expert_batch_size=64,
+                    n_train=2000, n_eval=80, token_budget=128),
+    "standard": Preset("standard", (SizeConfig("xs", 24, 2, 2, 1, 64), SizeConfig("s", 48, 2, 4, 2, 128),
+                                    SizeConfig("m", 64, 3, 4, 2, 192), SizeConfig("l", 96, 3, 4, 2, 256, lr=2e-3),
+                                    SizeConfig("xl", 128, 4, 8, 4, 384, lr=2e-3)),
+                       pretrain_steps=3000, expert_steps=40, expert_lr=3e-4, expert_batch_size=128,
+                       n_train=10000, token_budget=256, jobs=2),
 }
 
 
@@ -73,16 +89,22 @@ def stage_seed(seed: int, *parts: str) -> int:
 
 
 def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | None = None,
-                 progress: bool = True, force: bool = False) -> Path:
-    """Build the family into `out` atomically (a temp dir renamed at the end); returns the manifest path."""
+                 progress: bool = True, force: bool = False, jobs: int | None = None) -> Path:
+    """Build the family into `out` atomically (a temp dir renamed at the end); returns the manifest path.
+
+    `jobs` > 1 builds that many sizes at once in separate processes (default: the preset's `jobs`, at
+    most one per CPU); every size is seeded on its own and trained on one thread, so the bits do not
+    depend on it."""
     import torch
-    from tqdm.auto import tqdm
 
     preset = _preset(preset_name)
     chosen = [s for s in preset.sizes if sizes is None or s.name in sizes]
     unknown = sorted(set(sizes or []) - {s.name for s in preset.sizes})
     if unknown:
         raise MergelabError(f"preset {preset_name!r} has no size {unknown[0]!r} (sizes: {', '.join(s.name for s in preset.sizes)})")
+    jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
+    if jobs < 1:
+        raise MergelabError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise MergelabError(f"{out}: already exists and is not empty (use --force to replace it)")
@@ -91,12 +113,12 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        tokenizer = build_tokenizer()
         eval_paths = _write_eval_sets(staging, preset, seed)
-        train = {d: _tokenize(tokenizer, generate(d, preset.n_train, 2 * seed)) for d in DOMAINS}
-        size_entries = []
-        for size in chosen:
-            size_entries.append(_build_size(staging, size, preset, train, tokenizer, seed, progress, tqdm))
+        if min(jobs, len(chosen)) > 1:
+            size_entries = _build_sizes_in_parallel(staging, chosen, preset, seed, min(jobs, len(chosen)), progress)
+        else:
+            tokenizer, train = _training_data(preset, seed)
+            size_entries = [_build_size(staging, size, preset, train, tokenizer, seed, progress) for size in chosen]
         write_manifest(staging / "family.toml", f"demo-{preset.name}", DOMAINS, eval_paths, size_entries,
                        preset.token_budget)
         if out.exists():
@@ -106,6 +128,37 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
     return out / "family.toml"
+
+
+def _training_data(preset: Preset, seed: int):
+    tokenizer = build_tokenizer()
+    return tokenizer, {d: _tokenize(tokenizer, generate(d, preset.n_train, 2 * seed)) for d in DOMAINS}
+
+
+def _build_sizes_in_parallel(staging: Path, chosen, preset: Preset, seed: int, jobs: int, progress: bool) -> list[dict]:
+    """Sizes built by `jobs` worker processes, the largest first (it takes longest); entries in preset order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    entries = {}
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_build_size_job, staging, size, preset, seed): size.name for size in reversed(chosen)}
+        for future in as_completed(futures):
+            entry, seconds = future.result()
+            entries[entry["name"]] = entry
+            if progress:
+                print(f"built size {entry['name']}: {entry['n_params']:,} parameters in {seconds:.1f} s")
+    return [entries[size.name] for size in chosen]
+
+
+def _build_size_job(staging: Path, size: SizeConfig, preset: Preset, seed: int) -> tuple[dict, float]:
+    import torch
+
+    torch.set_num_threads(BUILD_THREADS)
+    started = time.perf_counter()
+    tokenizer, train = _training_data(preset, seed)
+    return _build_size(staging, size, preset, train, tokenizer, seed, progress=False), time.perf_counter() - started
 
 
 def _preset(name: str) -> Preset:
@@ -126,14 +179,17 @@ def _write_eval_sets(root: Path, preset: Preset, seed: int) -> dict[str, str]:
     return paths
 
 
-def _tokenize(tokenizer, examples) -> list[list[int]]:
-    texts = [ex["prompt"] + ex["response"] for ex in examples]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in encoded]
+def _tokenize(tokenizer, examples) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt) per example: <bos> prompt response <eos>, and the number of leading positions
+    (<bos> and the prompt) that are not response targets, as the evaluation counts them."""
+    prompts = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
+    return [([tokenizer.bos_token_id, *p, *r, tokenizer.eos_token_id], 1 + len(p)) for p, r in zip(prompts, responses)]
 
 
-def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, progress, tqdm) -> dict:
+def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, progress) -> dict:
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(stage_seed(seed, size.name, "init"))
@@ -141,7 +197,7 @@ def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, 
     n_params = sum(p.numel() for p in model.parameters())
     mixture = [seq for d in DOMAINS for seq in train[d]]
     t0 = time.perf_counter()
-    _train(model, mixture, preset.pretrain_steps, preset.lr, preset.batch_size,
+    _train(model, mixture, preset.pretrain_steps, size.lr or preset.lr, preset.batch_size, "all",
            stage_seed(seed, size.name, "base"), tqdm(total=preset.pretrain_steps, desc=f"{size.name} base",
                                                      disable=not progress, leave=False))
     base_dir = root / size.name / "base"
@@ -151,8 +207,9 @@ def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, 
     bar = tqdm(total=preset.expert_steps * len(DOMAINS), desc=f"{size.name} experts", disable=not progress, leave=False)
     for domain in DOMAINS:
         model.load_state_dict(base_state)
-        _train(model, train[domain], preset.expert_steps, preset.expert_lr, preset.batch_size,
-               stage_seed(seed, size.name, domain), bar)
+        _train(model, train[domain], preset.expert_steps, preset.expert_lr, preset.expert_batch_size,
+               preset.expert_targets, stage_seed(seed, size.name, domain), bar,
+               replay=mixture, replay_fraction=preset.expert_replay)
         _save(model, tokenizer, root / size.name / "experts" / domain)
         experts[domain] = f"{size.name}/experts/{domain}"
     bar.close()
@@ -161,12 +218,18 @@ def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, 
     return {"name": size.name, "n_params": n_params, "base": f"{size.name}/base", "experts": experts}
 
 
-def _train(model, sequences, steps: int, lr: float, batch_size: int, seed: int, bar) -> None:
-    """AdamW with warmup and cosine decay on random batches (all tokens after <bos> are targets)."""
+def _train(model, sequences, steps: int, lr: float, batch_size: int, targets: str, seed: int, bar,
+           replay=None, replay_fraction: float = 0.0) -> None:
+    """AdamW with warmup and cosine decay (to 10% of `lr`) on random batches of (ids, n_prompt).
+    targets "all": every token after <bos>; "response": the response and <eos> only. With
+    `replay_fraction` > 0, that share of each batch is drawn from `replay` instead of `sequences`."""
     import math
 
     import torch
 
+    if targets not in ("all", "response"):
+        raise ValueError(f"targets must be 'all' or 'response', got {targets!r}")
+    n_replay = round(batch_size * replay_fraction) if replay else 0
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
@@ -174,15 +237,18 @@ def _train(model, sequences, steps: int, lr: float, batch_size: int, seed: int, 
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
     model.train()
     for _ in range(steps):
-        picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
+        picks = torch.randint(len(sequences), (batch_size - n_replay,), generator=generator).tolist()
         batch = [sequences[i] for i in picks]
-        width = max(map(len, batch))
+        if n_replay:
+            batch += [replay[i] for i in torch.randint(len(replay), (n_replay,), generator=generator).tolist()]
+        width = max(len(seq) for seq, _ in batch)
         ids = torch.zeros((batch_size, width), dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
         mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for r, seq in enumerate(batch):
+        for r, (seq, n_prompt) in enumerate(batch):
+            first = 1 if targets == "all" else n_prompt
             ids[r, :len(seq)] = torch.tensor(seq)
-            labels[r, 1:len(seq)] = ids[r, 1:len(seq)]
+            labels[r, first:len(seq)] = ids[r, first:len(seq)]
             mask[r, :len(seq)] = 1
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
