@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_regime import regime_table  # noqa: E402
 
 from mergelab.analysis.fit import FitError, fit_curves  # noqa: E402
-from mergelab.analysis.heldout import compare_forms, leave_one_size_out  # noqa: E402
+from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_size_out  # noqa: E402
 from mergelab.analysis.planning import k_at_fraction  # noqa: E402
 from mergelab.analysis.synergy import block_means, synergy_matrix  # noqa: E402
 from mergelab.analysis.tables import curve_means, fit_table, joint_table, merge_losses  # noqa: E402
@@ -117,6 +117,19 @@ class Findings:
                              "max_abs": float(out["error"].abs().max()), "observed_kM": float(out["observed"].iloc[-1])})
             except FitError as exc:
                 rows.append({"setting": name, "rmse": np.nan, "max_abs": np.nan, "observed_kM": np.nan, "note": str(exc)})
+        return pd.DataFrame(rows)
+
+    def forecasts(self) -> pd.DataFrame:
+        """The 3-point forecast (from the per-k means at k = 1, 2, 4) of every curve at k = M: error
+        relative to the curve's drop L(1) − L(M) and to L(M)."""
+        rows = []
+        for s in self.sizes:
+            for name in self.settings:
+                for domain in (MACRO, *DOMAINS):
+                    m = self.merges(s, name, domain)
+                    last = forecast_errors(m["k"], m["loss"]).table.iloc[-1]
+                    rows.append({"setting": name, "domain": domain, "rel_drop": abs(last["error_rel_drop"]),
+                                 "rel_loss": abs(last["error_rel_loss"])})
         return pd.DataFrame(rows)
 
     def k90(self) -> pd.DataFrame:
@@ -295,6 +308,13 @@ def report(rows: pd.DataFrame) -> str:
                            else f"{r.setting}: refused ({r.note})" for r in loso.itertuples())
     lines += ["", f"Leave-one-size-out (the joint law fitted on {', '.join(sizes[:-1])}, predicting {sizes[-1]}'s macro "
               f"per-k means): {result}."]
+    fc = f.forecasts()
+    ties = fc["setting"].str.startswith("ties")
+    lines += ["", "3-point forecast (the law through the per-k means at k = 1, 2, 4, predicting k = M): median |error| at "
+              f"k = M over all {len(fc)} curves {fc['rel_drop'].median():.1%} of the curve's drop L(1) − L(M) "
+              f"({fc['rel_loss'].median():.2%} of L(M)); macro curves {fc[fc['domain'] == MACRO]['rel_drop'].median():.1%}; "
+              f"average, TA, DARE {fc[~ties]['rel_drop'].median():.1%}; TIES {fc[ties]['rel_drop'].median():.1%} "
+              f"(90th percentile {fc[ties]['rel_drop'].quantile(0.9):.0%})."]
     lines += ["", "Fitted macro L∞ per size and setting:", "",
               "| setting | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
     for n in f.settings:

@@ -1,7 +1,10 @@
 """The shipped demo results: complete, and reproduced by rebuilding part of the standard family."""
 
+import json
+
 import pandas as pd
 import pytest
+import torch
 
 from mergelab.demo.build import build_family
 from mergelab.demo.up import shipped_results_path
@@ -36,6 +39,13 @@ def test_shipped_results_hold_the_full_standard_sweep(shipped):
     assert shipped["n_params"].max() / shipped["n_params"].min() >= 30
 
 
+# Training rounds differently with other CPU kernels (torch picks AVX2 or AVX-512 code by machine):
+# rebuilt with AVX2 kernels, the xs rows below differ from the AVX-512 build by at most 0.0105 nats,
+# median 0.0015 (measured 2026-11-30). On the kernel level the family was built with, the match is exact.
+SAME_KERNELS = 1e-4
+OTHER_KERNELS = {"max": 0.03, "median": 0.005}
+
+
 @pytest.mark.slow
 def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_path):
     family = load_family(build_family("standard", tmp_path / "std", sizes=["xs"], progress=False))
@@ -48,7 +58,12 @@ def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_pa
     assert merged == 10 + 4 * 7 + 3 and len(ours) == merged * 9
     both = ours.merge(shipped, on=KEY_COLUMNS, suffixes=("", "_shipped"))
     assert len(both) == len(ours)  # same keys, including the eval-set hashes
-    assert (both["loss"] - both["loss_shipped"]).abs().max() < 1e-4
+    diff = (both["loss"] - both["loss_shipped"]).abs()
+    built_on = json.loads((shipped_results_path().parent / "build.json").read_text())["cpu_capability"]
+    if torch.backends.cpu.get_cpu_capability() == built_on:
+        assert diff.max() < SAME_KERNELS, diff.describe()
+    else:  # a weaker check: it still catches a recipe that moves the demo's CE by more than rounding does
+        assert diff.max() < OTHER_KERNELS["max"] and diff.median() < OTHER_KERNELS["median"], diff.describe()
 
 
 def test_fifteen_orderings_estimate_the_exhaustive_per_k_mean(shipped):
