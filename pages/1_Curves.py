@@ -55,8 +55,11 @@ left, right = st.columns(2)
 with left:
     if st.checkbox("Residuals", value=False):
         st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all), width="stretch", key="residuals")
-    variances, var_fits = variance_tables(merges)
+    variances, var_fits = variance_tables(merges, rows)
     st.plotly_chart(variance_figure(variances, var_fits, sizes_in_order=sizes_all), width="stretch", key="variance")
+    unfitted = [f"{s} · {m}: {f['reason']}" for (s, m), f in var_fits.items() if "reason" in f]
+    if unfitted:
+        st.caption("Variance laws not fitted: " + "; ".join(unfitted))
 with right:
     k_fixed = st.slider("k for the size panel", 1, int(merges["k"].max()), int(merges["k"].max()))
     points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)

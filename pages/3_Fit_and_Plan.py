@@ -6,7 +6,7 @@ import streamlit as st
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import planning
 from mergelab.analysis.tables import pool_size
-from mergelab.ui.curves import fit_summary
+from mergelab.ui.curves import fit_summary, held_out_table
 from mergelab.ui.figures import fractional_return_figure
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.intervals import expert_bootstrap_joint
@@ -20,6 +20,7 @@ family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO)
 n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
+JOINT_DRAWS = 200  # each joint draw refits 6 parameters over every size: fewer than the curve fits' draws
 
 all_sizes = ui.merges(family, domain, [method], sizes_all)
 merges = all_sizes[all_sizes["size"] == size]
@@ -47,16 +48,17 @@ with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
         check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
-        st.caption(f"forecast: L∞ = {check.fit.L_inf:.4f}, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
-                   f"({check.fit.notes[0]})")
-        st.dataframe(check.table, hide_index=True, width="stretch")
+        st.caption(f"forecast: L∞ = {check.fit.L_inf:.4f} nats/token, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
+                   f"({'; '.join(check.fit.notes)}). The interval is for the population mean at each k; the observed "
+                   "mean carries its own pool's error (at k = M it is one subset).")
+        st.dataframe(held_out_table(check.table), hide_index=True, width="stretch")
     except FitError as exc:
         st.info(str(exc))
 with c2:
     st.markdown("**Leave-one-size-out**: fit the joint law on the smaller sizes, predict the largest")
     try:
-        st.dataframe(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"], all_sizes["loss"]).table,
-                     hide_index=True, width="stretch")
+        st.dataframe(held_out_table(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"],
+                                                       all_sizes["loss"]).table), hide_index=True, width="stretch")
     except FitError as exc:
         st.warning(str(exc))
 st.markdown("**Alternative forms** (ranked by AICc, AIC corrected for 9 points; forms within ΔAICc ≤ 2 of the "
@@ -71,8 +73,10 @@ reason = planning.not_falling(fit)
 if reason:
     st.warning(f"No floor-based planning for {method} · {size}: {reason}.")
 defaults = planning.default_targets(fit, M)
-st.caption(f"Pool: M = {M} experts at this size. Defaults are the values the fitted law reaches at k = {(M + 1) / 2:g}; "
-           "answers beyond k = M are extrapolations of the law and marked so.")
+k_swept = int(merges["k"].max())
+st.caption(f"Pool: M = {M} experts at this size; merges measured up to k = {k_swept}. Defaults are the values the fitted "
+           f"law reaches at k = {(1 + min(M, k_swept)) / 2:g}; answers beyond the largest k measured or beyond M are "
+           "extrapolations of the law and marked so.")
 p1, p2, p3 = st.columns(3)
 with p1:
     target = st.number_input("target loss (nats/token)", value=round(defaults["target"], 4), format="%.4f",
@@ -98,12 +102,13 @@ if not reason:
                + k90.note + ".")
 
 if len(sizes_all) >= 2:
-    st.markdown("**Minimum size** for a target floor (joint law over sizes)")
-    floor_target = st.number_input("target floor", value=float(round(fit.L_inf * 0.95, 4)), format="%.4f")
+    st.markdown(f"**Minimum size** for a target floor (joint law over sizes; its interval from {JOINT_DRAWS} expert-bootstrap "
+                "draws, each a refit of the joint law)")
+    floor_target = st.number_input("target floor (nats/token)", value=float(round(fit.L_inf * 0.95, 4)), format="%.4f")
 
     @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
     def joint(frame):
-        return expert_bootstrap_joint(billions(frame["n_params"]), frame["experts_key"], frame["loss"], n_boot=50)
+        return expert_bootstrap_joint(billions(frame["n_params"]), frame["experts_key"], frame["loss"], n_boot=JOINT_DRAWS)
 
     try:
         jfit = joint(all_sizes)

@@ -32,6 +32,8 @@ if matrix.empty or matrix.isna().all().all():
     st.info("Synergy needs merges that differ by one expert (exhaustive subsets or orderings). Launch such a sweep.")
     st.stop()
 st.plotly_chart(synergy_heatmap(matrix, lo=lo, hi=hi), width="stretch", key="heatmap")
+if lo is not None and lo.attrs.get("notes"):
+    st.caption("Values marked '?' have no interval: " + "; ".join(lo.attrs["notes"]) + ".")
 left, right = st.columns(2)
 with left:
     st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded)")

@@ -52,18 +52,41 @@ def test_one_subset_per_k_gives_a_fit_without_interval_and_says_why():
     assert np.isfinite(est.value) and np.isnan(est.lo)
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_small_seeded_simulation_covers(scenario):
-    """40 families per scenario: every quantity covered in 85–100% (95% nominal; the full benchmark
-    with 200 families per plan is bench/coverage.py), with widths near a correct interval's."""
-    records = coverage_records(SCENARIOS[scenario], PLAN, M, 40, n_boot=200, seed=7)
+def plan_of(spec) -> list[tuple[int, ...]]:
+    from mergelab.sweep.plan import plan_subsets
+
+    experts = [f"e{i}" for i in range(M)]
+    return [tuple(experts.index(e) for e in subset) for subset in plan_subsets(experts, range(1, M + 1), spec, seed=0)]
+
+
+@pytest.mark.parametrize("scenario, spec, max_width", [
+    *[(name, "all", 2.5) for name in SCENARIOS],
+    # few subsets per expert: without deflating the effects by their estimation noise, the L(M) interval
+    # is about 1.9× as wide as a correct one here (bench/coverage.py)
+    ("independent subset noise", 10, 1.6),
+    ("independent subset noise", "orderings:15", 1.6),
+])
+def test_small_seeded_simulation_covers(scenario, spec, max_width):
+    """40 families per case: every quantity covered in at least 85% (95% nominal; the full benchmark
+    with 400 families per plan is bench/coverage.py), with widths near a correct interval's."""
+    plan = PLAN if spec == "all" else plan_of(spec)
+    records = coverage_records(SCENARIOS[scenario], plan, M, 40, n_boot=200, seed=7)
     truth, lo, hi = records["truth"], records["lo"], records["hi"]
     cover = ((lo <= truth) & (truth <= hi)).mean(axis=0)
     assert (cover >= 0.85).all(), dict(zip(QUANTITIES, cover))
     drop = np.array([Law(*t[:3]).drop(M) for t in truth])
     err = (records["estimate"] - truth)[:, [0, 3, 5]] / drop[:, None]  # L∞, L(M), mean at k=M (nats)
-    width = np.median((hi - lo)[:, [0, 3, 5]] / drop[:, None], axis=0)
-    assert (width < 2.5 * 3.92 * err.std(axis=0)).all(), width / (3.92 * err.std(axis=0))
+    width = np.median((hi - lo)[:, [0, 3, 5]] / drop[:, None], axis=0) / (3.92 * err.std(axis=0))
+    assert (width < max_width).all(), width
+
+
+def test_too_few_subsets_give_no_interval_and_say_why():
+    """Two orderings leave fewer residual degrees of freedom than the noise variance needs: no interval
+    (it would resample noise as expert effects), a note with the count."""
+    plan = plan_of("orderings:2")
+    loss = simulate_losses(Law(1.0, 0.5, 1.0), SCENARIOS["mix"], plan, M, np.random.default_rng(0))
+    fit = expert_bootstrap(["+".join(f"e{i}" for i in s) for s in plan], loss, n_boot=50)
+    assert fit.samples is None and any("residual degrees of freedom" in n for n in fit.notes), fit.notes
 
 
 def test_joint_interval_resamples_one_pool_across_sizes():
@@ -88,4 +111,39 @@ def test_synergy_intervals_cover_in_a_small_simulation():
     from mergelab.analysis.simulate import synergy_coverage
 
     cover, width = synergy_coverage(SCENARIOS["mix"], PLAN, M, 12, n_boot=150, seed=3)
-    assert 0.85 <= cover <= 1.0 and 0 < width < 1, (cover, width)
+    assert cover >= 0.85 and 0 < width < 0.5, (cover, width)  # bench: 0.11 drops wide, 91% covered
+
+
+def test_failed_joint_refits_are_counted_not_called_unreachable(monkeypatch):
+    """A bootstrap refit of the joint law that fails is left out and said; above 5% the interval is refused."""
+    import mergelab.analysis.intervals as intervals
+
+    rng = np.random.default_rng(4)
+    N, keys, loss = [], [], []
+    for size in (0.5, 1.5, 7.0, 32.0):
+        for s, key in zip(PLAN, KEYS):
+            N.append(size)
+            keys.append(key)
+            loss.append(0.2 + 0.1 * size ** -0.4 + 0.05 / (len(s) + 0.3) + rng.normal(0, 0.002))
+    real, calls = intervals.fit_joint, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (3, 5):  # the point fit is call 1; two of 40 refits fail
+            raise intervals.FitError("did not converge")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(intervals, "fit_joint", flaky)
+    fit = expert_bootstrap_joint(N, keys, loss, n_boot=40, seed=0)
+    assert fit.samples.shape == (38, 6) and any("2 of 40 bootstrap refits failed" in n for n in fit.notes)
+    assert np.isfinite(planning.minimum_size(fit, 0.26).hi)
+    def only_the_point_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise intervals.FitError("did not converge")
+        return real(*args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(intervals, "fit_joint", only_the_point_fit)
+    refused = expert_bootstrap_joint(N, keys, loss, n_boot=20, seed=0)
+    assert refused.samples is None and any("no interval" in n for n in refused.notes)

@@ -88,3 +88,27 @@ def test_fit_and_plan_refuses_floor_answers_for_a_non_monotone_curve(page_env):
     assert any("No floor-based planning" in w.value and "non-monotone" in w.value for w in at.warning)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["k within ε of the floor"] == "—" and metrics["stop after k"] == "—"
+
+
+def test_answers_beyond_the_largest_k_swept_are_marked():
+    """Swept to k = 5 of 9: an answer between 5 and 9 is inside the pool but outside the data."""
+    k = np.arange(1, 6)
+    fit = fit_curve(k, FALLING(k))
+    between = planning.k_epsilon(fit, 0.5 / 8, M=9)  # k_ε = 0.5/ε − 1 = 7
+    assert between.value == pytest.approx(7.0, rel=1e-4) and between.extrapolated
+    assert "beyond the largest k swept (5)" in between.note
+    inside = planning.k_epsilon(fit, 0.5 / 4, M=9)  # k_ε = 3
+    assert inside.value == pytest.approx(3.0, rel=1e-4) and not inside.extrapolated
+    assert "L(M) itself is extrapolated" in planning.k_at_fraction(fit, 0.9, 9).note
+    defaults = planning.default_targets(fit, 9)
+    assert planning.k_for_target(fit, defaults["target"], 9).value == pytest.approx(3.0, rel=1e-3)
+
+
+def test_a_draw_that_rises_never_reaches_the_target():
+    """A bootstrap draw with A ≤ 0 cannot reach a target below its start: infinite, not a negative k."""
+    k = np.arange(1, 10, dtype=float)
+    fit = fit_curve(k, FALLING(k))
+    fit.samples = np.array([[1.0, 0.5, 1.0], [1.0, -0.5, 1.0], [1.0, 0.5, 1.0]])  # L∞, A, b; the middle one rises
+    est = planning.k_for_target(fit, 1.1, M=9)
+    assert est.value == pytest.approx(4.0, rel=1e-4) and est.lo == pytest.approx(4.0) and est.hi == np.inf
+    assert planning.k_epsilon(fit, 0.1, M=9).hi == np.inf

@@ -52,8 +52,8 @@ def page_env(results, tmp_path, monkeypatch):
 def test_curves_page_fits_one_curve_per_setting(page_env):
     at = page("pages/1_Curves.py", methods="ties lambda=0.5,ties lambda=1.0", domain="x")
     table = at.dataframe[0].value.set_index("setting")
-    assert table.loc["ties lambda=0.5", "L∞"] == pytest.approx(2.0, abs=0.02)
-    assert table.loc["ties lambda=1.0", "L∞"] == pytest.approx(3.0, abs=0.02)
+    assert table.loc["ties lambda=0.5", "L∞ (nats/token)"] == pytest.approx(2.0, abs=0.02)
+    assert table.loc["ties lambda=1.0", "L∞ (nats/token)"] == pytest.approx(3.0, abs=0.02)
 
 
 @pytest.mark.parametrize("name", ["app.py", "pages/3_Fit_and_Plan.py", "pages/4_Synergy.py", "pages/5_Export.py"])
@@ -64,4 +64,13 @@ def test_every_page_offers_settings_not_methods(page_env, name):
         assert "ties lambda=0.5" in pickers[0].options and "ties" not in pickers[0].options
     if name == "pages/3_Fit_and_Plan.py":
         table = at.dataframe[0].value
-        assert list(table["setting"]) == ["ties lambda=0.5"] and table["L∞"].iloc[0] == pytest.approx(2.0, abs=0.02)
+        assert list(table["setting"]) == ["ties lambda=0.5"]
+        assert table["L∞ (nats/token)"].iloc[0] == pytest.approx(2.0, abs=0.02)
+
+
+def test_labels_do_not_change_with_the_rows_at_hand():
+    """λ = 0.5 lacks rows on domain y: λ = 1.0 keeps its full label there, as in the pickers."""
+    rows = synthetic_results(CURVES, EXPERTS, domains=("x", "y"))
+    rows = rows[~((rows["hparams"] == LOW) & (rows["domain"] == "y"))]
+    assert set(merge_losses(rows, "y")["setting"]) == {"ties lambda=1.0", "average"}
+    assert set(merge_losses(rows, "x")["setting"]) == {"ties lambda=0.5", "ties lambda=1.0", "average"}

@@ -510,6 +510,7 @@ class JointFit(FitResult):
     at_bound: dict[str, bool]
     notes: list[str] = field(default_factory=list)
     samples: np.ndarray | None = None  # bootstrap draws of params, shape (n_boot, 6)
+    interval: str = ""                 # how the draws were made (mergelab.analysis.intervals.expert_bootstrap_joint)
     r2_unweighted: float = float("nan")  # every (N, k) point counted once
     n_sizes: int = 0
     not_identified: dict[str, list[str]] = field(default_factory=dict)  # parameter -> why the data do not pin it down

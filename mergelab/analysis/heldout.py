@@ -57,7 +57,9 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
     Errors are given in nats and relative to the observed loss and to the curve's drop
     L(1) − L(k_max) (a forecast is only useful if its error is small against what merging gains).
     With `subsets` (one experts_key per row) each prediction gets a 95% expert-bootstrap interval
-    (`lo`, `hi`): new pools of experts at k = 1, 2, 4 (mergelab.analysis.intervals), forecast again."""
+    (`lo`, `hi`) for the *population* mean loss at k (new pools of experts at k = 1, 2, 4, forecast
+    again; mergelab.analysis.intervals), not for the observed mean, which carries its own pool's
+    error (at k = M it is one subset). When no interval can be given, the fit's notes say why."""
     ks, means = per_k_means(k, loss)
     missing = [x for x in (1, 2, 4) if x not in ks]
     if missing:
@@ -70,7 +72,11 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
     out["error_rel_drop"] = out["error"] / (means[0] - means[-1])
     out["held_out"] = ~out["k"].isin([1, 2, 4])
     if subsets is not None:
-        out["lo"], out["hi"] = _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level)
+        try:
+            out["lo"], out["hi"] = _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level)
+        except FitError as exc:
+            out["lo"] = out["hi"] = np.nan
+            forecast.notes.append(f"no interval: {exc}")
     return HeldOut(forecast, out)
 
 
@@ -80,10 +86,7 @@ def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
     k, loss, subsets = np.asarray(k, dtype=float), np.asarray(loss, dtype=float), np.asarray(subsets)
     used = np.isin(k, (1, 2, 4))
     law = lambda x: p["L_inf"] + p["A"] / (x + p["b"])  # noqa: E731
-    try:
-        _, draws = mean_draws(subsets[used], loss[used], law, n_boot=n_boot, seed=seed)
-    except FitError:
-        return np.nan, np.nan
+    _, draws = mean_draws(subsets[used], loss[used], law, n_boot=n_boot, seed=seed)
     curves = []
     for L1, L2, L4 in draws:
         q, _ = _three_point(L1, L2, L4)

@@ -3,8 +3,9 @@ bootstrap that resamples experts.
 
 Why experts and not subsets: every subset of one pool is built from the same M expert draws, and at
 k = M there is a single subset. Resampling subsets treats them as independent and gives intervals
-3–10× too narrow (bench/coverage.py measures 8–50% coverage for a nominal 95%). The unit of
-randomness is the expert: a new pool of experts trained the same way gives a new curve.
+3–10× too narrow (bench/coverage.py: 14–47% coverage of L(M) for a nominal 95%, 0% for the per-k
+mean at k = M). The unit of randomness is the expert: a new pool of experts trained the same way
+gives a new curve.
 
 The model (the second-order expansion of paper §3: with task vectors v_i = μ + δ_i, the merged loss
 is L(θ0) + c·gᵀv̄ + ½c²·v̄ᵀHv̄ with v̄ the mean over the subset), for a subset S of k experts:
@@ -36,6 +37,9 @@ import numpy as np
 from mergelab.analysis.fit import CurveFit, FitError, JointFit, fit_curve, fit_joint, fit_params
 from mergelab.analysis.means import per_k_means
 from mergelab.names import key_experts
+
+MIN_DOF = 5  # residual degrees of freedom the noise variance σ² must rest on
+MAX_FAILED_DRAWS = 0.05  # share of bootstrap refits that may fail before an interval is refused
 
 
 
@@ -89,11 +93,16 @@ class ExpertEffects:
 def fit_effects(design: SubsetDesign, loss) -> ExpertEffects:
     """Least squares (weights k, as Var e_S = σ²/k) of the model in the module docstring.
 
-    Raises FitError when the experts' effects cannot be told apart from the curve: fewer than 2
-    experts, or a single subset at every k (e.g. one ordering)."""
+    The curvature terms c are kept only when they leave at least max(MIN_DOF, M) residual degrees of
+    freedom: with fewer, σ² would rest on a handful of residuals and the noise would be resampled as
+    expert effects. Raises FitError when the experts' effects cannot be told apart from the curve:
+    fewer than 2 experts, a single subset at every k (e.g. one ordering), or fewer than MIN_DOF
+    residual degrees of freedom even without the curvature terms (e.g. two orderings)."""
     y = np.asarray(loss, dtype=float)
-    if y.shape != design.k.shape or not np.all(np.isfinite(y)):
-        raise FitError(f"need one finite loss per merged subset ({len(design.k)}), got {y.shape[0]}")
+    if y.shape != design.k.shape:
+        raise FitError(f"need one loss per merged subset ({len(design.k)}), got {y.shape[0]}")
+    if not np.all(np.isfinite(y)):
+        raise FitError(f"{int((~np.isfinite(y)).sum())} of {len(y)} merged subsets have a NaN/Inf loss")
     if design.M < 2:
         raise FitError("an interval needs at least 2 experts: with one there is nothing to resample")
     k = design.k
@@ -107,12 +116,16 @@ def fit_effects(design: SubsetDesign, loss) -> ExpertEffects:
                        "so no interval can be given (sweep several subsets per k, or more orderings)")
     full = np.hstack([first, design.Z / k[:, None] ** 2])
     rank_full = np.linalg.matrix_rank(full * sw)
-    curvature = rank_full > rank_first
+    curvature = rank_full > rank_first and len(y) - rank_full >= max(MIN_DOF, design.M)
     X, rank = (full, rank_full) if curvature else (first, rank_first)
+    if len(y) - rank < MIN_DOF:
+        raise FitError(f"{len(y)} merged subsets leave {len(y) - rank} residual degrees of freedom after the "
+                       f"experts' effects (at least {MIN_DOF} needed): the experts cannot be told apart from the "
+                       "merge-level noise, so no interval can be given (sweep more subsets per k, or more orderings)")
     coef, *_ = np.linalg.lstsq(X * sw, y * sw[:, 0], rcond=None)
     resid = y - X @ coef
     dof = len(y) - rank
-    sigma2 = float(np.sum(k * resid ** 2) / dof) if dof > 0 else 0.0
+    sigma2 = float(np.sum(k * resid ** 2) / dof)
     K, M = onehot.shape[1], design.M
     # fitted values are unique; the split between m_k and the effects' means is not: centre the effects
     centre = np.eye(M) - 1.0 / M
@@ -157,7 +170,9 @@ def simulate_pools(design: SubsetDesign, effects: ExpertEffects, mean: np.ndarra
     mean: (n,) the population mean loss of each subset (the fitted law at its k)."""
     k = design.k
     a, c = effects.a[pools.picks] * pools.scale, effects.c[pools.picks] * pools.scale
-    noise = rng.standard_normal((len(pools.picks), len(k))) * np.sqrt(effects.sigma2 / k)
+    # σ̂² rests on `dof` residuals: each draw scales it by dof/χ²_dof, as the pool's spread is scaled
+    spread = np.sqrt(effects.dof / rng.chisquare(effects.dof, size=(len(pools.picks), 1)))
+    noise = rng.standard_normal((len(pools.picks), len(k))) * np.sqrt(effects.sigma2 / k) * spread
     return mean[None, :] + (a @ design.Z.T) / k + (c @ design.Z.T) / k ** 2 + noise
 
 
@@ -236,6 +251,13 @@ def expert_bootstrap_joint(N, subsets: Sequence, loss, *, n_boot: int = 100, see
         try:
             samples[i] = list(fit_joint(cell_N, cell_k, row, weights=weights).params.values())
         except FitError:
-            pass
-    fit.samples = samples
+            pass  # counted below
+    failed = int(np.isnan(samples).any(axis=1).sum())
+    if failed > MAX_FAILED_DRAWS * n_boot:
+        fit.notes.append(f"no interval: {failed} of {n_boot} bootstrap refits of the joint law failed")
+        return fit
+    if failed:
+        fit.notes.append(f"{failed} of {n_boot} bootstrap refits failed and were left out of the intervals")
+    fit.samples = samples[~np.isnan(samples).any(axis=1)]
+    fit.interval = f"expert bootstrap ({len(fit.samples)} draws over M = {parts[0][2].M} experts)"
     return fit

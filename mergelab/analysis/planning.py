@@ -47,7 +47,8 @@ def _estimate(fit: "CurveFit | JointFit", fn: Callable[[dict], float], note: str
     if fit.samples is None or not len(fit.samples):
         return Estimate(value, note=note)
     names = list(fit.params)
-    draws = np.array([fn(dict(zip(names, s))) for s in fit.samples], dtype=float)
+    usable = fit.samples[~np.isnan(fit.samples).any(axis=1)]  # a failed refit is no draw (not "unreachable")
+    draws = np.array([fn(dict(zip(names, s))) for s in usable], dtype=float)
     draws = draws[~np.isnan(draws)]
     if not len(draws):
         return Estimate(value, note=note)
@@ -56,11 +57,27 @@ def _estimate(fit: "CurveFit | JointFit", fn: Callable[[dict], float], note: str
     return Estimate(value, float(lo), float(hi), note)
 
 
-def _in_pool(est: Estimate, M: int | None) -> Estimate:
-    """Mark a k answer beyond the M experts available (or below one expert)."""
-    if M is None or not np.isfinite(est.value) or 1 <= est.value <= M:
+def _k_swept(fit: CurveFit) -> float | None:
+    return float(np.max(fit.observed[0])) if fit.observed is not None else None
+
+
+def _in_data(est: Estimate, fit: CurveFit, M: int | None) -> Estimate:
+    """Mark a k answer outside what was measured: beyond the M experts available, beyond the largest
+    k swept (the law then extrapolates the measured curve), or below one expert."""
+    if not np.isfinite(est.value):
         return est
-    where = f"beyond the M = {M} experts available" if est.value > M else "below one expert"
+    k_max = _k_swept(fit)
+    if M is not None and est.value > M:
+        where = f"beyond the M = {M} experts available"
+    elif k_max is not None and est.value > k_max:
+        where = f"beyond the largest k swept ({k_max:g})"
+    elif est.value < 1:
+        where = "below one expert"
+    else:
+        if M is not None and est.hi > M:
+            return Estimate(est.value, est.lo, est.hi, "; ".join(filter(None, [
+                est.note, f"its interval reaches beyond the M = {M} experts available"])), est.extrapolated)
+        return est
     note = "; ".join(filter(None, [est.note, f"k = {est.value:.3g} is {where}: an extrapolation of the law"]))
     return Estimate(est.value, est.lo, est.hi, note, extrapolated=True)
 
@@ -108,10 +125,10 @@ def k_for_target(fit: CurveFit, target: float, M: int | None = None) -> Estimate
 
     def k_req(p):
         gap = target - p["L_inf"]
-        return p["A"] / gap - p["b"] if gap > 0 else math.inf
+        return p["A"] / gap - p["b"] if gap > 0 and p["A"] > 0 else math.inf  # a draw that rises never gets there
 
     note = "" if target > fit.L_inf else f"target {target:g} is at or below the floor L∞ = {fit.L_inf:.4g}: unreachable"
-    return _in_pool(_estimate(fit, k_req, note), M)
+    return _in_data(_estimate(fit, k_req, note), fit, M)
 
 
 def k_epsilon(fit: CurveFit, eps: float, M: int | None = None) -> Estimate:
@@ -119,7 +136,8 @@ def k_epsilon(fit: CurveFit, eps: float, M: int | None = None) -> Estimate:
     M: the pool size, beyond which the answer is marked extrapolated. Raises FitError unless ε > 0."""
     if not eps > 0:
         raise FitError(f"epsilon must be > 0, got {eps!r}")
-    return _refuse(fit) or _in_pool(_estimate(fit, lambda p: p["A"] / eps - p["b"]), M)
+    return _refuse(fit) or _in_data(_estimate(fit, lambda p: p["A"] / eps - p["b"] if p["A"] > 0 else math.inf),
+                                    fit, M)
 
 
 def marginal_gain(fit: CurveFit, k: float) -> Estimate:
@@ -151,6 +169,9 @@ def k_at_fraction(fit: CurveFit, fraction: float, M: int) -> Estimate:
     by_form = M / (M - fraction * (M - 1))
     note = (f"R(k) is fixed by b alone: with b = 0, k_f = M/(M − f(M−1)) for any data "
             f"(k{fraction * 100:.0f} = {by_form:.2f} at M = {M})")
+    k_max = _k_swept(fit)
+    if k_max is not None and k_max < M:
+        note += f"; L(M) itself is extrapolated beyond the largest k swept ({k_max:g})"
     return _refuse(fit) or _estimate(fit, k_f, note)
 
 
@@ -164,13 +185,13 @@ def stop_rule(fit: CurveFit, tolerance: float, M: int | None = None, k_max: int 
         below = np.nonzero(p["A"] / ((ks + p["b"]) * (ks + 1 + p["b"])) < tolerance)[0]
         return float(ks[below[0]]) if len(below) else math.inf
 
-    return _refuse(fit) or _in_pool(_estimate(fit, first_k), M)
+    return _refuse(fit) or _in_data(_estimate(fit, first_k), fit, M)
 
 
 def default_targets(fit: CurveFit, M: int) -> dict[str, float]:
-    """Planner inputs whose answers fall inside [1, M]: the loss, ε and tolerance that the fitted
-    law reaches at k = (M+1)/2 (shown as defaults in the dashboard)."""
-    mid = (M + 1) / 2
+    """Planner inputs whose answers fall inside the data: the loss, ε and tolerance that the fitted
+    law reaches halfway to the largest k measured (at most M) (shown as defaults in the dashboard)."""
+    mid = (1 + min(M, _k_swept(fit) or M)) / 2
     if fit.A <= 0:  # a rising curve has no floor: plain, positive inputs (the planners say why they refuse)
         return {"target": float(fit.predict([mid])[0]), "epsilon": 0.01, "tolerance": 0.001}
     return {"target": float(fit.predict([mid])[0]), "epsilon": fit.A / (mid + fit.b),

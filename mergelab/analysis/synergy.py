@@ -48,8 +48,9 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     merges' losses; each draw keeps the donor d with its own estimated effects and replaces its
     co-experts by a new pool resampled from the others, evaluates the same subsets, and recomputes
     S[d, e] over the same (S, S ∪ {d}) pairs. The interval is for d's synergy against the population
-    of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries whose receiver's effects
-    cannot be estimated (one subset per k) are NaN."""
+    of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries that get no interval are
+    NaN, and `lo.attrs["notes"]` says why (fewer than 3 experts, a receiver with NaN losses, effects
+    that cannot be estimated)."""
     from mergelab.analysis.fit import FitError
     from mergelab.analysis.intervals import SubsetDesign, fit_effects
 
@@ -63,15 +64,19 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     rng = np.random.default_rng(seed)
     tails = [50 * (1 - level), 50 * (1 + level)]
     M, k = design.M, design.k
+    lo.attrs["notes"] = notes = []
     if M < 3:
+        notes.append(f"no intervals: {M} experts (resampling co-experts needs at least 3)")
         return lo, hi
     for receiver in table.columns:
         y = table[receiver].to_numpy(dtype=float)
         if not np.isfinite(y).all():
+            notes.append(f"{receiver}: no interval, {int((~np.isfinite(y)).sum())} merges lack a loss on it")
             continue
         try:
             effects = fit_effects(design, y)
-        except FitError:
+        except FitError as exc:
+            notes.append(f"{receiver}: no interval, {exc}")
             continue
         m_k = dict(zip(design.ks(), design.per_k_means(y)))
         mean = np.array([m_k[x] for x in k])
@@ -89,7 +94,8 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
             scale = np.sqrt((M - 1) / (M - 2)) * np.sqrt((M - 2) / rng.chisquare(M - 2, size=(n_boot, 1)))
             a, c = a_o[picks] * scale, c_o[picks] * scale
             a[:, j], c[:, j] = effects.a[j], effects.c[j]  # the donor stays itself
-            noise = rng.standard_normal((n_boot, len(k))) * np.sqrt(effects.sigma2 / k)
+            spread = np.sqrt(effects.dof / rng.chisquare(effects.dof, size=(n_boot, 1)))  # σ̂² rests on dof residuals
+            noise = rng.standard_normal((n_boot, len(k))) * np.sqrt(effects.sigma2 / k) * spread
             y_star = mean + (a @ design.Z.T) / k + (c @ design.Z.T) / k ** 2 + noise
             s_star = (y_star[:, without] - y_star[:, with_d]).mean(axis=1)
             k1 = k[with_d]

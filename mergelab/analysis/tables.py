@@ -23,12 +23,15 @@ from mergelab.names import MACRO, REFERENCE_METHODS, billions, key_experts
 CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]
 
 
-def setting_labels(frame: pd.DataFrame) -> pd.Series:
+def setting_labels(frame: pd.DataFrame, labels_from: pd.DataFrame | None = None) -> pd.Series:
     """The setting of each row (columns family, method, hparams): the method alone when its family
-    has one setting of it in `frame`, else the method and the hyperparameters that differ between
-    its settings, e.g. 'ties lambda=0.5'."""
+    has one setting of it, else the method and the hyperparameters that differ between its settings,
+    e.g. 'ties lambda=0.5'. The settings are those in `labels_from` (default: `frame`): pass the
+    family's cached rows so that a domain or table holding fewer settings keeps the same labels."""
     labels = {}
-    for (family, method), group in frame.groupby(["family", "method"], sort=False):
+    source = frame if labels_from is None else pd.concat([labels_from[["family", "method", "hparams"]],
+                                                          frame[["family", "method", "hparams"]]])
+    for (family, method), group in source.groupby(["family", "method"], sort=False):
         settings = {h: json.loads(h) for h in group["hparams"].unique()}
         names = sorted({name for p in settings.values() for name in p})
         differ = [n for n in names if len({json.dumps(p.get(n)) for p in settings.values()}) > 1]
@@ -38,10 +41,11 @@ def setting_labels(frame: pd.DataFrame) -> pd.Series:
                      index=frame.index, dtype=object, name="setting")
 
 
-def with_settings(frame: pd.DataFrame) -> pd.DataFrame:
+def with_settings(frame: pd.DataFrame, labels_from: pd.DataFrame | None = None) -> pd.DataFrame:
     """`frame` with a `setting` column (see setting_labels) after `method`."""
     out = frame.drop(columns="setting", errors="ignore")
-    out.insert(out.columns.get_loc("method") + 1, "setting", setting_labels(out) if len(out) else pd.Series(dtype=object))
+    labels = setting_labels(out, labels_from) if len(out) else pd.Series(dtype=object)
+    out.insert(out.columns.get_loc("method") + 1, "setting", labels)
     return out
 
 
@@ -51,12 +55,13 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
     rows = results[~results["method"].isin(REFERENCE_METHODS) & (results["k"] >= 1)]
     keys = CURVE_KEYS + ["experts_key", "k"]
     if domain != MACRO:
-        return with_settings(rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True))
+        return with_settings(rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True), rows)
     n_domains = rows.groupby("family")["domain"].nunique().rename("family_domains")
     # rows are unique per (merge, domain) by the cache key, so a row count is a domain count
     macro = rows.groupby(keys, as_index=False, sort=False).agg(loss=("loss", "mean"), n_domains=("loss", "size"))
     macro = macro.join(n_domains, on="family")
-    return with_settings(macro[macro["n_domains"] == macro["family_domains"]][keys + ["loss"]].reset_index(drop=True))
+    complete = macro[macro["n_domains"] == macro["family_domains"]]
+    return with_settings(complete[keys + ["loss"]].reset_index(drop=True), rows)
 
 
 def pool_size(rows: pd.DataFrame) -> int:
@@ -111,7 +116,7 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
             info.update(fit.to_dict())
             rows.append(info)
     return with_settings(pd.DataFrame(rows).sort_values(["family", "domain", "method", "hparams", "n_params"],
-                                                        ignore_index=True))
+                                                        ignore_index=True), results)
 
 
 def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
@@ -167,7 +172,7 @@ def joint_table(results: pd.DataFrame, *, domains=None, weights="k") -> pd.DataF
             except FitError as exc:
                 row.update(identified=False, reason=str(exc), notes=[str(exc)])
             rows.append(row)
-    return with_settings(pd.DataFrame(rows))
+    return with_settings(pd.DataFrame(rows), results)
 
 
 def fit_joint_merges(merges: pd.DataFrame, *, weights="k") -> JointFit:
@@ -222,7 +227,7 @@ def synergy_table(results: pd.DataFrame, *, n_boot: int = 0, seed: int = 0) -> p
     if not frames:
         raise FitError("no merges to compute synergy from")
     columns = ["donor", "receiver", "synergy", "n_pairs"] + (["lo", "hi"] if n_boot else [])
-    return with_settings(pd.concat(frames, ignore_index=True)[CURVE_KEYS + columns])
+    return with_settings(pd.concat(frames, ignore_index=True)[CURVE_KEYS + columns], results)
 
 
 PLAN_DEFAULTS = {"epsilon": 0.01, "tolerance": 0.001}
@@ -254,7 +259,7 @@ def plan_table(results: pd.DataFrame, *, weights="k", n_boot: int = 0, seed: int
                       f"stop(tol={tolerance:g})": planning.stop_rule(fit, tolerance, M)}
         for name, est in quantities.items():
             rows.append({**info, "quantity": name, "M": M, **est.as_dict()})
-    return with_settings(pd.DataFrame(rows))
+    return with_settings(pd.DataFrame(rows), results)
 
 
 def _means(subsets: pd.DataFrame):

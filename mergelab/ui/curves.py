@@ -39,7 +39,7 @@ def bands(fits: dict, merges: pd.DataFrame) -> dict:
     return out
 
 
-DISPLAY = {"L_inf": "L∞"}
+DISPLAY = {"L_inf": "L∞ (nats/token)", "A": "A (nats/token)"}
 
 
 def fit_summary(fits: dict) -> pd.DataFrame:
@@ -48,8 +48,8 @@ def fit_summary(fits: dict) -> pd.DataFrame:
         if not fit.ok:
             rows.append({"size": size, "setting": setting, "note": fit.reason})
             continue
-        row = {"size": size, "setting": setting, "L∞": fit.L_inf, "A": fit.A, "b": fit.b, "R² (k-weighted)": fit.r2,
-               "R² (unweighted)": fit.r2_unweighted}
+        row = {"size": size, "setting": setting, DISPLAY["L_inf"]: fit.L_inf, DISPLAY["A"]: fit.A, "b": fit.b,
+               "R² (k-weighted)": fit.r2, "R² (unweighted)": fit.r2_unweighted}
         if fit.samples is not None:
             for name, (lo, hi) in fit.param_ci().items():
                 row[f"{DISPLAY.get(name, name)} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"
@@ -58,20 +58,21 @@ def fit_summary(fits: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def variance_tables(merges: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+def variance_tables(merges: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """Across-subset variance per k and its two laws per (size, setting); the finite-pool factor uses
-    M, the size's pool of experts, not the largest k swept."""
+    M, the size's pool of experts in the family's `rows` (as Fit & Plan does), not the largest k swept.
+    A curve whose laws cannot be fitted gets {"reason": …} instead of its fits."""
     from mergelab.analysis.tables import pool_size
 
     frames, fits = [], {}
-    pools = {size: pool_size(group) for size, group in merges.groupby("size")}
+    pools = {size: pool_size(rows[rows["size"] == size]) for size in merges["size"].unique()}
     for (size, setting), group in merges.groupby(["size", "setting"]):
         var = subset_variance(group["k"], group["loss"]).assign(size=size, setting=setting)
         frames.append(var)
         try:
             fits[size, setting] = fit_variance(var["k"], var["var"], pools[size])
-        except FitError:
-            pass
+        except FitError as exc:  # the figure draws the points alone; the page says why
+            fits[size, setting] = {"reason": str(exc)}
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), fits
 
 
@@ -79,3 +80,19 @@ def size_points(merges: pd.DataFrame, k: int) -> pd.DataFrame:
     """Mean loss at one k per setting and size, with N in billions of parameters."""
     return mean_by_k(merges[merges["k"] == k], ["setting", "size", "n_params"]).assign(
         N=lambda f: billions(f["n_params"])).sort_values("N")
+
+
+HELD_OUT_COLUMNS = {"N": "N (billions of parameters)", "observed": "observed mean (nats/token)",
+                    "predicted": "predicted (nats/token)", "error": "error (nats/token)",
+                    "error_rel_loss": "error / observed", "error_rel_drop": "error / drop L(1) − L(k max)",
+                    "held_out": "held out"}
+
+
+def held_out_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A held-out table (mergelab.analysis.heldout) for display: units in the headers, and the
+    interval as one column that says what it covers."""
+    out = table.rename(columns=HELD_OUT_COLUMNS)
+    if "lo" in out:
+        out["population mean at k, 95% CI (nats/token)"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
+                                                           for lo, hi in zip(out.pop("lo"), out.pop("hi"))]
+    return out

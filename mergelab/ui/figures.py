@@ -130,21 +130,24 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None):
 
 def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None):
     """Diverging colour scale centred on 0: blue helps, red hurts. lo, hi: matrices of 95% intervals
-    (mergelab.analysis.synergy.synergy_intervals), shown on hover; entries whose interval holds 0 are greyed."""
+    (mergelab.analysis.synergy.synergy_intervals), shown on hover; a value whose interval holds 0 is
+    printed in parentheses, one without an interval with a trailing '?', an empty cell has no pair."""
     import numpy as np
     import plotly.graph_objects as go
 
     values = matrix.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    text = np.round(values, 3).astype(str)
+    text = np.where(np.isfinite(values), np.round(values, 3).astype(str), "")
     hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
     custom = None
     if lo is not None and hi is not None:
         lo_v, hi_v = lo.to_numpy(dtype=float), hi.to_numpy(dtype=float)
         custom = np.dstack([lo_v, hi_v])
+        no_interval = np.isfinite(values) & ~(np.isfinite(lo_v) & np.isfinite(hi_v))
         text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
+        text = np.where(no_interval, text + "?", text)
         hover = ("donor %{y} → receiver %{x}: %{z:.4f} nats<br>95% interval [%{customdata[0]:.4f}, "
-                 "%{customdata[1]:.4f}]<extra></extra>")
+                 "%{customdata[1]:.4f}] (NaN: none)<extra></extra>")
     fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
                                colorscale="RdBu", colorbar=dict(title="nats"), customdata=custom,
                                text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
