@@ -18,6 +18,7 @@ as a correct normal interval.
     python bench/coverage.py                 # 200 families per scenario and plan (about 10 min on 2 cores)
     python bench/coverage.py --families 50   # quicker
     python bench/coverage.py --synergy-only  # only the synergy table (families / 4 per row)
+    python bench/coverage.py --joint-only    # only the joint law: floor at the largest size, β, N_min
 """
 
 import argparse
@@ -28,7 +29,8 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from mergelab.analysis.fit import FitError, fit_params
-from mergelab.analysis.simulate import QUANTITIES, SCENARIOS, all_subsets, coverage_records, families, quantities, synergy_coverage
+from mergelab.analysis.simulate import (JOINT_QUANTITIES, QUANTITIES, SCENARIOS, all_subsets, coverage_records, families,
+                                       joint_coverage, quantities, synergy_coverage)
 from mergelab.sweep.plan import plan_subsets
 
 M = 9
@@ -83,9 +85,12 @@ def main():
     parser.add_argument("--families", type=int, default=200)
     parser.add_argument("--draws", type=int, default=400)
     parser.add_argument("--synergy-only", action="store_true", help="only the synergy table")
+    parser.add_argument("--joint-only", action="store_true", help="only the joint-law table")
     args = parser.parse_args()
     if args.synergy_only:
         return synergy_table(args)
+    if args.joint_only:
+        return joint_table(args)
     print(f"# Coverage of nominal 95% intervals: {args.families} simulated families per row, M = {M}, "
           f"{args.draws} bootstrap draws\n")
     print("| scenario | plan | interval | " + " | ".join(QUANTITIES) + " | width (median over ideal) |")
@@ -118,6 +123,7 @@ def main():
                       + " | " + ", ".join("—" if np.isnan(w) else f"{w:.1f}" for w in width) + " |", flush=True)
             print(f"<!-- {scenario.name} / {plan_name}: {time.perf_counter() - start:.0f} s -->", file=sys.stderr)
     synergy_table(args)
+    joint_table(args)
 
 
 def synergy_table(args):
@@ -127,6 +133,19 @@ def synergy_table(args):
         for plan_name, spec in PLANS.items():
             cover, width = synergy_coverage(scenario, plan(spec), M, args.families // 4, n_boot=args.draws // 2, seed=0)
             print(f"| {scenario.name} | {plan_name} | {cover:.1%} | {width:.2f} |", flush=True)
+
+
+def joint_table(args):
+    n = args.families // 4
+    print(f"\n# Coverage of the joint law's intervals ({n} families, sizes 0.5–14 B, {args.draws // 4} draws, "
+          "each a refit of the joint law)\n")
+    print("| scenario | " + " | ".join(JOINT_QUANTITIES) + " | intervals given |")
+    print("|---" * (len(JOINT_QUANTITIES) + 2) + "|")
+    for scenario in SCENARIOS.values():
+        r = joint_coverage(scenario, n, n_boot=args.draws // 4, seed=0)
+        given = np.isfinite(r["lo"]).all(axis=1)
+        cover = ((r["lo"] <= r["truth"]) & (r["truth"] <= r["hi"]))[given].mean(axis=0)
+        print(f"| {scenario.name} | " + " | ".join(f"{c:.1%}" for c in cover) + f" | {given.sum()} of {n} |", flush=True)
 
 
 if __name__ == "__main__":

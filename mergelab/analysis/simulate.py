@@ -182,3 +182,56 @@ def synergy_coverage(scenario: Scenario, plan: list[tuple[int, ...]], M: int, n_
             hits.append(lo.loc[f"e{d}", "x"] <= truth <= hi.loc[f"e{d}", "x"])
             widths.append((hi.loc[f"e{d}", "x"] - lo.loc[f"e{d}", "x"]) / law.drop(M))
     return float(np.mean(hits)), float(np.median(widths))
+
+
+JOINT_QUANTITIES = ("floor at the largest N", "beta", "N_min")
+
+
+def joint_coverage(scenario: Scenario, n_families: int, *, sizes=(0.5, 1.5, 3.0, 7.0, 14.0), M: int = 9,
+                   n_boot: int = 60, seed: int = 0, level: float = 0.95) -> dict[str, np.ndarray]:
+    """Coverage of the joint law's intervals (mergelab.analysis.intervals.expert_bootstrap_joint).
+
+    Each family draws a joint law L(N,k) = L* + B·N^−β + A0·N^−γ/(k+b) (N in billions) and one pool
+    of experts whose effects, in units of each size's drop, are shared by all sizes; every subset
+    is merged at every size. Returns 'truth', 'lo', 'hi' (n_families, 3) for the floor at the
+    largest size, β and the minimum size N_min whose floor meets a target halfway (in N, geometric)
+    between the two largest sizes. NaN rows: no interval (the fit said why)."""
+    from mergelab.analysis import planning
+    from mergelab.analysis.intervals import expert_bootstrap_joint
+
+    rng = np.random.default_rng(seed)
+    plan = all_subsets(M)
+    keys = [experts_key(f"e{i}" for i in s) for s in plan]
+    out = {name: np.full((n_families, len(JOINT_QUANTITIES)), np.nan) for name in ("truth", "lo", "hi")}
+    tail = 50 * (1 - level), 50 * (1 + level)
+    for f in range(n_families):
+        L_star, B, beta = rng.uniform(0.2, 0.5), rng.uniform(0.1, 0.3), rng.uniform(0.3, 0.6)
+        A0, gamma, b = rng.uniform(0.05, 0.2), rng.uniform(0.0, 0.3), rng.uniform(0.2, 2.0)
+        unit = Pool.draw(Law(0.0, M / (M - 1), 0.0), scenario, M, rng)  # effects per unit of drop (its drop is 1)
+        N, subsets, loss = [], [], []
+        for size in sizes:
+            law = Law(L_star + B * size ** -beta, A0 * size ** -gamma, b)
+            d = law.drop(M)
+            pool = Pool(unit.a * d, unit.c * d, unit.w * d)
+            loss += list(simulate_losses(law, scenario, plan, M, rng, pool))
+            N += [size] * len(plan)
+            subsets += keys
+        n_target = float(np.sqrt(sizes[-1] * sizes[-2]))
+        target = L_star + B * n_target ** -beta
+        out["truth"][f] = [L_star + B * sizes[-1] ** -beta, beta, n_target]
+        fit = expert_bootstrap_joint(N, subsets, loss, n_boot=n_boot, seed=int(rng.integers(2**31)))
+        if fit.samples is None or not fit.identified:
+            continue
+        names = list(fit.params)
+        draws = np.array([[p["L_star"] + p["B"] * sizes[-1] ** -p["beta"], p["beta"],
+                           planning.minimum_size(replace_params(fit, p), target).value]
+                          for p in (dict(zip(names, s)) for s in fit.samples)])
+        out["lo"][f], out["hi"][f] = np.nanpercentile(draws, tail, axis=0)
+    return out
+
+
+def replace_params(fit, params: dict):
+    """A copy of a JointFit with other parameters and no draws (to evaluate a planner on one draw)."""
+    import dataclasses
+
+    return dataclasses.replace(fit, params=params, samples=None)
