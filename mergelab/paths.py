@@ -45,10 +45,13 @@ def app_path() -> Path:
     return shipped_root() / "app.py"
 
 
+CALLER_OPTIONS = {"server.address", "server.port", "server.headless"}
+
+
 def streamlit_options() -> list[str]:
-    """The shipped .streamlit/config.toml as `streamlit run` flags (theme, toolbar, usage stats), so the
-    dashboard looks the same whatever folder it is started from. The [server] section is left to the
-    caller (`mergelab demo up` passes address, port and headless itself)."""
+    """The shipped .streamlit/config.toml as `streamlit run` flags (theme, toolbar, usage stats, no file
+    watching), so the dashboard behaves the same whatever folder it is started from. Address, port and
+    headless are left to the caller (`mergelab demo up` passes them itself)."""
     import tomllib
 
     path = shipped_root() / ".streamlit" / "config.toml"
@@ -57,7 +60,7 @@ def streamlit_options() -> list[str]:
     config = tomllib.loads(path.read_text())
     return [f"--{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
             for section, options in config.items() for key, value in options.items()
-            if section != "server"]
+            if f"{section}.{key}" not in CALLER_OPTIONS]
 
 
 def allowed_roots() -> list[Path]:

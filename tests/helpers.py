@@ -110,9 +110,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_logged(args, log: Path, **kwargs):
+    """Start `args` with stdout and stderr going to the file `log`, never to a pipe: a pipe nobody reads
+    fills at 64 KiB and then blocks the server (and every worker it spawned) on its next write."""
+    import subprocess
+
+    out = open(log, "ab")
+    proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, **kwargs)
+    out.close()  # the child holds its own copy
+    proc.log = Path(log)
+    return proc
+
+
+def log_tail(proc, n: int = 3000) -> str:
+    """The last `n` characters a process started by start_logged wrote."""
+    return proc.log.read_text(errors="replace")[-n:] if proc.log.exists() else ""
+
+
 def wait_for_dashboard(url: str, proc, timeout: float = 60.0) -> None:
-    """Wait until the Streamlit server at `url` answers /_stcore/health; fail the test with its output
-    (and stop it) if it exits or does not answer within `timeout` seconds."""
+    """Wait until the Streamlit server at `url` (started by start_logged) answers /_stcore/health; fail the
+    test with its output (and stop it) if it exits or does not answer within `timeout` seconds."""
     import urllib.request
 
     import pytest
@@ -126,7 +143,7 @@ def wait_for_dashboard(url: str, proc, timeout: float = 60.0) -> None:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            pytest.fail(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
+            pytest.fail(f"streamlit did not start: {log_tail(proc)}")
         time.sleep(0.3)
 
 

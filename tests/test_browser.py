@@ -14,7 +14,7 @@ from mergelab.io.family import load_family
 from mergelab.store import ResultStore
 from mergelab.sweep.plan import SweepSpec
 from mergelab.sweep.runner import run_sweep
-from tests.helpers import free_port, wait_for_dashboard
+from tests.helpers import free_port, log_tail, start_logged, wait_for_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -38,14 +38,17 @@ def server(tiny_family, micro_family, tmp_path):
     port = free_port()
     env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(home), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"),
                MERGELAB_WORKER_IDLE="10")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
-                             "--server.port", str(port), "--server.headless", "true"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     wait_for_dashboard(url, proc)
-    yield {"url": url, "db": db}
+    yield {"url": url, "db": db, "proc": proc}
     proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"streamlit did not stop within 30 s of SIGTERM; its output ends: {log_tail(proc)}")
 
 
 @pytest.fixture
@@ -119,6 +122,7 @@ def test_launch_a_micro_sweep_watch_it_finish_and_see_the_points(server, page):
     page.get_by_text("demo-micro · macro", exact=True).wait_for(timeout=60000)
     no_exception(page)
     shoot(page, "curves_after_sweep")
+    assert "Inotify" not in log_tail(server["proc"], n=10**6)  # the server watches no files while a sweep writes
 
 
 def test_export_downloads_fits_with_provenance(server, page, tmp_path):

@@ -313,6 +313,17 @@ def test_dashboard_binds_loopback_unless_told_and_warns_then():
     assert 'address = "127.0.0.1"' in (Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text()
 
 
+
+def test_dashboard_never_watches_source_files_and_leaves_address_to_the_caller():
+    """A watching server floods inotify while a sweep writes near the install tree; its warnings once
+    stalled the server. `demo up` passes the shipped options; address, port and headless come from it alone."""
+    from mergelab.paths import streamlit_options
+
+    options = streamlit_options()
+    assert "--server.fileWatcherType=none" in options
+    assert not [o for o in options if o.split("=")[0] in ("--server.address", "--server.port", "--server.headless")]
+    assert "--browser.gatherUsageStats=false" in options
+
 def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

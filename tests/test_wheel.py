@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_for_dashboard
+from tests.helpers import free_port, start_logged, wait_for_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -81,8 +81,8 @@ def test_demo_up_and_fit_from_the_wheel(installed):
                            "--domain", "macro", "--format", "json"], env=env, cwd=work).stdout)
     assert len(fits["rows"]) == 2 and all(row["A"] > 0 for row in fits["rows"])  # sizes xs and s
     port = free_port()
-    server = subprocess.Popen([str(mergelab), "demo", "up", "--db", str(db), "--port", str(port)], env=env, cwd=work,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_logged([mergelab, "demo", "up", "--db", db, "--port", port], work / "demo-up.log", env=env, cwd=work,
+                          start_new_session=True)
     try:
         wait_for_dashboard(f"http://127.0.0.1:{port}", server, timeout=90)
     finally:

@@ -6,14 +6,23 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mergelab.store import KEY_COLUMNS, ResultStore
+from tests.helpers import log_tail, start_logged
 
 
 def start_worker(queue_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue_path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    """A worker process whose output goes to its own log file next to the queue (see start_logged)."""
+    log = queue_path.parent / f"worker-{time.monotonic_ns()}.log"
+    return start_logged([sys.executable, "-m", "mergelab", "worker", "--queue", queue_path, *extra], log, env=dict(os.environ))
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a start_worker process to exit; its whole output."""
+    process.wait(timeout=timeout)
+    return log_tail(process, n=10**7)
 
 
 def kill_9(process: subprocess.Popen) -> None:

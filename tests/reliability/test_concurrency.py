@@ -16,7 +16,7 @@ import pytest
 from mergelab.sweep.jobs import JobQueue
 from mergelab.store import ResultStore
 from mergelab.sweep.plan import SweepJob
-from tests.reliability.faults import check_whole_merges, start_worker
+from tests.reliability.faults import check_whole_merges, finish, start_worker
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ def test_two_workers_on_one_queue_run_each_job_once(tiny_family, tmp_path, tally
     ids = [queue.submit(SweepJob(str(tiny_family), {m: {}}, db=str(db), device="cpu"))
            for m in ("average", "task_arithmetic", "ties")]
     first, second = start_worker(queue.path, "--idle-exit", "2"), start_worker(queue.path, "--idle-exit", "2")
-    outputs = [w.communicate(timeout=300)[0].decode() for w in (first, second)]
+    outputs = [finish(w, timeout=300) for w in (first, second)]
     codes = sorted(w.returncode for w in (first, second))
     assert codes == [0, 1], outputs  # one ran the queue, the other found it taken
     assert any("another worker is already running" in o for o in outputs)

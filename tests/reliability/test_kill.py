@@ -15,7 +15,7 @@ from mergelab.sweep.runner import run_sweep
 from mergelab.sweep.plan import SweepJob
 from mergelab.sweep.worker import reap_orphans
 from tests.helpers import wait_until
-from tests.reliability.faults import check_whole_merges, compare_caches, kill_9, start_worker
+from tests.reliability.faults import check_whole_merges, compare_caches, finish, kill_9, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
     reap_orphans(queue)
     queue.resume(job_id)
     final = start_worker(queue.path, "--once")
-    output = final.communicate(timeout=600)[0].decode()  # communicate drains the pipe while waiting
+    output = finish(final)
     assert final.returncode == 0, output
     assert queue.get(job_id).status == "done", queue.get(job_id)
     killed = check_whole_merges(spec.db, n_domains)
