@@ -10,6 +10,7 @@ starve a sweep's writes.
 from __future__ import annotations
 
 import fcntl
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,12 @@ CREATE TABLE results (
 );
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
+
+# DuckDB installs and loads known extensions on demand by default: a --db naming a SQLite file made it
+# download its sqlite scanner. The cache needs none (parquet and pandas scans are built in), so no
+# connection may install or load one, and nothing reaches for the network.
+CONNECT_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # The expert list and k are derived from the key, so they can never disagree with it.
 _INSERT_SELECT = """
@@ -125,16 +132,33 @@ class ResultStore:
     def _open(self, read_only: bool, deadline: float):
         import duckdb
 
+        self._refuse_other_formats()
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=dict(CONNECT_CONFIG))
             except duckdb.Error as exc:
                 locked = "lock" in str(exc).lower()
                 if locked and time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                reason = "locked by another process" if locked else str(exc).splitlines()[0]
+                if locked:
+                    reason = "locked by another process"
+                elif "extension" in str(exc).lower():  # a format DuckDB reads only through an extension
+                    reason = "not a DuckDB file, and mergelab loads no DuckDB extension; pick another --db path"
+                else:
+                    reason = str(exc).splitlines()[0]
                 raise CacheError(f"{self.path}: cannot open the results cache ({reason})") from exc
+
+    def _refuse_other_formats(self) -> None:
+        """A SQLite database is refused by its header, before DuckDB would reach for its sqlite extension."""
+        try:
+            with open(self.path, "rb") as handle:
+                head = handle.read(len(SQLITE_MAGIC))
+        except OSError:  # absent (a new cache) or unreadable: DuckDB's own error says which
+            return
+        if head == SQLITE_MAGIC:
+            raise CacheError(f"{self.path}: cannot open the results cache (a SQLite database, not a DuckDB file); "
+                             f"pick another --db path")
 
     def _ensure_schema(self, con) -> None:
         version = self._check_version(con)
@@ -167,8 +191,14 @@ class ResultStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def upsert(self, rows) -> int:
-        """Insert rows (a DataFrame with ROW_COLUMNS) not already cached; returns how many were new."""
+    def upsert(self, rows, rejected: list[str] | None = None) -> int:
+        """Insert rows (a DataFrame or dicts with ROW_COLUMNS) not already cached; returns how many were new.
+
+        A row with no value in a column the cache requires (every NOT NULL column of the table) or a
+        number that is not finite (a NaN or infinite loss) is never inserted, nor any other row of its
+        merge (the cache holds whole merges only); every other merge of the batch is. Each merge left
+        out is described in one line, appended to `rejected` when it is given; without it, a CacheError
+        naming the first and the count is raised once the rest are in. Raises CacheError as `connect`."""
         import pandas as pd
 
         frame = pd.DataFrame(rows)
@@ -180,18 +210,34 @@ class ResultStore:
         frame = frame[ROW_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame.columns]]
         frame = frame.drop_duplicates(KEY_COLUMNS, keep="first")
         with self.connect() as con:
-            con.register("incoming", frame)
-            before = con.execute("SELECT count(*) FROM results").fetchone()[0]
-            con.execute(_INSERT_SELECT.format(source="incoming", created="current_localtimestamp()",
-                                              **_optional(frame.columns)))
-            return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
+            frame, problems = _valid_merges(frame, _required_columns(con))
+            added = 0
+            if not frame.empty:
+                con.register("incoming", frame)
+                before = con.execute("SELECT count(*) FROM results").fetchone()[0]
+                con.execute(_INSERT_SELECT.format(source="incoming", created="current_localtimestamp()",
+                                                  **_optional(frame.columns)))
+                added = con.execute("SELECT count(*) FROM results").fetchone()[0] - before
+        if problems and rejected is None:
+            raise CacheError(f"{self.path}: {len(problems)} merge(s) not cached, their other rows kept: "
+                             f"{problems[0]}")
+        if rejected is not None:
+            rejected.extend(problems)
+        return added
 
     def import_parquet(self, path: str | Path) -> int:
-        """Load exported rows (e.g. the shipped demo results) without touching rows already cached."""
+        """Load exported rows (e.g. the shipped demo results) without touching rows already cached.
+        Raises CacheError, importing nothing, when a row lacks a required value or its loss is not finite."""
         with self.connect() as con:
             before = con.execute("SELECT count(*) FROM results").fetchone()[0]
             source = f"read_parquet('{_sql_literal(path)}')"
             columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+            required = [c for c, _ in _required_columns(con) if c in columns]
+            checks = [f"{c} IS NULL" for c in required] + (["NOT isfinite(loss)"] if "loss" in columns else [])
+            bad = con.execute(f"SELECT count(*) FROM {source} WHERE {' OR '.join(checks)}").fetchone()[0] if checks else 0
+            if bad:
+                raise CacheError(f"{path}: {bad} rows lack a required value ({', '.join(required)}) or have a loss "
+                                 f"that is not finite; nothing imported")
             con.execute(_INSERT_SELECT.format(source=source, created="created_at", **_optional(columns)))
             return con.execute("SELECT count(*) FROM results").fetchone()[0] - before
 
@@ -275,6 +321,57 @@ def _hint(message: str) -> str:
         return (" — the disk is full or a file size limit was hit; rows cached before this write are kept: "
                 "free space and rerun, cached merges are skipped")
     return ""
+
+
+def _required_columns(con) -> list[tuple[str, str]]:
+    """(name, type) of every NOT NULL column of the results table, as the open cache declares them."""
+    return con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                       "WHERE table_name = 'results' AND is_nullable = 'NO' ORDER BY ordinal_position").fetchall()
+
+
+NUMERIC_TYPES = ("DOUBLE", "FLOAT", "REAL", "DECIMAL", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "HUGEINT")
+
+
+def _valid_merges(frame, required: list[tuple[str, str]]):
+    """`frame` less every merge (rows differing only in domain) with a row that lacks a required value
+    or holds a number that is not finite; and one line per merge left out, naming the column and value."""
+    import numpy as np
+    import pandas as pd
+
+    bad = pd.Series(False, index=frame.index)
+    why = pd.Series("", index=frame.index)
+    for column, dtype in required:
+        if column not in frame.columns:
+            continue  # derived on insert (experts, k, created_at)
+        values = frame[column]
+        wrong, numeric = values.isna(), dtype.upper().startswith(NUMERIC_TYPES)
+        if numeric:
+            wrong |= ~np.isfinite(pd.to_numeric(values, errors="coerce").astype("float64"))
+        shown = values.map(_shown) if numeric else values.map(repr).where(~values.isna(), "missing")
+        why = why.where(~(wrong & ~bad), column + " is " + shown)
+        bad |= wrong
+    if not bad.any():
+        return frame, []
+    merge_columns = [c for c in KEY_COLUMNS if c != "domain"]
+    keys = frame[merge_columns].astype(str).apply(tuple, axis=1)
+    problems, seen = [], set()
+    for index in frame.index[bad]:
+        if keys[index] in seen:
+            continue
+        seen.add(keys[index])
+        row = frame.loc[index]
+        problems.append(f"{row['size']} {row['method']} {row['hparams']} {{{str(row['experts_key']).replace('+', ',')}}}: "
+                        f"{why[index]} on domain {row['domain']!r}")
+    return frame[~keys.isin(set(keys[bad]))], problems
+
+
+def _shown(value) -> str:
+    """A value refused by `_valid_merges`, as its message shows it."""
+    if value is None:
+        return "missing"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return repr(value)
 
 
 def _optional(columns) -> dict[str, str]:
