@@ -143,6 +143,8 @@ def sweep(
         typer.echo(summary.to_string())
     for size_name, note in report.eval_notes.items():
         typer.echo(f"note: size {size_name}: {note} (raise max_length in the family manifest to score them whole)")
+    if report.not_cached:
+        typer.echo(f"warning: {report.not_cached_note()}", err=True)
 
 
 @app.command()

@@ -334,7 +334,8 @@ NUMERIC_TYPES = ("DOUBLE", "FLOAT", "REAL", "DECIMAL", "BIGINT", "INTEGER", "SMA
 
 def _valid_merges(frame, required: list[tuple[str, str]]):
     """`frame` less every merge (rows differing only in domain) with a row that lacks a required value
-    or holds a number that is not finite; and one line per merge left out, naming the column and value."""
+    or holds a number that is not finite (a row without a key value, which names no merge, is left out
+    alone); and one line per merge left out, naming the column and value."""
     import numpy as np
     import pandas as pd
 
@@ -352,17 +353,21 @@ def _valid_merges(frame, required: list[tuple[str, str]]):
         bad |= wrong
     if not bad.any():
         return frame, []
-    merge_columns = [c for c in KEY_COLUMNS if c != "domain"]
-    keys = frame[merge_columns].astype(str).apply(tuple, axis=1)
-    problems, seen = [], set()
+    drop, problems = pd.Series(False, index=frame.index), []
     for index in frame.index[bad]:
-        if keys[index] in seen:
-            continue
-        seen.add(keys[index])
+        if drop[index]:
+            continue  # its merge is reported already
         row = frame.loc[index]
-        problems.append(f"{row['size']} {row['method']} {row['hparams']} {{{str(row['experts_key']).replace('+', ',')}}}: "
-                        f"{why[index]} on domain {row['domain']!r}")
-    return frame[~keys.isin(set(keys[bad]))], problems
+        merge = [c for c in KEY_COLUMNS if c != "domain"]
+        if row[merge].isna().any():  # no merge to attribute it to: it alone is left out
+            drop[index] = True
+        else:
+            drop |= (frame[merge] == row[merge]).all(axis=1)
+        shown = {c: "?" if pd.isna(row[c]) else str(row[c]) for c in ("size", "method", "hparams", "experts_key")}
+        where = "" if pd.isna(row["domain"]) else f" on domain {row['domain']!r}"
+        problems.append(f"{shown['size']} {shown['method']} {shown['hparams']} {{{shown['experts_key'].replace('+', ',')}}}: "
+                        f"{why[index]}{where}")
+    return frame[~drop], problems
 
 
 def _shown(value) -> str:

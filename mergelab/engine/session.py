@@ -285,6 +285,11 @@ class MergeSession:
             else:
                 self._linear(index, method.linear_scale(len(index), hp))
 
+    def discard(self) -> None:
+        """Never build on the weights now resident (e.g. they are not finite, and inf − inf is NaN):
+        the next linear merge rebuilds them from θ0 instead of updating them by swaps."""
+        self.state = None
+
     def _combine(self, method, hp, subset, index) -> None:
         import torch
 

@@ -5,6 +5,8 @@ Ray actor run one of these."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, evaluate
@@ -13,6 +15,53 @@ from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
 from mergelab.io.family import SizeSpec
 from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.sweep.plan import WorkItem, merge_order
+
+
+FINITE_CHUNK = 1 << 24  # weights checked per step: a 16 MiB bool temporary, whatever the model's size
+
+
+@dataclass(frozen=True)
+class NotFinite:
+    """What `SizeEvaluator.evaluate` yields instead of rows for a merge whose weights or losses are not
+    finite (a diverging hyperparameter such as ties λ = 1e30): no row of it may reach the cache, and
+    it must cost no other merge its rows. `reason` is one line naming the merge and what went wrong."""
+
+    reason: str
+
+
+def merge_label(item: WorkItem) -> str:
+    """One merge as messages name it: 'ties density=0.2 lambda=1e+30 {alpha,beta} (size s)'."""
+    hparams = " ".join(f"{k}={v}" for k, v in json.loads(item.hparams).items())
+    return f"{item.method}{' ' + hparams if hparams else ''} {{{','.join(item.subset)}}} (size {item.size})"
+
+
+def non_finite_weights(layout, flat) -> str | None:
+    """None when every weight in the flat buffer is finite, else how many are not and the first tensor
+    holding one. Checked in chunks of FINITE_CHUNK entries, with one device sync unless one is found."""
+    import torch
+
+    ok = torch.ones((), dtype=torch.bool, device=flat.device)
+    for lo in range(0, flat.numel(), FINITE_CHUNK):
+        ok &= torch.isfinite(flat[lo:lo + FINITE_CHUNK]).all()
+    if bool(ok):
+        return None
+    count, first = 0, None
+    for name, view in layout.views(flat).items():
+        n = int((~torch.isfinite(view)).sum())
+        count, first = count + n, first or (name if n else None)
+    return f"merged weights hold {count:,} non-finite values (first in tensor {first!r})"
+
+
+def non_finite_losses(losses: dict[str, float]) -> str | None:
+    """None when every domain's loss is finite, else which domains' are not and their values."""
+    by_value: dict[str, list[str]] = {}
+    for domain, loss in losses.items():
+        if not math.isfinite(loss):
+            by_value.setdefault("NaN" if math.isnan(loss) else str(loss), []).append(repr(domain))
+    if not by_value:
+        return None
+    return "loss is " + ", ".join(f"{value} on domain{'s' if len(ds) > 1 else ''} {', '.join(ds)}"
+                                  for value, ds in by_value.items())
 
 
 class SizeEvaluator:
@@ -31,7 +80,9 @@ class SizeEvaluator:
         self.resident = ResidentModel(self.pool.base_checkpoint, device)
         self.session = MergeSession(self.pool, self.resident)
 
-    def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, list[dict]]]:
+    def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, "list[dict] | NotFinite"]]:
+        """Merge and evaluate each item; yield (item, its rows), or (item, NotFinite) for a merge whose
+        weights or losses are not finite (nothing of it is evaluated further or cached)."""
         for item in merge_order(items, self.pool.expert_names):
             if item.method == BASE:
                 self.session.load_base()
@@ -39,7 +90,14 @@ class SizeEvaluator:
                 self.session.load_expert(item.subset[0])
             else:
                 self.session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
-            losses = evaluate(self.resident.model, self.data)
+            problem = non_finite_weights(self.resident.layout, self.resident.flat)
+            if problem is None:
+                losses = evaluate(self.resident.model, self.data)
+                problem = non_finite_losses(losses)
+            if problem is not None:
+                self.session.discard()  # so one diverging merge costs no other merge its rows
+                yield item, NotFinite(f"{merge_label(item)}: {problem}")
+                continue
             yield item, [self._row(item, domain, loss) for domain, loss in losses.items()]
 
     def _row(self, item: WorkItem, domain: str, loss: float) -> dict:

@@ -14,6 +14,7 @@ from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.io.family import Family, SizeSpec
 from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.store import ResultStore
+from mergelab.sweep.evaluator import NotFinite
 from mergelab.sweep.local import local_results
 from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
@@ -28,6 +29,17 @@ class SweepReport:
     seconds: float = 0.0
     eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
+    # merges evaluated but not cached, one line each: weights or losses not finite (a diverging
+    # hyperparameter), or a row the cache refused; the other merges' rows are kept, a rerun retries these
+    not_cached: list[str] = field(default_factory=list)
+
+    def not_cached_note(self, shown: int = 3) -> str | None:
+        """One line on the merges not cached (None when there are none): how many, the first `shown` reasons."""
+        if not self.not_cached:
+            return None
+        more = len(self.not_cached) - shown
+        return (f"{len(self.not_cached)} merge(s) not cached, the rest kept (a rerun tries them again): "
+                + "; ".join(self.not_cached[:shown]) + (f"; and {more} more" if more > 0 else ""))
 
 
 class _RowWriter:
@@ -45,7 +57,7 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.rows:
-            self.report.rows_written += self.store.upsert(self.rows)
+            self.report.rows_written += self.store.upsert(self.rows, rejected=self.report.not_cached)
             self.rows = []
         self.last = time.monotonic()
 
@@ -66,6 +78,8 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
     Rows hold the loss in nats per token per domain (`mergelab.engine.evaluate`) and the size as its
     parameter count; merges already cached for the same eval sets and metric version are skipped.
+    A merge whose weights or losses are not finite is not cached and costs no other merge its rows: it
+    is listed, with the reason, in the report's `not_cached` (a rerun tries it again).
     Raises HyperparameterError (unknown method or value), CheckpointError (incompatible checkpoints,
     unknown device), EvalSetError, MergelabError (a memory plan that does not fit, an unknown backend, Ray
     missing) before anything is written, and CacheError if the cache cannot be written."""
@@ -88,7 +102,10 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         if on_progress:
             on_progress(report, total, None)
         for item, rows in results:
-            writer.add(rows)
+            if isinstance(rows, NotFinite):
+                report.not_cached.append(rows.reason)
+            else:
+                writer.add(rows)
             report.merged += 1
             bar.update(1)
             if on_progress:
