@@ -12,6 +12,8 @@ Ray is an optional extra (`pip install 'mergelab[ray]'`), imported here only, an
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import deque
 from typing import Iterator
 
@@ -27,6 +29,9 @@ INSTALL_HINT = "pip install 'mergelab[ray]'"
 IN_FLIGHT = 2        # chunks queued per actor, so an actor never waits on the driver between chunks
 MAX_CHUNK = 64       # merges per chunk at most: small enough to balance, large enough to amortise a call
 CHUNKS_PER_ACTOR = 4  # per size: an actor finishing last idles the others for at most ~1/4 of its share
+LOOPBACK = "127.0.0.1"
+LOCAL_NOTE = ("ray: started a private Ray instance on this machine, every server bound to 127.0.0.1 and no "
+              "dashboard; to use a cluster, start it with `ray start` and pass --address")
 
 
 def require_ray():
@@ -92,14 +97,17 @@ def ray_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict
                 device: str | None = None, address: str | None = None, actors: int | None = None,
                 chunk_size: int | None = None) -> Iterator[tuple[WorkItem, list[dict]]]:
     """Yield (item, rows) for every planned merge as the actors produce them. Connects to the cluster
-    at `address` (None: an existing `ray.init` of this process, else a fresh local instance) and, when
-    closed early or done, kills its actors and shuts down only a Ray instance it started itself."""
+    at `address` (None: an existing `ray.init` of this process, else RAY_ADDRESS, else a fresh private
+    instance bound to 127.0.0.1, `start_local_ray`) and, when closed early or done, kills its actors
+    and shuts down only a Ray instance it started itself."""
     ray = require_ray()
     if not any(todo.values()):
         return
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address)
+    if started_here and (address or os.environ.get("RAY_ADDRESS")):
+        ray.init(address=address)  # a cluster: its network settings are its operator's
+    elif started_here:
+        start_local_ray(ray)
     pool = []
     try:
         use_gpu, slots, options = _actor_options(ray, family, todo, device)
@@ -119,6 +127,32 @@ def ray_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict
             ray.kill(actor)
         if started_here:
             ray.shutdown()
+
+
+def start_local_ray(ray) -> None:
+    """Start a private Ray instance on this machine that no other machine can reach: GCS, raylet,
+    object manager, workers and agents all bound to 127.0.0.1, no dashboard; says so on stderr.
+
+    By default Ray binds its gRPC servers to every interface (`*`) and swaps a node address of
+    127.0.0.1 for the machine's network address on Linux (where it expects clusters); with that swap
+    off for the start, Ray binds each server to the loopback node address. Raises MergelabError (after
+    shutting the instance down) if the running instance is not on 127.0.0.1 anyway (another Ray)."""
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray resolves _node_ip_address
+    try:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, dashboard_host=LOOPBACK)
+    finally:
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+    node = ray.util.get_node_ip_address()
+    if node != LOOPBACK:
+        ray.shutdown()
+        raise MergelabError(f"Ray {ray.__version__} started its local instance on {node}, not {LOOPBACK}, so other "
+                            f"machines could reach it: stopped. Start Ray yourself and pass --address")
+    print(LOCAL_NOTE, file=sys.stderr)
 
 
 def _gpus_on_this_node() -> int:
