@@ -28,7 +28,8 @@ def main():
     from streamlit.testing.v1 import AppTest
 
     home = Path(tempfile.mkdtemp())
-    env = dict(os.environ, MERGELAB_HOME=str(home), MERGELAB_DB=str(home / "results.duckdb"))
+    env = dict(os.environ, MERGELAB_HOME=str(home))  # the default cache there: seeded with the shipped rows
+    env.pop("MERGELAB_DB", None)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                                "--server.headless", "true"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,7 +18,11 @@ FALLBACK_SECONDS_PER_MERGE = 0.1
 ui.page_header("Sweep", "Merge chosen subsets of experts and evaluate them in a background worker process; "
                "progress survives reloads and closed tabs, cached merges are skipped, new points land in the cache.")
 queue = JobQueue()
-jobs = queue.list(limit=30)
+try:
+    jobs = queue.list(limit=30)
+except MergelabError as exc:  # a garbage, foreign or unopenable jobs.sqlite: say which file and what to do
+    st.error(str(exc))
+    st.stop()
 known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.family for j in jobs} - {""})
 choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
                       help="demo families live in the data dir; `mergelab demo build` makes more")
@@ -85,8 +89,12 @@ if estimate or launch:
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
     if launch:
-        job_id = queue.submit(job)
-        started = ensure_worker(queue)
+        try:
+            job_id = queue.submit(job)
+            started = ensure_worker(queue)
+        except MergelabError as exc:
+            st.error(str(exc))
+            st.stop()
         st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
 
 
@@ -99,6 +107,13 @@ def fmt_eta(seconds):
 @st.fragment(run_every=1.0)
 def job_panel():
     st.subheader("Jobs")
+    try:
+        jobs_section()
+    except MergelabError as exc:  # the queue file broke after the page loaded
+        st.error(str(exc))
+
+
+def jobs_section():
     reap_orphans(queue)  # a job whose worker died shows as failed, with Resume, instead of running forever
     recent = queue.list(limit=10)
     if not recent:
@@ -112,6 +127,9 @@ def job_panel():
                                                        f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
             if job.message:
                 (head.error if job.status == "failed" else head.caption)(job.message)
+            if job.not_cached and job.status != "failed":
+                head.warning(f"{job.not_cached:,} merge(s) not cached: weights or loss not finite (the first reasons "
+                             f"are in the job's message once it ends); every other merge's rows are kept")
             if job.status in ("queued", "running") and buttons.button("Cancel", key=f"cancel-{job.id}"):
                 queue.cancel(job.id)
             if job.status in ("cancelled", "failed") and buttons.button("Resume", key=f"resume-{job.id}"):

@@ -132,8 +132,9 @@ def test_corrupt_cache_shows_a_message_not_a_traceback(monkeypatch, tmp_path):
 
 
 def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
-    db = tmp_path / "fresh.duckdb"
-    monkeypatch.setenv("MERGELAB_DB", str(db))
+    monkeypatch.delenv("MERGELAB_DB", raising=False)  # the default cache, in a fresh data home
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    db = tmp_path / "home" / "results.duckdb"
     at = run("app.py")
     assert ResultStore(db).count() > 0
     assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 1

@@ -22,6 +22,21 @@ def load_shipped_results(store) -> int:
     return store.import_parquet(path)
 
 
+def seed_first_cache(store) -> int:
+    """The dashboard's first run: load the shipped demo results into `store` only when it is the
+    default cache (MERGELAB_DB unset) and does not exist yet. A cache the user named (MERGELAB_DB,
+    --db) is never created or filled unasked, so a mistyped or deleted path is reported instead of
+    silently becoming a cache of demo rows; `mergelab demo up` seeds any cache, on request.
+    Returns the number of rows added (0 when it did nothing)."""
+    import os
+
+    from mergelab.paths import DB_ENV
+
+    if os.environ.get(DB_ENV) or store.exists():
+        return 0
+    return load_shipped_results(store)
+
+
 def prepare_demo(preset: str = "micro", db: Path | None = None, progress: bool = True) -> Path:
     """Build the demo family if absent, seed the cache, sweep the family if nothing is cached for it."""
     from mergelab.demo.build import build_family

@@ -1,7 +1,9 @@
 """The long-lived `mergelab worker` process: claims queued sweep jobs one at a time, runs them,
 reports progress and heartbeats to the queue, stops between merges when asked to cancel.
 
-Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for its lifetime."""
+Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for its lifetime (taken
+again on a new file if that one is removed) and registers its pid and start time in the queue, so a
+removed lock file neither makes a live worker look dead nor lets a second one start."""
 
 from __future__ import annotations
 
@@ -27,9 +29,15 @@ def lock_path(queue: JobQueue) -> Path:
 
 
 def _try_lock(queue: JobQueue, wait: float = 0.0):
-    """An open file holding the worker lock, or None when another worker holds it (after `wait` seconds)."""
-    lock_path(queue).parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path(queue), "a+")
+    """An open file holding the worker lock, or None when another worker holds it (after `wait` seconds).
+    Raises MergelabError when the lock file cannot be opened."""
+    path = lock_path(queue)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise MergelabError(f"{path}: cannot open the worker lock of the job queue ({exc.strerror}); "
+                            f"remove it or point MERGELAB_JOBS at another file") from exc
     if flock_until(handle, exclusive=True, deadline=time.monotonic() + wait, poll=0.05):
         return handle
     handle.close()
@@ -37,23 +45,43 @@ def _try_lock(queue: JobQueue, wait: float = 0.0):
 
 
 def worker_running(queue: JobQueue) -> bool:
+    """Whether a worker serves this queue: one holds its lock file, or the registered worker process is
+    alive (its lock file may have been removed)."""
     handle = _try_lock(queue)
     if handle is None:
         return True
     handle.close()
-    return False
+    return queue.live_worker() is not None
 
 
 def reap_orphans(queue: JobQueue) -> int:
-    """Mark running jobs failed when no worker holds the queue lock: their worker died (killed, out of
-    memory, machine restarted). The lock, not a PID, decides, so a reused PID cannot fool it."""
-    handle = _try_lock(queue)
-    if handle is None:
-        return 0
+    """Mark running jobs failed whose worker process is gone (killed, out of memory, machine
+    restarted): the process recorded with the job, pid and start time, decides, so neither a reused
+    pid nor a removed lock file fools it. Returns how many."""
+    return queue.fail_orphans(worker_present=worker_running(queue))
+
+
+def _keep_lock(queue: JobQueue, lock):
+    """The worker's lock file, taken anew if someone removed or replaced it (so it goes on telling
+    other processes that a worker runs); the old handle if the new file cannot be locked."""
     try:
-        return queue.fail_orphans()
-    finally:
-        handle.close()
+        current = os.stat(lock_path(queue))
+        held = os.fstat(lock.fileno())
+        if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return lock
+    except OSError:
+        pass
+    try:
+        fresh = _try_lock(queue)
+    except MergelabError:
+        return lock
+    if fresh is None:
+        return lock
+    fresh.truncate(0)
+    fresh.write(str(os.getpid()))
+    fresh.flush()
+    lock.close()
+    return fresh
 
 
 def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
@@ -64,20 +92,29 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
         print(f"another worker is already running on {queue.path}", file=sys.stderr)
         return 1
     try:
+        other = queue.live_worker()
+        if other is not None and other != os.getpid():  # alive, though its lock file was removed
+            print(f"another worker (pid {other}) is already running on {queue.path}", file=sys.stderr)
+            return 1
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        queue.fail_orphans()  # we hold the lock and have claimed nothing: any running job lost its worker
+        queue.register_worker(os.getpid())
+        queue.fail_orphans()  # jobs whose worker process is gone
         idle_since = time.monotonic()
-        while True:
-            job = queue.claim_next(os.getpid())
-            if job is None:
-                if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
-                    return 0
-                time.sleep(poll)
-                continue
-            run_job(queue, job)
-            idle_since = time.monotonic()
+        try:
+            while True:
+                lock = _keep_lock(queue, lock)
+                job = queue.claim_next(os.getpid())
+                if job is None:
+                    if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                        return 0
+                    time.sleep(poll)
+                    continue
+                run_job(queue, job)
+                idle_since = time.monotonic()
+        finally:
+            queue.unregister_worker(os.getpid())
     finally:
         lock.close()
 
@@ -89,18 +126,20 @@ def run_job(queue: JobQueue, job: Job) -> None:
     def on_progress(report, total, item):
         state["report"] = report
         current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
-        if queue.progress(job.id, report.merged, total, report.skipped, report.rows_written, current):
+        if queue.progress(job.id, report.merged, total, report.skipped, report.rows_written, current,
+                          len(report.not_cached)):
             raise JobCancelled
 
     try:
         report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device, progress=False,
                            on_progress=on_progress)
-        queue.finish(job.id, "done", f"{report.merged} merges evaluated, {report.skipped} already cached",
-                     rows=report.rows_written)
+        note = report.not_cached_note()
+        queue.finish(job.id, "done", f"{report.merged} merges evaluated, {report.skipped} already cached"
+                     + (f"; {note}" if note else ""), rows=report.rows_written, not_cached=len(report.not_cached))
     except JobCancelled:
         report = state["report"]
         queue.finish(job.id, "cancelled", f"cancelled after {report.merged} merges; resume to continue",
-                     rows=report.rows_written)
+                     rows=report.rows_written, not_cached=len(report.not_cached))
     except MergelabError as exc:
         queue.finish(job.id, "failed", str(exc))
     except Exception as exc:  # e.g. out of memory: the job fails with the reason, the worker goes on
