@@ -36,6 +36,9 @@ for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2
     col.page_link(page, label=label)
 
 
+if not settings:  # only base and single-expert rows so far: a sweep has just started on this family
+    st.info(f"No merges of {family} yet, only its base and single experts: the curves appear as a sweep adds merges.")
+    st.stop()
 size = ui.choose("Size", sizes, "size", default=sizes[-1], format_func=ui.size_label(rows))
 macro = ui.merges(family, MACRO, settings, [size])
 fitted = ui.fits(family, MACRO, settings, [size])

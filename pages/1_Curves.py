@@ -61,7 +61,8 @@ with left:
     if unfitted:
         st.caption("Variance laws not fitted: " + "; ".join(unfitted))
 with right:
-    k_fixed = st.slider("k for the size panel", 1, int(merges["k"].max()), int(merges["k"].max()))
+    k_max = int(merges["k"].max())  # 1 while a sweep has only merged single experts so far
+    k_fixed = st.slider("k for the size panel", 1, k_max, k_max) if k_max > 1 else k_max
     points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)
     joint = None
     if points["N"].nunique() >= 2 and len(methods) == 1:

@@ -196,3 +196,22 @@ def test_the_first_run_seeds_only_the_default_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MERGELAB_DB")
     assert seed_first_cache(ResultStore()) == source.count() > 0  # the default cache, first run
     assert seed_first_cache(ResultStore()) == 0  # exists now: never again
+
+
+def test_pages_follow_a_first_sweep_from_its_first_rows(tiny_family, monkeypatch, tmp_path, tally):
+    """A new cache is no longer pre-filled with demo rows, so the pages meet a first sweep's early
+    states: only base and single-expert rows, then merges of k = 1 only. Each is a message, not a crash
+    (the Overview drew an empty curve, the Curves page built a k slider from 1 to 1)."""
+    family = load_family(tiny_family)
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    for name, methods, ks in (("reference", {}, [1]), ("k1", {"average": {}}, [1])):
+        db = tmp_path / f"{name}.duckdb"
+        run_sweep(SweepSpec(family, ["s"], methods, ks), ResultStore(db), progress=False)
+        monkeypatch.setenv("MERGELAB_DB", str(db))
+        overview, curves = run("app.py"), run("pages/1_Curves.py")  # `run` asserts no exception
+        if not methods:
+            assert any("No merges of tiny yet" in i.value for i in overview.info)
+        else:
+            assert len(curves.get("plotly_chart")) >= 3
+        tally["queue states: pages during a first sweep"] += 2
