@@ -134,7 +134,11 @@ class JobQueue:
                                 f"{sorted(core - columns)[0]!r}); {FIX_HINT}")
         for name, declaration in ADDED_COLUMNS.items():
             if name not in columns:
-                con.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                try:
+                    con.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def submit(self, job: SweepJob) -> int:
         """Queue a sweep; returns its job id."""
