@@ -22,9 +22,14 @@ def load_shipped_results(store) -> int:
     return store.import_parquet(path)
 
 
+def _seeded_marker(store) -> Path:
+    return store.path.with_name(store.path.name + ".seeded")
+
+
 def seed_first_cache(store) -> int:
     """The dashboard's first run: load the shipped demo results into `store` only when it is the
-    default cache (MERGELAB_DB unset) and does not exist yet. A cache the user named (MERGELAB_DB,
+    default cache (MERGELAB_DB unset) and is created for the first time (a marker beside it remembers
+    the seeding, so a cache deleted later is not filled again). A cache the user named (MERGELAB_DB,
     --db) is never created or filled unasked, so a mistyped or deleted path is reported instead of
     silently becoming a cache of demo rows; `mergelab demo up` seeds any cache, on request.
     Returns the number of rows added (0 when it did nothing)."""
@@ -32,9 +37,29 @@ def seed_first_cache(store) -> int:
 
     from mergelab.paths import DB_ENV
 
-    if os.environ.get(DB_ENV) or store.exists():
+    if os.environ.get(DB_ENV) or store.exists() or _seeded_marker(store).exists():
         return 0
-    return load_shipped_results(store)
+    added = load_shipped_results(store)
+    if added:
+        _seeded_marker(store).write_text(f"{added} shipped demo rows loaded on the first run\n")
+    return added
+
+
+def missing_cache_note(store) -> str | None:
+    """Why `store` (which does not exist) is not created on the pages, for the user; None on a first run."""
+    import os
+
+    from mergelab.paths import DB_ENV
+
+    if store.exists():
+        return None
+    if os.environ.get(DB_ENV):
+        return (f"The results cache {store.path} ({DB_ENV}) does not exist: check the path. It is not created "
+                f"here; a sweep creates it, and `mergelab demo up --db PATH` fills it with the demo results.")
+    if _seeded_marker(store).exists():
+        return (f"The results cache {store.path} was deleted after its first run; it is not refilled with the demo "
+                f"results here: a sweep creates it again, and `mergelab demo up` reloads the demo results.")
+    return None
 
 
 def prepare_demo(preset: str = "micro", db: Path | None = None, progress: bool = True) -> Path:

@@ -69,15 +69,14 @@ def fits(family: str, domain: str, settings, sizes, n_boot: int = 0) -> dict:
 def load_results() -> pd.DataFrame:
     """All cached rows (read-only, briefly, retried while a worker writes); stops the page with a
     message when the cache cannot be read. On the first run the default cache is created with the
-    shipped demo results; a cache named by MERGELAB_DB that does not exist is reported, not created."""
-    from mergelab.demo.up import seed_first_cache
-    from mergelab.paths import DB_ENV
+    shipped demo results; a cache named by MERGELAB_DB, or the default one deleted after that, that
+    does not exist is reported, not created (mergelab.demo.up.seed_first_cache)."""
+    from mergelab.demo.up import missing_cache_note, seed_first_cache
 
     store = results_store()
     try:
-        if not store.exists() and not seed_first_cache(store) and os.environ.get(DB_ENV):
-            st.warning(f"The results cache {store.path} ({DB_ENV}) does not exist: check the path. It is not "
-                       f"created here; a sweep creates it, and `mergelab demo up --db PATH` fills it with the demo results.")
+        if not store.exists() and not seed_first_cache(store) and missing_cache_note(store):
+            st.warning(missing_cache_note(store))
         return _read(str(store.path), _stamp(store.path))
     except MergelabError as exc:
         st.error(f"Cannot read the results cache: {exc}")

@@ -196,6 +196,10 @@ def test_the_first_run_seeds_only_the_default_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MERGELAB_DB")
     assert seed_first_cache(ResultStore()) == source.count() > 0  # the default cache, first run
     assert seed_first_cache(ResultStore()) == 0  # exists now: never again
+    ResultStore().path.unlink()  # the user deletes it to start afresh: not refilled with demo rows
+    assert seed_first_cache(ResultStore()) == 0 and not ResultStore().exists()
+    at = run("app.py")
+    assert any("was deleted after its first run" in w.value for w in at.warning) and not ResultStore().exists()
 
 
 def test_pages_follow_a_first_sweep_from_its_first_rows(tiny_family, monkeypatch, tmp_path, tally):
