@@ -122,7 +122,7 @@ def sweep(
     from mergelab.io.family import load_family
     from mergelab.store import ResultStore
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
-    from mergelab.analysis.means import per_k_summary
+    from mergelab.analysis.tables import per_k_summary
     from mergelab.sweep.runner import run_sweep
 
     fam = load_family(family)
@@ -137,7 +137,7 @@ def sweep(
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
-    summary = per_k_summary(store, fam.name, report.eval_hashes)
+    summary = per_k_summary(store, fam.name, list(report.eval_hashes))
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")
         typer.echo(summary.to_string())
@@ -151,13 +151,15 @@ def results(
     family: Optional[str] = typer.Option(None, help="only this family"),
     format: str = typer.Option("csv", help="csv or json"),
     out: Optional[Path] = typer.Option(None, help="write to this file instead of standard output"),
+    stale: bool = typer.Option(False, help="also rows whose checkpoints or eval sets changed since, with a 'stale' "
+                                           "column saying why ('' for current rows)"),
 ):
-    """Print or export cached rows."""
+    """Print or export cached rows (current ones: computed from the latest inputs a sweep recorded)."""
     from mergelab.store import ResultStore
 
     if format not in ("csv", "json"):
         raise MergelabError(f"--format {format!r}: expected csv or json")
-    frame = ResultStore(db).results(family=family)
+    frame = ResultStore(db).results(include_stale=stale, family=family)
     frame["experts"] = frame["experts"].map(list)
     text = frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", date_format="iso", indent=1)
     if out:
@@ -185,11 +187,16 @@ def _check_table_options(format: str, bootstrap: int, weights: str) -> None:
         raise MergelabError(f"--weights {weights!r}: expected k or uniform")
 
 
-def _selected_results(db, family, method, size):
+INPUTS_VERSION_HELP = ("use the rows of this inputs version (see `mergelab versions`; repeatable, one per size) "
+                       "instead of the latest")
+
+
+def _selected_results(db, family, method, size, inputs_versions=()):
     from mergelab.store import ResultStore
 
-    results = ResultStore(db).results(family=family, size=size,
-                                      method=None if method is None else [method, *REFERENCE_METHODS])
+    store = ResultStore(db)
+    results = store.results(family=family, size=size, versions=store.resolve_versions(inputs_versions),
+                            method=None if method is None else [method, *REFERENCE_METHODS])
     if results.empty:
         raise MergelabError("no cached results match the selection (run `mergelab sweep` first)")
     return results
@@ -208,13 +215,14 @@ def fit(
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
     format: str = typer.Option("table", help="table, json, csv or latex"),
     out: Optional[Path] = typer.Option(None, help="write to this file"),
+    inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
     """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
     from mergelab.analysis import tables as analysis
     from mergelab import export
 
     _check_table_options(format, bootstrap, weights)
-    results = _selected_results(db, family, method, size)
+    results = _selected_results(db, family, method, size, inputs_version)
     domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
     table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
@@ -243,6 +251,7 @@ def export_cmd(
     size: Optional[str] = typer.Option(None, help="only this size"),
     bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs of fits and plans"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
+    inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
     """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
     from mergelab.analysis import tables as analysis
@@ -251,7 +260,7 @@ def export_cmd(
     _check_table_options(format, bootstrap, weights)
     if what not in export.EXPORTABLE:
         raise MergelabError(f"--what {what!r}: expected {', '.join(export.EXPORTABLE)}")
-    results = _selected_results(db, family, method, size)
+    results = _selected_results(db, family, method, size, inputs_version)
     options = {"what": what, "weights": weights, "bootstrap": bootstrap}
     table = export.table(what, results, weights=weights, n_boot=bootstrap)
     export.write(table, format, analysis.provenance(results, **options), out)
@@ -281,6 +290,27 @@ def export_model_cmd(
     export_model(spec, method, hparams, chosen, out)
     typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"
                + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else ""))
+
+
+@app.command()
+def versions(
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+):
+    """List the inputs versions sweeps recorded per family and size (checkpoint fingerprints, eval sets,
+    metric), newest first, with how many cached rows each describes; the newest is the one shown."""
+    from mergelab.store import ResultStore
+
+    store = ResultStore(db)
+    table = store.inputs_versions(family)
+    if table.empty:
+        typer.echo("no inputs versions recorded (rows cached before fingerprints are shown as they are)")
+        return
+    counts = store.version_row_counts(family)
+    table["rows"] = [counts.get((f, s, v), 0) for f, s, v in zip(table["family"], table["size"], table["version"])]
+    table["current"] = ~table.duplicated(["family", "size"])
+    typer.echo(table[["family", "size", "version", "current", "rows", "recorded_at", "metric_version"]]
+               .to_string(index=False))
 
 
 @app.command()

@@ -12,8 +12,9 @@ from mergelab.engine.methods import canonical_hparams, get_method
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.io.family import Family, SizeSpec
+from mergelab.io.fingerprint import size_fingerprints
 from mergelab.names import BASE, EXPERT, experts_key
-from mergelab.store import ResultStore
+from mergelab.store import ResultStore, join_fingerprints
 from mergelab.sweep.local import local_results
 from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
@@ -27,6 +28,8 @@ class SweepReport:
     rows_written: int = 0
     seconds: float = 0.0
     eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # size -> (base_fp, {expert: fp}): the checkpoints' fingerprints its rows are keyed by
+    fingerprints: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
 
 
@@ -82,13 +85,17 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
+    for size, (base_fp, experts_fp) in report.fingerprints.items():  # these inputs are now the current ones
+        store.record_inputs(spec.family.name, size, base_fp, experts_fp, report.eval_hashes[size], METRIC_VERSION)
     writer = _RowWriter(store, flush_seconds, report)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
     try:
         if on_progress:
             on_progress(report, total, None)
         for item, rows in results:
-            writer.add(rows)
+            base_fp, experts_fp = report.fingerprints[item.size]
+            inputs = {"base_fp": base_fp, "experts_fp": join_fingerprints(experts_fp[e] for e in sorted(item.subset))}
+            writer.add([{**row, **inputs} for row in rows])
             report.merged += 1
             bar.update(1)
             if on_progress:
@@ -113,9 +120,11 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
         report.eval_hashes[size.name] = eval_data[size.name].hashes
         if eval_data[size.name].truncation_note():
             report.eval_notes[size.name] = eval_data[size.name].truncation_note()
+        report.fingerprints[size.name] = size_fingerprints(size)
         planned = _plan_size(spec, size, methods)
         report.planned += len(planned)
-        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
+        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes,
+                                    report.fingerprints[size.name])
         report.skipped += len(planned) - len(todo[size.name])
     return report, todo, eval_data
 
@@ -149,8 +158,10 @@ def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> lis
     return items
 
 
-def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes) -> list[WorkItem]:
+def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes,
+              fingerprints: tuple[str, dict[str, str]]) -> list[WorkItem]:
     cached = {}
     for method, hparams in {(i.method, i.hparams) for i in items}:
-        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION)
+        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION,
+                                                    *fingerprints)
     return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]
