@@ -172,3 +172,30 @@ def test_a_schema_2_cache_is_read_then_migrated_and_its_rows_kept_as_unrecorded(
     migrated = ResultStore(db).results()
     assert migrated.drop(columns="created_at").equals(old.drop(columns="created_at"))
     assert (migrated["created_at"] == old["created_at"]).all()
+
+
+def test_pages_say_which_rows_are_stale_and_draw_only_current_ones(tiny_family, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import ROOT
+
+    db = tmp_path / "r.duckdb"
+    sweep(tiny_family, db)
+    replace_expert(tiny_family, "beta", seed=7, noise=0.5)
+    sweep(tiny_family, db, ks=(1,))  # beta's k = 1 merge again; its k = 2, 3 merges stay stale
+    for name, value in {"MERGELAB_DB": db, "MERGELAB_HOME": tmp_path / "home", "MERGELAB_JOBS": tmp_path / "j.sqlite"}.items():
+        monkeypatch.setenv(name, str(value))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "stale" in at.warning[0].value and "changed" in at.warning[0].value
+    table = at.dataframe[0].value
+    # beta's single-expert row and its merges at k = 1, 2, 3 (2 + 1): 5 merges on 3 domains
+    assert table["rows"].sum() == 5 * 3 and set(table["why stale"]) == {"expert checkpoint changed"}
+    curves = AppTest.from_file(str(ROOT / "pages/1_Curves.py"), default_timeout=120)
+    curves.query_params["family"] = "tiny"
+    curves.run()
+    assert not curves.exception
+    spec = json.loads(curves.get("plotly_chart")[0].proto.spec)
+    points = [t for t in spec["data"] if t.get("name", "").endswith("subsets")]
+    # every subset of k = 1..3 except beta's stale k = 2, 3 merges (2 + 1)
+    assert sorted(points[0]["hovertext"]) == ["alpha", "alpha+gamma", "beta", "gamma"]
