@@ -418,3 +418,17 @@ def test_the_sweep_refuses_a_computation_changing_expert_in_one_line(tiny_family
     rewrite_json(expert / "config.json", lambda c: c["rope_parameters"].update(rope_theta=1e6))
     err = run_cli(capsys, "sweep", "--family", tiny_family, "--db", tmp_path / "r.duckdb", "--device", "cpu")
     assert str(expert) in err and "rope_theta = 1000000.0 but the base has 10000.0" in err
+
+
+def test_eval_sets_with_a_bom_load_and_loops_are_named(tmp_path):
+    from mergelab.engine.evaluate import load_eval_set
+    from mergelab.errors import EvalSetError
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"prompt": "1 +", "response": " 1"}\n')
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_eval_set(bom) == load_eval_set(plain)
+    loop(tmp_path / "loop.jsonl")
+    with pytest.raises(EvalSetError, match="loop.jsonl: cannot read the eval set .*symbolic links"):
+        load_eval_set(tmp_path / "loop.jsonl")

@@ -582,7 +582,9 @@ def _fast_mismatch(base: dict, other: dict) -> str | None:
     """The first difference between two tokenizer.json files that changes encoding, in words."""
     base_model, other_model = base.get("model") or {}, other.get("model") or {}
     a, b = base_model.get("vocab"), other_model.get("vocab")
-    if isinstance(a, dict) and isinstance(b, dict):
+    if a == b:
+        pass  # the usual case, checked at dict speed before any search for the first difference
+    elif isinstance(a, dict) and isinstance(b, dict):
         for token, id_ in sorted(a.items(), key=lambda item: (str(item[1]), item[0])):
             if b.get(token, _UNSET) != id_:
                 got = "is missing" if token not in b else f"has id {b[token]}"
@@ -590,14 +592,15 @@ def _fast_mismatch(base: dict, other: dict) -> str | None:
         extra = sorted(set(b) - set(a), key=lambda t: (str(b[t]), t))
         if extra:
             return f"token {extra[0]!r} has id {b[extra[0]]} in the expert's vocabulary, which the base's lacks (tokenizer.json)"
-    elif a != b:  # Unigram: a list of [piece, score]
+    else:  # Unigram: a list of [piece, score]
         a, b = list(a or []), list(b or [])
         for i in range(max(len(a), len(b))):
             x, y = (a[i] if i < len(a) else _UNSET), (b[i] if i < len(b) else _UNSET)
             if x != y:
                 return f"vocabulary entry {i} is {_show(y)} in the expert, {_show(x)} in the base (tokenizer.json)"
-    a, b = [_merge_text(m) for m in base_model.get("merges") or []], [_merge_text(m) for m in other_model.get("merges") or []]
-    if a != b:
+    a, b = base_model.get("merges") or [], other_model.get("merges") or []
+    if a != b and [_merge_text(m) for m in a] != [_merge_text(m) for m in b]:  # "a b" and ["a", "b"] are one merge
+        a, b = [_merge_text(m) for m in a], [_merge_text(m) for m in b]
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         x, y = (a[i] if i < len(a) else _UNSET), (b[i] if i < len(b) else _UNSET)
         return f"merge {i} is {_show(y)} in the expert, {_show(x)} in the base (tokenizer.json, {len(b)} vs {len(a)} merges)"
