@@ -4,7 +4,9 @@ The engine keeps, per size, the base and M task vectors in fp32 on the merge dev
 model: fp32 on CPU, where it also holds the merged weights (M + 2 fp32 copies in all); bf16 on CUDA,
 fed from one more fp32 copy of the merged weights. When that does not fit on a GPU but the rest does,
 the task vectors stay in host memory and stream to the GPU chunk by chunk as merges need them. A size
-that cannot fit either way is refused before anything is loaded, with the numbers."""
+that cannot fit either way is refused before anything is loaded, with the numbers. The sweep passes
+SizeSpec.n_params: the base checkpoint's parameters counted from its safetensors headers, never the
+manifest's number alone (mergelab.io.family)."""
 
 from __future__ import annotations
 

@@ -130,8 +130,11 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
 
 
 def _check_sizes(sizes: list[SizeSpec]) -> None:
-    """Validate every checkpoint's tensor names and shapes up front, before any row is written."""
+    """Validate every checkpoint up front, before any row is written: the parameter count against the
+    manifest's n_params (SizeSpec.n_params, which rows and the memory plan then use), and each expert's
+    tensors, config and tokenizer against the base's (check_compatible)."""
     for size in sizes:
+        size.n_params  # counted from the base's headers; ManifestError if the manifest says otherwise
         base = Checkpoint(size.base)
         for path in size.experts.values():
             check_compatible(base, Checkpoint(path), size.vocab_policy)

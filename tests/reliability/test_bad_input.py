@@ -98,6 +98,58 @@ def test_broken_manifests(family, tmp_path, capsys, tally):
     tally["bad inputs tried: family manifests"] += len(MANIFEST_CASES) - 1 + 4
 
 
+NAME_CASES = [  # names that collide with the experts key, CLI/URL lists, cached-row pairs, labels or the macro row
+    (r'^domains = .*', 'domains = ["alpha", "beta", "c++"]', "domain 'c++' contains '+'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "macro"]', "domain 'macro' is a reserved word"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "base"]', "domain 'base' is a reserved word"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x,y"]', "domain 'x,y' contains ','"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x:y"]', "domain 'x:y' contains ':'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x·y"]', "domain 'x·y' contains '·'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "gamma "]', "starts or ends with whitespace"),
+    (r'^\[sizes\.s\]', '[sizes."s,m"]', "size 's,m' contains ','"),
+    (r'^name = "tiny"', 'name = "t · x"', "field 'name': 't · x' contains '·'"),
+]
+
+
+def test_reserved_names_counts_bom_and_loops_in_manifests(family, tmp_path, capsys, tally):
+    import os
+    import re
+
+    valid = family.read_text()
+    for i, (pattern, replacement, fragment) in enumerate(NAME_CASES):
+        manifest = family.parent / f"names{i}.toml"
+        manifest.write_text(re.sub(pattern, replacement, valid, count=1, flags=re.M))
+        db = tmp_path / f"n{i}.duckdb"
+        expect_refusal(capsys, db, ["sweep", "--family", manifest, "--methods", "average", "--db", db, "--device", "cpu"],
+                       str(manifest), fragment, "rename it")
+    tally["bad inputs tried: reserved names"] += len(NAME_CASES)
+
+    wrong = family.parent / "wrong_n_params.toml"
+    wrong.write_text(re.sub(r"^n_params = \d+", "n_params = 100", valid, count=1, flags=re.M))
+    expect_refusal(capsys, tmp_path / "w.duckdb", ["sweep", "--family", wrong, "--methods", "average", "--db",
+                   tmp_path / "w.duckdb", "--device", "cpu"], "sizes.s.n_params = 100 but the base checkpoint", "parameters")
+    tally["bad inputs tried: n_params not the checkpoint's"] += 1
+
+    looped = family.parent / "looped.toml"
+    os.symlink(family.parent / "looped2.toml", looped)
+    os.symlink(looped, family.parent / "looped2.toml")
+    loop_eval = family.parent / "eval" / "loop.jsonl"
+    os.symlink(family.parent / "eval" / "loop2.jsonl", loop_eval)
+    os.symlink(loop_eval, family.parent / "eval" / "loop2.jsonl")
+    eval_loop = family.parent / "eval_loop.toml"
+    eval_loop.write_text(valid.replace('beta = "eval/beta.jsonl"', 'beta = "eval/loop.jsonl"'))
+    for manifest, fragment in [(looped, "symbolic links"), (eval_loop, "eval.beta = ")]:
+        expect_refusal(capsys, tmp_path / "l.duckdb", ["sweep", "--family", manifest, "--db", tmp_path / "l.duckdb"],
+                       str(manifest), fragment)
+    tally["bad inputs tried: symlink loops"] += 2
+
+    bom = family.parent / "bom.toml"  # accepted: a byte-order mark is not an error
+    bom.write_bytes(b"\xef\xbb\xbf" + valid.encode())
+    assert cli(capsys, "sweep", "--family", bom, "--methods", "average", "--k", "1", "--db", tmp_path / "bom.duckdb",
+               "--device", "cpu")[0] == 0
+    tally["bad inputs tried: family manifests"] += 1
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 def rewrite(expert: Path, change) -> None:
@@ -184,6 +236,77 @@ CHECKPOINT_CASES = {  # name: (how to break expert beta, expected fragments)
     "remote code": (_remote_code, ["evil", "custom code"]),
     "other architecture": (lambda e: _edit_config(e, model_type="llama"), ["'llama'", "the base"]),
 }
+
+
+def _swap_token_ids(expert: Path) -> None:
+    path = expert / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same vocabulary size, other ids
+    path.write_text(json.dumps(data))
+
+
+def _edit_json(name: str, change):
+    def edit(expert: Path) -> None:
+        data = json.loads((expert / name).read_text())
+        change(data)
+        (expert / name).write_text(json.dumps(data))
+    return edit
+
+
+def _index_to_wrong_shard(expert: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(expert)).save_pretrained(str(expert), max_shard_size="10KB")
+    (expert / "model.safetensors").unlink(missing_ok=True)
+    index = json.loads((expert / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][next(n for n, s in index["weight_map"].items() if s == shards[0])] = shards[1]
+    (expert / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _symlink_loop(name: str):
+    def make(expert: Path) -> None:
+        import os
+        (expert / name).unlink()
+        os.symlink(expert / f"{name}.loop", expert / name)
+        os.symlink(expert / name, expert / f"{name}.loop")
+    return make
+
+
+# Experts that would compute something else than their rows say, and files that disagree: new kinds, tallied apart.
+INTEGRITY_CASES = {  # name: (how to break expert beta, expected fragments, tally key)
+    "rope_theta 1e6": (_edit_json("config.json", lambda c: c["rope_parameters"].update(rope_theta=1e6)),
+                       ["rope_parameters.rope_theta = 1000000.0 but the base has 10000.0"], "config fields"),
+    "rms_norm_eps": (_edit_json("config.json", lambda c: c.update(rms_norm_eps=1e-5)),
+                     ["rms_norm_eps = 1e-05 but the base has 1e-06"], "config fields"),
+    "hidden_act": (_edit_json("config.json", lambda c: c.update(hidden_act="gelu")), ["hidden_act = 'gelu'"],
+                   "config fields"),
+    "token ids swapped": (_swap_token_ids, ["token 'a' has id 101", "id 100 in the base's"], "tokenizers"),
+    "eos token": (_edit_json("tokenizer_config.json", lambda c: c.update(eos_token="<pad>")),
+                  ["eos_token is '<pad>' (id 0) in the expert, '<eos>' (id 2) in the base"], "tokenizers"),
+    "added token id": (_edit_json("tokenizer.json", lambda t: t["added_tokens"][2].update(id=9)),
+                       ["added token '<eos>' is id 9"], "tokenizers"),
+    "chat template": (_edit_json("tokenizer_config.json", lambda c: c.update(chat_template="{{ messages }}")),
+                      ["chat template differs"], "tokenizers"),
+    "index maps to a shard without the tensor": (_index_to_wrong_shard, ["does not hold it"], "files that disagree"),
+    "config.json symlink loop": (_symlink_loop("config.json"), ["config.json", "cannot read"], "symlink loops"),
+}
+
+
+@pytest.mark.parametrize("case", list(INTEGRITY_CASES) + ["index maps to a shard without the tensor in the base"])
+def test_experts_that_compute_otherwise(case, tmp_path, capsys, tally):
+    family = build_tiny_family(tmp_path / "family")
+    in_base = case.endswith("in the base")
+    expert = family.parent / "s" / ("base" if in_base else "experts/beta")
+    breaker, fragments, kind = INTEGRITY_CASES[case.removesuffix(" in the base")]
+    breaker(expert)
+    capsys.readouterr()
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         *fragments)
+    assert str(expert) in err and len(err.strip().splitlines()) == 1, err
+    tally[f"bad inputs tried: {kind}"] += 1
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES) + ["remote code in the base"])
