@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from mergelab.demo.domains import DOMAINS, generate
 from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
 from mergelab.io.family import write_manifest
+from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging
 
 # Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
 # are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
@@ -108,8 +108,12 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise MergelabError(f"{out}: already exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
+        staging = make_staging(out)
+    except OSError as exc:
+        raise MergelabError(f"{out}: cannot create the family folder ({exc.strerror or exc})") from exc
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
@@ -123,11 +127,28 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
                        preset.token_budget)
         if out.exists():
             shutil.rmtree(out)
+        (staging / OWNER_FILE).unlink()
         staging.rename(out)
+    except OSError as exc:  # a full disk (ENOSPC, or EFBIG under a file size limit), a folder gone
+        raise MergelabError(f"{out}: cannot write the demo family ({_os_reason(exc)}); free some space or "
+                            "pick another --out, then build again") from exc
+    except Exception as exc:
+        if "No space left" in str(exc) or "too large" in str(exc).lower():  # safetensors' Rust IO errors
+            raise MergelabError(f"{out}: cannot write the demo family (disk is full: {str(exc).splitlines()[0]}); "
+                                "free some space or pick another --out, then build again") from exc
+        raise
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
     return out / "family.toml"
+
+
+def _os_reason(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"disk is full: {exc.strerror}"
+    return exc.strerror or str(exc)
 
 
 def _training_data(preset: Preset, seed: int):

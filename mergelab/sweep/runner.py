@@ -15,7 +15,7 @@ from mergelab.io.family import Family, SizeSpec
 from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.store import ResultStore
 from mergelab.sweep.local import local_results
-from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
+from mergelab.sweep.plan import SweepSpec, WorkItem, check_plan_size, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
 
 
@@ -103,9 +103,13 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
 def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
     """Validate the spec and checkpoints, tokenize the eval sets and list the merges not yet cached
-    (per size). Nothing is written; the dashboard uses this for its estimate before launch."""
+    (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
+    plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
+    neither the CLI nor the dashboard ever lists 2^30 subsets."""
     methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
+    for size in sizes:  # counted before any checkpoint is opened or any subset listed
+        check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
@@ -143,7 +147,7 @@ def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> lis
     if spec.reference_rows:
         items.append(WorkItem(size.name, BASE, "{}", ()))
         items.extend(WorkItem(size.name, EXPERT, "{}", (e,)) for e in size.expert_names)
-    subsets = plan_subsets(size.expert_names, spec.ks, spec.subsets, spec.seed)
+    subsets = plan_subsets(size.expert_names, spec.ks_for(size), spec.subsets, spec.seed)
     for name, hp in methods.items():
         items.extend(WorkItem(size.name, name, canonical_hparams(hp), s) for s in subsets)
     return items
