@@ -196,8 +196,11 @@ def sweep(
     family: Path = typer.Option(..., help="family manifest (family.toml) or its directory"),
     sizes: Optional[str] = typer.Option(None, help="comma-separated sizes (default: all)"),
     methods: str = typer.Option("average,task_arithmetic,ties,dare", help="comma-separated merge methods"),
-    k: str = typer.Option("all", help="subset sizes: all (1..M), a range like 1-9, or a list like 1,2,4"),
-    subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of N diverse orderings)"),
+    k: str = typer.Option("all", help="subset sizes: all (1..M of each size's own pool), a range like 1-9, or a "
+                                      "list like 1,2,4 (must fit every swept size)"),
+    subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
+                                            "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
+                                            "refused (MERGELAB_MAX_MERGES)"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
@@ -212,10 +215,11 @@ def sweep(
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
     from mergelab.analysis.means import per_k_summary
     from mergelab.sweep.runner import run_sweep
-
-    from mergelab.paths import check_output, family_files
+    from mergelab.paths import check_output, default_db_path, family_files
 
     _check_seed(seed)
+    if not device.strip():
+        raise MergelabError("--device '': expected auto, cpu, cuda, cuda:N or mps")
     fam = load_family(family)
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
@@ -430,9 +434,9 @@ def export_model_cmd(
     check_experts(spec, chosen)
     hparams = _parse_hparams(hp, [method])[method]
     get_method(method).resolve(hparams)  # an unknown method or value is refused before anything is loaded
-    target = check_output(out, "--out", kind="folder", protected=family_files(fam))
-    if target.is_dir() and any(target.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")
+    target = check_output(out, "--out", kind="folder", protected=family_files(fam))
     if mergekit_yaml:
         if check_output(mergekit_yaml, "--mergekit-yaml", protected=family_files(fam)) == target:
             raise MergelabError(f"--mergekit-yaml {mergekit_yaml}: is the --out folder; name a file")

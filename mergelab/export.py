@@ -111,7 +111,9 @@ def write_file(out: Path, data: bytes) -> None:
         finally:
             partial.unlink(missing_ok=True)
     except OSError as exc:
-        raise MergelabError(f"{out}: cannot write ({exc.strerror or exc})") from exc
+        from mergelab.paths import write_failure
+
+        raise MergelabError(f"{out}: cannot write ({write_failure(exc)})") from exc
 
 
 def read_provenance(path: Path) -> dict:

@@ -304,3 +304,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, in words, if `exc` is a failed write: an OSError (its reason; 'disk is full'
+    for ENOSPC, EFBIG, EDQUOT) or a safetensors/Rust IO error naming a full disk or a file too large.
+    None for anything else (a bug, to be raised as it is)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        return f"disk is full: {exc.strerror}" if full else (exc.strerror or str(exc))
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "No space left" in text or "too large" in text.lower() or "Disk quota" in text:
+        return f"disk is full: {text}"
+    return None

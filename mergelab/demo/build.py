@@ -19,7 +19,7 @@ from mergelab.demo.domains import DOMAINS, generate
 from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
 from mergelab.io.family import write_manifest
-from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging
+from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
 
 # Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
 # are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
@@ -129,26 +129,15 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
             shutil.rmtree(out)
         (staging / OWNER_FILE).unlink()
         staging.rename(out)
-    except OSError as exc:  # a full disk (ENOSPC, or EFBIG under a file size limit), a folder gone
-        raise MergelabError(f"{out}: cannot write the demo family ({_os_reason(exc)}); free some space or "
+    except Exception as exc:  # a full disk (ENOSPC, EFBIG under a file size limit; OSError or safetensors')
+        if write_failure(exc) is None:
+            raise
+        raise MergelabError(f"{out}: cannot write the demo family ({write_failure(exc)}); free some space or "
                             "pick another --out, then build again") from exc
-    except Exception as exc:
-        if "No space left" in str(exc) or "too large" in str(exc).lower():  # safetensors' Rust IO errors
-            raise MergelabError(f"{out}: cannot write the demo family (disk is full: {str(exc).splitlines()[0]}); "
-                                "free some space or pick another --out, then build again") from exc
-        raise
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
     return out / "family.toml"
-
-
-def _os_reason(exc: OSError) -> str:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"disk is full: {exc.strerror}"
-    return exc.strerror or str(exc)
 
 
 def _training_data(preset: Preset, seed: int):

@@ -55,9 +55,11 @@ def parse_ks(text: str, pools: int | Mapping[str, int]) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             ranges.append((int(lo), int(hi or lo)))
     except ValueError as exc:
-        raise MergelabError(f"--k {text!r}: expected all, a range like 1-9 or a list like 1,2,4") from exc
-    if any(lo < 1 or hi < lo for lo, hi in ranges):
-        raise MergelabError(f"--k {text!r}: expected k from 1 up, ranges low-high (like 1-9)")
+        raise MergelabError(f"--k {text!r}: expected a range like 1-9, a list like 1,2,4, or all") from exc
+    if any(lo < 1 for lo, _ in ranges):
+        raise MergelabError(f"--k {text!r}: k must lie in 1..{min(sizes.values())} (k counts experts merged)")
+    if any(hi < lo for lo, hi in ranges):
+        raise MergelabError(f"--k {text!r}: expected a range like 1-9 (low-high) or a list like 1,2,4")
     top = max(hi for _, hi in ranges)  # checked before any range is listed: '1-1000000000' lists nothing
     for size, m in sorted(sizes.items(), key=lambda item: item[1]):
         if top > m:
@@ -103,8 +105,8 @@ def _check_orderings(subsets: str | int) -> None:
     if isinstance(subsets, str) and subsets.startswith("orderings:"):
         n = subsets.split(":", 1)[1]
         if not n.isdigit() or not 1 <= int(n) <= MAX_ORDERINGS:
-            raise MergelabError(f"--subsets {subsets!r}: expected orderings:N with N from 1 to {MAX_ORDERINGS:,} "
-                                "(each ordering adds one merge per k)")
+            raise MergelabError(f"--subsets {subsets!r}: expected 'all', a positive number of subsets per k, or "
+                                f"orderings:N with N from 1 to {MAX_ORDERINGS:,} (each ordering adds one merge per k)")
 
 
 def plan_subsets(experts: Sequence[str], ks: Sequence[int], subsets: str | int = "all", seed: int = 0,
