@@ -507,9 +507,9 @@ def main() -> None:
     except (MergelabError, OSError) as exc:
         if os.environ.get("MERGELAB_TRACEBACK"):
             raise
-        if isinstance(exc, OSError) and not isinstance(exc, MergelabError):
+        if isinstance(exc, OSError):  # a path the checks could not foresee (it vanished, a device failed)
             exc = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else (exc.strerror or str(exc))
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, whatever the message
         code = 2
     if code:
         sys.exit(code)

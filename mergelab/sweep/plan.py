@@ -91,8 +91,8 @@ def check_plan_size(size: str, m: int, ks: Sequence[int], subsets: str | int, n_
         what = "all subsets" if subsets == "all" else f"subsets {subsets}"
         raise MergelabError(
             f"size {size!r}: {m} experts, k {_ks_text(ks)}, {what}, {n_methods} method setting(s) plan {total:,} merges, "
-            f"above the limit of {limit:,} per size; sample with --subsets N (random subsets per k) or "
-            f"orderings:N, lower --k, or raise {MAX_MERGES_ENV}")
+            f"above the limit of {limit:,} per size; sample N random subsets per k or N orderings (--subsets N "
+            f"or orderings:N), narrow the k range (--k), or raise {MAX_MERGES_ENV}")
     return total
 
 
