@@ -102,7 +102,7 @@ def test_a_changed_eval_set_gives_one_eval_version_per_curve(tiny_family, tmp_pa
     # drop a domain (and its expert) from the manifest: nothing to recompute, but its rows leave every curve
     manifest = tiny_family.read_text().replace('domains = ["alpha", "beta", "gamma"]', 'domains = ["alpha", "beta"]')
     tiny_family.write_text(manifest.replace('gamma = "eval/gamma.jsonl"\n', "").replace('gamma = "s/experts/gamma"\n', ""))
-    assert sweep(tiny_family, db).merged == 0
+    assert sweep(tiny_family, db, ks=(1, 2)).merged == 0
     rows = ResultStore(db).results()
     assert set(rows["domain"]) == {"alpha", "beta"} and len(merge_losses(rows)) == 3  # alpha, beta, alpha+beta
     everything = ResultStore(db).results(include_stale=True)

@@ -16,7 +16,7 @@ from mergelab.io.fingerprint import size_fingerprints
 from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.store import ResultStore, join_fingerprints
 from mergelab.sweep.local import local_results
-from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
+from mergelab.sweep.plan import SweepSpec, WorkItem, check_plan_size, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
 
 
@@ -37,9 +37,9 @@ class _RowWriter:
     """Buffers rows and upserts them at most every `flush_seconds` (and at the end), so a crash loses
     at most the last few seconds of work and the cache never sees half a merge."""
 
-    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport):
-        self.store, self.flush_seconds, self.report = store, flush_seconds, report
-        self.rows, self.last = [], time.monotonic()
+    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport, family: str):
+        self.store, self.flush_seconds, self.report, self.family = store, flush_seconds, report, family
+        self.rows, self.last, self.recorded = [], time.monotonic(), set()
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
@@ -48,9 +48,18 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.rows:
+            self.record_inputs({row["size"] for row in self.rows})
             self.report.rows_written += self.store.upsert(self.rows)
             self.rows = []
         self.last = time.monotonic()
+
+    def record_inputs(self, sizes) -> None:
+        """Make the inputs of `sizes` current, once each, before their first rows (never on an input error:
+        nothing is written before the first merge is evaluated)."""
+        for size in sorted(set(sizes) - self.recorded):
+            base_fp, experts_fp = self.report.fingerprints[size]
+            self.store.record_inputs(self.family, size, base_fp, experts_fp, self.report.eval_hashes[size], METRIC_VERSION)
+            self.recorded.add(size)
 
 
 ProgressCallback = Callable[["SweepReport", int, "WorkItem | None"], None]
@@ -85,9 +94,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
-    for size, (base_fp, experts_fp) in report.fingerprints.items():  # these inputs are now the current ones
-        store.record_inputs(spec.family.name, size, base_fp, experts_fp, report.eval_hashes[size], METRIC_VERSION)
-    writer = _RowWriter(store, flush_seconds, report)
+    writer = _RowWriter(store, flush_seconds, report, spec.family.name)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
     try:
         if on_progress:
@@ -100,6 +107,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
             bar.update(1)
             if on_progress:
                 on_progress(report, total, item)
+        writer.record_inputs(report.fingerprints)  # sizes with nothing to compute: their inputs are current too
     finally:
         results.close()  # stops the backend's work in flight (Ray actors) when the sweep is stopped early
         bar.close()
@@ -110,9 +118,13 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
 def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
     """Validate the spec and checkpoints, tokenize the eval sets and list the merges not yet cached
-    (per size). Nothing is written; the dashboard uses this for its estimate before launch."""
+    (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
+    plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
+    neither the CLI nor the dashboard ever lists 2^30 subsets."""
     methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
+    for size in sizes:  # counted before any checkpoint is opened or any subset listed
+        check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
@@ -155,7 +167,7 @@ def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> lis
     if spec.reference_rows:
         items.append(WorkItem(size.name, BASE, "{}", ()))
         items.extend(WorkItem(size.name, EXPERT, "{}", (e,)) for e in size.expert_names)
-    subsets = plan_subsets(size.expert_names, spec.ks, spec.subsets, spec.seed)
+    subsets = plan_subsets(size.expert_names, spec.ks_for(size), spec.subsets, spec.seed)
     for name, hp in methods.items():
         items.extend(WorkItem(size.name, name, canonical_hparams(hp), s) for s in subsets)
     return items
