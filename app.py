@@ -28,6 +28,11 @@ c1.metric("families cached", results["family"].nunique())
 c2.metric("sizes", len(sizes))
 c3.metric("method settings", len(settings), help="a method with one set of hyperparameters is one setting")
 c4.metric("merges", f"{n_merges:,}")
+stale = ui.stale_rows(family)
+if not stale.empty:
+    st.warning(f"{stale['rows'].sum():,} cached rows of {family} are stale and shown nowhere: their checkpoints or eval "
+               "sets changed since they were computed. `mergelab sweep` recomputes what you sweep again.")
+    st.dataframe(stale, hide_index=True)
 
 links = st.columns(5)
 for col, (page, label) in zip(links, [("pages/1_Curves.py", "Curves"), ("pages/2_Sweep.py", "Sweep"),

@@ -22,6 +22,41 @@ def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
+def _names(option: str, text: str | None) -> list[str] | None:
+    """A comma-separated list of names (None when the option is not given); refuses a list that names
+    nothing (',') or a name twice."""
+    if text is None:
+        return None
+    names = _split(text) or []
+    if not names:
+        raise MergelabError(f"{option} {text!r}: names nothing; give comma-separated names or leave the option out")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MergelabError(f"{option} {text!r}: names {twice[0]!r} twice")
+    return names
+
+
+def _check_seed(seed: int) -> None:
+    from mergelab.sweep.plan import check_seed
+
+    check_seed(seed)
+
+
+def _reading_db(db: Path | None) -> Path | None:
+    """A results cache to read (`results`, `fit`, `export`): it must exist and be a file."""
+    from mergelab.paths import default_db_path
+
+    path = db if db is not None else default_db_path()
+    try:
+        if path.is_dir():
+            raise MergelabError(f"--db {path}: is a folder; name the results cache file (e.g. results.duckdb)")
+        if not path.is_file():
+            raise MergelabError(f"--db {path}: no results cache there; check the path or run `mergelab sweep` first")
+    except OSError as exc:  # a symlink loop, a name too long
+        raise MergelabError(f"--db {path}: not a usable path ({exc.strerror or exc})") from exc
+    return db
+
+
 def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
     import json
@@ -56,11 +91,40 @@ def demo_build(
     """Build a demo family: base + one expert per domain per size, eval sets, family.toml."""
     import time
 
-    from mergelab.demo.build import build_family
+    from mergelab.demo.build import PRESETS, build_family
+    from mergelab.paths import cache_files
+    from mergelab.sweep.jobs import default_queue_path
 
+    if preset not in PRESETS:
+        raise MergelabError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    _check_seed(seed)
+    if jobs is not None and jobs < 1:
+        raise MergelabError(f"--jobs {jobs}: expected 1 or more processes")
+    chosen = _names("--sizes", sizes)
+    _check_demo_out(out, force, [*cache_files(None), (default_queue_path(), "the job queue")])
     t0 = time.perf_counter()
-    manifest = build_family(preset, out, seed=seed, sizes=_split(sizes), force=force, jobs=jobs)
+    manifest = build_family(preset, out, seed=seed, sizes=chosen, force=force, jobs=jobs)
     typer.echo(f"wrote {manifest} in {time.perf_counter() - t0:.1f} s")
+
+
+def _check_demo_out(out: Path, force: bool, protected) -> None:
+    """`demo build --out`: a new or empty folder, or with --force one holding an earlier family (never a
+    folder that is not a family, nor one holding the results cache or the job queue)."""
+    from mergelab.paths import check_output
+
+    target = check_output(out, "--out", kind="folder", protected=protected, replace=force)
+    if force and target.is_dir() and any(target.iterdir()) and not _is_demo_family(target):
+        raise MergelabError(f"--out {out}: --force replaces only a demo family built before (a family.toml "
+                            "named demo-…); this folder holds something else, so pick a new or empty folder")
+
+
+def _is_demo_family(folder: Path) -> bool:
+    import tomllib
+
+    try:
+        return str(tomllib.loads((folder / "family.toml").read_text()).get("name", "")).startswith("demo-")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 @demo_app.command("up")
@@ -73,11 +137,35 @@ def demo_up(
 ):
     """The main job: build the demo family if absent, load the shipped results, sweep if nothing is
     cached for it, then start the dashboard on 127.0.0.1."""
+    from mergelab.demo.build import PRESETS
     from mergelab.demo.up import prepare_demo
+    from mergelab.paths import check_output
 
+    if preset not in PRESETS:
+        raise MergelabError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    if not 1 <= port <= 65535:
+        raise MergelabError(f"--port {port}: expected a TCP port from 1 to 65535")
+    check_host(host)
+    if db is not None:
+        check_output(db, "--db", kind="cache")
     prepare_demo(preset, db)
     if ui:
         _launch_ui(port, db, host)
+
+
+def check_host(host: str) -> None:
+    """Refuse a --host that is neither an IP address nor a host name (before anything is built)."""
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+                        host):
+        raise MergelabError(f"--host {host!r}: expected an IP address or a host name (e.g. 127.0.0.1)")
 
 
 def host_warning(host: str) -> str | None:
@@ -108,8 +196,11 @@ def sweep(
     family: Path = typer.Option(..., help="family manifest (family.toml) or its directory"),
     sizes: Optional[str] = typer.Option(None, help="comma-separated sizes (default: all)"),
     methods: str = typer.Option("average,task_arithmetic,ties,dare", help="comma-separated merge methods"),
-    k: str = typer.Option("all", help="subset sizes: all (1..M), a range like 1-9, or a list like 1,2,4"),
-    subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of N diverse orderings)"),
+    k: str = typer.Option("all", help="subset sizes: all (1..M of each size's own pool), a range like 1-9, or a "
+                                      "list like 1,2,4 (must fit every swept size)"),
+    subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
+                                            "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
+                                            "refused (MERGELAB_MAX_MERGES)"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
@@ -122,22 +213,27 @@ def sweep(
     from mergelab.io.family import load_family
     from mergelab.store import ResultStore
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
-    from mergelab.analysis.means import per_k_summary
+    from mergelab.analysis.tables import per_k_summary
     from mergelab.sweep.runner import run_sweep
+    from mergelab.paths import check_output, default_db_path, family_files
 
+    _check_seed(seed)
+    if not device.strip():
+        raise MergelabError("--device '': expected auto, cpu, cuda, cuda:N or mps")
     fam = load_family(family)
-    method_names = _split(methods) or []
-    n_experts = min(len(s.experts) for s in fam.sizes)
-    spec = SweepSpec(fam, _split(sizes) or list(fam.size_names), _parse_hparams(hp, method_names),
-                     parse_ks(k, n_experts),
+    method_names = _names("--methods", methods) or []
+    swept = _names("--sizes", sizes) or list(fam.size_names)
+    pools = {name: len(fam.size(name).experts) for name in swept}  # each swept size's own pool
+    spec = SweepSpec(fam, swept, _parse_hparams(hp, method_names), parse_ks(k, pools),
                      parse_subsets(subsets), seed, reference)
     if address and backend != "ray":
         raise MergelabError("--address is for --backend ray")
+    check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))
     store = ResultStore(db)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
-    summary = per_k_summary(store, fam.name, report.eval_hashes)
+    summary = per_k_summary(store, fam.name, list(report.eval_hashes))
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")
         typer.echo(summary.to_string())
@@ -153,17 +249,27 @@ def results(
     family: Optional[str] = typer.Option(None, help="only this family"),
     format: str = typer.Option("csv", help="csv or json"),
     out: Optional[Path] = typer.Option(None, help="write to this file instead of standard output"),
+    stale: bool = typer.Option(False, help="also rows whose checkpoints or eval sets changed since, with a 'stale' "
+                                           "column saying why ('' for current rows)"),
 ):
-    """Print or export cached rows."""
+    """Print or export cached rows (current ones: computed from the latest inputs a sweep recorded)."""
+    from mergelab.paths import cache_files, check_output
     from mergelab.store import ResultStore
 
     if format not in ("csv", "json"):
         raise MergelabError(f"--format {format!r}: expected csv or json")
-    frame = ResultStore(db).results(family=family)
+    _reading_db(db)
+    if out is not None:
+        check_output(out, "--out", protected=cache_files(db))
+    frame = ResultStore(db).results(include_stale=stale, family=family)
+    if frame.empty and family is not None:
+        raise MergelabError(f"--family {family!r}: no cached rows for it ({_cached_values(db, 'family')})")
     frame["experts"] = frame["experts"].map(list)
     text = frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", date_format="iso", indent=1)
     if out:
-        out.write_text(text)
+        from mergelab.export import write_file
+
+        write_file(out, text.encode())
         typer.echo(f"wrote {len(frame)} rows to {out}")
     else:
         typer.echo(text, nl=False)
@@ -176,25 +282,75 @@ JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "ga
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
 
-def _check_table_options(format: str, bootstrap: int, weights: str) -> None:
-    """Refuse bad options before reading the cache or fitting anything."""
+MAX_BOOTSTRAP = 100_000  # draws; each refits every curve, so more would run for hours
+
+
+def _check_table_options(format: str, bootstrap: int, weights: str, db: Path | None, out: Path | None,
+                         method: str | None) -> None:
+    """Refuse bad options before reading the cache or fitting anything: the format, the number of
+    bootstrap draws, the weights, the cache to read, the output file (never over the cache or any other
+    input) and a reference pseudo-method given as --method."""
     from mergelab.export import check_format
+    from mergelab.paths import cache_files, check_output
 
     check_format(format)
-    if bootstrap < 0:
-        raise MergelabError(f"--bootstrap {bootstrap}: expected 0 (no CIs) or a positive number of draws")
+    if format == "parquet" and out is None:
+        raise MergelabError("--format parquet: parquet output needs --out FILE")
+    if not 0 <= bootstrap <= MAX_BOOTSTRAP:
+        raise MergelabError(f"--bootstrap {bootstrap}: expected 0 (no CIs) up to {MAX_BOOTSTRAP:,} draws")
     if weights not in ("k", "uniform"):
         raise MergelabError(f"--weights {weights!r}: expected k or uniform")
+    if method in REFERENCE_METHODS:
+        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
+                            "method; name a merge method (see `mergelab methods`)")
+    _reading_db(db)
+    if out is not None:
+        check_output(out, "--out", protected=cache_files(db))
 
 
-def _selected_results(db, family, method, size):
+def _cached_values(db, column: str, **filters) -> str:
+    """'cached: a, b' — the values of `column` among cached rows matching `filters`, for error messages."""
     from mergelab.store import ResultStore
 
-    results = ResultStore(db).results(family=family, size=size,
-                                      method=None if method is None else [method, *REFERENCE_METHODS])
-    if results.empty:
+    values = sorted(ResultStore(db).results(**filters)[column].dropna().astype(str).unique())
+    if column == "method":
+        values = [v for v in values if v not in REFERENCE_METHODS]
+    return "cached: " + (", ".join(values[:20]) + (" …" if len(values) > 20 else "") if values else "none")
+
+
+INPUTS_VERSION_HELP = ("use the rows of this inputs version (see `mergelab versions`; repeatable, one per size) "
+                       "instead of the latest")
+
+
+def _selected_results(db, family, method, size, inputs_versions=()):
+    """Cached rows of the selection (of the chosen inputs versions, else the current ones), refusing a
+    family, size or method with none (naming what is cached)."""
+    from mergelab.store import ResultStore
+
+    store = ResultStore(db)
+    results = store.results(family=family, size=size, versions=store.resolve_versions(inputs_versions),
+                            method=None if method is None else [method, *REFERENCE_METHODS])
+    if results.empty or (method is not None and not (results["method"] == method).any()):
+        if family is not None and store.results(family=family).empty:
+            raise MergelabError(f"--family {family!r}: no cached results ({_cached_values(db, 'family')})")
+        if size is not None and store.results(family=family, size=size).empty:
+            raise MergelabError(f"--size {size!r}: no cached results ({_cached_values(db, 'size', family=family)})")
+        if method is not None:
+            raise MergelabError(f"--method {method!r}: no cached merges "
+                                f"({_cached_values(db, 'method', family=family, size=size)})")
         raise MergelabError("no cached results match the selection (run `mergelab sweep` first)")
     return results
+
+
+def _check_domain(results, domain: str | None) -> None:
+    """--domain must be 'macro' or one of the domains cached for the selection."""
+    from mergelab.analysis.tables import domains_of
+    from mergelab.names import MACRO
+
+    known = domains_of(results)
+    if domain is not None and domain != MACRO and domain not in known:
+        raise MergelabError(f"--domain {domain!r}: not a domain of the selected results (expected {MACRO} or one of "
+                            f"{', '.join(known)})")
 
 
 @app.command()
@@ -210,17 +366,22 @@ def fit(
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
     format: str = typer.Option("table", help="table, json, csv or latex"),
     out: Optional[Path] = typer.Option(None, help="write to this file"),
+    inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
     """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
     from mergelab.analysis import tables as analysis
     from mergelab import export
 
-    _check_table_options(format, bootstrap, weights)
-    results = _selected_results(db, family, method, size)
+    _check_table_options(format, bootstrap, weights, db, out, method)
+    results = _selected_results(db, family, method, size, inputs_version)
+    _check_domain(results, domain)
     domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
     table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
              else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
+    if joint:  # the reason a joint fit is not identified, said once where it is read (tables may be cut)
+        for reason in dict.fromkeys(table.loc[~table["identified"].fillna(False).astype(bool), "reason"].dropna()):
+            typer.echo(f"note: joint fit not identified: {reason}", err=True)
     if format == "table":
         cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns]
         cis = [c for c in table.columns if c.startswith("ci_")]
@@ -245,15 +406,16 @@ def export_cmd(
     size: Optional[str] = typer.Option(None, help="only this size"),
     bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs of fits and plans"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
+    inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
     """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
     from mergelab.analysis import tables as analysis
     from mergelab import export
 
-    _check_table_options(format, bootstrap, weights)
     if what not in export.EXPORTABLE:
         raise MergelabError(f"--what {what!r}: expected {', '.join(export.EXPORTABLE)}")
-    results = _selected_results(db, family, method, size)
+    _check_table_options(format, bootstrap, weights, db, out, method)
+    results = _selected_results(db, family, method, size, inputs_version)
     options = {"what": what, "weights": weights, "bootstrap": bootstrap}
     table = export.table(what, results, weights=weights, n_boot=bootstrap)
     export.write(table, format, analysis.provenance(results, **options), out)
@@ -271,18 +433,54 @@ def export_model_cmd(
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
 ):
     """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer)."""
-    from mergelab.io.family import load_family
     from mergelab.engine.materialise import check_experts, export_model, mergekit_yaml as to_yaml
+    from mergelab.engine.methods import get_method
+    from mergelab.export import write_file
+    from mergelab.io.family import load_family
+    from mergelab.paths import check_output, family_files
 
-    spec = load_family(family).size(size)
+    fam = load_family(family)
+    spec = fam.size(size)
     chosen = _split(experts) or []
     check_experts(spec, chosen)
     hparams = _parse_hparams(hp, [method])[method]
+    get_method(method).resolve(hparams)  # an unknown method or value is refused before anything is loaded
+    if out.is_dir() and any(out.iterdir()):
+        raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")
+    target = check_output(out, "--out", kind="folder", protected=family_files(fam))
     if mergekit_yaml:
-        mergekit_yaml.write_text(to_yaml(spec, method, hparams, chosen))
+        if check_output(mergekit_yaml, "--mergekit-yaml", protected=family_files(fam)) == target:
+            raise MergelabError(f"--mergekit-yaml {mergekit_yaml}: is the --out folder; name a file")
+        text = to_yaml(spec, method, hparams, chosen)
     export_model(spec, method, hparams, chosen, out)
+    if mergekit_yaml:  # written once the model is: a refused export leaves no config behind
+        write_file(mergekit_yaml, text.encode())
     typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"
                + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else ""))
+
+
+@app.command()
+def versions(
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+):
+    """List the inputs versions sweeps recorded per family and size (checkpoint fingerprints, eval sets,
+    metric), newest first, with how many cached rows each describes; the newest is the one shown."""
+    from mergelab.store import ResultStore
+
+    _reading_db(db)
+    store = ResultStore(db)
+    table = store.inputs_versions(family)
+    if table.empty and family is not None:
+        raise MergelabError(f"--family {family!r}: no inputs versions recorded ({_cached_values(db, 'family')})")
+    if table.empty:
+        typer.echo("no inputs versions recorded (rows cached before fingerprints are shown as they are)")
+        return
+    counts = store.version_row_counts(family)
+    table["rows"] = [counts.get((f, s, v), 0) for f, s, v in zip(table["family"], table["size"], table["version"])]
+    table["current"] = ~table.duplicated(["family", "size"])
+    typer.echo(table[["family", "size", "version", "current", "rows", "recorded_at", "metric_version"]]
+               .to_string(index=False))
 
 
 @app.command()
@@ -292,9 +490,16 @@ def worker(
     idle_exit: Optional[float] = typer.Option(None, help="exit after this many idle seconds"),
 ):
     """Run queued sweep jobs (the dashboard starts one of these for you)."""
-    from mergelab.sweep.jobs import JobQueue
+    import math
+
+    from mergelab.paths import cache_files, check_output
+    from mergelab.sweep.jobs import JobQueue, default_queue_path
     from mergelab.sweep.worker import run_worker
 
+    if idle_exit is not None and not (math.isfinite(idle_exit) and idle_exit >= 0):
+        raise MergelabError(f"--idle-exit {idle_exit}: expected a number of seconds, 0 or more")
+    check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
+                 protected=cache_files(None))
     raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
 
 
@@ -311,10 +516,35 @@ def list_methods():
 
 
 def main() -> None:
+    """The console entry point: every refusal — a MergelabError, a bad option value typer rejects, an
+    OS error on a path — is one line on stderr and exit code 2; MERGELAB_TRACEBACK=1 shows the traceback."""
+    try:  # typer >= 0.2x carries its own copy of click; older ones use click itself
+        from typer import _click as click
+    except ImportError:
+        import click
+
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
     try:
-        app()
-    except MergelabError as exc:
+        code = app(standalone_mode=False)
+    except no_args as exc:  # `mergelab` or `mergelab demo` alone: the help, as before
+        typer.echo(exc.ctx.get_help(), err=True)
+        code = 2
+    except click.ClickException as exc:  # typer's own checks: unknown options, values of the wrong type
         if os.environ.get("MERGELAB_TRACEBACK"):
             raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        command = getattr(getattr(exc, "ctx", None), "command_path", "mergelab")
+        message = " ".join(exc.format_message().split())  # one line whatever the wrapping
+        typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    except (MergelabError, OSError) as exc:
+        if os.environ.get("MERGELAB_TRACEBACK"):
+            raise
+        if isinstance(exc, OSError):  # a path the checks could not foresee (it vanished, a device failed)
+            exc = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else (exc.strerror or str(exc))
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, whatever the message
+        code = 2
+    if code:
+        sys.exit(code)

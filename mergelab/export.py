@@ -89,11 +89,31 @@ def write(frame: pd.DataFrame, fmt: str, provenance: dict, out: Path | None) -> 
         if isinstance(data, bytes):
             raise MergelabError("parquet output needs --out FILE")
         return data
-    try:
-        Path(out).write_bytes(data if isinstance(data, bytes) else data.encode())
-    except OSError as exc:
-        raise MergelabError(f"{out}: cannot write ({exc.strerror})") from exc
+    write_file(out, data if isinstance(data, bytes) else data.encode())
     return None
+
+
+def write_file(out: Path, data: bytes) -> None:
+    """Write `data` to the file `out` (checked first with `mergelab.paths.check_output`): beside it, then
+    renamed over it, so a failed write (disk full, permissions) leaves no partial file and any earlier
+    file as it was; raises MergelabError naming the file. A device or pipe (/dev/stdout) is written in place."""
+    import os
+
+    out = Path(out).resolve()  # through a symlink: the file it names is replaced, not the link
+    try:
+        if out.exists() and not out.is_file():
+            out.write_bytes(data)
+            return
+        partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+    except OSError as exc:
+        from mergelab.paths import write_failure
+
+        raise MergelabError(f"{out}: cannot write ({write_failure(exc)})") from exc
 
 
 def read_provenance(path: Path) -> dict:

@@ -17,26 +17,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergelab.errors import CacheError
+from mergelab.names import KEY_SEPARATOR, key_experts
 from mergelab.locks import flock_until
 from mergelab.paths import default_db_path
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 2
-KEY_COLUMNS = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
-ROW_COLUMNS = KEY_COLUMNS + ["n_params", "loss", "n_tokens", "device"]
-OPTIONAL_COLUMNS = ["n_truncated"]  # NULL when unknown (rows from caches or exports before schema 2)
+SCHEMA_VERSION = 3
+# What a merge was evaluated on: the (merge, domain) identity. Its inputs are the fingerprints of the
+# checkpoints it was computed from (mergelab.io.fingerprint): the base (with the vocabulary policy, when it
+# applies) and each merged expert in key order. A changed checkpoint gives new rows, never a cache hit.
+MERGE_KEY = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
+INPUT_COLUMNS = ["base_fp", "experts_fp"]
+KEY_COLUMNS = MERGE_KEY + INPUT_COLUMNS
+ROW_COLUMNS = MERGE_KEY + ["n_params", "loss", "n_tokens", "device"]
+UNRECORDED = ""  # the fingerprint of rows cached before schema 3, or imported without one
+# Columns a writer may leave out, and the SQL value they then get.
+OPTIONAL_COLUMNS = {"n_truncated": "NULL",  # eval examples cut at max length (NULL: unknown, before schema 2)
+                    "base_fp": f"'{UNRECORDED}'", "experts_fp": f"'{UNRECORDED}'"}
 RESULT_COLUMNS = ["family", "size", "n_params", "method", "hparams", "experts_key", "experts", "k", "domain",
-                  "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at", "n_truncated"]
+                  "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at", "n_truncated",
+                  "base_fp", "experts_fp"]
 
-# MIGRATIONS[v] upgrades a cache at schema v to v + 1; each runs in one transaction with its version bump.
-MIGRATIONS = {
-    1: ["ALTER TABLE results ADD COLUMN n_truncated BIGINT"],  # eval examples cut at max length, per domain
-}
 
-SCHEMA = f"""
-CREATE TABLE results (
+def _results_table(name: str) -> str:
+    return f"""CREATE TABLE {name} (
     family VARCHAR NOT NULL,
     size VARCHAR NOT NULL,
     n_params BIGINT NOT NULL,
@@ -53,8 +59,38 @@ CREATE TABLE results (
     device VARCHAR,
     created_at TIMESTAMP NOT NULL,
     n_truncated BIGINT,
+    base_fp VARCHAR NOT NULL DEFAULT '{UNRECORDED}',
+    experts_fp VARCHAR NOT NULL DEFAULT '{UNRECORDED}',
     PRIMARY KEY ({", ".join(KEY_COLUMNS)})
-);
+)"""
+
+
+# The inputs a sweep ran on, per family and size: checkpoint fingerprints ({expert: fp} as JSON), eval-set
+# hashes ({domain: hash} as JSON) and metric version. The latest recorded is current (see ResultStore.results).
+INPUTS_TABLE = """CREATE TABLE inputs (
+    family VARCHAR NOT NULL,
+    size VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    base_fp VARCHAR NOT NULL,
+    experts_fp VARCHAR NOT NULL,
+    eval_hashes VARCHAR NOT NULL,
+    metric_version INTEGER NOT NULL,
+    recorded_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (family, size, version)
+)"""
+
+# MIGRATIONS[v] upgrades a cache at schema v to v + 1; each runs in one transaction with its version bump.
+MIGRATIONS = {
+    1: ["ALTER TABLE results ADD COLUMN n_truncated BIGINT"],  # eval examples cut at max length, per domain
+    # fingerprints join the key: DuckDB cannot alter a primary key, so the table is rebuilt; old rows get
+    # UNRECORDED fingerprints (what they were computed from is not known)
+    2: ["ALTER TABLE results RENAME TO results_v2", _results_table("results"),
+        "INSERT INTO results SELECT *, '', '' FROM results_v2", "DROP TABLE results_v2", INPUTS_TABLE],
+}
+
+SCHEMA = f"""
+{_results_table("results")};
+{INPUTS_TABLE};
 CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
 
@@ -70,7 +106,7 @@ INSERT INTO results
 SELECT family, size, n_params, method, hparams, experts_key,
        CASE WHEN experts_key = '' THEN []::VARCHAR[] ELSE string_split(experts_key, '+') END,
        CASE WHEN experts_key = '' THEN 0 ELSE len(string_split(experts_key, '+')) END,
-       domain, loss, n_tokens, eval_hash, metric_version, device, {created}, {n_truncated}
+       domain, loss, n_tokens, eval_hash, metric_version, device, {created}, {n_truncated}, {base_fp}, {experts_fp}
 FROM {source}
 ON CONFLICT DO NOTHING
 """
@@ -208,7 +244,7 @@ class ResultStore:
         if missing:
             raise CacheError(f"rows to cache lack columns {missing}")
         frame = frame[ROW_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame.columns]]
-        frame = frame.drop_duplicates(KEY_COLUMNS, keep="first")
+        frame = frame.drop_duplicates([c for c in KEY_COLUMNS if c in frame.columns], keep="first")
         with self.connect() as con:
             frame, problems = _valid_merges(frame, _required_columns(con))
             added = 0
@@ -252,35 +288,91 @@ class ResultStore:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def results(self, **filters) -> "pd.DataFrame":
-        """Cached rows, filtered by equality on any key column (a list value means 'any of')."""
+    def results(self, include_stale: bool = False, versions: dict | None = None, **filters) -> "pd.DataFrame":
+        """Cached rows that describe the current inputs of their family and size, filtered by equality on
+        any column of RESULT_COLUMNS (a list value means 'any of'). Current: computed from the checkpoints
+        and eval sets of the inputs version in `versions` ({(family, size): version id}, see
+        `inputs_versions`), by default the latest a sweep recorded (or, for rows no sweep here recorded,
+        the inputs of the newest row). `include_stale=True` returns every row with a `stale` column: ''
+        for current rows, else why not (e.g. "expert beta changed", "eval set of domain x changed")."""
         where, params = _where(**filters)
         frame = self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
-        for column in OPTIONAL_COLUMNS:  # a cache at an older schema, read before any writer migrated it
+        for column, default in OPTIONAL_COLUMNS.items():  # a cache at an older schema, before any writer migrated it
             if column not in frame.columns:
-                frame[column] = None
-        return frame
+                frame[column] = None if default == "NULL" else UNRECORDED
+        frame["stale"] = stale_reasons(frame, self.inputs_versions(), versions)
+        if include_stale:
+            return frame
+        return frame[frame["stale"] == ""].drop(columns="stale").reset_index(drop=True)
 
-    def macro(self, **filters) -> "pd.DataFrame":
-        """Cross-domain (macro-mean) loss per merge, computed by query; n_domains tells how many averaged."""
-        where, params = _where(**filters)
-        query = f"""SELECT family, size, any_value(n_params) AS n_params, method, hparams, experts_key, any_value(k) AS k,
-                           avg(loss) AS loss, count(*) AS n_domains
-                    FROM results {where}
-                    GROUP BY family, size, method, hparams, experts_key
-                    ORDER BY family, size, method, hparams, k, experts_key"""
-        return self._read(query, params)
+    def inputs_versions(self, family: str | None = None) -> "pd.DataFrame":
+        """The inputs versions sweeps recorded (columns of the inputs table, `experts_fp` and `eval_hashes`
+        as JSON), newest first per family and size. Empty for caches before schema 3."""
+        import pandas as pd
+
+        columns = ["family", "size", "version", "base_fp", "experts_fp", "eval_hashes", "metric_version", "recorded_at"]
+        if not self.exists():
+            return pd.DataFrame(columns=columns)
+        where, params = _where(family=family)
+        with self.connect(read_only=True) as con:
+            tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if "inputs" not in tables:
+                return pd.DataFrame(columns=columns)
+            return con.execute(f"SELECT * FROM inputs {where} ORDER BY family, size, recorded_at DESC", params).df()
+
+    def resolve_versions(self, ids) -> dict[tuple[str, str], str]:
+        """{(family, size): version} for inputs version ids (`inputs_versions`); raises CacheError for an
+        unknown id or two ids of one family and size."""
+        if not ids:
+            return {}
+        records = self.inputs_versions()
+        chosen: dict[tuple[str, str], str] = {}
+        for version in ids:
+            match = records[records["version"] == version]
+            if match.empty:
+                raise CacheError(f"inputs version {version!r} is not recorded in {self.path} (see `mergelab versions`)")
+            where = (match["family"].iloc[0], match["size"].iloc[0])
+            if chosen.setdefault(where, version) != version:
+                raise CacheError(f"inputs versions {chosen[where]} and {version} are both of {where[0]} / {where[1]}: pick one")
+        return chosen
+
+    def version_row_counts(self, family: str | None = None) -> dict[tuple[str, str, str], int]:
+        """{(family, size, version): rows current under that version} for every recorded version."""
+        records = self.inputs_versions(family)
+        counts = {}
+        for family_, size, version in zip(records["family"], records["size"], records["version"]):
+            counts[family_, size, version] = len(self.results(family=family_, size=size, versions={(family_, size): version}))
+        return counts
+
+    def record_inputs(self, family: str, size: str, base_fp: str, experts_fp: dict[str, str],
+                      eval_hashes: dict[str, str], metric_version: int) -> str:
+        """Record that a sweep of `family` / `size` runs on these inputs (they become current; recording a
+        version again makes it current again). Returns the version id (12 hex characters)."""
+        import hashlib
+        import json
+
+        experts_json = json.dumps(experts_fp, sort_keys=True)
+        eval_json = json.dumps(eval_hashes, sort_keys=True)
+        version = hashlib.sha256("\0".join([base_fp, experts_json, eval_json, str(metric_version)]).encode()).hexdigest()[:12]
+        with self.connect() as con:
+            con.execute("""INSERT INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, current_localtimestamp())
+                           ON CONFLICT DO UPDATE SET recorded_at = excluded.recorded_at""",
+                        [family, size, version, base_fp, experts_json, eval_json, metric_version]).fetchall()
+        return version
 
     def cached_keys(self, family: str, size: str, method: str, hparams: str, eval_hashes: dict[str, str],
-                    metric_version: int) -> set[str]:
-        """Expert sets already cached for every domain of `eval_hashes` under this exact setting."""
+                    metric_version: int, base_fp: str = UNRECORDED, experts_fp: dict[str, str] | None = None) -> set[str]:
+        """Expert sets already cached for every domain of `eval_hashes` under this exact setting, from these
+        checkpoints: the base's fingerprint `base_fp` and each expert's in `experts_fp` ({name: fp})."""
         pairs = [f"{d}:{h}" for d, h in eval_hashes.items()]
-        query = """SELECT experts_key FROM results
-                   WHERE family = ? AND size = ? AND method = ? AND hparams = ? AND metric_version = ?
+        query = """SELECT experts_key, experts_fp FROM results
+                   WHERE family = ? AND size = ? AND method = ? AND hparams = ? AND metric_version = ? AND base_fp = ?
                      AND list_contains(?, domain || ':' || eval_hash)
-                   GROUP BY experts_key HAVING count(*) = ?"""
-        frame = self._read(query, [family, size, method, hparams, metric_version, pairs, len(pairs)])
-        return set(frame["experts_key"]) if not frame.empty else set()
+                   GROUP BY experts_key, experts_fp HAVING count(*) = ?"""
+        frame = self._read(query, [family, size, method, hparams, metric_version, base_fp, pairs, len(pairs)])
+        experts_fp = experts_fp or {}
+        return {key for key, fps in zip(frame["experts_key"], frame["experts_fp"])
+                if fps == join_fingerprints(experts_fp.get(e, UNRECORDED) for e in key_experts(key))}
 
     def count(self) -> int:
         return int(self._read("SELECT count(*) AS n FROM results", [])["n"].iloc[0]) if self.exists() else 0
@@ -295,6 +387,65 @@ class ResultStore:
             if "results" not in tables:
                 return pd.DataFrame(columns=RESULT_COLUMNS)
             return con.execute(query, params).df()
+
+
+def join_fingerprints(fps) -> str:
+    """The experts_fp of a merge: its experts' fingerprints in key order, '+'-joined ('' when none is recorded)."""
+    fps = list(fps)
+    return KEY_SEPARATOR.join(fps) if any(fps) else UNRECORDED
+
+
+def stale_reasons(rows: "pd.DataFrame", records: "pd.DataFrame", versions: dict | None = None) -> "pd.Series":
+    """Per row of `rows` (RESULT_COLUMNS), '' when it was computed from the current inputs of its family and
+    size, else the first reason it was not. Current inputs: the version `versions[(family, size)]` of the
+    recorded ones (`records`, ResultStore.inputs_versions), else the latest recorded; for a family and size
+    no sweep recorded, those of its newest rows (per expert the newest row merging it, per domain the newest
+    eval set, the domains of the newest merge). Raises CacheError for an unknown version id."""
+    import json
+
+    import pandas as pd
+
+    reasons = pd.Series("", index=rows.index, dtype=object)
+    versions = versions or {}
+    for (family, size), group in rows.groupby(["family", "size"], sort=False):
+        recorded = records[(records["family"] == family) & (records["size"] == size)]
+        chosen = versions.get((family, size))
+        if chosen is not None and chosen not in set(recorded["version"]):
+            raise CacheError(f"{family} / {size}: no inputs version {chosen!r} (recorded: "
+                             f"{', '.join(recorded['version']) or 'none'})")
+        if len(recorded):
+            record = recorded[recorded["version"] == chosen].iloc[0] if chosen else recorded.iloc[0]
+            base_fp, metric = record["base_fp"], int(record["metric_version"])
+            experts, evals = json.loads(record["experts_fp"]), json.loads(record["eval_hashes"])
+        else:
+            base_fp, metric, experts, evals = _inferred_inputs(group)
+        expected = {key: join_fingerprints(experts.get(e, UNRECORDED) for e in key_experts(key))
+                    for key in group["experts_key"].unique()}
+        gone = {key: next((e for e in key_experts(key) if e not in experts), None) for key in expected}
+        why = pd.Series("", index=group.index, dtype=object)
+        for mask, reason in [
+            (group["metric_version"] != metric, "computed with another metric version"),
+            (~group["domain"].isin(list(evals)), "domain no longer evaluated"),
+            (group["eval_hash"] != group["domain"].map(evals), "eval set changed"),
+            (group["base_fp"] != base_fp, "base checkpoint or vocab policy changed"),
+            (group["experts_key"].map(gone).notna(), "expert no longer in the family"),
+            (group["experts_fp"] != group["experts_key"].map(expected), "expert checkpoint changed"),
+        ]:
+            why[(why == "") & mask] = reason
+        reasons[group.index] = why
+    return reasons
+
+
+def _inferred_inputs(group: "pd.DataFrame") -> tuple[str, int, dict, dict]:
+    """The inputs of the newest rows of one family and size (no sweep recorded them here)."""
+    newest = group.sort_values("created_at", kind="stable")
+    latest = newest.iloc[-1]
+    experts: dict[str, str] = {}
+    for key, fps in zip(newest["experts_key"], newest["experts_fp"]):  # oldest first: newer rows overwrite
+        names = key_experts(key)
+        experts.update(zip(names, fps.split(KEY_SEPARATOR) if fps else [UNRECORDED] * len(names)))
+    evals = dict(zip(newest["domain"], newest["eval_hash"]))  # newest row per domain wins
+    return latest["base_fp"], int(newest["metric_version"].max()), experts, evals
 
 
 def _where(**filters) -> tuple[str, list]:
@@ -358,7 +509,7 @@ def _valid_merges(frame, required: list[tuple[str, str]]):
         if drop[index]:
             continue  # its merge is reported already
         row = frame.loc[index]
-        merge = [c for c in KEY_COLUMNS if c != "domain"]
+        merge = [c for c in KEY_COLUMNS if c != "domain" and c in frame.columns]
         if row[merge].isna().any():  # no merge to attribute it to: it alone is left out
             drop[index] = True
         else:
@@ -380,8 +531,8 @@ def _shown(value) -> str:
 
 
 def _optional(columns) -> dict[str, str]:
-    """The SQL for each optional column: itself where the source has it, else NULL."""
-    return {c: c if c in set(columns) else "NULL" for c in OPTIONAL_COLUMNS}
+    """The SQL for each optional column: itself where the source has it, else its default."""
+    return {c: c if c in set(columns) else default for c, default in OPTIONAL_COLUMNS.items()}
 
 
 def _sql_literal(path) -> str:

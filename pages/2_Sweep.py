@@ -36,9 +36,12 @@ except MergelabError as exc:
     st.error(str(exc))
     st.stop()
 
-M = min(len(s.experts) for s in family.sizes)
+pools = {s.name: len(s.experts) for s in family.sizes}  # each size's own pool of experts
+M = max(pools.values())
 with st.form("sweep"):
-    st.markdown(f"**{family.name}** · {len(family.domains)} domains · {M} experts per size")
+    st.markdown(f"**{family.name}** · {len(family.domains)} domains · "
+                + (f"{M} experts per size" if len(set(pools.values())) == 1
+                   else "experts per size: " + ", ".join(f"{n} {m}" for n, m in pools.items())))
     c1, c2 = st.columns(2)
     sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
     methods = c2.multiselect("Methods", list(METHODS), default=["average"])
@@ -59,7 +62,8 @@ with st.form("sweep"):
                                                           key=f"hp-{name}-{pname}", help=p.help))
             hparams[name] = values
     c3, c4, c5 = st.columns(3)
-    k_lo, k_hi = c3.slider("k range", 1, M, (1, M))
+    k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
+                            "a narrower one must fit every chosen size") if M > 1 else (1, 1))
     mode = c4.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
                     help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
     per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
@@ -68,7 +72,8 @@ with st.form("sweep"):
     estimate = st.form_submit_button("Estimate")
     launch = st.form_submit_button("Launch sweep", type="primary")
 
-job = SweepJob(str(confined(manifest)), {m: hparams[m] for m in methods}, tuple(sizes), tuple(range(k_lo, k_hi + 1)),
+ks = () if (k_lo, k_hi) == (1, M) else tuple(range(k_lo, k_hi + 1))  # () = 1..M of each size's own pool
+job = SweepJob(str(confined(manifest)), {m: hparams[m] for m in methods}, tuple(sizes), ks,
                {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
                int(seed), device, str(ui.results_store().path))
 

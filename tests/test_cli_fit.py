@@ -89,6 +89,6 @@ def test_export_and_fit_errors(db, tmp_path, capsys):
     code, _, err = cli(capsys, "export", "--what", "everything", "--out", tmp_path / "x", "--db", db)
     assert code == 2 and "--what 'everything'" in err
     code, _, err = cli(capsys, "fit", "--db", db, "--family", "nope")
-    assert code == 2 and "no cached results match" in err
+    assert code == 2 and "--family 'nope': no cached results (cached: syn)" in err
     code, _, err = cli(capsys, "fit", "--db", db, "--format", "yaml")
     assert code == 2 and "--format 'yaml'" in err

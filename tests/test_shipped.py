@@ -10,7 +10,7 @@ from mergelab.demo.build import build_family
 from mergelab.demo.up import shipped_results_path
 from mergelab.engine.methods import METHODS, canonical_hparams, get_method
 from mergelab.io.family import load_family
-from mergelab.store import KEY_COLUMNS, ResultStore
+from mergelab.store import MERGE_KEY, ResultStore
 from mergelab.sweep.plan import SweepSpec
 from mergelab.sweep.runner import run_sweep
 
@@ -27,7 +27,7 @@ def shipped():
 
 def test_shipped_results_hold_the_full_standard_sweep(shipped):
     assert set(shipped["family"]) == {"demo-standard"}
-    assert not shipped.duplicated(KEY_COLUMNS).any()
+    assert not shipped.duplicated(MERGE_KEY).any()
     merges = shipped.groupby(["size", "method", "hparams"])["experts_key"].nunique()
     assert set(shipped["size"]) == set(SIZES)
     for size in SIZES:
@@ -56,7 +56,7 @@ def test_rebuilding_the_smallest_size_reproduces_shipped_numbers(shipped, tmp_pa
     merged = report.merged + run_sweep(half, store, progress=False).merged
     ours = store.results()
     assert merged == 10 + 4 * 7 + 3 and len(ours) == merged * 9
-    both = ours.merge(shipped, on=KEY_COLUMNS, suffixes=("", "_shipped"))
+    both = ours.merge(shipped, on=MERGE_KEY, suffixes=("", "_shipped"))
     assert len(both) == len(ours)  # same keys, including the eval-set hashes
     diff = (both["loss"] - both["loss_shipped"]).abs()
     built_on = json.loads((shipped_results_path().parent / "build.json").read_text())["cpu_capability"]

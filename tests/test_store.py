@@ -57,12 +57,6 @@ def test_filters_are_parameterised_and_lists_mean_any_of(store):
         store.results(**{"loss; DROP TABLE results": 1})
 
 
-def test_macro_is_computed_by_query(store):
-    store.upsert(rows(domains=("x", "y")))
-    macro = store.macro().set_index("experts_key")
-    assert macro.loc["a", "loss"] == 2.0 and macro.loc["a", "n_domains"] == 2 and macro.loc["a+b", "k"] == 2
-
-
 def test_cached_keys_need_every_domain_and_matching_hash(store):
     store.upsert(rows(keys=("a", "b"), domains=("x", "y")))
     store.upsert(rows(keys=("c",), domains=("x",)))

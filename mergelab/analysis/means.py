@@ -37,21 +37,6 @@ def mean_by_k(frame: "pd.DataFrame", by: Sequence[str] = ()) -> "pd.DataFrame":
     return frame.groupby([*by, "k"], as_index=False, sort=True)["loss"].agg(loss="mean", n_subsets="size")
 
 
-def per_k_summary(store: "ResultStore", family: str, eval_hashes: dict[str, dict[str, str]]) -> "pd.DataFrame":
-    """Mean cross-domain CE per k (rows) for each size and method (columns), over the cached merges of
-    `family` evaluated on the eval sets `eval_hashes` (size -> domain -> hash, as a sweep reports them)."""
-    import pandas as pd
-
-    frames = []
-    for size, hashes in eval_hashes.items():
-        macro = store.macro(family=family, size=size, eval_hash=list(hashes.values()))
-        frames.append(macro[macro["n_domains"] == len(hashes)])
-    macro = pd.concat(frames) if frames else pd.DataFrame()
-    if macro.empty:
-        return macro
-    return mean_by_k(macro, ["size", "method"]).pivot(index="k", columns=["size", "method"], values="loss").round(4)
-
-
 def ordering_estimate(losses: dict[str, float], orderings: list[list[str]], ks) -> "pd.DataFrame":
     """E[L | k] estimated from the prefixes of diverse orderings: per k the mean over orderings of
     the loss of each ordering's k-prefix, with its standard error std/√n (orderings are the units).
@@ -67,4 +52,4 @@ def ordering_estimate(losses: dict[str, float], orderings: list[list[str]], ks) 
     return pd.DataFrame(rows)
 
 
-__all__ = ["mean_by_k", "ordering_estimate", "per_k_means", "per_k_summary"]
+__all__ = ["mean_by_k", "ordering_estimate", "per_k_means"]

@@ -56,12 +56,22 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
     keys = CURVE_KEYS + ["experts_key", "k"]
     if domain != MACRO:
         return with_settings(rows[rows["domain"] == domain][keys + ["loss"]].reset_index(drop=True), rows)
-    n_domains = rows.groupby("family")["domain"].nunique().rename("family_domains")
-    # rows are unique per (merge, domain) by the cache key, so a row count is a domain count
+    # per size: its current rows may cover other domains than another size's (an eval set changed there)
+    n_domains = rows.groupby(["family", "size"])["domain"].nunique().rename("family_domains")
+    # rows are unique per (merge, domain) among current rows, so a row count is a domain count
     macro = rows.groupby(keys, as_index=False, sort=False).agg(loss=("loss", "mean"), n_domains=("loss", "size"))
-    macro = macro.join(n_domains, on="family")
+    macro = macro.join(n_domains, on=["family", "size"])
     complete = macro[macro["n_domains"] == macro["family_domains"]]
     return with_settings(complete[keys + ["loss"]].reset_index(drop=True), rows)
+
+
+def per_k_summary(store, family: str, sizes) -> pd.DataFrame:
+    """Mean cross-domain CE per k (rows) for each size and method setting (columns), over the current
+    cached merges of `family` (a ResultStore's) at `sizes` (those evaluated on every current domain)."""
+    macro = merge_losses(store.results(family=family, size=list(sizes)))
+    if macro.empty:
+        return macro
+    return mean_by_k(macro, ["size", "setting"]).pivot(index="k", columns=["size", "setting"], values="loss").round(4)
 
 
 def pool_size(rows: pd.DataFrame) -> int:

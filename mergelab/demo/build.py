@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from mergelab.demo.domains import DOMAINS, generate
 from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
 from mergelab.io.family import write_manifest
+from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
 
 # Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
 # are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
@@ -108,8 +108,12 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise MergelabError(f"{out}: already exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
+        staging = make_staging(out)
+    except OSError as exc:
+        raise MergelabError(f"{out}: cannot create the family folder ({exc.strerror or exc})") from exc
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
@@ -123,7 +127,13 @@ def build_family(preset_name: str, out: Path, seed: int = 0, sizes: list[str] | 
                        preset.token_budget)
         if out.exists():
             shutil.rmtree(out)
+        (staging / OWNER_FILE).unlink()
         staging.rename(out)
+    except Exception as exc:  # a full disk (ENOSPC, EFBIG under a file size limit; OSError or safetensors')
+        if write_failure(exc) is None:
+            raise
+        raise MergelabError(f"{out}: cannot write the demo family ({write_failure(exc)}); free some space or "
+                            "pick another --out, then build again") from exc
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)

@@ -32,9 +32,11 @@ def load_eval_set(path: str | Path) -> list[dict]:
     scored), or `messages` (a conversation whose last message is the assistant's reply)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of line 1
     except FileNotFoundError as exc:
         raise EvalSetError(f"{path}: eval set not found") from exc
+    except OSError as exc:  # a symlink loop (ELOOP), a directory, no permission
+        raise EvalSetError(f"{path}: cannot read the eval set ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     examples = []

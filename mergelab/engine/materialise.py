@@ -4,13 +4,13 @@ weights), and the mergekit config that expresses the same merge where mergekit h
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from mergelab.errors import MergelabError
 from mergelab.io.family import SizeSpec
 from mergelab.engine.methods import get_method
+from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
@@ -38,16 +38,25 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
     pool = ExpertPool.load(size)
     resident = ResidentModel(pool.base_checkpoint, "cpu")
     MergeSession(pool, resident).merge_formula(method, resolved, tuple(experts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)  # left by an export that was killed
+        partial = make_staging(out)
+    except OSError as exc:
+        raise MergelabError(f"{out}: cannot create the model folder ({exc.strerror or exc})") from exc
     try:
         resident.model.save_pretrained(str(partial))
         for name in TOKENIZER_FILES:
             if (size.base / name).is_file():
                 shutil.copy2(size.base / name, partial / name)
+        (partial / OWNER_FILE).unlink()
         if out.exists():
             out.rmdir()  # empty, checked above
         partial.rename(out)
+    except Exception as exc:  # OSError, or safetensors' own IO error on a full disk
+        if write_failure(exc) is None:
+            raise
+        raise MergelabError(f"{out}: cannot write the merged model ({write_failure(exc)})") from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -4,7 +4,9 @@ The engine keeps, per size, the base and M task vectors in fp32 on the merge dev
 model: fp32 on CPU, where it also holds the merged weights (M + 2 fp32 copies in all); bf16 on CUDA,
 fed from one more fp32 copy of the merged weights. When that does not fit on a GPU but the rest does,
 the task vectors stay in host memory and stream to the GPU chunk by chunk as merges need them. A size
-that cannot fit either way is refused before anything is loaded, with the numbers."""
+that cannot fit either way is refused before anything is loaded, with the numbers. The sweep passes
+SizeSpec.n_params: the base checkpoint's parameters counted from its safetensors headers, never the
+manifest's number alone (mergelab.io.family)."""
 
 from __future__ import annotations
 
@@ -48,7 +50,21 @@ def _fits(needed: int, available: int | None) -> bool:
 
 
 def _gib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+    """Bytes in the unit that shows them (B, KiB, MiB, GiB, TiB), three significant digits; 'unknown' for None."""
+    return "unknown" if n is None else format_bytes(n)
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes as '512 B', '7.21 KiB', '1.50 MiB', '14.9 GiB', '1024 GiB', '1.20 TiB': the largest binary unit in
+    which the number is at least 1, so a tiny model's needs never read 0.00 GiB."""
+    value, unit = float(n), "B"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    if unit == "B":
+        return f"{int(value)} B"
+    return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.1f} {unit}" if abs(value) >= 10 else f"{value:.2f} {unit}"
 
 
 def needed_bytes(n_params: int, n_experts: int, device: str, streamed: bool = False) -> int:

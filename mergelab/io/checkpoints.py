@@ -3,11 +3,21 @@
 Only safetensors are read: pickle-based checkpoints (.bin/.pt) are refused, never unpickled.
 Tensors are read with plain file reads at the offsets the header gives, not through a memory map,
 so a sweep that reads M experts never holds their pages in its own memory.
+
+The weight files are chosen as `from_pretrained` chooses them: config.json's `transformers_weights` if
+set, else model.safetensors, else model.safetensors.index.json (so a stray model.safetensors beside a
+sharded index wins, as it does in transformers). A shard index must agree with its shards' headers.
+
+`check_compatible` refuses an expert that would compute something else than the base with the same
+weights: a config field that changes the forward pass (`config_mismatch`), or a tokenizer that maps
+text to other ids (`tokenizer_mismatch`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -27,6 +37,11 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
+            try:
+                self.path.resolve(strict=self.path.is_symlink())
+            except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop
+                raise CheckpointError(f"{self.path}: checkpoint directory cannot be resolved (symlink loop or "
+                                      f"dangling link: {exc})") from exc
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
         self.files = self._tensor_files()
 
@@ -40,6 +55,8 @@ class Checkpoint:
             return json.loads(config_path.read_text())
         except FileNotFoundError as exc:
             raise CheckpointError(f"{config_path}: config.json missing") from exc
+        except OSError as exc:  # a symlink loop, a directory, no permission
+            raise CheckpointError(f"{config_path}: cannot read config.json ({exc.strerror or exc})") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
 
@@ -84,6 +101,12 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self._open(name).shape(name) for name in self.names}
 
+    @cached_property
+    def n_params(self) -> int:
+        """Parameters stored: the elements of every tensor in `names` (a tied lm_head once), from the
+        safetensors headers alone (no tensor data is read)."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
         t = self._read_checked(name)
@@ -120,22 +143,66 @@ class Checkpoint:
     # -- internals ---------------------------------------------------------------------------
 
     def _tensor_files(self) -> dict[str, Path]:
+        # The order of transformers' _get_resolved_checkpoint_files for a local folder: the file config.json
+        # names in `transformers_weights`, else model.safetensors, else the sharded index.
+        explicit = self._explicit_weights()
+        if explicit:
+            if not explicit.is_file():
+                raise CheckpointError(f"{self.path / 'config.json'}: transformers_weights names {explicit.name}, "
+                                      f"which is missing")
+            if explicit.name.endswith(".index.json"):
+                return self._sharded_files(explicit)
+            return {name: explicit for name in self._open_file(explicit).keys()}
         single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{index}: malformed shard index ({exc!r})") from exc
-            files = {name: self.path / shard for name, shard in weight_map.items()}
-            for shard in sorted(set(files.values())):
-                if not shard.is_file():
-                    raise CheckpointError(f"{index}: shard {shard.name} listed but missing")
-            return files
         if single.is_file():
             return {name: single for name in self._open_file(single).keys()}
+        if index.is_file():
+            return self._sharded_files(index)
         pickled = sorted(p.name for p in self.path.glob("*") if p.suffix in {".bin", ".pt", ".pth"})
         hint = f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    def _explicit_weights(self) -> Path | None:
+        """config.json's `transformers_weights` (a file in this folder), which from_pretrained loads first."""
+        try:
+            name = json.loads((self.path / "config.json").read_text()).get("transformers_weights")
+        except (OSError, ValueError, AttributeError):
+            return None  # no readable config: `config` says so when it is needed
+        if name is None:
+            return None
+        if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")) or \
+                Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{self.path / 'config.json'}: transformers_weights = {name!r} must name a "
+                                  f".safetensors or .safetensors.index.json file inside the checkpoint folder")
+        return self.path / name
+
+    def _sharded_files(self, index: Path) -> dict[str, Path]:
+        """Tensor -> shard from the index, checked against every shard's header both ways (transformers
+        loads every tensor of every listed shard, so the index and the shards must agree)."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map must map tensor names to shard file names")
+        except OSError as exc:
+            raise CheckpointError(f"{index}: cannot read the shard index ({exc.strerror or exc})") from exc
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{index}: malformed shard index ({exc!r})") from exc
+        files = {name: self.path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                why = " (a symlink loop or dangling link)" if shard.is_symlink() else ""
+                raise CheckpointError(f"{index}: shard {shard.name} listed but missing{why}")
+            held = set(self._open_file(shard).keys())
+            listed = {name for name, f in files.items() if f == shard}
+            if listed - held:
+                lost = sorted(listed - held)
+                raise CheckpointError(f"{index}: maps tensor {lost[0]!r} to {shard.name}, which does not hold it "
+                                      f"({len(lost)} such tensors); the index and its shards disagree: re-save the checkpoint")
+            if held - listed:
+                stray = sorted(held - listed)
+                raise CheckpointError(f"{shard}: holds tensor {stray[0]!r}, which {index.name} does not map to this shard "
+                                      f"({len(stray)} such tensors); the index and its shards disagree: re-save the checkpoint")
+        return files
 
     def _open(self, name: str):
         return self._open_file(self.files[name])
@@ -233,7 +300,9 @@ def check_mergeable(ckpt: Checkpoint) -> None:
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "refuse") -> None:
-    """Raise a CheckpointError naming the file and tensor if `other` cannot be merged with `base`.
+    """Raise a CheckpointError naming the file and tensor, field or token if `other` cannot be merged with
+    `base`: another architecture or tying, a config field that changes the forward pass (`check_config`),
+    missing, extra or reshaped tensors, or a tokenizer that maps text to other ids (`check_tokenizer`).
 
     Vocabulary tensors whose row counts differ (a padded or resized vocabulary) are refused unless
     `vocab_policy` is "base_rows" or "common_rows" (the engine then aligns them on the base's rows)."""
@@ -246,6 +315,7 @@ def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "r
         raise CheckpointError(
             f"{other.path}: tie_word_embeddings={other.tied_embeddings} but the base has {base.tied_embeddings}"
         )
+    check_config(base, other)
     missing = [n for n in base.names if n not in other.shapes]
     if missing:
         raise CheckpointError(f"{other.path}: tensor {missing[0]!r} missing ({len(missing)} missing in all)")
@@ -265,3 +335,349 @@ def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "r
                     f"(merge over the base's rows) or \"common_rows\" (merge over the rows all share) in the family manifest")
             continue
         raise CheckpointError(f"{other.path}: tensor {name!r} has shape {list(got)}, base has {list(shape)}")
+    check_tokenizer(base, other)
+
+
+# -- config fields that change what the model computes -----------------------------------------------------
+
+# config.json fields that do not change the logits the loaded weights give on an eval example, each with why.
+# Every other field of the architecture's transformers config class (its dataclass fields, or its and
+# PretrainedConfig's __init__ arguments on older transformers), of its sub-configs, and any other key in
+# the files that is not private (a leading '_'), must be equal in base and expert (`config_mismatch`).
+CONFIG_BOOKKEEPING = {
+    "transformers_version": "the library version that wrote the file",
+    "architectures": "the head class; mergelab builds the causal LM of model_type and checks every tensor name",
+    "dtype": "the storage dtype; each tensor's dtype is read from the file and mergelab computes in its own",
+    "torch_dtype": "the storage dtype (transformers < 5); as dtype",
+    "use_cache": "keeps keys/values for generation; one forward pass scores an example",
+    "return_dict": "the container forward returns",
+    "torchscript": "export flag",
+    "use_bfloat16": "TensorFlow-era storage flag",
+    "tf_legacy_loss": "TensorFlow loss flag",
+    "chunk_size_feed_forward": "splits the feed-forward into chunks with the same result",
+    "attn_implementation": "the attention kernel; mergelab picks it and the kernels agree",
+    "id2label": "classification labels; the causal LM has no classifier",
+    "label2id": "classification labels",
+    "num_labels": "classification labels",
+    "problem_type": "classification loss type",
+    "finetuning_task": "task metadata",
+    "task_specific_params": "generation presets per task",
+    "tokenizer_class": "tokenizer metadata; the tokenizers are compared from their own files",
+    "prefix": "a generation prompt prefix",
+    "bos_token_id": "generation only; the tokenizers' special tokens are compared from their own files",
+    "eos_token_id": "generation only; as bos_token_id",
+    "pad_token_id": "the padding embedding's gradient at training; forward is unchanged",
+    "sep_token_id": "generation only",
+    "decoder_start_token_id": "generation only (encoder-decoders)",
+    "router_aux_loss_coef": "a training loss term (mixture-of-experts load balancing)",
+    "model_type": "compared first, on its own",
+    "tie_word_embeddings": "compared first, on its own",
+    "vocab_size": "vocabulary rows are the tensors' first dimension, handled by vocab_policy",
+    "auto_map": "custom code, which mergelab never runs (trust_remote_code stays off)",
+    "custom_pipelines": "custom code, never run",
+    "transformers_weights": "which file holds the weights; resolved like from_pretrained does",
+    # transformers < 5 kept generation settings in every config
+    **{name: "a generation setting" for name in (
+        "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+        "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+        "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+        "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+        "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")},
+}
+# Kinds of fields, by name, that cannot change an eval-mode forward pass of loaded weights.
+CONFIG_BOOKKEEPING_PATTERNS = {
+    r"^output_": "what forward returns besides the logits (attentions, hidden states, router logits)",
+    r"dropout|_pdrop$|layerdrop|^drop_path": "inactive in eval mode; mergelab evaluates with model.eval()",
+    r"(^|_)init(ializer)?(_|$)": "how weights are initialised before the checkpoint's are loaded",
+    r"_version$": "the version of a tool that wrote the file",
+}
+
+
+def config_counts(name: str) -> bool:
+    """Whether a config field changes what the model computes (not in CONFIG_BOOKKEEPING or its patterns)."""
+    return name not in CONFIG_BOOKKEEPING and not any(re.search(p, name) for p in CONFIG_BOOKKEEPING_PATTERNS)
+
+
+def _declared_fields(cls) -> set[str]:
+    """The fields transformers' config class declares: its dataclass fields (transformers >= 5), else the
+    arguments of its and PretrainedConfig's __init__."""
+    import dataclasses
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    return {p for c in (cls, PretrainedConfig) for p in inspect.signature(c.__init__).parameters} - {"self", "kwargs"}
+
+
+def _config_object(ckpt: Checkpoint):
+    """config.json as transformers reads it (defaults filled in, legacy fields such as rope_theta moved
+    where the modeling code reads them)."""
+    import logging
+
+    from transformers import CONFIG_MAPPING
+
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # config classes warn about legacy fields; the comparison is what matters
+    try:
+        return CONFIG_MAPPING[ckpt.config["model_type"]].from_dict(dict(ckpt.config))
+    except Exception as exc:  # the config class's own validation
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: transformers cannot read this "
+                              f"{ckpt.config.get('model_type')} config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    finally:
+        logger.setLevel(level)
+
+
+_UNSET = object()
+
+
+def _show(value) -> str:
+    text = "(unset)" if value is _UNSET else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def config_mismatch(base_config, other_config, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first field (dotted through sub-configs) that counts (`config_counts`) and differs between two
+    transformers config objects of the same class, as (field, base value, other value); None if none does."""
+    from transformers import PretrainedConfig
+
+    declared = _declared_fields(type(base_config))
+    base_dict, other_dict = base_config.to_dict(), other_config.to_dict()
+    for name in dict.fromkeys([*sorted(declared), *base_dict, *other_dict]):
+        if not config_counts(name) or (name.startswith("_") and name not in declared):
+            continue
+        a, b = getattr(base_config, name, None), getattr(other_config, name, None)
+        if isinstance(a, PretrainedConfig) and isinstance(b, PretrainedConfig) and type(a) is type(b):
+            found = config_mismatch(a, b, f"{prefix}{name}.")
+            if found:
+                return found
+            continue
+        a, b = base_dict.get(name, _UNSET), other_dict.get(name, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):  # e.g. rope_parameters: name the entry that differs
+            for key in dict.fromkeys([*a, *b]):
+                if a.get(key, _UNSET) != b.get(key, _UNSET):
+                    return f"{prefix}{name}.{key}", a.get(key, _UNSET), b.get(key, _UNSET)
+        elif a != b:
+            return f"{prefix}{name}", a, b
+    return None
+
+
+def check_config(base: Checkpoint, other: Checkpoint) -> None:
+    """Refuse `other` if a config field that changes the forward pass differs from the base's (both read
+    by transformers' config class, so a field left out means the class default), naming the field and
+    both values. Raises CheckpointError."""
+    found = config_mismatch(_config_object(base), _config_object(other))
+    if found:
+        name, a, b = found
+        raise CheckpointError(
+            f"{other.path / 'config.json'}: {name} = {_show(b)} but the base has {_show(a)}; this field changes what "
+            f"the model computes, so the expert's rows would not describe it: use experts with the base's config")
+
+
+# -- tokenizers -----------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja", "chat_template.json")
+SLOW_VOCAB_FILES = ("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "added_tokens.json")  # read when there is no tokenizer.json
+SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                 "additional_special_tokens", "extra_special_tokens")
+# tokenizer_config.json keys that do not change the ids mergelab scores, each with why; every other key counts.
+TOKENIZER_BOOKKEEPING = {
+    "name_or_path": "where it was loaded from",
+    "model_max_length": "mergelab cuts examples at the manifest's max_length itself",
+    "padding_side": "mergelab batches and pads itself",
+    "truncation_side": "mergelab cuts examples itself",
+    "clean_up_tokenization_spaces": "decoding only",
+    "spaces_between_special_tokens": "decoding only",
+    "errors": "decoding only (how invalid bytes are shown)",
+    "model_input_names": "names of the returned tensors",
+    "processor_class": "metadata",
+    "tokenizer_file": "a path, the file itself is compared",
+    "special_tokens_map_file": "a path, the file itself is compared",
+    "auto_map": "custom code, never run",
+    "added_tokens_decoder": "compared as the added tokens",
+    "chat_template": "compared as the chat template",
+    **{role: "compared as the special tokens" for role in SPECIAL_ROLES},
+}
+# tokenizer.json parts that do not change encoding: truncation and padding are reset by transformers on every
+# call, the decoder only decodes, version is the format's.
+TOKENIZER_JSON_BOOKKEEPING = ("version", "truncation", "padding", "decoder")
+
+
+def _read_json(path: Path, default=None):
+    if not path.is_file():
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a symlink loop or dangling link")
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _content(token):
+    """A special token as its text: tokenizer configs store str, {'content': ...} or lists of them."""
+    if isinstance(token, dict):
+        return token.get("content")
+    if isinstance(token, list):
+        return [_content(t) for t in token]
+    return token
+
+
+class _TokenizerFiles:
+    """What a checkpoint folder's tokenizer files say about encoding text, read from the files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.present = [f for f in TOKENIZER_FILES if (path / f).is_file() or (path / f).is_symlink()]
+        self.fast = _read_json(path / "tokenizer.json")
+        self.config = _read_json(path / "tokenizer_config.json", {})
+        if not isinstance(self.config, dict) or not isinstance(self.fast, (dict, type(None))):
+            raise CheckpointError(f"{path}: tokenizer_config.json and tokenizer.json must hold JSON objects")
+        special_map = _read_json(path / "special_tokens_map.json", {})
+        self.special = {role: _content(v) for role, v in {**special_map, **self.config}.items()
+                        if role in SPECIAL_ROLES and v is not None}
+
+    @property
+    def slow_files(self) -> list[str]:
+        return [f for f in SLOW_VOCAB_FILES if f in self.present]
+
+    @cached_property
+    def chat_template(self):
+        if (self.path / "chat_template.jinja").is_file():
+            return _read_bytes(self.path / "chat_template.jinja").decode("utf-8", "replace")
+        if (self.path / "chat_template.json").is_file():
+            return (_read_json(self.path / "chat_template.json") or {}).get("chat_template")
+        return self.config.get("chat_template")
+
+    def token_id(self, token) -> str:
+        """' (id N)' for a token of tokenizer.json's vocabulary or added tokens, else ''."""
+        if not isinstance(token, str) or not self.fast:
+            return ""
+        for added in self.fast.get("added_tokens") or []:
+            if added.get("content") == token:
+                return f" (id {added.get('id')})"
+        vocab = (self.fast.get("model") or {}).get("vocab")
+        return f" (id {vocab[token]})" if isinstance(vocab, dict) and token in vocab else ""
+
+
+def _merge_text(merge) -> str:
+    return " ".join(merge) if isinstance(merge, list) else str(merge)
+
+
+def _fast_mismatch(base: dict, other: dict) -> str | None:
+    """The first difference between two tokenizer.json files that changes encoding, in words."""
+    base_model, other_model = base.get("model") or {}, other.get("model") or {}
+    a, b = base_model.get("vocab"), other_model.get("vocab")
+    if a == b:
+        pass  # the usual case, checked at dict speed before any search for the first difference
+    elif isinstance(a, dict) and isinstance(b, dict):
+        for token, id_ in sorted(a.items(), key=lambda item: (str(item[1]), item[0])):
+            if b.get(token, _UNSET) != id_:
+                got = "is missing" if token not in b else f"has id {b[token]}"
+                return f"token {token!r} {got} in the expert's vocabulary, id {id_} in the base's (tokenizer.json)"
+        extra = sorted(set(b) - set(a), key=lambda t: (str(b[t]), t))
+        if extra:
+            return f"token {extra[0]!r} has id {b[extra[0]]} in the expert's vocabulary, which the base's lacks (tokenizer.json)"
+    else:  # Unigram: a list of [piece, score]
+        a, b = list(a or []), list(b or [])
+        for i in range(max(len(a), len(b))):
+            x, y = (a[i] if i < len(a) else _UNSET), (b[i] if i < len(b) else _UNSET)
+            if x != y:
+                return f"vocabulary entry {i} is {_show(y)} in the expert, {_show(x)} in the base (tokenizer.json)"
+    a, b = base_model.get("merges") or [], other_model.get("merges") or []
+    if a != b and [_merge_text(m) for m in a] != [_merge_text(m) for m in b]:  # "a b" and ["a", "b"] are one merge
+        a, b = [_merge_text(m) for m in a], [_merge_text(m) for m in b]
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        x, y = (a[i] if i < len(a) else _UNSET), (b[i] if i < len(b) else _UNSET)
+        return f"merge {i} is {_show(y)} in the expert, {_show(x)} in the base (tokenizer.json, {len(b)} vs {len(a)} merges)"
+    for key in dict.fromkeys([*base_model, *other_model]):
+        if key not in ("vocab", "merges") and base_model.get(key, _UNSET) != other_model.get(key, _UNSET):
+            return (f"model.{key} is {_show(other_model.get(key, _UNSET))} in the expert, "
+                    f"{_show(base_model.get(key, _UNSET))} in the base (tokenizer.json)")
+    a = {t.get("content"): t for t in base.get("added_tokens") or []}
+    b = {t.get("content"): t for t in other.get("added_tokens") or []}
+    for token in dict.fromkeys([*a, *b]):
+        if a.get(token, _UNSET) != b.get(token, _UNSET):
+            def show(t):
+                return "missing" if t is _UNSET else f"id {t.get('id')}" + (" special" if t.get("special") else "")
+            return (f"added token {token!r} is {show(b.get(token, _UNSET))} in the expert, "
+                    f"{show(a.get(token, _UNSET))} in the base (tokenizer.json)")
+    for key in dict.fromkeys([*base, *other]):
+        if key not in (*TOKENIZER_JSON_BOOKKEEPING, "model", "added_tokens") and base.get(key) != other.get(key):
+            return f"{key} is {_show(other.get(key))} in the expert, {_show(base.get(key))} in the base (tokenizer.json)"
+    return None
+
+
+def tokenizer_mismatch(base_dir: Path, other_dir: Path) -> str | None:
+    """How the tokenizer files in `other_dir` encode text differently from those in `base_dir`, in words
+    (the file, the token or setting, both values), or None: same vocabulary and ids, merges, added and
+    special tokens, pre- and post-processing, encoding settings and chat template. A folder without
+    tokenizer files uses the base's (None); so does a base without any (the sweep refuses it when it
+    loads the base's tokenizer). Raises CheckpointError for unreadable or malformed files."""
+    other = _TokenizerFiles(Path(other_dir))
+    if not other.present:
+        return None
+    base = _TokenizerFiles(Path(base_dir))
+    if not base.present:
+        return None
+    if base.fast is not None and other.fast is not None:
+        found = _fast_mismatch(base.fast, other.fast)
+        if found:
+            return found
+    elif base.fast is not None or other.fast is not None:
+        has, lacks = ("expert", "base") if other.fast is not None else ("base", "expert")
+        lacking = base if lacks == "base" else other
+        if lacking.slow_files or lacks == "base":
+            return (f"the {has}'s tokenizer is defined by tokenizer.json, the {lacks}'s by "
+                    f"{', '.join(lacking.slow_files) or 'no vocabulary file'}, so they cannot be compared")
+    else:
+        for name in dict.fromkeys([*base.slow_files, *other.slow_files]):
+            a, b = _read_bytes(base.path / name), _read_bytes(other.path / name)
+            if a != b:
+                if a is None or b is None:
+                    return f"{name} is {'missing' if b is None else 'present'} in the expert, {'missing' if a is None else 'present'} in the base"
+                return f"{name} differs from the base's ({len(b):,} vs {len(a):,} bytes)"
+    for role in SPECIAL_ROLES:
+        a, b = base.special.get(role, _UNSET), other.special.get(role, _UNSET)
+        if a != b:
+            return (f"{role} is {_show(b)}{other.token_id(b)} in the expert, {_show(a)}{base.token_id(a)} in the base "
+                    f"(tokenizer_config.json / special_tokens_map.json)")
+    a = {str(k): (v.get("content"), v.get("special")) for k, v in (base.config.get("added_tokens_decoder") or {}).items()}
+    b = {str(k): (v.get("content"), v.get("special")) for k, v in (other.config.get("added_tokens_decoder") or {}).items()}
+    if a and b and a != b:  # written by transformers < 5 beside tokenizer.json's added_tokens
+        id_ = next(k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k))
+        return (f"added token id {id_} is {_show(b.get(id_, _UNSET))} in the expert, {_show(a.get(id_, _UNSET))} in the "
+                f"base (tokenizer_config.json added_tokens_decoder)")
+    for key in dict.fromkeys([*base.config, *other.config]):
+        if key not in TOKENIZER_BOOKKEEPING and base.config.get(key, _UNSET) != other.config.get(key, _UNSET):
+            return (f"{key} is {_show(other.config.get(key, _UNSET))} in the expert, "
+                    f"{_show(base.config.get(key, _UNSET))} in the base (tokenizer_config.json)")
+    if base.chat_template != other.chat_template:
+        a, b = base.chat_template or "", other.chat_template or ""
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return (f"the chat template differs from the base's (first at character {at}: "
+                f"{_show(b[at:at + 30] or _UNSET)} vs {_show(a[at:at + 30] or _UNSET)})")
+    return None
+
+
+def check_tokenizer(base: Checkpoint, other: Checkpoint) -> None:
+    """Refuse an expert whose own tokenizer files encode text differently from the base's (the sweep
+    tokenizes every eval set with the base's tokenizer only). Raises CheckpointError."""
+    found = tokenizer_mismatch(base.path, other.path)
+    if found:
+        raise CheckpointError(f"{other.path}: its tokenizer maps text to other ids than the base's: {found}; "
+                              f"give the expert the base's tokenizer files, or none (it then uses the base's)")

@@ -12,12 +12,25 @@ The TOML manifest is the source of truth; relative paths are resolved against it
     algebra = "eval/algebra.jsonl"
 
     [sizes.xs]
-    n_params = 41234
+    n_params = 41234            # optional; see below
     base = "xs/base"
     [sizes.xs.experts]
     algebra = "xs/experts/algebra"
 
 A size may set its own `vocab_policy`, overriding the family's.
+
+`n_params` is never trusted: the size's parameter count is counted from the base checkpoint's
+safetensors headers (every tensor mergelab merges, a tied lm_head once; `Checkpoint.n_params`) when a
+sweep or the memory guard first needs it (`SizeSpec.n_params`). A manifest may leave `n_params` out; if
+it gives one, it must equal that count exactly (the count is exact, and the joint law's N and the memory
+plan use it), else a ManifestError names both numbers. Loading a manifest reads no checkpoint.
+
+Names: the family's `name`, size names and domain names (which are also the experts' names) may not
+contain the separators mergelab joins them with, nor be a reserved word (`mergelab.names.name_problem`):
+a domain may not contain '+', ',', ':' or '·' nor be 'macro' or 'base'; a size may not contain ',' or
+'·'; the family's name may not contain '·'; no name may be empty, start or end with whitespace or hold
+a control character. The manifest may start with a UTF-8 byte-order mark; a symlink loop on any path it
+names (or on the manifest itself) is refused with the path.
 """
 
 from __future__ import annotations
@@ -25,10 +38,12 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
+from functools import cached_property
 from pathlib import Path
 
 from mergelab.errors import ManifestError
+from mergelab.names import name_problem
 
 DEFAULT_TOKEN_BUDGET = 512
 DEFAULT_MAX_LENGTH = 512  # tokens per eval example; longer ones are cut (mergelab.engine.evaluate)
@@ -38,15 +53,35 @@ VOCAB_POLICIES = ("refuse", "base_rows", "common_rows")
 
 @dataclass(frozen=True)
 class SizeSpec:
+    """One size of a family: its base checkpoint, one expert per domain, and the parameter count the
+    manifest declares (`declared_n_params`, None when left out; the count that is used is `n_params`)."""
+
     name: str
-    n_params: int
+    declared_n_params: int | None
     base: Path
     experts: dict[str, Path]
     vocab_policy: str = "refuse"
+    manifest: Path | None = dataclass_field(default=None, compare=False, repr=False)
 
     @property
     def expert_names(self) -> tuple[str, ...]:
         return tuple(self.experts)
+
+    @cached_property
+    def n_params(self) -> int:
+        """Parameters of the base checkpoint, counted from its safetensors headers (tensors mergelab merges,
+        a tied lm_head once): what rows record, the joint law's N and the memory guard use. Reads the
+        headers once (no tensor data). Raises CheckpointError for an unreadable base and ManifestError when
+        the manifest's n_params is not exactly this count."""
+        from mergelab.io.checkpoints import Checkpoint
+
+        counted = Checkpoint(self.base).n_params
+        if self.declared_n_params is not None and self.declared_n_params != counted:
+            raise ManifestError(
+                f"{self.manifest or 'family manifest'}: sizes.{self.name}.n_params = {self.declared_n_params:,} but the "
+                f"base checkpoint {self.base} holds {counted:,} parameters (counted from its safetensors headers, a "
+                f"tied lm_head once); write n_params = {counted} or leave n_params out")
+        return counted
 
 
 @dataclass(frozen=True)
@@ -77,21 +112,37 @@ class Family:
 def load_family(path: str | Path) -> Family:
     """Read and validate a family manifest (`path`: family.toml or its directory; format in the module
     docstring). Relative paths resolve against the manifest's folder and must stay inside it; every file
-    must exist. Raises ManifestError naming the manifest and the field for anything missing or malformed.
-    Checkpoint contents are checked later, when a sweep or export opens them (CheckpointError)."""
+    must exist. Names must pass `mergelab.names.name_problem`. Raises ManifestError naming the manifest and
+    the field for anything missing, malformed, reserved or behind a symlink loop. Checkpoint contents
+    (and the parameter count) are checked later, when a sweep or export opens them (CheckpointError)."""
     manifest = Path(path)
     if manifest.is_dir():
         manifest = manifest / "family.toml"
     try:
-        raw = tomllib.loads(manifest.read_text())
+        raw = tomllib.loads(manifest.read_bytes().decode("utf-8-sig"))  # a byte-order mark (Windows editors) is fine
     except FileNotFoundError as exc:
         raise ManifestError(f"{manifest}: family manifest not found") from exc
+    except OSError as exc:  # a symlink loop (ELOOP), a directory, no permission
+        raise ManifestError(f"{manifest}: cannot read the family manifest ({exc.strerror or exc})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{manifest}: not valid TOML ({exc})") from exc
-    root = manifest.parent.resolve()
 
     def fail(msg: str):
         raise ManifestError(f"{manifest}: {msg}")
+
+    def resolved(p: Path, where: str) -> Path:
+        try:
+            return p.resolve()
+        except (RuntimeError, OSError) as exc:  # Python raises RuntimeError for a symlink loop
+            fail(f"{where} = {str(p)!r} cannot be resolved: symlink loop or unreadable link ({exc})")
+
+    def checked_name(name: str, kind: str, where: str) -> str:
+        problem = name_problem(name, kind)
+        if problem:
+            fail(f"{where} {name!r} {problem}; rename it")
+        return name
+
+    root, manifest_path = resolved(manifest.parent, "the manifest's folder"), resolved(manifest, "the manifest")
 
     def field(table: dict, key: str, kind: type, where: str = ""):
         if key not in table:
@@ -106,17 +157,19 @@ def load_family(path: str | Path) -> Family:
         # anything else must be written as an absolute path, on purpose.
         if not Path(rel).is_absolute() and os.path.normpath(rel).split(os.sep)[0] == "..":
             fail(f"{where} = {rel!r} escapes the family directory {root}; use a path inside it or an absolute path")
-        p = (root / rel).resolve()
+        p = resolved(root / rel, where)
         if not (p.is_dir() if is_dir else p.is_file()):
             fail(f"{where} points at {p}, which does not exist")
         return p
 
-    name = field(raw, "name", str)
+    name = checked_name(field(raw, "name", str), "family", "field 'name':")
     domains = field(raw, "domains", list)
     if not domains or not all(isinstance(d, str) and d for d in domains):
         fail("field 'domains' must be a non-empty list of names")
     if len(set(domains)) != len(domains):
         fail("field 'domains' lists a domain twice")
+    for domain in domains:  # experts are named by their domains, so this covers expert names too
+        checked_name(domain, "domain", "field 'domains': domain")
     def positive(key: str, default: int) -> int:
         value = raw.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -146,10 +199,11 @@ def load_family(path: str | Path) -> Family:
     sizes = []
     for size_name, table in sizes_table.items():
         where = f"sizes.{size_name}."
+        checked_name(size_name, "size", "[sizes]: size")
         if not isinstance(table, dict):
             fail(f"[sizes.{size_name}] must be a table")
-        n_params = field(table, "n_params", int, where)
-        if n_params < 1:
+        n_params = field(table, "n_params", int, where) if "n_params" in table else None  # counted when left out
+        if n_params is not None and n_params < 1:
             fail(f"field {where}'n_params' must be a positive integer, got {n_params}")
         base = existing(field(table, "base", str, where), f"{where}base", is_dir=True)
         experts_table = field(table, "experts", dict, where)
@@ -162,14 +216,15 @@ def load_family(path: str | Path) -> Family:
                    for e in experts_table}
         if len(set(experts.values())) != len(experts):
             fail(f"{where}experts lists the same checkpoint twice")
-        sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy)))
-    return Family(name, manifest.resolve(), tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length)
+        sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy), manifest_path))
+    return Family(name, manifest_path, tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length)
 
 
 def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
                    sizes: list[dict], token_budget: int = DEFAULT_TOKEN_BUDGET, vocab_policy: str | None = None,
                    max_length: int | None = None) -> Path:
-    """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params, base, experts."""
+    """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params (None: left out,
+    then counted from the base checkpoint), base, experts."""
     q = json.dumps  # TOML basic strings accept JSON string escapes for the ASCII names used here
     lines = [f"name = {q(name)}", f"domains = [{', '.join(q(d) for d in domains)}]",
              f"token_budget = {int(token_budget)}"]
@@ -178,7 +233,8 @@ def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
     lines += ["", "[eval]"]
     lines += [f"{d} = {q(p)}" for d, p in eval_sets.items()]
     for size in sizes:
-        lines += ["", f"[sizes.{size['name']}]", f"n_params = {int(size['n_params'])}", f"base = {q(size['base'])}",
+        n_params = [f"n_params = {int(size['n_params'])}"] if size.get("n_params") is not None else []
+        lines += ["", f"[sizes.{size['name']}]", *n_params, f"base = {q(size['base'])}",
                   "", f"[sizes.{size['name']}.experts]"]
         lines += [f"{e} = {q(p)}" for e, p in size["experts"].items()]
     path.write_text("\n".join(lines) + "\n")

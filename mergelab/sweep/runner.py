@@ -12,11 +12,12 @@ from mergelab.engine.methods import canonical_hparams, get_method
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.io.family import Family, SizeSpec
+from mergelab.io.fingerprint import size_fingerprints
 from mergelab.names import BASE, EXPERT, experts_key
-from mergelab.store import ResultStore
+from mergelab.store import ResultStore, join_fingerprints
 from mergelab.sweep.evaluator import NotFinite
 from mergelab.sweep.local import local_results
-from mergelab.sweep.plan import SweepSpec, WorkItem, plan_subsets
+from mergelab.sweep.plan import SweepSpec, WorkItem, check_plan_size, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
 
 
@@ -28,6 +29,8 @@ class SweepReport:
     rows_written: int = 0
     seconds: float = 0.0
     eval_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # size -> (base_fp, {expert: fp}): the checkpoints' fingerprints its rows are keyed by
+    fingerprints: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
     # merges evaluated but not cached, one line each: weights or losses not finite (a diverging
     # hyperparameter), or a row the cache refused; the other merges' rows are kept, a rerun retries these
@@ -46,9 +49,9 @@ class _RowWriter:
     """Buffers rows and upserts them at most every `flush_seconds` (and at the end), so a crash loses
     at most the last few seconds of work and the cache never sees half a merge."""
 
-    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport):
-        self.store, self.flush_seconds, self.report = store, flush_seconds, report
-        self.rows, self.last = [], time.monotonic()
+    def __init__(self, store: ResultStore, flush_seconds: float, report: SweepReport, family: str):
+        self.store, self.flush_seconds, self.report, self.family = store, flush_seconds, report, family
+        self.rows, self.last, self.recorded = [], time.monotonic(), set()
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
@@ -57,9 +60,18 @@ class _RowWriter:
 
     def flush(self) -> None:
         if self.rows:
+            self.record_inputs({row["size"] for row in self.rows})
             self.report.rows_written += self.store.upsert(self.rows, rejected=self.report.not_cached)
             self.rows = []
         self.last = time.monotonic()
+
+    def record_inputs(self, sizes) -> None:
+        """Make the inputs of `sizes` current, once each, before their first rows (never on an input error:
+        nothing is written before the first merge is evaluated)."""
+        for size in sorted(set(sizes) - self.recorded):
+            base_fp, experts_fp = self.report.fingerprints[size]
+            self.store.record_inputs(self.family, size, base_fp, experts_fp, self.report.eval_hashes[size], METRIC_VERSION)
+            self.recorded.add(size)
 
 
 ProgressCallback = Callable[["SweepReport", int, "WorkItem | None"], None]
@@ -96,7 +108,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
-    writer = _RowWriter(store, flush_seconds, report)
+    writer = _RowWriter(store, flush_seconds, report, spec.family.name)
     bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
     try:
         if on_progress:
@@ -105,11 +117,14 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
             if isinstance(rows, NotFinite):
                 report.not_cached.append(rows.reason)
             else:
-                writer.add(rows)
+                base_fp, experts_fp = report.fingerprints[item.size]
+                inputs = {"base_fp": base_fp, "experts_fp": join_fingerprints(experts_fp[e] for e in sorted(item.subset))}
+                writer.add([{**row, **inputs} for row in rows])
             report.merged += 1
             bar.update(1)
             if on_progress:
                 on_progress(report, total, item)
+        writer.record_inputs(report.fingerprints)  # sizes with nothing to compute: their inputs are current too
     finally:
         results.close()  # stops the backend's work in flight (Ray actors) when the sweep is stopped early
         bar.close()
@@ -120,9 +135,13 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
 def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[str, list[WorkItem]], dict[str, EvalData]]:
     """Validate the spec and checkpoints, tokenize the eval sets and list the merges not yet cached
-    (per size). Nothing is written; the dashboard uses this for its estimate before launch."""
+    (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
+    plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
+    neither the CLI nor the dashboard ever lists 2^30 subsets."""
     methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
+    for size in sizes:  # counted before any checkpoint is opened or any subset listed
+        check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
@@ -130,16 +149,21 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
         report.eval_hashes[size.name] = eval_data[size.name].hashes
         if eval_data[size.name].truncation_note():
             report.eval_notes[size.name] = eval_data[size.name].truncation_note()
+        report.fingerprints[size.name] = size_fingerprints(size)
         planned = _plan_size(spec, size, methods)
         report.planned += len(planned)
-        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes)
+        todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes,
+                                    report.fingerprints[size.name])
         report.skipped += len(planned) - len(todo[size.name])
     return report, todo, eval_data
 
 
 def _check_sizes(sizes: list[SizeSpec]) -> None:
-    """Validate every checkpoint's tensor names and shapes up front, before any row is written."""
+    """Validate every checkpoint up front, before any row is written: the parameter count against the
+    manifest's n_params (SizeSpec.n_params, which rows and the memory plan then use), and each expert's
+    tensors, config and tokenizer against the base's (check_compatible)."""
     for size in sizes:
+        size.n_params  # counted from the base's headers; ManifestError if the manifest says otherwise
         base = Checkpoint(size.base)
         for path in size.experts.values():
             check_compatible(base, Checkpoint(path), size.vocab_policy)
@@ -160,14 +184,16 @@ def _plan_size(spec: SweepSpec, size: SizeSpec, methods: dict[str, dict]) -> lis
     if spec.reference_rows:
         items.append(WorkItem(size.name, BASE, "{}", ()))
         items.extend(WorkItem(size.name, EXPERT, "{}", (e,)) for e in size.expert_names)
-    subsets = plan_subsets(size.expert_names, spec.ks, spec.subsets, spec.seed)
+    subsets = plan_subsets(size.expert_names, spec.ks_for(size), spec.subsets, spec.seed)
     for name, hp in methods.items():
         items.extend(WorkItem(size.name, name, canonical_hparams(hp), s) for s in subsets)
     return items
 
 
-def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes) -> list[WorkItem]:
+def _uncached(store: ResultStore, family: Family, size: SizeSpec, items: list[WorkItem], hashes,
+              fingerprints: tuple[str, dict[str, str]]) -> list[WorkItem]:
     cached = {}
     for method, hparams in {(i.method, i.hparams) for i in items}:
-        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION)
+        cached[method, hparams] = store.cached_keys(family.name, size.name, method, hparams, hashes, METRIC_VERSION,
+                                                    *fingerprints)
     return [i for i in items if experts_key(i.subset) not in cached[i.method, i.hparams]]

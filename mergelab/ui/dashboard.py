@@ -27,9 +27,27 @@ def _stamp(path: Path) -> float:
 # cache_resource, not cache_data: the frames are shared read-only (pages filter, never mutate), which
 # saves copying 50k+ rows on every rerun.
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _read(path: str, stamp: float) -> pd.DataFrame:
+def _read_all(path: str, stamp: float) -> pd.DataFrame:
     # the expert list is derivable from experts_key; dropping the array column keeps frames hashable
-    return ResultStore(path).results().drop(columns=["experts"])
+    return ResultStore(path).results(include_stale=True).drop(columns=["experts"])
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _read(path: str, stamp: float) -> pd.DataFrame:
+    """The current rows: pages never mix rows of changed checkpoints or eval sets into a curve."""
+    rows = _read_all(path, stamp)
+    return rows[rows["stale"] == ""].drop(columns="stale").reset_index(drop=True)
+
+
+def stale_rows(family: str) -> pd.DataFrame:
+    """Rows of `family` left out because their checkpoints or eval sets changed since (ResultStore.results):
+    one row per size and reason with the number of rows and merges."""
+    store = results_store()
+    rows = _read_all(str(store.path), _stamp(store.path))
+    stale = rows[(rows["family"] == family) & (rows["stale"] != "")]
+    return (stale.groupby(["size", "stale"], as_index=False)
+            .agg(rows=("loss", "size"), merges=("experts_key", "nunique"))
+            .rename(columns={"stale": "why stale"}))
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)

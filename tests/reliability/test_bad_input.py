@@ -98,6 +98,58 @@ def test_broken_manifests(family, tmp_path, capsys, tally):
     tally["bad inputs tried: family manifests"] += len(MANIFEST_CASES) - 1 + 4
 
 
+NAME_CASES = [  # names that collide with the experts key, CLI/URL lists, cached-row pairs, labels or the macro row
+    (r'^domains = .*', 'domains = ["alpha", "beta", "c++"]', "domain 'c++' contains '+'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "macro"]', "domain 'macro' is a reserved word"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "base"]', "domain 'base' is a reserved word"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x,y"]', "domain 'x,y' contains ','"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x:y"]', "domain 'x:y' contains ':'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "x·y"]', "domain 'x·y' contains '·'"),
+    (r'^domains = .*', 'domains = ["alpha", "beta", "gamma "]', "starts or ends with whitespace"),
+    (r'^\[sizes\.s\]', '[sizes."s,m"]', "size 's,m' contains ','"),
+    (r'^name = "tiny"', 'name = "t · x"', "field 'name': 't · x' contains '·'"),
+]
+
+
+def test_reserved_names_counts_bom_and_loops_in_manifests(family, tmp_path, capsys, tally):
+    import os
+    import re
+
+    valid = family.read_text()
+    for i, (pattern, replacement, fragment) in enumerate(NAME_CASES):
+        manifest = family.parent / f"names{i}.toml"
+        manifest.write_text(re.sub(pattern, replacement, valid, count=1, flags=re.M))
+        db = tmp_path / f"n{i}.duckdb"
+        expect_refusal(capsys, db, ["sweep", "--family", manifest, "--methods", "average", "--db", db, "--device", "cpu"],
+                       str(manifest), fragment, "rename it")
+    tally["bad inputs tried: reserved names"] += len(NAME_CASES)
+
+    wrong = family.parent / "wrong_n_params.toml"
+    wrong.write_text(re.sub(r"^n_params = \d+", "n_params = 100", valid, count=1, flags=re.M))
+    expect_refusal(capsys, tmp_path / "w.duckdb", ["sweep", "--family", wrong, "--methods", "average", "--db",
+                   tmp_path / "w.duckdb", "--device", "cpu"], "sizes.s.n_params = 100 but the base checkpoint", "parameters")
+    tally["bad inputs tried: n_params not the checkpoint's"] += 1
+
+    looped = family.parent / "looped.toml"
+    os.symlink(family.parent / "looped2.toml", looped)
+    os.symlink(looped, family.parent / "looped2.toml")
+    loop_eval = family.parent / "eval" / "loop.jsonl"
+    os.symlink(family.parent / "eval" / "loop2.jsonl", loop_eval)
+    os.symlink(loop_eval, family.parent / "eval" / "loop2.jsonl")
+    eval_loop = family.parent / "eval_loop.toml"
+    eval_loop.write_text(valid.replace('beta = "eval/beta.jsonl"', 'beta = "eval/loop.jsonl"'))
+    for manifest, fragment in [(looped, "symbolic links"), (eval_loop, "eval.beta = ")]:
+        expect_refusal(capsys, tmp_path / "l.duckdb", ["sweep", "--family", manifest, "--db", tmp_path / "l.duckdb"],
+                       str(manifest), fragment)
+    tally["bad inputs tried: symlink loops"] += 2
+
+    bom = family.parent / "bom.toml"  # accepted: a byte-order mark is not an error
+    bom.write_bytes(b"\xef\xbb\xbf" + valid.encode())
+    assert cli(capsys, "sweep", "--family", bom, "--methods", "average", "--k", "1", "--db", tmp_path / "bom.duckdb",
+               "--device", "cpu")[0] == 0
+    tally["bad inputs tried: family manifests"] += 1
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 def rewrite(expert: Path, change) -> None:
@@ -184,6 +236,77 @@ CHECKPOINT_CASES = {  # name: (how to break expert beta, expected fragments)
     "remote code": (_remote_code, ["evil", "custom code"]),
     "other architecture": (lambda e: _edit_config(e, model_type="llama"), ["'llama'", "the base"]),
 }
+
+
+def _swap_token_ids(expert: Path) -> None:
+    path = expert / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same vocabulary size, other ids
+    path.write_text(json.dumps(data))
+
+
+def _edit_json(name: str, change):
+    def edit(expert: Path) -> None:
+        data = json.loads((expert / name).read_text())
+        change(data)
+        (expert / name).write_text(json.dumps(data))
+    return edit
+
+
+def _index_to_wrong_shard(expert: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(expert)).save_pretrained(str(expert), max_shard_size="10KB")
+    (expert / "model.safetensors").unlink(missing_ok=True)
+    index = json.loads((expert / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][next(n for n, s in index["weight_map"].items() if s == shards[0])] = shards[1]
+    (expert / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _symlink_loop(name: str):
+    def make(expert: Path) -> None:
+        import os
+        (expert / name).unlink()
+        os.symlink(expert / f"{name}.loop", expert / name)
+        os.symlink(expert / name, expert / f"{name}.loop")
+    return make
+
+
+# Experts that would compute something else than their rows say, and files that disagree: new kinds, tallied apart.
+INTEGRITY_CASES = {  # name: (how to break expert beta, expected fragments, tally key)
+    "rope_theta 1e6": (_edit_json("config.json", lambda c: c["rope_parameters"].update(rope_theta=1e6)),
+                       ["rope_parameters.rope_theta = 1000000.0 but the base has 10000.0"], "config fields"),
+    "rms_norm_eps": (_edit_json("config.json", lambda c: c.update(rms_norm_eps=1e-5)),
+                     ["rms_norm_eps = 1e-05 but the base has 1e-06"], "config fields"),
+    "hidden_act": (_edit_json("config.json", lambda c: c.update(hidden_act="gelu")), ["hidden_act = 'gelu'"],
+                   "config fields"),
+    "token ids swapped": (_swap_token_ids, ["token 'a' has id 101", "id 100 in the base's"], "tokenizers"),
+    "eos token": (_edit_json("tokenizer_config.json", lambda c: c.update(eos_token="<pad>")),
+                  ["eos_token is '<pad>' (id 0) in the expert, '<eos>' (id 2) in the base"], "tokenizers"),
+    "added token id": (_edit_json("tokenizer.json", lambda t: t["added_tokens"][2].update(id=9)),
+                       ["added token '<eos>' is id 9"], "tokenizers"),
+    "chat template": (_edit_json("tokenizer_config.json", lambda c: c.update(chat_template="{{ messages }}")),
+                      ["chat template differs"], "tokenizers"),
+    "index maps to a shard without the tensor": (_index_to_wrong_shard, ["does not hold it"], "files that disagree"),
+    "config.json symlink loop": (_symlink_loop("config.json"), ["config.json", "cannot read"], "symlink loops"),
+}
+
+
+@pytest.mark.parametrize("case", list(INTEGRITY_CASES) + ["index maps to a shard without the tensor in the base"])
+def test_experts_that_compute_otherwise(case, tmp_path, capsys, tally):
+    family = build_tiny_family(tmp_path / "family")
+    in_base = case.endswith("in the base")
+    expert = family.parent / "s" / ("base" if in_base else "experts/beta")
+    breaker, fragments, kind = INTEGRITY_CASES[case.removesuffix(" in the base")]
+    breaker(expert)
+    capsys.readouterr()
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         *fragments)
+    assert str(expert) in err and len(err.strip().splitlines()) == 1, err
+    tally[f"bad inputs tried: {kind}"] += 1
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES) + ["remote code in the base"])
@@ -299,3 +422,250 @@ def test_bad_arguments_to_the_other_commands(family, tmp_path, capsys, tally):
         expect_refusal(capsys, db, args, fragment)
     assert not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
     tally["bad inputs tried: CLI arguments"] += len(cases)
+
+
+# -- every option of every command -------------------------------------------------------------------------
+# Each option of each command (read from the CLI itself, so a new option without cases fails the test) gets
+# bad values: negative, zero, huge, non-numbers, empty, missing paths, folders for files and files for
+# folders, and paths onto the family's inputs or the cache. Every one must be refused with exit code 2 and
+# one line on stderr naming the option or value, no traceback, and nothing written anywhere.
+
+def cli_options() -> set[tuple[str, str | None]]:
+    """(command, option) for every option of every command; (command, None) for one without options."""
+    import typer
+
+    from mergelab.cli import app
+
+    def walk(group, prefix):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from walk(command, [*prefix, name])
+                continue
+            options = [p.opts[0] for p in command.params if p.name != "help"]
+            yield from ((" ".join([*prefix, name]), o) for o in options or [None])
+
+    return set(walk(typer.main.get_command(app), []))
+
+
+def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
+    """{(command, option): [(extra arguments, fragment the one-line error must hold), …]} over the paths `p`."""
+    F, D, T, E, C, EMPTY = p["manifest"], p["db"], p["tmp"], p["eval"], p["checkpoint"], p["empty"]
+    big = str(2**64)
+    return {
+        ("sweep", "--family"): [(["--family", T / "nothing.toml"], "family manifest not found"),
+                                (["--family", EMPTY], "family manifest not found"), (["--family", E], "not valid TOML"),
+                                (["--family", C / "model.safetensors"], "not valid TOML")],
+        ("sweep", "--sizes"): [(["--sizes", "huge"], "no size 'huge'"), (["--sizes", ","], "--sizes ',': names nothing"),
+                               (["--sizes", "s,s"], "names 's' twice")],
+        ("sweep", "--methods"): [(["--methods", "magic"], "unknown merge method 'magic'"),
+                                 (["--methods", ","], "--methods ',': names nothing"),
+                                 (["--methods", "average,average"], "names 'average' twice"),
+                                 (["--methods", "base"], "unknown merge method 'base'")],
+        ("sweep", "--k"): [(["--k", "0"], "k must lie in 1..3"), (["--k", "-1"], "--k '-1'"),
+                           (["--k", "4"], "size 's' has 3 experts"), (["--k", "1-99999999999"], "size 's' has 3 experts"),
+                           (["--k", "3-1"], "low-high"), (["--k", "abc"], "--k 'abc'"), (["--k", "1.5"], "--k '1.5'"),
+                           (["--k", ""], "--k ''")],
+        ("sweep", "--subsets"): [(["--subsets", v], f"--subsets '{v}'") for v in
+                                 ("0", "-1", "abc", "1.5", "", "orderings:0", "orderings:-1", "orderings:x")]
+                                + [(["--subsets", "orderings:200000"], "from 1 to 2,000")],
+        ("sweep", "--hp"): [(["--methods", "ties", "--hp", "ties.density=2"], "out of range"),
+                            (["--hp", "nonsense"], "expected METHOD.PARAM=VALUE"),
+                            (["--hp", "average.x=1"], "no hyperparameter 'x'")],
+        ("sweep", "--seed"): [(["--seed", "-1"], "--seed -1"), (["--subsets", "orderings:3", "--seed", "-1"], "--seed -1"),
+                              (["--seed", big], f"--seed {big}"), (["--seed", "x"], "Invalid value for '--seed'"),
+                              (["--seed", "1.5"], "Invalid value for '--seed'")],
+        ("sweep", "--db"): [(["--db", EMPTY], "is a folder"), (["--db", F], "family manifest"),
+                            (["--db", E], "would overwrite the eval set of domain 'alpha'"),
+                            (["--db", C / "r.duckdb"], "lies inside the base checkpoint of size 's'")],
+        ("sweep", "--device"): [(["--device", "tpu"], "'tpu'"), (["--device", "cuda:x"], "cuda:x"),
+                                (["--device", ""], "--device ''")],
+        ("sweep", "--reference"): [(["--reference=maybe"], "'--reference' does not take a value")],
+        ("sweep", "--backend"): [(["--backend", "mpi"], "'mpi'"), (["--backend", ""], "--backend ''")],
+        ("sweep", "--address"): [(["--address", "auto"], "--address is for --backend ray")],
+
+        ("results", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder"),
+                              (["--db", F], "cannot open the results cache")],
+        ("results", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no cached rows")],
+        ("results", "--format"): [(["--format", "xml"], "--format 'xml'"), (["--format", ""], "--format ''")],
+        ("results", "--out"): [(["--out", D], "would overwrite the results cache"),
+                               (["--out", f"{D}.wal"], "write-ahead log"),
+                               (["--out", p["db_link"]], "would overwrite the results cache"),
+                               (["--out", p["db_hardlink"]], "would overwrite the results cache"),
+                               (["--out", p["other_db"]], "would overwrite a DuckDB database"),
+                               (["--out", p["queue"]], "would overwrite a SQLite database"),
+                               (["--out", F], "family manifest"),
+                               (["--out", E], "would overwrite the eval set 'alpha'"),
+                               (["--out", C / "model.safetensors"], "a checkpoint folder"),
+                               (["--out", C / "new.csv"], "lies inside a checkpoint folder"),
+                               (["--out", T / "no" / "x.csv"], "does not exist; create it first"),
+                               (["--out", EMPTY], "is a folder; name a file")],
+
+        ("results", "--stale"): [(["--stale=1"], "'--stale' does not take a value")],
+        ("fit", "--inputs-version"): [(["--inputs-version", "nosuch"], "inputs version 'nosuch' is not recorded")],
+        ("export", "--inputs-version"): [(["--inputs-version", "x"], "inputs version 'x' is not recorded")],
+        ("versions", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder")],
+        ("versions", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no inputs versions recorded (cached: syn)")],
+
+        ("fit", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder")],
+        ("fit", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no cached results (cached: syn)")],
+        ("fit", "--method"): [(["--method", "base"], "references, not a merge method"),
+                              (["--method", "expert"], "references, not a merge method"),
+                              (["--method", "nosuch"], "--method 'nosuch': no cached merges (cached: average)")],
+        ("fit", "--size"): [(["--size", "nosuch"], "--size 'nosuch': no cached results (cached: s)")],
+        ("fit", "--domain"): [(["--domain", "nosuch"], "--domain 'nosuch': not a domain"), (["--domain", ""], "--domain ''")],
+        ("fit", "--joint"): [(["--joint=1"], "'--joint' does not take a value")],
+        ("fit", "--bootstrap"): [(["--bootstrap", "-1"], "--bootstrap -1"), (["--bootstrap", "1000000000"], "up to 100,000"),
+                                 (["--bootstrap", "x"], "Invalid value for '--bootstrap'")],
+        ("fit", "--weights"): [(["--weights", "x"], "--weights 'x'")],
+        ("fit", "--format"): [(["--format", "pdf"], "--format 'pdf'"), (["--format", "parquet"], "needs --out FILE")],
+        ("fit", "--out"): [(["--out", D], "would overwrite the results cache"), (["--out", F], "family manifest"),
+                           (["--out", T / "no" / "x.txt"], "does not exist"), (["--out", EMPTY], "is a folder")],
+
+        ("export", "--what"): [(["--what", "x"], "--what 'x'"), (["--what", ""], "--what ''")],
+        ("export", "--format"): [(["--format", "xls"], "--format 'xls'")],
+        ("export", "--out"): [(["--out", D], "would overwrite the results cache"), (["--out", F], "family manifest"),
+                              (["--out", T / "no" / "x.csv"], "does not exist"), (["--out", EMPTY], "is a folder"),
+                              (["--out", C / "x.csv"], "lies inside a checkpoint folder")],
+        ("export", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder")],
+        ("export", "--family"): [(["--family", "nosuch"], "--family 'nosuch'")],
+        ("export", "--method"): [(["--method", "nosuch"], "--method 'nosuch'"), (["--method", "base"], "references")],
+        ("export", "--size"): [(["--size", "nosuch"], "--size 'nosuch'")],
+        ("export", "--bootstrap"): [(["--bootstrap", "-1"], "--bootstrap -1"), (["--bootstrap", big], "up to 100,000")],
+        ("export", "--weights"): [(["--weights", ""], "--weights ''")],
+
+        ("export-model", "--family"): [(["--family", T / "nothing.toml"], "family manifest not found"),
+                                       (["--family", EMPTY], "family manifest not found")],
+        ("export-model", "--size"): [(["--size", "nosuch"], "no size 'nosuch'")],
+        ("export-model", "--method"): [(["--method", "nosuch"], "unknown merge method 'nosuch'"),
+                                       (["--method", "base"], "unknown merge method 'base'")],
+        ("export-model", "--experts"): [(["--experts", ""], "--experts: (none)"), (["--experts", ","], "--experts: (none)"),
+                                        (["--experts", "zeta"], "zeta not among"), (["--experts", "alpha,alpha"], "twice")],
+        ("export-model", "--out"): [(["--out", E], "is a file"), (["--out", C / "m"], "lies inside the base checkpoint"),
+                                    (["--out", F.parent], "already exists and is not empty"),
+                                    (["--out", C], "already exists and is not empty")],
+        ("export-model", "--hp"): [(["--hp", "average.x=1"], "no hyperparameter 'x'"), (["--hp", "x"], "METHOD.PARAM=VALUE")],
+        ("export-model", "--mergekit-yaml"): [(["--mergekit-yaml", F], "family manifest"),
+                                              (["--mergekit-yaml", E], "would overwrite the eval set"),
+                                              (["--mergekit-yaml", C / "config.json"], "lies inside the base checkpoint"),
+                                              (["--mergekit-yaml", D], "would overwrite a DuckDB database"),
+                                              (["--mergekit-yaml", T / "no" / "m.yml"], "does not exist"),
+                                              (["--mergekit-yaml", EMPTY], "is a folder")],
+
+        ("worker", "--queue"): [(["--queue", EMPTY], "is a folder"), (["--queue", D], "the results cache"),
+                                (["--queue", p["other_db"]], "would overwrite a DuckDB database"),
+                                (["--queue", F], "family manifest"),
+                                (["--queue", C / "q.sqlite"], "lies inside a checkpoint folder")],
+        ("worker", "--once"): [(["--once=1"], "'--once' does not take a value")],
+        ("worker", "--idle-exit"): [(["--idle-exit", v], "--idle-exit") for v in ("-1", "nan", "inf")]
+                                   + [(["--idle-exit", "x"], "Invalid value for '--idle-exit'")],
+
+        ("methods", None): [(["extra"], "unexpected extra argument")],
+
+        ("demo build", "--preset"): [(["--preset", "giant"], "--preset 'giant'"), (["--preset", ""], "--preset ''")],
+        ("demo build", "--out"): [(["--out", E], "is a file"), (["--out", C / "d"], "lies inside a checkpoint folder"),
+                                  (["--out", F.parent], "holds a family manifest"),
+                                  (["--out", p["stuff"], "--force"], "replaces only a demo family"),
+                                  (["--out", D.parent, "--force"], "holds the results cache")],
+        ("demo build", "--seed"): [(["--seed", "-1"], "--seed -1"), (["--seed", "x"], "Invalid value for '--seed'")],
+        ("demo build", "--sizes"): [(["--sizes", "nosuch"], "no size 'nosuch'"), (["--sizes", ","], "names nothing")],
+        ("demo build", "--force"): [(["--force=yes"], "'--force' does not take a value")],
+        ("demo build", "--jobs"): [(["--jobs", "0"], "--jobs 0"), (["--jobs", "-1"], "--jobs -1"),
+                                   (["--jobs", "x"], "Invalid value for '--jobs'")],
+
+        ("demo up", "--preset"): [(["--preset", "giant"], "--preset 'giant'")],
+        ("demo up", "--ui"): [(["--ui=2"], "'--ui' does not take a value")],
+        ("demo up", "--port"): [(["--port", v], f"--port {v}") for v in ("0", "-1", "70000")]
+                               + [(["--port", "x"], "Invalid value for '--port'")],
+        ("demo up", "--host"): [(["--host", v], f"--host '{v}'") for v in ("a b", "", "-x", "host_with_underscore")],
+        ("demo up", "--db"): [(["--db", EMPTY], "is a folder"), (["--db", F], "family manifest")],
+    }
+
+
+FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace these)
+    "sweep": lambda p: ["sweep", "--family", p["manifest"], "--db", p["tmp"] / "new.duckdb", "--methods", "average",
+                        "--k", "1", "--device", "cpu"],
+    "results": lambda p: ["results", "--db", p["db"]],
+    "fit": lambda p: ["fit", "--db", p["db"]],
+    "export": lambda p: ["export", "--what", "results", "--out", p["tmp"] / "x.csv", "--db", p["db"]],
+    "export-model": lambda p: ["export-model", "--family", p["manifest"], "--size", "s", "--experts", "alpha,beta",
+                               "--out", p["tmp"] / "m"],
+    "worker": lambda p: ["worker", "--queue", p["tmp"] / "q.sqlite", "--once"],
+    "methods": lambda p: ["methods"],
+    "versions": lambda p: ["versions", "--db", p["db"]],
+    "demo build": lambda p: ["demo", "build", "--out", p["tmp"] / "d", "--sizes", "xs"],
+    "demo up": lambda p: ["demo", "up", "--no-ui", "--db", p["tmp"] / "up.duckdb"],
+}
+
+
+def splice(base: list, extra: list) -> list:
+    """`base` without the options `extra` sets (and their values), then `extra`."""
+    names = {str(t).split("=")[0] for t in extra if str(t).startswith("--")}
+    out, skip = [], False
+    for i, token in enumerate(base):
+        if skip:
+            skip = False
+            continue
+        if str(token).startswith("--") and str(token).split("=")[0] in names:
+            skip = i + 1 < len(base) and not str(base[i + 1]).startswith("--")
+            continue
+        out.append(token)
+    return out + list(extra)
+
+
+def snapshot(*roots: Path) -> dict[Path, str]:
+    import hashlib
+
+    files = [f for root in roots for f in ([root] if root.is_file() else sorted(root.rglob("*"))) if f.is_file()]
+    return {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, capsys, monkeypatch, tally):
+    import os
+    import sqlite3
+
+    import duckdb
+
+    from mergelab.store import ResultStore
+    from tests.helpers import synthetic_results
+
+    root = family.parent
+    db = tmp_path / "cache" / "r.duckdb"
+    db.parent.mkdir()
+    ResultStore(db).upsert(synthetic_results({"average": lambda k: 2 + 1 / k}, ["a", "b", "c", "d"]))
+    paths = {"manifest": family, "db": db, "tmp": tmp_path, "eval": root / "eval" / "alpha.jsonl",
+             "checkpoint": root / "s" / "base", "empty": tmp_path / "empty", "stuff": tmp_path / "stuff",
+             "db_link": tmp_path / "link.csv", "db_hardlink": tmp_path / "hard.csv",
+             "other_db": tmp_path / "other.duckdb", "queue": tmp_path / "queue.sqlite"}
+    paths["empty"].mkdir()
+    paths["stuff"].mkdir()
+    (paths["stuff"] / "notes.txt").write_text("mine")
+    paths["db_link"].symlink_to(db)
+    os.link(db, paths["db_hardlink"])
+    duckdb.connect(str(paths["other_db"])).close()
+    sqlite3.connect(paths["queue"]).execute("CREATE TABLE jobs (id INTEGER)").connection.close()
+    for var, value in (("MERGELAB_HOME", tmp_path / "home"), ("MERGELAB_DB", db), ("MERGELAB_JOBS", tmp_path / "jobs.sqlite")):
+        monkeypatch.setenv(var, str(value))
+    inputs = [family, root / "eval" / "alpha.jsonl", root / "eval" / "beta.jsonl", root / "eval" / "gamma.jsonl",
+              root / "s", db.parent, paths["other_db"], paths["queue"], paths["stuff"]]
+    before = snapshot(*inputs)
+
+    cases = fuzz_cases(paths)
+    assert set(cases) == cli_options(), "options without fuzz cases (or cases for options that are gone): " \
+        f"{sorted(set(cases) ^ cli_options(), key=str)}"
+    n = 0
+    for (command, option), bad in cases.items():
+        for extra, fragment in bad:
+            args = splice(FUZZ_BASE[command](paths), extra)
+            code, out, err = cli(capsys, *args)
+            shown = " ".join(map(str, args))
+            assert code == 2, (shown, code, err[-300:])
+            assert err.startswith("error: ") and err.count("\n") == 1, (shown, err)
+            assert "Traceback" not in err + out, shown
+            assert fragment in err, (shown, fragment, err)
+            n += 1
+    assert snapshot(*inputs) == before  # no input touched, not even the cache
+    written = {"new.duckdb", "x.csv", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite"}
+    assert not written & {p.name for p in tmp_path.iterdir()}, sorted(p.name for p in tmp_path.iterdir())
+    assert not list(tmp_path.glob(".*.partial-*")) and not list(root.glob(".*.partial-*"))
+    tally["bad inputs tried: every CLI option (fuzz)"] += n
+    tally["CLI options fuzzed"] += len(cases)
