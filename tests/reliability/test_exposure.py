@@ -52,11 +52,16 @@ def test_a_sqlite_file_as_the_cache_is_refused_without_reaching_for_the_network(
             command = [strace, "-f", "-qq", "-e", "trace=connect", "-o", str(trace), *command]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr == f"error: {db}: {SQLITE_REFUSAL}\n"
+        assert proc.stderr.startswith("error: ") and str(db) in proc.stderr and proc.stderr.count("\n") == 1
         assert not any(word in proc.stderr.lower() for word in ("install", "download", "extension"))
         if strace:
             assert network_connects(trace) == [], network_connects(trace)
         tally["exposure: network reached for by a foreign cache file"] += 1
+    for read_only in (True, False):  # the store itself, whatever the command checked before it
+        with pytest.raises(CacheError) as refused:
+            with ResultStore(db).connect(read_only=read_only):
+                pass
+        assert str(refused.value) == f"{db}: {SQLITE_REFUSAL}"
     assert not (home / ".duckdb").exists()
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before  # untouched
 
