@@ -12,6 +12,18 @@ from tests.helpers import build_tiny_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest runs a page as the __main__ module and leaves it there; a later test that
+    spawns processes (the demo build's parallel sizes) would then re-run that page in every child."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def tiny_family(tmp_path) -> Path:
     """A 3-expert family of random tiny Qwen2 checkpoints (experts = base + noise) with 3 eval sets."""

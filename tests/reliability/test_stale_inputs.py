@@ -17,7 +17,7 @@ from mergelab.sweep.runner import run_sweep
 from tests.helpers import reference_ce, save_checkpoint, tiny_config
 from tests.test_sweep import cli
 
-DATA = Path(__file__).resolve().parent / "reliability" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def sweep(family: Path, db: Path, methods=None, ks=(1, 2, 3)):
@@ -36,7 +36,7 @@ def replace_expert(family: Path, name: str, seed: int, noise: float):
     return save_checkpoint(path, tiny_config(), seed=seed, noise=noise, base_state=base.state_dict())
 
 
-def test_replaced_expert_weights_are_recomputed_and_the_old_rows_shown_nowhere(tiny_family, tmp_path):
+def test_replaced_expert_weights_are_recomputed_and_the_old_rows_shown_nowhere(tiny_family, tmp_path, tally):
     from transformers import AutoTokenizer
 
     db = tmp_path / "r.duckdb"
@@ -58,9 +58,11 @@ def test_replaced_expert_weights_are_recomputed_and_the_old_rows_shown_nowhere(t
     assert all("alpha" in key.split("+") for key in stale["experts_key"]) and len(stale) == 5 * 3
     assert not store.results().duplicated(["method", "experts_key", "domain"]).any()  # never mixed
     assert sweep(tiny_family, db).merged == 0  # and now everything is cached again
+    tally["changed inputs caught: checkpoints replaced"] += 1
+    tally["stale rows never shown"] += len(stale)
 
 
-def test_fingerprints_see_weights_config_and_tokenizer_but_not_bookkeeping(tiny_family, tmp_path):
+def test_fingerprints_see_weights_config_and_tokenizer_but_not_bookkeeping(tiny_family, tmp_path, tally):
     expert = tiny_family.parent / "s" / "experts" / "beta"
     before = checkpoint_fingerprint(expert)
     copy = tmp_path / "copy"
@@ -80,9 +82,10 @@ def test_fingerprints_see_weights_config_and_tokenizer_but_not_bookkeeping(tiny_
     weights[-10] ^= 0xFF  # one byte of the last tensor
     (copy / "model.safetensors").write_bytes(bytes(weights))
     assert checkpoint_fingerprint(copy) != before
+    tally["changed inputs caught: config, tokenizer, one weight byte"] += 3
 
 
-def test_a_changed_eval_set_gives_one_eval_version_per_curve(tiny_family, tmp_path, capsys):
+def test_a_changed_eval_set_gives_one_eval_version_per_curve(tiny_family, tmp_path, capsys, tally):
     db = tmp_path / "r.duckdb"
     sweep(tiny_family, db)
     eval_alpha = tiny_family.parent / "eval" / "alpha.jsonl"
@@ -107,6 +110,7 @@ def test_a_changed_eval_set_gives_one_eval_version_per_curve(tiny_family, tmp_pa
     assert set(rows["domain"]) == {"alpha", "beta"} and len(merge_losses(rows)) == 3  # alpha, beta, alpha+beta
     everything = ResultStore(db).results(include_stale=True)
     assert set(everything["stale"]) == {"", "eval set changed", "domain no longer evaluated", "expert no longer in the family"}
+    tally["changed inputs caught: eval sets and domain lists"] += 2
 
 
 def test_an_older_inputs_version_can_be_chosen_explicitly(tiny_family, tmp_path, capsys):
@@ -131,7 +135,7 @@ def test_an_older_inputs_version_can_be_chosen_explicitly(tiny_family, tmp_path,
     assert code == 2 and "nosuch" in err and "mergelab versions" in err
 
 
-def test_a_changed_vocab_policy_makes_rows_stale_only_where_it_applies(tiny_family, tmp_path):
+def test_a_changed_vocab_policy_makes_rows_stale_only_where_it_applies(tiny_family, tmp_path, tally):
     from tests.realarch import build_family
 
     db = tmp_path / "r.duckdb"
@@ -150,6 +154,7 @@ def test_a_changed_vocab_policy_makes_rows_stale_only_where_it_applies(tiny_fami
     assert again.merged == first.merged  # every row again, under the new policy
     rows = ResultStore(db).results(include_stale=True, family="real-qwen2")
     assert (rows["stale"] == "base checkpoint or vocab policy changed").sum() == len(rows) / 2
+    tally["changed inputs caught: vocab policies"] += 1
 
 
 def v2_cache(tmp_path: Path) -> Path:
@@ -160,7 +165,7 @@ def v2_cache(tmp_path: Path) -> Path:
     return db
 
 
-def test_a_schema_2_cache_is_read_then_migrated_and_its_rows_kept_as_unrecorded(tmp_path):
+def test_a_schema_2_cache_is_read_then_migrated_and_its_rows_kept_as_unrecorded(tmp_path, tally):
     import duckdb
 
     db = v2_cache(tmp_path)
@@ -172,6 +177,7 @@ def test_a_schema_2_cache_is_read_then_migrated_and_its_rows_kept_as_unrecorded(
     migrated = ResultStore(db).results()
     assert migrated.drop(columns="created_at").equals(old.drop(columns="created_at"))
     assert (migrated["created_at"] == old["created_at"]).all()
+    tally["schema migrations exercised"] += 1
 
 
 def test_pages_say_which_rows_are_stale_and_draw_only_current_ones(tiny_family, tmp_path, monkeypatch):
