@@ -6,7 +6,7 @@ L(N, k) = L* + B·N^(−β) + A0·N^(−γ)/(k + b).
 
 The subpackages are the pipeline, and imports only point down it (tests/test_layout.py checks):
 
-    errors, paths, locks, names   shared by every layer
+    errors, paths, locks, names, logs   shared by every layer
     io/        family manifest, checkpoints
     engine/    merge methods, flat buffers, memory plan, merge session, evaluation, model export
     store      the DuckDB results cache

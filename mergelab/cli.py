@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,23 @@ app = typer.Typer(help="Model-merging scaling curves: build families, sweep merg
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 demo_app = typer.Typer(help="The built-in demo family.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+family_app = typer.Typer(help="Family manifests (family.toml).", no_args_is_help=True)
+app.add_typer(family_app, name="family")
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show debug lines on stderr"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="show only warnings and errors, and no progress bars"),
+):
+    """Diagnostics go to stderr through the logging module (info lines by default); command results to
+    stdout. The worker's lines carry timestamps and levels (they end up in worker.log)."""
+    from mergelab.logs import configure
+
+    if verbose and quiet:
+        raise MergelabError("-v/--verbose and -q/--quiet: pick one")
+    configure(1 if verbose else -1 if quiet else 0, timestamps=ctx.invoked_subcommand == "worker")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -431,9 +449,13 @@ def export_model_cmd(
     out: Path = typer.Option(..., help="directory to write the merged HF model into"),
     hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
+    db: Optional[Path] = typer.Option(None, help="results cache the model card takes the merge's measured CE from "
+                                                 "(default: MERGELAB_DB or the user data dir; none there: 'not measured')"),
 ):
-    """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer)."""
-    from mergelab.engine.materialise import check_experts, export_model, mergekit_yaml as to_yaml
+    """Materialise one merged model as a loadable HF directory (config, safetensors, tokenizer) with a
+    model card (README.md): base, experts, method, hyperparameters, mergelab version, measured CE."""
+    from mergelab import __version__
+    from mergelab.engine.materialise import check_experts, export_model, model_card, mergekit_yaml as to_yaml
     from mergelab.engine.methods import get_method
     from mergelab.export import write_file
     from mergelab.io.family import load_family
@@ -448,15 +470,68 @@ def export_model_cmd(
     if out.is_dir() and any(out.iterdir()):
         raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")
     target = check_output(out, "--out", kind="folder", protected=family_files(fam))
+    if db is not None:  # named on purpose: it must be a cache (the default one may be absent: not measured)
+        _reading_db(db)
     if mergekit_yaml:
         if check_output(mergekit_yaml, "--mergekit-yaml", protected=family_files(fam)) == target:
             raise MergelabError(f"--mergekit-yaml {mergekit_yaml}: is the --out folder; name a file")
         text = to_yaml(spec, method, hparams, chosen)
-    export_model(spec, method, hparams, chosen, out)
+    measured, why = _measured_ce(db, fam, spec, method, hparams, chosen)
+    if measured is None:
+        logging.getLogger("mergelab.cli").info("model card: CE not measured (%s)", why)
+    card = model_card(fam, spec, method, hparams, chosen, measured, __version__)
+    export_model(spec, method, hparams, chosen, out, card=card)
     if mergekit_yaml:  # written once the model is: a refused export leaves no config behind
         write_file(mergekit_yaml, text.encode())
     typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"
-               + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else ""))
+               + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else "")
+               + (f"; its card gives the cached CE (macro {measured['macro']:.4f})" if measured and measured["macro"] is not None
+                  else "; its card gives the cached CE" if measured else ""))
+
+
+def _measured_ce(db: Path | None, fam, spec, method: str, hparams: dict, chosen: list[str]):
+    """(the merge's cached CE as `model_card` takes it, '') or (None, why not): the current rows of this
+    family, size, method, canonical hyperparameters and expert set, if they were computed from the base and
+    experts on disk now (a checkpoint replaced since the last sweep gives another merge). Reads no
+    checkpoint of an expert that is not merged, unless the vocabulary policy ties the rows to them all."""
+    from mergelab.engine.methods import canonical_hparams, get_method
+    from mergelab.errors import CacheError, CheckpointError
+    from mergelab.io.fingerprint import checkpoint_fingerprint, size_fingerprints
+    from mergelab.names import experts_key
+    from mergelab.paths import default_db_path
+    from mergelab.store import UNRECORDED, ResultStore, join_fingerprints
+
+    path = db if db is not None else default_db_path()
+    if not path.is_file():
+        return None, f"no results cache at {path}"
+    try:
+        rows = ResultStore(path).results(family=fam.name, size=spec.name, method=method, experts_key=experts_key(chosen),
+                                         hparams=canonical_hparams(get_method(method).resolve(hparams)))
+    except CacheError as exc:
+        if db is not None:
+            raise
+        logging.getLogger("mergelab.cli").warning("the default results cache cannot be read: %s", exc)
+        return None, "the results cache cannot be read"
+    if rows.empty:
+        return None, f"no current rows of this merge in {path}"
+    experts_fp = join_fingerprints(checkpoint_fingerprint(spec.experts[e]) for e in sorted(chosen))
+    base_fp = checkpoint_fingerprint(spec.base)
+    if (rows["base_fp"] != base_fp).any() and (rows["base_fp"] != UNRECORDED).any():
+        try:  # the vocabulary policy joins the base's fingerprint when rows differ (io/fingerprint.py)
+            base_fp = size_fingerprints(spec)[0]
+        except CheckpointError as exc:
+            return None, f"cannot confirm the cached rows describe these checkpoints ({exc})"
+    rows = rows[rows["base_fp"].isin([base_fp, UNRECORDED]) & rows["experts_fp"].isin([experts_fp, UNRECORDED])]
+    if rows.empty:
+        return None, f"the rows of this merge in {path} were computed from other checkpoints; sweep again"
+    latest = rows.sort_values("created_at").groupby("domain").last()
+    domains = {d: float(latest.at[d, "loss"]) for d in fam.domains if d in latest.index}
+    complete = len(domains) == len(fam.domains)
+    metric = (f"Mean cross-entropy per response token (nats) on the family's eval sets, up to {fam.token_budget} "
+              f"scored tokens per domain, as cached by `mergelab sweep`"
+              + ("." if complete else f"; {len(domains)} of {len(fam.domains)} domains measured, so no macro."))
+    return {"domains": domains, "macro": sum(domains.values()) / len(domains) if complete else None,
+            "metric": metric}, ""
 
 
 @app.command()
@@ -501,6 +576,26 @@ def worker(
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
     raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+
+
+@family_app.command("init")
+def family_init(
+    folder: Path = typer.Argument(..., help="folder holding SIZE/base/ and SIZE/experts/DOMAIN/ checkpoints (and "
+                                            "eval/DOMAIN.jsonl); family.toml is written there"),
+    name: Optional[str] = typer.Option(None, help="family name (default: the folder's name)"),
+    force: bool = typer.Option(False, help="replace an existing family.toml"),
+):
+    """Write FOLDER/family.toml from the HF checkpoints in it, n_params counted from the safetensors
+    headers; eval sets that are missing are written as placeholders marked MISSING."""
+    from mergelab.io.scaffold import init_family
+
+    report = init_family(folder, name, force)
+    for domain in report.missing_eval:
+        logging.getLogger("mergelab.cli").warning(
+            "no eval set for domain %r: family.toml names eval/%s.jsonl (marked MISSING); write it before "
+            "`mergelab sweep`", domain, domain)
+    sizes = ", ".join(f"{n} ({p:,} parameters, {len(e)} experts)" for n, p, e in report.sizes)
+    typer.echo(f"wrote {report.manifest}: family {report.name!r}, sizes {sizes}, domains {', '.join(report.domains)}")
 
 
 @app.command("methods")

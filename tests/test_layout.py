@@ -13,7 +13,7 @@ PACKAGE = ROOT / "mergelab"
 
 # Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("shared", ["mergelab", "mergelab.errors", "mergelab.paths", "mergelab.locks", "mergelab.names"]),
+    ("shared", ["mergelab", "mergelab.errors", "mergelab.paths", "mergelab.locks", "mergelab.names", "mergelab.logs"]),
     ("io", ["mergelab.io"]),
     ("engine", ["mergelab.engine"]),
     ("store", ["mergelab.store"]),

@@ -18,6 +18,7 @@ from mergelab import __version__
 from mergelab.analysis.fit import FitError, FitFailure, JointFit, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.means import mean_by_k, per_k_means
+from mergelab.logs import progress_bar
 from mergelab.names import MACRO, REFERENCE_METHODS, billions, key_experts
 
 CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]
@@ -117,21 +118,26 @@ def fit_table(results: pd.DataFrame, *, domains=None, weights="k", n_boot: int =
     for i, row in enumerate(measured):
         by_grid.setdefault(tuple(row), []).append(i)
     rows = []
-    for grid, members in by_grid.items():
-        grid_k = ks[np.array(grid)]
-        curves = values[np.ix_(members, np.array(grid))]
-        infos = [dict(zip(names, keys[i])) for i in members]
-        for i, info, fit in zip(members, infos, _fit_group(subsets_of, infos, grid_k, curves, weights, n_boot, seed)):
-            info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
-            info.update(fit.to_dict())
-            rows.append(info)
+    # bootstrapped curves are fitted one by one, for seconds each: a bar on the CLI's terminal (never the dashboard)
+    with progress_bar(total=len(keys) if n_boot else 0, desc=f"bootstrap fits ({n_boot:,} draws)", unit="curve",
+                      leave=False) as bar:
+        for grid, members in by_grid.items():
+            grid_k = ks[np.array(grid)]
+            curves = values[np.ix_(members, np.array(grid))]
+            infos = [dict(zip(names, keys[i])) for i in members]
+            fits = _fit_group(subsets_of, infos, grid_k, curves, weights, n_boot, seed, bar)
+            for i, info, fit in zip(members, infos, fits):
+                info.update(n_subsets=int(wide["n_subsets"].iat[i]), k_min=int(grid_k.min()), k_max=int(grid_k.max()))
+                info.update(fit.to_dict())
+                rows.append(info)
     return with_settings(pd.DataFrame(rows).sort_values(["family", "domain", "method", "hparams", "n_params"],
                                                         ignore_index=True), results)
 
 
-def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int) -> list:
-    """Fits of curves sharing one k grid: batched, or bootstrapped one by one. A curve that cannot
-    be fitted yields a FitFailure with the reason."""
+def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray, weights, n_boot: int, seed: int,
+               bar=None) -> list:
+    """Fits of curves sharing one k grid: batched, or bootstrapped one by one (`bar` advanced per curve).
+    A curve that cannot be fitted yields a FitFailure with the reason."""
     if not n_boot:
         try:
             return fit_curves(k, curves, weights=weights)
@@ -148,6 +154,8 @@ def _fit_group(subsets_of, infos: list[dict], k: np.ndarray, curves: np.ndarray,
                 out.append(fit_curves(k, means[None], weights=weights)[0])
         except FitError as exc:
             out.append(FitFailure(str(exc)))
+        if n_boot and bar is not None:
+            bar.update(1)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -20,6 +21,8 @@ from mergelab.demo.tokenizer import build_tokenizer
 from mergelab.errors import MergelabError
 from mergelab.io.family import write_manifest
 from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
+
+logger = logging.getLogger(__name__)
 
 # Fixed so that the same seed gives the same bits on any machine of one ISA. One thread: these models
 # are too small to gain from more, and two threads on a busy 2-core machine spin (measured for a 33K
@@ -158,7 +161,7 @@ def _build_sizes_in_parallel(staging: Path, chosen, preset: Preset, seed: int, j
             entry, seconds = future.result()
             entries[entry["name"]] = entry
             if progress:
-                print(f"built size {entry['name']}: {entry['n_params']:,} parameters in {seconds:.1f} s")
+                logger.info("built size %s: %s parameters in %.1f s", entry["name"], f"{entry['n_params']:,}", seconds)
     return [entries[size.name] for size in chosen]
 
 
@@ -224,7 +227,7 @@ def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, 
         experts[domain] = f"{size.name}/experts/{domain}"
     bar.close()
     if progress:
-        print(f"built size {size.name}: {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
+        logger.info("built size %s: %s parameters in %.1f s", size.name, f"{n_params:,}", time.perf_counter() - t0)
     return {"name": size.name, "n_params": n_params, "base": f"{size.name}/base", "experts": experts}
 
 

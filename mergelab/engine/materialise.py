@@ -3,6 +3,8 @@ weights), and the mergekit config that expresses the same merge where mergekit h
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +14,8 @@ from mergelab.io.family import SizeSpec
 from mergelab.engine.methods import get_method
 from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
 
+logger = logging.getLogger(__name__)
+CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -24,10 +28,38 @@ def check_experts(size: SizeSpec, experts: Sequence[str]) -> None:
         raise MergelabError(f"--experts: {','.join(experts)} names an expert twice")
 
 
-def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path) -> Path:
-    """Merge `experts` of `size` with the method and save config, safetensors and tokenizer to `out`
-    (written beside it first and renamed into place, so a crash never leaves half a model)."""
+def export_plan(size: SizeSpec, experts: Sequence[str]):
+    """The memory plan of exporting a merge of `experts` of `size` on the CPU: the base, one fp32 task
+    vector per chosen expert and the merged model (the pool is dropped before the model is written, so
+    safetensors' copy of it while saving fits in the pool's place). Raises ManifestError for a manifest
+    n_params that is not the base's count."""
+    from mergelab.engine.memory import plan_memory
+
+    return plan_memory(size.n_params, len(experts), size.name, "cpu")
+
+
+def require_export_fit(size: SizeSpec, experts: Sequence[str]) -> None:
+    """Refuse (MergelabError, with the bytes needed and available) an export that does not fit in memory
+    (MERGELAB_MEMORY_LIMIT_GB, else MemAvailable), before anything is read."""
+    from mergelab.engine.memory import LIMIT_ENV
+
+    plan = export_plan(size, experts)
+    logger.debug("memory plan: %s (base, %d task vectors and the merged model in fp32)", plan.describe(), len(experts))
+    if not plan.fits:
+        raise MergelabError(f"not exporting: the merge of {len(experts)} experts of {plan.describe()} (base, "
+                            f"{len(experts)} task vectors and the merged model in fp32). Use a machine with more "
+                            f"memory, merge fewer experts, or raise {LIMIT_ENV} if the estimate is too cautious")
+
+
+def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path,
+                 card: str | None = None) -> Path:
+    """Merge `experts` of `size` with the method and save config, safetensors, tokenizer and (when given)
+    the model card `card` as README.md to `out` (written beside it first and renamed into place, so a
+    crash never leaves half a model). Reads the base and the chosen experts only, after checking that
+    they fit in memory (`require_export_fit`). Raises MergelabError (unknown experts, a non-empty `out`,
+    a plan that does not fit, a failed write), HyperparameterError and CheckpointError."""
     from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
+    from mergelab.logs import progress_bar
 
     check_experts(size, experts)
     out = Path(out)
@@ -35,20 +67,40 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
         raise MergelabError(f"{out}: already exists and is not empty")
     method = get_method(method_name)
     resolved = method.resolve(hp)
-    pool = ExpertPool.load(size)
-    resident = ResidentModel(pool.base_checkpoint, "cpu")
-    MergeSession(pool, resident).merge_formula(method, resolved, tuple(experts))
+    require_export_fit(size, experts)
+    with progress_bar(total=len(experts) + 2, desc="read experts", unit="step", leave=False) as bar:
+        logger.info("reading the base and %d of the %d experts of size %s", len(experts), len(size.experts), size.name)
+        pool = ExpertPool.load(size, progress=bar, experts=experts)
+        resident = ResidentModel(pool.base_checkpoint, "cpu")
+        bar.set_description("merge")
+        MergeSession(pool, resident).merge_formula(method, resolved, tuple(experts))
+        del pool  # the merged weights live in the resident model; freed before safetensors copies them to write
+        bar.update(1)
+        bar.set_description("write")
+        logger.info("writing the %s merge to %s", method_name, out)
+        _write(size, resident, out, card)
+        bar.update(1)
+    return out
+
+
+def _write(size: SizeSpec, resident, out: Path, card: str | None) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out)  # left by an export that was killed
         partial = make_staging(out)
     except OSError as exc:
         raise MergelabError(f"{out}: cannot create the model folder ({exc.strerror or exc})") from exc
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-shard bar would print into non-TTY logs; ours covers the export
     try:
         resident.model.save_pretrained(str(partial))
         for name in TOKENIZER_FILES:
             if (size.base / name).is_file():
                 shutil.copy2(size.base / name, partial / name)
+        if card is not None:
+            (partial / CARD_FILE).write_text(card, encoding="utf-8")
         (partial / OWNER_FILE).unlink()
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -59,27 +111,127 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
         raise MergelabError(f"{out}: cannot write the merged model ({write_failure(exc)})") from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return out
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
-def mergekit_yaml(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str]) -> str:
+def mergekit_yaml(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], shown=str) -> str:
     """The equivalent mergekit config. average → linear with equal weights; task_arithmetic → weights c/k
     (or c); ties → ties with weight 1, normalize and λ (mergekit keeps int(density·n) entries, mergelab
-    ceil(density·n) ≥ 1); dare → dare_linear with weights 1/k (its masks come from its own RNG)."""
+    ceil(density·n) ≥ 1); dare → dare_linear with weights 1/k (its masks come from its own RNG).
+    `shown` turns a checkpoint path into the text written (default: the absolute path, to run here;
+    the model card passes `family_relative`)."""
     method = get_method(method_name)
     hp = method.resolve(hp)
     k = len(experts)
+    base = shown(size.base)
     if method_name == "average":
         body, params, weights = "merge_method: linear", "parameters: {normalize: true}", [1.0] * k
     elif method_name == "task_arithmetic":
         scale = hp["c"] / k if hp["normalize"] else hp["c"]
-        body, params, weights = f"merge_method: task_arithmetic\nbase_model: {size.base}", "", [scale] * k
+        body, params, weights = f"merge_method: task_arithmetic\nbase_model: {base}", "", [scale] * k
     elif method_name == "ties":
-        body = f"merge_method: ties\nbase_model: {size.base}"
+        body = f"merge_method: ties\nbase_model: {base}"
         params, weights = f"parameters: {{normalize: true, lambda: {hp['lambda']}}}", [1.0] * k
     else:
-        body = f"merge_method: dare_linear\nbase_model: {size.base}"
+        body = f"merge_method: dare_linear\nbase_model: {base}"
         params, weights = "parameters: {normalize: false}", [1.0 / k] * k
     extra = {"ties": f", density: {hp.get('density')}", "dare": f", density: {1 - hp.get('p', 0)}"}.get(method_name, "")
-    models = "\n".join(f"  - model: {size.experts[e]}\n    parameters: {{weight: {w!r}{extra}}}" for e, w in zip(experts, weights))
+    models = "\n".join(f"  - model: {shown(size.experts[e])}\n    parameters: {{weight: {w!r}{extra}}}"
+                       for e, w in zip(experts, weights))
     return "\n".join(x for x in (body, "models:", models, params, "dtype: float32") if x) + "\n"
+
+
+def family_relative(path: Path, root: Path | None) -> str:
+    """`path` as the model card shows it: relative to the family's folder `root` (POSIX separators), or,
+    for a checkpoint outside it, only its folder name: a card is shared, the user's directories are not."""
+    path = Path(path)
+    if root is not None:
+        try:
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return f".../{path.name}"
+
+
+def _cell(text: str) -> str:
+    """`text` as one Markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _hub_id(config: dict) -> str | None:
+    """The Hub repository a checkpoint was saved from (config.json's _name_or_path, e.g. 'Qwen/Qwen2-0.5B'),
+    or None when that names a local folder (it is a path then, never shown)."""
+    import re
+
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not os.path.exists(name) \
+            and not name.startswith((".", "/")):
+        return name
+    return None
+
+
+def model_card(family, size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str],
+               measured: dict | None, version: str, not_measured: str = "not measured") -> str:
+    """The model card (README.md) of an exported merge, through huggingface_hub's ModelCard: metadata
+    (library, tags, base_model when the base names a Hub repository, and a `mergelab` block with the
+    family, size, method, canonical hyperparameters, experts, mergelab `version` and the measured CE)
+    and a body with the same and the equivalent mergekit config. `family`: the `Family` (its manifest's
+    folder is what paths are shown relative to). `measured`: {"domains": {domain: CE}, "macro": CE or
+    None, "metric": text} from the results cache, or None, then the card says `not_measured`. Paths are
+    never absolute (`family_relative`)."""
+    import json
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from mergelab.engine.methods import canonical_hparams
+    from mergelab.io.checkpoints import Checkpoint
+
+    method = get_method(method_name)
+    resolved = method.resolve(hp)
+    root = family.manifest.parent if family.manifest is not None else None
+    shown = lambda p: family_relative(p, root)  # noqa: E731
+    base = shown(size.base)
+    canonical = canonical_hparams(resolved)
+    ce: dict | str = not_measured
+    if measured is not None:
+        ce = {d: float(v) for d, v in measured["domains"].items()}
+        if measured.get("macro") is not None:
+            ce["macro"] = float(measured["macro"])
+    hub_base = _hub_id(Checkpoint(size.base).config)
+    data = ModelCardData(
+        library_name="transformers", tags=["merge", "mergelab", method_name],
+        **({"base_model": hub_base, "base_model_relation": "merge"} if hub_base else {}),
+        mergelab={"version": version, "family": family.name, "size": size.name, "n_params": size.n_params,
+                  "base": base, "method": method_name, "hparams": canonical, "experts": list(experts),
+                  "experts_paths": {e: shown(size.experts[e]) for e in experts}, "measured_ce": ce})
+    hp_text = ", ".join(f"{k} = {json.dumps(v)}" for k, v in resolved.items()) or "none"
+    lines = [
+        f"# {family.name} · {size.name} · {method_name} merge of {' + '.join(experts)}", "",
+        f"Merged with mergelab {version} from the base model `{base}` ({size.n_params:,} parameters) of family "
+        f"`{family.name}`, size `{size.name}`. Paths are relative to the family's folder.", "",
+        "## Merge", "",
+        "| | |", "|---|---|",
+        f"| method | `{method_name}` ({_cell(method.doc)}) |",
+        f"| hyperparameters | {hp_text} (canonical: `{canonical}`) |",
+        f"| experts (k = {len(experts)}) | " + ", ".join(f"`{e}` (`{shown(size.experts[e])}`)" for e in experts) + " |",
+        f"| base model | `{base}`" + (f" (Hub: `{hub_base}`)" if hub_base else "") + " |",
+        f"| mergelab version | {version} |", "",
+        "## Measured cross-entropy", "",
+    ]
+    if measured is None:
+        lines += [f"{not_measured[:1].upper()}{not_measured[1:]}.", ""]
+    else:
+        lines += [measured.get("metric", "Cross-entropy in nats per token on the family's eval sets."), "",
+                  "| domain | CE (nats/token) |", "|---|---|"]
+        lines += [f"| {d} | {v:.4f} |" for d, v in measured["domains"].items()]
+        if measured.get("macro") is not None:
+            lines += [f"| macro (mean over domains) | {measured['macro']:.4f} |"]
+        lines += [""]
+    lines += ["## Equivalent mergekit config", "", f"{method.mergekit}." if method.mergekit else "", "",
+              "```yaml", mergekit_yaml(size, method_name, resolved, experts, shown).rstrip("\n"), "```", "",
+              "## Reproduce", "", "```",
+              f"mergelab export-model --family family.toml --size {size.name} --method {method_name} "
+              f"--experts {','.join(experts)}" + "".join(f" --hp {method_name}.{k}={json.dumps(v)}" for k, v in resolved.items())
+              + " --out OUT", "```", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

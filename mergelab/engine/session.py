@@ -78,17 +78,28 @@ class ExpertPool:
     prepared_for: tuple | None = None  # (method, hparams) whose `prepare` has been applied to deltas
 
     @classmethod
-    def load(cls, size: SizeSpec, device: str = "cpu", progress=None, store: str | None = None) -> "ExpertPool":
+    def load(cls, size: SizeSpec, device: str = "cpu", progress=None, store: str | None = None,
+             experts: Sequence[str] | None = None) -> "ExpertPool":
+        """The pool of `size` (every expert, or only `experts`: what `export-model` merges, so the others
+        are never read; under the "common_rows" vocabulary policy their headers still set the merged rows,
+        so the merge equals the sweep's). Raises CheckpointError for an unreadable or incompatible one."""
         base_ckpt = Checkpoint(size.base)
         policy = size.vocab_policy
+        chosen = tuple(size.experts) if experts is None else tuple(experts)
+        unknown = [e for e in chosen if e not in size.experts]
+        if unknown:
+            raise CheckpointError(f"size {size.name}: no expert {unknown[0]!r} (experts: {', '.join(size.experts)})")
         rows = {} if policy == "refuse" else {n: base_ckpt.shapes[n][0] for n in base_ckpt.vocab_tensors}
-        for path in size.experts.values():
+        for name, path in size.experts.items():
+            if name not in chosen and policy != "common_rows":
+                continue
             expert = Checkpoint(path)
-            check_compatible(base_ckpt, expert, policy)
+            if name in chosen:
+                check_compatible(base_ckpt, expert, policy)
             if policy == "common_rows":
-                rows = {n: min(r, expert.shapes[n][0]) for n, r in rows.items()}
+                rows = {n: min(r, expert.shapes.get(n, (r,))[0]) for n, r in rows.items()}
             expert.close()
-        pool = cls(size, base_ckpt.names, tuple(size.experts), FlatLayout.of(base_ckpt.shapes), base_ckpt, rows)
+        pool = cls(size, base_ckpt.names, chosen, FlatLayout.of(base_ckpt.shapes), base_ckpt, rows)
         pool._allocate(device, store or device)
         pool._read_deltas(progress)
         return pool

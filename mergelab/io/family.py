@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field as dataclass_field
 from functools import cached_property
@@ -225,17 +226,21 @@ def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
                    max_length: int | None = None) -> Path:
     """Write a manifest (paths relative to its directory). `sizes`: dicts of name, n_params (None: left out,
     then counted from the base checkpoint), base, experts."""
-    q = json.dumps  # TOML basic strings accept JSON string escapes for the ASCII names used here
+    q = json.dumps  # TOML basic strings accept JSON string escapes
+
+    def key(name: str) -> str:  # a bare key where TOML allows one, else quoted (a '.' would nest tables)
+        return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else q(name)
+
     lines = [f"name = {q(name)}", f"domains = [{', '.join(q(d) for d in domains)}]",
              f"token_budget = {int(token_budget)}"]
     lines += [f"vocab_policy = {q(vocab_policy)}"] if vocab_policy else []
     lines += [f"max_length = {int(max_length)}"] if max_length else []
     lines += ["", "[eval]"]
-    lines += [f"{d} = {q(p)}" for d, p in eval_sets.items()]
+    lines += [f"{key(d)} = {q(p)}" for d, p in eval_sets.items()]
     for size in sizes:
         n_params = [f"n_params = {int(size['n_params'])}"] if size.get("n_params") is not None else []
-        lines += ["", f"[sizes.{size['name']}]", *n_params, f"base = {q(size['base'])}",
-                  "", f"[sizes.{size['name']}.experts]"]
-        lines += [f"{e} = {q(p)}" for e, p in size["experts"].items()]
+        lines += ["", f"[sizes.{key(size['name'])}]", *n_params, f"base = {q(size['base'])}",
+                  "", f"[sizes.{key(size['name'])}.experts]"]
+        lines += [f"{key(e)} = {q(p)}" for e, p in size["experts"].items()]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -7,6 +7,7 @@ removed lock file neither makes a live worker look dead nor lets a second one st
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,10 @@ from mergelab.locks import flock_until
 from mergelab.store import ResultStore
 from mergelab.sweep.jobs import Job, JobQueue
 from mergelab.sweep.runner import run_sweep
+
+# Lines of the worker (and of the sweeps it runs) carry a timestamp and a level: `mergelab worker` logs
+# with mergelab.logs.WORKER_FORMAT to its stderr, which ensure_worker sends to worker.log.
+logger = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
@@ -89,18 +94,21 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
     # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
     lock = _try_lock(queue, wait=3.0)
     if lock is None:
-        print(f"another worker is already running on {queue.path}", file=sys.stderr)
+        logger.error("another worker is already running on %s", queue.path)
         return 1
     try:
         other = queue.live_worker()
         if other is not None and other != os.getpid():  # alive, though its lock file was removed
-            print(f"another worker (pid {other}) is already running on {queue.path}", file=sys.stderr)
+            logger.error("another worker (pid %d) is already running on %s", other, queue.path)
             return 1
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
         queue.register_worker(os.getpid())
-        queue.fail_orphans()  # jobs whose worker process is gone
+        orphans = queue.fail_orphans()  # jobs whose worker process is gone
+        logger.info("worker pid %d serving %s", os.getpid(), queue.path)
+        if orphans:
+            logger.warning("%d running job(s) had lost their worker: marked failed", orphans)
         idle_since = time.monotonic()
         try:
             while True:
@@ -108,6 +116,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
                 job = queue.claim_next(os.getpid())
                 if job is None:
                     if once or (idle_exit is not None and time.monotonic() - idle_since > idle_exit):
+                        logger.info("queue empty%s: exiting", "" if once else f" for {idle_exit:g} s")
                         return 0
                     time.sleep(poll)
                     continue
@@ -130,20 +139,26 @@ def run_job(queue: JobQueue, job: Job) -> None:
                           len(report.not_cached)):
             raise JobCancelled
 
+    logger.info("job %d started: family %s, methods %s, sizes %s", job.id, job.spec.family,
+                ",".join(job.spec.methods), ",".join(job.spec.sizes) or "all")
     try:
         report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device, progress=False,
                            on_progress=on_progress)
         note = report.not_cached_note()
-        queue.finish(job.id, "done", f"{report.merged} merges evaluated, {report.skipped} already cached"
-                     + (f"; {note}" if note else ""), rows=report.rows_written, not_cached=len(report.not_cached))
+        message = f"{report.merged} merges evaluated, {report.skipped} already cached" + (f"; {note}" if note else "")
+        queue.finish(job.id, "done", message, rows=report.rows_written, not_cached=len(report.not_cached))
+        logger.info("job %d done: %s, %d rows written", job.id, message, report.rows_written)
     except JobCancelled:
         report = state["report"]
         queue.finish(job.id, "cancelled", f"cancelled after {report.merged} merges; resume to continue",
                      rows=report.rows_written, not_cached=len(report.not_cached))
+        logger.info("job %d cancelled after %d merges", job.id, report.merged)
     except MergelabError as exc:
         queue.finish(job.id, "failed", str(exc))
+        logger.error("job %d failed: %s", job.id, exc)
     except Exception as exc:  # e.g. out of memory: the job fails with the reason, the worker goes on
         queue.finish(job.id, "failed", f"{type(exc).__name__}: {exc}; resume to continue")
+        logger.exception("job %d failed: %s", job.id, type(exc).__name__)
 
 
 def ensure_worker(queue: JobQueue, idle_exit: float | None = None) -> bool:

@@ -431,7 +431,8 @@ def test_bad_arguments_to_the_other_commands(family, tmp_path, capsys, tally):
 # one line on stderr naming the option or value, no traceback, and nothing written anywhere.
 
 def cli_options() -> set[tuple[str, str | None]]:
-    """(command, option) for every option of every command; (command, None) for one without options."""
+    """(command, option) for every option of every command; (command, None) for one without options;
+    ("", option) for the global options (`mergelab -v …`), given before the command."""
     import typer
 
     from mergelab.cli import app
@@ -444,7 +445,8 @@ def cli_options() -> set[tuple[str, str | None]]:
             options = [p.opts[0] for p in command.params if p.name != "help"]
             yield from ((" ".join([*prefix, name]), o) for o in options or [None])
 
-    return set(walk(typer.main.get_command(app), []))
+    root = typer.main.get_command(app)
+    return set(walk(root, [])) | {("", p.opts[0]) for p in root.params if p.name != "help"}
 
 
 def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
@@ -544,6 +546,8 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
                                     (["--out", F.parent], "already exists and is not empty"),
                                     (["--out", C], "already exists and is not empty")],
         ("export-model", "--hp"): [(["--hp", "average.x=1"], "no hyperparameter 'x'"), (["--hp", "x"], "METHOD.PARAM=VALUE")],
+        ("export-model", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder"),
+                                   (["--db", F], "cannot open the results cache")],
         ("export-model", "--mergekit-yaml"): [(["--mergekit-yaml", F], "family manifest"),
                                               (["--mergekit-yaml", E], "would overwrite the eval set"),
                                               (["--mergekit-yaml", C / "config.json"], "lies inside the base checkpoint"),
@@ -560,6 +564,19 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
                                    + [(["--idle-exit", "x"], "Invalid value for '--idle-exit'")],
 
         ("methods", None): [(["extra"], "unexpected extra argument")],
+
+        ("", "--verbose"): [(["--verbose=1"], "'--verbose' does not take a value"),
+                            (["-v", "-q"], "-v/--verbose and -q/--quiet: pick one")],
+        ("", "--quiet"): [(["--quiet=yes"], "'--quiet' does not take a value"), (["-q", "-v"], "pick one")],
+
+        ("family init", "folder"): [([T / "nothing"], "not a folder"), ([E], "not a folder"),
+                                    ([EMPTY], "no size folders found"), ([p["stuff"]], "no size folders found"),
+                                    ([C.parent], "no size folders found (base/ and experts/ lie directly in it"),
+                                    ([F.parent], "family.toml: already exists; pass --force")],
+        ("family init", "--name"): [([EMPTY, "--name", "a·b"], "family name 'a·b' contains '·'"),
+                                    ([EMPTY, "--name", ""], "family name '' is empty"),
+                                    ([EMPTY, "--name", " x"], "starts or ends with whitespace")],
+        ("family init", "--force"): [([EMPTY, "--force=1"], "'--force' does not take a value")],
 
         ("demo build", "--preset"): [(["--preset", "giant"], "--preset 'giant'"), (["--preset", ""], "--preset ''")],
         ("demo build", "--out"): [(["--out", E], "is a file"), (["--out", C / "d"], "lies inside a checkpoint folder"),
@@ -591,6 +608,8 @@ FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace 
                                "--out", p["tmp"] / "m"],
     "worker": lambda p: ["worker", "--queue", p["tmp"] / "q.sqlite", "--once"],
     "methods": lambda p: ["methods"],
+    "": lambda p: ["methods"],  # global options go before the command
+    "family init": lambda p: ["family", "init"],  # each case names the folder
     "versions": lambda p: ["versions", "--db", p["db"]],
     "demo build": lambda p: ["demo", "build", "--out", p["tmp"] / "d", "--sizes", "xs"],
     "demo up": lambda p: ["demo", "up", "--no-ui", "--db", p["tmp"] / "up.duckdb"],
@@ -655,7 +674,7 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
     n = 0
     for (command, option), bad in cases.items():
         for extra, fragment in bad:
-            args = splice(FUZZ_BASE[command](paths), extra)
+            args = [*extra, *FUZZ_BASE[command](paths)] if command == "" else splice(FUZZ_BASE[command](paths), extra)
             code, out, err = cli(capsys, *args)
             shown = " ".join(map(str, args))
             assert code == 2, (shown, code, err[-300:])
