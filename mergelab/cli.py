@@ -456,6 +456,7 @@ def export_model_cmd(
     model card (README.md): base, experts, method, hyperparameters, mergelab version, measured CE."""
     from mergelab import __version__
     from mergelab.engine.materialise import check_experts, export_model, model_card, mergekit_yaml as to_yaml
+    from mergelab.engine.materialise import require_export_fit
     from mergelab.engine.methods import get_method
     from mergelab.export import write_file
     from mergelab.io.family import load_family
@@ -476,11 +477,12 @@ def export_model_cmd(
         if check_output(mergekit_yaml, "--mergekit-yaml", protected=family_files(fam)) == target:
             raise MergelabError(f"--mergekit-yaml {mergekit_yaml}: is the --out folder; name a file")
         text = to_yaml(spec, method, hparams, chosen)
+    require_export_fit(spec, chosen)  # first: a merge that cannot fit reads nothing more
     measured, why = _measured_ce(db, fam, spec, method, hparams, chosen)
     if measured is None:
         logging.getLogger("mergelab.cli").info("model card: CE not measured (%s)", why)
     card = model_card(fam, spec, method, hparams, chosen, measured, __version__)
-    export_model(spec, method, hparams, chosen, out, card=card)
+    export_model(spec, method, hparams, chosen, out, card=card, memory_checked=True)
     if mergekit_yaml:  # written once the model is: a refused export leaves no config behind
         write_file(mergekit_yaml, text.encode())
     typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"

@@ -52,11 +52,11 @@ def require_export_fit(size: SizeSpec, experts: Sequence[str]) -> None:
 
 
 def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path,
-                 card: str | None = None) -> Path:
+                 card: str | None = None, memory_checked: bool = False) -> Path:
     """Merge `experts` of `size` with the method and save config, safetensors, tokenizer and (when given)
     the model card `card` as README.md to `out` (written beside it first and renamed into place, so a
     crash never leaves half a model). Reads the base and the chosen experts only, after checking that
-    they fit in memory (`require_export_fit`). Raises MergelabError (unknown experts, a non-empty `out`,
+    they fit in memory (`require_export_fit`, unless the caller did: `memory_checked`). Raises MergelabError (unknown experts, a non-empty `out`,
     a plan that does not fit, a failed write), HyperparameterError and CheckpointError."""
     from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
     from mergelab.logs import progress_bar
@@ -67,7 +67,8 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
         raise MergelabError(f"{out}: already exists and is not empty")
     method = get_method(method_name)
     resolved = method.resolve(hp)
-    require_export_fit(size, experts)
+    if not memory_checked:
+        require_export_fit(size, experts)
     with progress_bar(total=len(experts) + 2, desc="read experts", unit="step", leave=False) as bar:
         logger.info("reading the base and %d of the %d experts of size %s", len(experts), len(size.experts), size.name)
         pool = ExpertPool.load(size, progress=bar, experts=experts)
