@@ -485,9 +485,10 @@ def export_model_cmd(
     export_model(spec, method, hparams, chosen, out, card=card, memory_checked=True)
     if mergekit_yaml:  # written once the model is: a refused export leaves no config behind
         write_file(mergekit_yaml, text.encode())
+    macro = measured["macro"] if measured else None
     typer.echo(f"wrote the {method} merge of {'+'.join(chosen)} to {out}"
                + (f" and its mergekit config to {mergekit_yaml}" if mergekit_yaml else "")
-               + (f"; its card gives the cached CE (macro {measured['macro']:.4f})" if measured and measured["macro"] is not None
+               + (f"; its card gives the cached CE (macro {macro:.4f})" if macro is not None
                   else "; its card gives the cached CE" if measured else ""))
 
 
@@ -507,7 +508,8 @@ def _measured_ce(db: Path | None, fam, spec, method: str, hparams: dict, chosen:
     if not path.is_file():
         return None, f"no results cache at {path}"
     try:
-        rows = ResultStore(path).results(family=fam.name, size=spec.name, method=method, experts_key=experts_key(chosen),
+        rows = ResultStore(path).results(family=fam.name, size=spec.name, method=method,
+                                         experts_key=experts_key(chosen),
                                          hparams=canonical_hparams(get_method(method).resolve(hparams)))
     except CacheError as exc:
         if db is not None:

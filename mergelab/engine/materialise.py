@@ -29,13 +29,17 @@ def check_experts(size: SizeSpec, experts: Sequence[str]) -> None:
 
 
 def export_plan(size: SizeSpec, experts: Sequence[str]):
-    """The memory plan of exporting a merge of `experts` of `size` on the CPU: the base, one fp32 task
-    vector per chosen expert and the merged model (the pool is dropped before the model is written, so
-    safetensors' copy of it while saving fits in the pool's place). Raises ManifestError for a manifest
-    n_params that is not the base's count."""
-    from mergelab.engine.memory import plan_memory
+    """The memory plan of exporting a merge of `experts` of `size` on the CPU (`memory.export_bytes`: the
+    base, one fp32 task vector per chosen expert, the merged model and one tensor's temporaries; the pool
+    is dropped before the model is written, so safetensors' copy of it while saving fits in its place).
+    Reads the base's safetensors header; raises ManifestError for a manifest n_params that is not its count."""
+    import math
 
-    return plan_memory(size.n_params, len(experts), size.name, "cpu")
+    from mergelab.engine.memory import MemoryPlan, available_bytes, export_bytes
+    from mergelab.io.checkpoints import Checkpoint
+
+    largest = max((math.prod(shape) for shape in Checkpoint(size.base).shapes.values()), default=0)
+    return MemoryPlan(size.name, "cpu", export_bytes(size.n_params, largest, len(experts)), available_bytes("cpu"))
 
 
 def require_export_fit(size: SizeSpec, experts: Sequence[str]) -> None:
@@ -44,11 +48,12 @@ def require_export_fit(size: SizeSpec, experts: Sequence[str]) -> None:
     from mergelab.engine.memory import LIMIT_ENV
 
     plan = export_plan(size, experts)
-    logger.debug("memory plan: %s (base, %d task vectors and the merged model in fp32)", plan.describe(), len(experts))
+    held = f"base, {len(experts)} task vectors, the merged model and one tensor's temporaries, in fp32"
+    logger.debug("memory plan: %s (%s)", plan.describe(), held)
     if not plan.fits:
-        raise MergelabError(f"not exporting: the merge of {len(experts)} experts of {plan.describe()} (base, "
-                            f"{len(experts)} task vectors and the merged model in fp32). Use a machine with more "
-                            f"memory, merge fewer experts, or raise {LIMIT_ENV} if the estimate is too cautious")
+        raise MergelabError(f"not exporting: the merge of {len(experts)} experts of {plan.describe()} ({held}). Use a "
+                            f"machine with more memory, merge fewer experts, or raise {LIMIT_ENV} if the estimate is "
+                            "too cautious")
 
 
 def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], out: Path,
@@ -56,8 +61,9 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
     """Merge `experts` of `size` with the method and save config, safetensors, tokenizer and (when given)
     the model card `card` as README.md to `out` (written beside it first and renamed into place, so a
     crash never leaves half a model). Reads the base and the chosen experts only, after checking that
-    they fit in memory (`require_export_fit`, unless the caller did: `memory_checked`). Raises MergelabError (unknown experts, a non-empty `out`,
-    a plan that does not fit, a failed write), HyperparameterError and CheckpointError."""
+    they fit in memory (`require_export_fit`, unless the caller did: `memory_checked`). Raises
+    MergelabError (unknown experts, a non-empty `out`, a plan that does not fit, a failed write),
+    HyperparameterError and CheckpointError."""
     from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
     from mergelab.logs import progress_bar
 
@@ -229,10 +235,10 @@ def model_card(family, size: SizeSpec, method_name: str, hp: dict, experts: Sequ
         if measured.get("macro") is not None:
             lines += [f"| macro (mean over domains) | {measured['macro']:.4f} |"]
         lines += [""]
+    options = "".join(f" --hp {method_name}.{k}={json.dumps(v)}" for k, v in resolved.items())
     lines += ["## Equivalent mergekit config", "", f"{method.mergekit}." if method.mergekit else "", "",
               "```yaml", mergekit_yaml(size, method_name, resolved, experts, shown).rstrip("\n"), "```", "",
               "## Reproduce", "", "```",
               f"mergelab export-model --family family.toml --size {size.name} --method {method_name} "
-              f"--experts {','.join(experts)}" + "".join(f" --hp {method_name}.{k}={json.dumps(v)}" for k, v in resolved.items())
-              + " --out OUT", "```", ""]
+              f"--experts {','.join(experts)}{options} --out OUT", "```", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

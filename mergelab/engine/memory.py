@@ -74,6 +74,13 @@ def needed_bytes(n_params: int, n_experts: int, device: str, streamed: bool = Fa
     return int(HEADROOM * n_params * ((vectors + 1) * 4 + resident))
 
 
+def export_bytes(n_params: int, largest: int, k: int) -> int:
+    """Bytes `export-model` holds at its peak on the CPU: the base, k fp32 task vectors and the merged model
+    (`needed_bytes`), and the merge's temporaries, made one tensor at a time: the k chosen task vectors of the
+    largest tensor (`largest` entries, often the embedding), their combination and the merged tensor."""
+    return needed_bytes(n_params, k, "cpu") + int(HEADROOM * largest * 4 * (k + 2))
+
+
 def available_bytes(device: str) -> int | None:
     """MERGELAB_MEMORY_LIMIT_GB if set, else free device memory (CUDA) or MemAvailable (Linux)."""
     if os.environ.get(LIMIT_ENV):
