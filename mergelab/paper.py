@@ -156,9 +156,10 @@ def _math(value, digits: int) -> str:
     return text
 
 
-def _fixed(value, decimals: int) -> str:
-    """`value` with a fixed number of decimals in math mode (R² = 0.99998 reads '1.0000', not '1'), or '--'."""
-    return f"${float(value):.{decimals}f}$" if _finite(value) else "--"
+def _kept(value, digits: int) -> str:
+    """`value` with `digits` significant digits, trailing zeros kept, in math mode (R² = 0.99998 reads
+    '1.000', not '1'), or '--'."""
+    return f"${float(value):#.{digits}g}$" if _finite(value) else "--"
 
 
 def _scale(values) -> int:
@@ -175,15 +176,17 @@ def _with_interval(value, lo, hi, digits: int = 4, mark: bool = False) -> str:
     """'$v\\;[lo,\\,hi]$' (the interval left out when it is missing); a dagger when `mark`."""
     if not _finite(value):
         return "--"
-    dagger = r"^{\dagger}" if mark else ""
+    text = _math(value, digits)
+    if mark:  # braced: 1.4\times 10^{3} takes the dagger without a double superscript
+        text = f"{{{text}}}^{{\\dagger}}"
     interval = rf"\;[{_math(lo, digits)},\,{_math(hi, digits)}]" if _finite(lo) and _finite(hi) else ""
-    return f"${_math(value, digits)}{dagger}{interval}$"
+    return f"${text}{interval}$"
 
 
 def _tabular(header: list[str], rows: list[list[str]], align: str, caption: str, label: str,
              breaks: list[int] = ()) -> str:
     """A booktabs table: `header` and `rows` are LaTeX already; a \\midrule before each row index in `breaks`."""
-    lines = [r"\begin{table}[tbp]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+    lines = [r"\begin{table}[tbp]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
              rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
     for i, row in enumerate(rows):
         if i in breaks:
@@ -252,7 +255,7 @@ def _paper(frame: pd.DataFrame, provenance: dict) -> str:
         cells = [escape(r[k]) for k in shown] + [escape(r["setting"]), escape(si_params(r["n_params"]))]
         cells += [_with_interval(r[p], r.get(f"{p}_lo"), r.get(f"{p}_hi"), 4, p in bound.split(","))
                   for p in ("L_inf", "A")]
-        cells += [_with_interval(r["b"], np.nan, np.nan, 3, "b" in bound.split(",")), _fixed(r["r2"], 4)]
+        cells += [_with_interval(r["b"], np.nan, np.nan, 3, "b" in bound.split(",")), _kept(r["r2"], 4)]
         cells += [number(r["heldout_rmse"] / 10.0 ** scale, 3)] if has_heldout else []
         rows.append(cells)
     draws = _draws(frame)
@@ -294,6 +297,7 @@ def _plan(frame: pd.DataFrame, provenance: dict) -> str:
     if "quantity" not in frame or frame.empty:
         return _generic(frame, provenance)
     keys = [c for c in ("family", "setting", "size", "n_params") if c in frame]
+    frame = frame.sort_values([c for c in ("family", "setting", "n_params") if c in frame], kind="stable")
     ok = frame[frame["quantity"] != "fit"]
     quantities = list(dict.fromkeys(ok["quantity"]))
     shown, _ = _groups(frame, ["family"])

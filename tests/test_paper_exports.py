@@ -126,6 +126,33 @@ def test_escape_numbers_and_sizes():
     assert [si_params(n) for n in (7376, 625_000, 999_600, 1.5e9, 999, None)] == ["7.38K", "625K", "1M", "1.5B", "999", ""]
 
 
+def test_latex_cells_with_extremes_and_awkward_names_compile(tmp_path):
+    from mergelab.paper import PAPER_COLUMNS, latex
+
+    nan = float("nan")
+    fitted = dict(family="f_1%", domain="macro", method="m&x", setting="m&x lambda=0.5 ~^\\ <a|b>", hparams="{}",
+                  size="s#1", n_params=7376, L_inf=-1.234e-5, L_inf_lo=-2e-5, L_inf_hi=3e-5, A=1400.5, A_lo=900.0,
+                  A_hi=1600.0, b=100.0, b_lo=nan, b_hi=nan, at_bound="A,b", r2=0.99998, heldout_rmse=nan,
+                  heldout_points=0, n_subsets=12, k_max=3, n_bootstrap=200, note="")
+    unfitted = {**{c: nan for c in PAPER_COLUMNS}, "family": "f_1%", "domain": "macro", "method": "ties",
+                "setting": "tiés ∞ β — 日本", "size": "xl", "n_params": 1.5e9, "at_bound": "", "note": "too few k"}
+    paper = pd.DataFrame([fitted, unfitted], columns=PAPER_COLUMNS)
+    tex = latex("paper", paper, {"options": {"what": "paper"}})
+    header, rows, caption = check_latex(tex)
+    assert rows[0][:2] == ["m\\&x lambda=0.5 \\textasciitilde{}\\textasciicircum{}\\textbackslash{} \\textless{}a\\textbar{}b\\textgreater{}",
+                           "7.38K"]
+    assert rows[0][2] == "$-1.234\\times 10^{-5}\\;[-2\\times 10^{-5},\\,3\\times 10^{-5}]$"
+    assert rows[0][3] == "${1400}^{\\dagger}\\;[900,\\,1600]$" and rows[0][4] == "${100}^{\\dagger}$"
+    assert rows[0][5] == "$1.000$" and rows[0][6] == "--"
+    assert rows[1][:3] == ["ti\\'{e}s $\\infty$ $\\beta$ --- \\texttt{U+65E5}\\texttt{U+672C}", "1.5B", "--"]
+    assert "At its bound" in caption and "f\\_1\\%" in caption
+    generic = latex("other", pd.DataFrame({"name_x": ["a%", "b"], "values": [[0.123456, 2], {"k": 1.5}],
+                                            "n": [1, 2]}), {})
+    _, generic_rows, _ = check_latex(generic)
+    assert generic_rows[0] == ["a\\%", "0.1235, 2", "$1$"] and generic_rows[1][1] == "k=1.5"
+    compile_latex([tex, generic], tmp_path)
+
+
 def test_latex_is_a_compact_paper_table_that_compiles(db, tmp_path, capsys):
     # The issue's example: `fit --format latex` was a 28-column tabular with JSON cells, 16-digit interval
     # strings, raw ∞ β − and a literal \u03b2.
