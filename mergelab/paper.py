@@ -258,10 +258,18 @@ def _paper(frame: pd.DataFrame, provenance: dict) -> str:
         cells += [_with_interval(r["b"], np.nan, np.nan, 3, "b" in bound.split(",")), _kept(r["r2"], 4)]
         cells += [number(r["heldout_rmse"] / 10.0 ** scale, 3)] if has_heldout else []
         rows.append(cells)
-    draws = _draws(frame)
-    intervals = (rf"Brackets: 95\% expert-bootstrap intervals ({draws} draws, each a new pool of experts "
-                 r"resampled from the measured ones); a value without brackets had too few merges for one."
-                 if draws else r"No intervals (bootstrap off).")
+    draws, requested = _draws(frame), int(provenance.get("options", {}).get("bootstrap") or 0)
+    missing = frame["L_inf"].notna() & ~(frame["L_inf_lo"].notna() if "L_inf_lo" in frame else False)
+    if draws:
+        intervals = (rf"Brackets: 95\% expert-bootstrap intervals ({draws} draws, each a new pool of experts "
+                     "resampled from the measured ones)" +
+                     ("; a value without brackets had too few merges for one." if missing.any() else "."))
+    elif requested:  # asked for, none could be given: say why rather than 'off'
+        why = sorted({n.split("no interval: ", 1)[1].split(";")[0] for n in frame.get("note", pd.Series(dtype=object))
+                      .dropna().astype(str) if "no interval: " in n})
+        intervals = ("No intervals: " + (escape(why[0]) if why else "the expert bootstrap gave none") + ".")
+    else:
+        intervals = r"No intervals (bootstrap off)."
     context = _context(frame)
     caption = (r"Merging-law fits $L(k) = L_\infty + A/(k+b)$" + (f" for {context}" if context else "") +
                r". $L_\infty$, $A$: cross-entropy in nats/token; $N$: parameter count; $k$: experts merged. "

@@ -146,6 +146,10 @@ def test_latex_cells_with_extremes_and_awkward_names_compile(tmp_path):
     assert rows[0][5] == "$1.000$" and rows[0][6] == "--"
     assert rows[1][:3] == ["ti\\'{e}s $\\infty$ $\\beta$ --- \\texttt{U+65E5}\\texttt{U+672C}", "1.5B", "--"]
     assert "At its bound" in caption and "f\\_1\\%" in caption
+    asked = paper.assign(n_bootstrap=0, L_inf_lo=nan, L_inf_hi=nan, A_lo=nan, A_hi=nan,
+                         note=["no interval: a single subset at every k", "too few k"])
+    assert "No intervals: a single subset at every k." in check_latex(latex("paper", asked, {"options": {"bootstrap": 200}}))[2]
+    assert "No intervals (bootstrap off)." in check_latex(latex("paper", asked, {"options": {"bootstrap": 0}}))[2]
     generic = latex("other", pd.DataFrame({"name_x": ["a%", "b"], "values": [[0.123456, 2], {"k": 1.5}],
                                             "n": [1, 2]}), {})
     _, generic_rows, _ = check_latex(generic)
