@@ -190,7 +190,9 @@ def test_latex_is_a_compact_paper_table_that_compiles(db, tmp_path, capsys):
     _, domain_rows, domain_caption = check_latex(cli(capsys, "fit", "--db", db, "--format", "latex", "--domain", "q#z",
                                                      "--bootstrap", "0")[1])
     assert "domain q\\#z" in domain_caption and "No intervals" in domain_caption and "\\;[" not in str(domain_rows)
-    pdf = compile_latex([tex, *outputs.values()], tmp_path)
+    code, joint_tex, err = cli(capsys, "fit", "--db", db, "--joint", "--format", "latex", "--domain", "x_y")
+    assert code == 0 and "domain x\\_y" in check_latex(joint_tex)[2], err
+    pdf = compile_latex([tex, joint_tex, *outputs.values()], tmp_path)
     assert pdf.read_bytes().startswith(b"%PDF")
 
 
