@@ -304,14 +304,14 @@ MAX_BOOTSTRAP = 100_000  # draws; each refits every curve, so more would run for
 
 
 def _check_table_options(format: str, bootstrap: int, weights: str, db: Path | None, out: Path | None,
-                         method: str | None) -> None:
-    """Refuse bad options before reading the cache or fitting anything: the format, the number of
-    bootstrap draws, the weights, the cache to read, the output file (never over the cache or any other
-    input) and a reference pseudo-method given as --method."""
+                         method: str | None, what: str | None = None) -> None:
+    """Refuse bad options before reading the cache or fitting anything: the format (a figure's or a
+    table's, by `what`), the number of bootstrap draws, the weights, the cache to read, the output file
+    (never over the cache or any other input) and a reference pseudo-method given as --method."""
     from mergelab.export import check_format
     from mergelab.paths import cache_files, check_output
 
-    check_format(format)
+    check_format(format, what)
     if format == "parquet" and out is None:
         raise MergelabError("--format parquet: parquet output needs --out FILE")
     if not 0 <= bootstrap <= MAX_BOOTSTRAP:
@@ -380,21 +380,33 @@ def fit(
     domain: Optional[str] = typer.Option(None, help="one domain, or 'macro' (default: macro and every domain)"),
     joint: bool = typer.Option(False, help="fit L(N,k) jointly over sizes instead of one curve per size; parameters "
                                            "the data do not identify are left blank, with the reason"),
-    bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs (e.g. 1000); they resample experts"),
+    bootstrap: Optional[int] = typer.Option(None, help="expert-bootstrap draws for CIs (e.g. 1000); they resample "
+                                                       "experts (default: 200 for --format latex, else 0)"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
-    format: str = typer.Option("table", help="table, json, csv or latex"),
+    format: str = typer.Option("table", help="table, json, csv or latex (latex: the compact paper table, "
+                                             "one domain: --domain, default macro)"),
     out: Optional[Path] = typer.Option(None, help="write to this file"),
     inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
     """Fit the merging law to cached results: L(k) = L∞ + A/(k+b) per curve, or L(N,k) with --joint."""
     from mergelab.analysis import tables as analysis
     from mergelab import export
+    from mergelab.paper import PAPER_DRAWS
 
+    paper = format == "latex" and not joint  # LaTeX is for a paper: the compact table, with intervals
+    if bootstrap is None:
+        bootstrap = PAPER_DRAWS if paper else 0
     _check_table_options(format, bootstrap, weights, db, out, method)
     results = _selected_results(db, family, method, size, inputs_version)
     _check_domain(results, domain)
     domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
+    if paper:
+        options["domain"] = domain or "macro"
+        table = export.table("paper", results, weights=weights, n_boot=bootstrap, domain=domain)
+        text = export.write(table, format, analysis.provenance(results, what="paper", **options), out, what="paper")
+        typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
+        return
     table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
              else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
     if joint:  # the reason a joint fit is not identified, said once where it is read (tables may be cut)
@@ -409,35 +421,99 @@ def fit(
         for c in (JOINT_PARAMS if joint else []):  # not identified: no number, the reason column says why
             if c in table.columns:
                 table[c] = table[c].map(lambda v: "–" if v is None or v != v else f"{v:.4g}")
-    text = export.write(table, format, analysis.provenance(results, **options), out)
+    text = export.write(table, format, analysis.provenance(results, **options), out, what="joint" if joint else "fits")
     typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
+
+
+def _check_figure_options(what: str, format: str | None, out: Path, figure: str | None, columns: int | None,
+                          dpi: int | None, domain: str | None) -> str | None:
+    """Refuse figure options given for a table, and bad values of --figure, --columns, --dpi; --domain only
+    where it narrows something. Returns the format (for a figure: --format, else the --out suffix)."""
+    from mergelab import export
+    from mergelab.figures import FIGURES, MAX_DPI
+
+    if what not in (*export.EXPORTABLE, export.FIGURE):
+        raise MergelabError(f"--what {what!r}: expected {', '.join(export.EXPORTABLE)} or {export.FIGURE}")
+    if domain is not None and what not in (*export.DOMAIN_TABLES, export.FIGURE):
+        raise MergelabError(f"--domain is for --what {', '.join(export.DOMAIN_TABLES)} or {export.FIGURE}, "
+                            f"not {what}; leave it out")
+    if what != export.FIGURE:
+        for name, value in (("--figure", figure), ("--columns", columns), ("--dpi", dpi)):
+            if value is not None:
+                raise MergelabError(f"{name} is for --what {export.FIGURE}, not {what}; leave it out")
+        return format
+    if figure is not None and figure not in FIGURES:
+        raise MergelabError(f"--figure {figure!r}: expected one of {', '.join(FIGURES)}")
+    if columns is not None and columns not in (1, 2):
+        raise MergelabError(f"--columns {columns}: expected 1 (3.5 in wide) or 2 (7 in wide)")
+    if format is None:
+        suffix = out.suffix.lstrip(".").lower()
+        if suffix not in export.FIGURE_FORMATS:
+            raise MergelabError(f"--format: give {', '.join(export.FIGURE_FORMATS)} for a figure (--out {out.name} "
+                                "does not end in one)")
+        format = suffix
+    if dpi is not None:
+        if format != "png":
+            raise MergelabError(f"--dpi {dpi}: is for --format png ({format} is vector); leave it out")
+        if not 1 <= dpi <= MAX_DPI:
+            raise MergelabError(f"--dpi {dpi}: expected 1 to {MAX_DPI:,} dots per inch (300 for print)")
+    return format
 
 
 @app.command("export")
 def export_cmd(
-    what: str = typer.Option(..., help="fits, joint, results, synergy or plan"),
-    format: str = typer.Option("csv", help="csv, json, latex or parquet"),
+    what: str = typer.Option(..., help="fits, paper (the compact fits table), joint, results, synergy, plan, "
+                                       "or figure"),
+    format: Optional[str] = typer.Option(None, help="tables: csv (default), json, latex (compact, for a paper) or "
+                                                    "parquet; a figure: png, pdf or svg (default: the --out suffix)"),
     out: Path = typer.Option(..., help="file to write"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     family: Optional[str] = typer.Option(None, help="only this family"),
     method: Optional[str] = typer.Option(None, help="only this merge method"),
     size: Optional[str] = typer.Option(None, help="only this size"),
-    bootstrap: int = typer.Option(0, help="expert-bootstrap draws for CIs of fits and plans"),
+    domain: Optional[str] = typer.Option(None, help="one domain or 'macro', for fits, joint, paper and figures "
+                                                    "(default: fits and joint every domain, paper and figures macro)"),
+    bootstrap: Optional[int] = typer.Option(None, help="expert-bootstrap draws for CIs (default: 200 for the paper "
+                                                       "table, LaTeX fits and figures, else 0)"),
     weights: str = typer.Option("k", help="k (as the paper) or uniform"),
+    figure: Optional[str] = typer.Option(None, help="with --what figure: curves (default: CE vs k), sizes (CE vs "
+                                                    "N), variance or synergy"),
+    columns: Optional[int] = typer.Option(None, help="with --what figure: 1 (3.5 in wide, default) or 2 (7 in)"),
+    dpi: Optional[int] = typer.Option(None, help="with --what figure --format png: dots per inch (default 300)"),
     inputs_version: list[str] = typer.Option([], "--inputs-version", help=INPUTS_VERSION_HELP),
 ):
-    """Export fitted parameters, raw results, a synergy matrix or a plan, with provenance."""
+    """Export fitted parameters, the paper table, raw results, a synergy matrix or a plan with provenance,
+    or a figure for a paper (PNG, PDF with embedded fonts, SVG)."""
     from mergelab.analysis import tables as analysis
     from mergelab import export
+    from mergelab.names import MACRO
+    from mergelab.paper import PAPER_DRAWS
 
-    if what not in export.EXPORTABLE:
-        raise MergelabError(f"--what {what!r}: expected {', '.join(export.EXPORTABLE)}")
-    _check_table_options(format, bootstrap, weights, db, out, method)
+    format = _check_figure_options(what, format, out, figure, columns, dpi, domain) or "csv"
+    paper = what == "paper" or (what == "fits" and format == "latex")  # LaTeX fits: the compact table
+    if bootstrap is None:
+        bootstrap = PAPER_DRAWS if paper or what == export.FIGURE else 0
+    _check_table_options(format, bootstrap, weights, db, out, method, what)
+    if what == export.FIGURE:
+        from mergelab import figures
+
+        figures.check_renderer()  # before any fitting: say what to install
     results = _selected_results(db, family, method, size, inputs_version)
-    options = {"what": what, "weights": weights, "bootstrap": bootstrap}
-    table = export.table(what, results, weights=weights, n_boot=bootstrap)
-    export.write(table, format, analysis.provenance(results, **options), out)
-    typer.echo(f"wrote {len(table)} rows of {what} to {out}")
+    _check_domain(results, domain)
+    if what == export.FIGURE:
+        name, columns = figure or "curves", columns or 1
+        fig = figures.figure(name, results, family=family, method=method, size=size, domain=domain or MACRO,
+                             n_boot=bootstrap)
+        figures.write(fig, out, fmt=format, columns=columns, dpi=dpi or figures.DEFAULT_DPI)
+        typer.echo(f"wrote the {name} figure ({columns} column{'s' if columns > 1 else ''}, "
+                   f"{figures.WIDTH_IN[columns]:g} in wide) to {out}")
+        return
+    options = {"what": "paper" if paper else what, "weights": weights, "bootstrap": bootstrap}
+    if domain is not None or paper:
+        options["domain"] = domain or MACRO
+    table = export.table("paper" if paper else what, results, weights=weights, n_boot=bootstrap, domain=domain)
+    export.write(table, format, analysis.provenance(results, **options), out, what="paper" if paper else what)
+    typer.echo(f"wrote {len(table)} rows of {'the paper table' if paper and what == 'fits' else what} to {out}")
 
 
 @app.command("export-model")

@@ -1,5 +1,6 @@
 """Tables out: what can be exported (`table`, used by `mergelab export` and the Export page) and how
-(CSV, JSON, LaTeX and Parquet, each carrying its provenance)."""
+(CSV, JSON, LaTeX and Parquet, each carrying its provenance and the units). CSV, JSON and Parquet hold
+every column; LaTeX is the compact, paper-ready view of mergelab.paper (the fits as the paper table)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,35 @@ import pandas as pd
 from mergelab.errors import MergelabError
 
 FORMATS = ("csv", "json", "latex", "parquet", "table")
-EXPORTABLE = ("fits", "joint", "results", "synergy", "plan")
+EXPORTABLE = ("fits", "paper", "joint", "results", "synergy", "plan")
+FIGURE = "figure"  # `mergelab export --what figure`: mergelab.figures, not a table
+FIGURE_FORMATS = ("png", "pdf", "svg")
+DOMAIN_TABLES = ("fits", "paper", "joint")  # the tables --domain narrows (plans are macro, synergy every domain)
 
 
-def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int = 0) -> pd.DataFrame:
+def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int = 0,
+          domain: str | None = None) -> pd.DataFrame:
     """The table `what` computed from cached rows `results` (ResultStore.results()): fitted parameters per
-    curve ("fits"), the joint law per setting and domain ("joint"), the rows themselves ("results"),
-    donor→receiver synergy ("synergy") or a plan with k80, k90, k_ε and the stop rule ("plan"). n_boot > 0
-    adds expert-bootstrap intervals to fits, synergy and plans. Raises MergelabError for an unknown `what`."""
+    curve ("fits", every column), the compact paper table ("paper", mergelab.paper.paper_table: L∞, A with
+    intervals, b, R², held-out error per curve), the joint law per setting and domain ("joint"), the rows
+    themselves ("results"), donor→receiver synergy ("synergy") or a plan with k80, k90, k_ε and the stop
+    rule ("plan"). n_boot > 0 adds expert-bootstrap intervals to fits, paper, synergy and plans. `domain`
+    (a domain or 'macro') narrows fits and joint (default: macro and every domain) and picks the paper
+    table's (default: macro). Raises MergelabError for an unknown `what`."""
     from mergelab.analysis import tables
+    from mergelab.names import MACRO
 
     if what not in EXPORTABLE:
-        raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)}")
+        raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)} or {FIGURE}")
+    domains = [domain] if domain else None
+    if what == "paper":
+        from mergelab.paper import paper_table
+
+        return paper_table(results, domain=domain or MACRO, weights=weights, n_boot=n_boot)
     if what == "fits":
-        return tables.fit_table(results, weights=weights, n_boot=n_boot)
+        return tables.fit_table(results, domains=domains, weights=weights, n_boot=n_boot)
     if what == "joint":
-        return tables.joint_table(results, weights=weights)
+        return tables.joint_table(results, domains=domains, weights=weights)
     if what == "synergy":
         return tables.synergy_table(results, n_boot=n_boot)
     if what == "plan":
@@ -49,15 +63,25 @@ def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def check_format(fmt: str) -> None:
+def check_format(fmt: str, what: str | None = None) -> None:
+    """Refuse a format `what` cannot be written in: png, pdf or svg for a figure, a table format otherwise."""
+    if what == FIGURE:
+        if fmt not in FIGURE_FORMATS:
+            raise MergelabError(f"--format {fmt!r}: a figure is written as {', '.join(FIGURE_FORMATS)}")
+        return
     if fmt not in FORMATS:
-        raise MergelabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        hint = f" ({fmt} is for --what {FIGURE})" if fmt in FIGURE_FORMATS else ""
+        raise MergelabError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}{hint}")
 
 
-def render(frame: pd.DataFrame, fmt: str, provenance: dict) -> str | bytes:
-    """The table in `fmt`; provenance in a leading comment (csv, latex), a field (json) or the file
-    metadata (parquet)."""
+def render(frame: pd.DataFrame, fmt: str, provenance: dict, what: str | None = None) -> str | bytes:
+    """The table in `fmt`; provenance (with the units, mergelab.paper.UNITS) in a leading comment (csv,
+    latex), a field (json) or the file metadata (parquet). LaTeX is the compact view of `what`
+    (mergelab.paper.latex; default: provenance's options.what); the other formats hold every column."""
+    from mergelab.paper import UNITS, latex
+
     check_format(fmt)
+    provenance = {**provenance, "units": UNITS}
     prov = json.dumps(provenance, sort_keys=True, default=str)
     plain = _plain(frame)
     if fmt == "csv":
@@ -66,10 +90,7 @@ def render(frame: pd.DataFrame, fmt: str, provenance: dict) -> str | bytes:
         records = json.loads(plain.to_json(orient="records", date_format="iso"))
         return json.dumps({"provenance": provenance, "rows": records}, indent=1, default=str) + "\n"
     if fmt == "latex":
-        numeric = plain.select_dtypes("number").columns
-        body = plain.to_latex(index=False, float_format="%.4g", columns=list(plain.columns),
-                              escape=True) if len(plain.columns) else ""
-        return f"% provenance: {prov}\n% numeric columns: {', '.join(numeric)}\n" + body
+        return latex(what or provenance.get("options", {}).get("what", ""), frame, provenance)
     if fmt == "table":
         return plain.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n"
     import pyarrow as pa
@@ -82,9 +103,9 @@ def render(frame: pd.DataFrame, fmt: str, provenance: dict) -> str | bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write(frame: pd.DataFrame, fmt: str, provenance: dict, out: Path | None) -> str | None:
-    """Write to `out` (returns None) or return the text (parquet needs a file)."""
-    data = render(frame, fmt, provenance)
+def write(frame: pd.DataFrame, fmt: str, provenance: dict, out: Path | None, what: str | None = None) -> str | None:
+    """Write to `out` (returns None) or return the text (parquet needs a file); `what` as for `render`."""
+    data = render(frame, fmt, provenance, what)
     if out is None:
         if isinstance(data, bytes):
             raise MergelabError("parquet output needs --out FILE")

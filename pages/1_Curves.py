@@ -7,6 +7,7 @@ import streamlit as st
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import reference
 from mergelab.ui.curves import bands, fit_summary, size_points, variance_tables
+from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.tables import fit_joint_merges
@@ -47,6 +48,7 @@ if overlay:
 fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x, log_y=log_y,
                    bands=bands(fits, merges) if n_boot else None, overlays=overlays, show_points=show_points)
 st.plotly_chart(fig, width="stretch", key="curve")
+figure_download(fig, f"{family}_{domain}_curves", "dl-curve")
 st.dataframe(fit_summary(fits), hide_index=True, width="stretch")
 if any(not f.ok for f in fits.values()):
     st.warning("Some curves could not be fitted: see the note column.")
@@ -56,7 +58,9 @@ with left:
     if st.checkbox("Residuals", value=False):
         st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all), width="stretch", key="residuals")
     variances, var_fits = variance_tables(merges, rows)
-    st.plotly_chart(variance_figure(variances, var_fits, sizes_in_order=sizes_all), width="stretch", key="variance")
+    var_fig = variance_figure(variances, var_fits, sizes_in_order=sizes_all)
+    st.plotly_chart(var_fig, width="stretch", key="variance")
+    figure_download(var_fig, f"{family}_{domain}_variance", "dl-variance")
     unfitted = [f"{s} · {m}: {f['reason']}" for (s, m), f in var_fits.items() if "reason" in f]
     if unfitted:
         st.caption("Variance laws not fitted: " + "; ".join(unfitted))
@@ -71,7 +75,9 @@ with right:
         except FitError as exc:
             st.caption(f"joint fit: {exc}")
     drawn = joint if joint is not None and joint.identified else None
-    st.plotly_chart(size_figure(points, drawn, k=k_fixed), width="stretch", key="sizes")
+    size_fig = size_figure(points, drawn, k=k_fixed)
+    st.plotly_chart(size_fig, width="stretch", key="sizes")
+    figure_download(size_fig, f"{family}_{domain}_sizes_k{k_fixed}", "dl-sizes")
     if joint is not None:
         if drawn is None:
             st.warning("Joint law L* + B·N^−β + A0·N^−γ/(k+b) not drawn: the data do not identify it. "

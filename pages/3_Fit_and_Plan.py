@@ -7,6 +7,7 @@ from mergelab.ui import dashboard as ui
 from mergelab.analysis import planning
 from mergelab.analysis.tables import pool_size
 from mergelab.ui.curves import fit_summary, held_out_table
+from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import fractional_return_figure
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.intervals import expert_bootstrap_joint
@@ -97,7 +98,9 @@ if not reason:
     ks = np.linspace(1, M, 100)
     curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
              "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
-    st.plotly_chart(fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value}), width="stretch", key="R")
+    r_fig = fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value})
+    st.plotly_chart(r_fig, width="stretch", key="R")
+    figure_download(r_fig, f"{family}_{method}_{size}_fractional_return", "dl-R")
     st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
                + k90.note + ".")
 

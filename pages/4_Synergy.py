@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from mergelab.ui import dashboard as ui
+from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import bar_figure, synergy_heatmap
 from mergelab.analysis.synergy import (DEFAULT_BLOCKS, block_means, donor_strength, receiver_susceptibility, synergy_intervals,
                                synergy_matrix, top_pairs)
@@ -31,7 +32,9 @@ matrix, lo, hi = matrix_for(chosen, n_boot)
 if matrix.empty or matrix.isna().all().all():
     st.info("Synergy needs merges that differ by one expert (exhaustive subsets or orderings). Launch such a sweep.")
     st.stop()
-st.plotly_chart(synergy_heatmap(matrix, lo=lo, hi=hi), width="stretch", key="heatmap")
+heatmap = synergy_heatmap(matrix, lo=lo, hi=hi)
+st.plotly_chart(heatmap, width="stretch", key="heatmap")
+figure_download(heatmap, f"{family}_{method}_{size}_synergy", "dl-heatmap")
 if lo is not None and lo.attrs.get("notes"):
     st.caption("Values marked '?' have no interval: " + "; ".join(lo.attrs["notes"]) + ".")
 left, right = st.columns(2)
@@ -44,8 +47,10 @@ with left:
     if lo is not None:
         bounds = {"lo": pd.Series([lo.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index),
                   "hi": pd.Series([hi.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index)}
-    st.plotly_chart(bar_figure(pairs["synergy"], "Strongest pairs (both signs), 95% intervals", "donor → receiver",
-                               "CE drop (nats)", **bounds), width="stretch", key="pairs")
+    pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs (both signs), 95% intervals", "donor → receiver",
+                           "CE drop (nats)", **bounds)
+    st.plotly_chart(pairs_fig, width="stretch", key="pairs")
+    figure_download(pairs_fig, f"{family}_{method}_{size}_synergy_pairs", "dl-pairs")
 with right:
     st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength: mean help to other domains", "donor",
                                "CE drop (nats)"), width="stretch", key="donors")

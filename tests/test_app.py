@@ -82,7 +82,19 @@ def test_synergy_heatmap_and_tables(env):
 def test_export_offers_every_download(env):
     at = run("pages/5_Export.py")
     labels = [b.label for b in at.get("download_button")]
-    assert labels.count("CSV") == 5 and "PARQUET" in labels and "LATEX" in labels and "HTML (interactive)" in labels
+    assert labels.count("CSV") == 6 and "PARQUET" in labels and labels.count("LATEX") == 4 and "HTML (interactive)" in labels
+    assert [h.value for h in at.subheader][0].startswith("Paper table")  # LaTeX + CSV, intervals on by default
+    assert at.select_slider[0].value == 200 and {"PNG", "PDF", "SVG"} <= set(labels)
+
+
+@pytest.mark.parametrize("page, charts", [("app.py", 1), ("pages/1_Curves.py", 3), ("pages/4_Synergy.py", 2)])
+def test_pages_offer_their_charts_for_a_paper(env, page, charts, monkeypatch):
+    labels = [b.label for b in run(page).get("download_button")]
+    assert [labels.count(f) for f in ("PNG", "PDF", "SVG")] == [charts] * 3
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent/chrome")  # no browser: say what to install, offer nothing broken
+    at = run(page)
+    assert "PNG" not in [b.label for b in at.get("download_button")]
+    assert "apt-get install chromium" in captions(at)
 
 
 def test_sweep_form_estimates_before_launch(env):

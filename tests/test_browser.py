@@ -138,4 +138,20 @@ def test_export_downloads_fits_with_provenance(server, page, tmp_path):
     assert path.name == "tiny_fits.csv"
     assert read_provenance(path)["families"] == ["tiny"]
     body = path.read_text()
-    assert "L_inf" in body and "macro" in body
+    assert "L_inf" in body and "macro" in body and read_provenance(path)["options"]["bootstrap"] == 200
+    # the paper table and the chart for a paper are rendered on click (deferred), in the server's threads
+    with page.expect_download() as info:
+        page.locator(".st-key-dl-paper-latex button").click()
+    tex = tmp_path / info.value.suggested_filename
+    info.value.save_as(tex)
+    text = tex.read_text()
+    assert text.isascii() and "\\toprule" in text and "bootstrap off" not in text  # 200 draws asked for:
+    assert ("200 draws" in text) != ("No intervals: " in text)  # intervals, or why the tiny family has none
+    page.get_by_role("button", name="Download for a paper").last.click()
+    button = page.locator(".st-key-dl-chart-pdf button")
+    button.wait_for(timeout=30000)
+    with page.expect_download(timeout=120000) as info:
+        button.click()
+    pdf = tmp_path / info.value.suggested_filename
+    info.value.save_as(pdf)
+    assert pdf.name.endswith("_1col.pdf") and pdf.read_bytes().startswith(b"%PDF") and b"/FontFile" in pdf.read_bytes()

@@ -21,7 +21,8 @@ def run_blocked(blocked, code):
 
 def test_backend_imports_without_streamlit_plotly_duckdb():
     code = ("import mergelab, mergelab.io.family, mergelab.io.checkpoints, mergelab.engine.methods, mergelab.engine.session, "
-            "mergelab.engine.evaluate, mergelab.sweep.runner, mergelab.store, mergelab.ui.figures, mergelab.cli, mergelab.demo.build; "
+            "mergelab.engine.evaluate, mergelab.sweep.runner, mergelab.store, mergelab.ui.figures, mergelab.cli, mergelab.demo.build, "
+            "mergelab.figures, mergelab.paper, mergelab.export; "
             "print('ok')")
     proc = run_blocked({"streamlit", "plotly", "duckdb"}, code)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

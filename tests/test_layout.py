@@ -19,9 +19,9 @@ LAYERS = [
     ("store", ["mergelab.store"]),
     ("sweep", ["mergelab.sweep"]),
     ("analysis", ["mergelab.analysis"]),
-    ("export", ["mergelab.export"]),
+    ("export", ["mergelab.export", "mergelab.paper"]),
     ("demo", ["mergelab.demo"]),
-    ("ui", ["mergelab.ui"]),
+    ("ui", ["mergelab.ui", "mergelab.figures"]),
     ("cli", ["mergelab.cli", "mergelab.__main__"]),
 ]
 

@@ -524,7 +524,23 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
                            (["--out", T / "no" / "x.txt"], "does not exist"), (["--out", EMPTY], "is a folder")],
 
         ("export", "--what"): [(["--what", "x"], "--what 'x'"), (["--what", ""], "--what ''")],
-        ("export", "--format"): [(["--format", "xls"], "--format 'xls'")],
+        ("export", "--format"): [(["--format", "xls"], "--format 'xls'"), (["--format", "png"], "png is for --what figure"),
+                                 (["--what", "figure", "--format", "csv", "--out", T / "x.png"], "a figure is written as png"),
+                                 (["--what", "figure", "--out", T / "x.csv"], "--format: give png, pdf, svg")],
+        ("export", "--domain"): [(["--what", "fits", "--domain", "nosuch"], "--domain 'nosuch': not a domain"),
+                                 (["--what", "paper", "--domain", ""], "--domain ''"),
+                                 (["--domain", "macro"], "--domain is for --what fits, paper, joint or figure, not results")],
+        ("export", "--figure"): [(["--what", "figure", "--figure", v, "--out", T / "x.png"], f"--figure '{v}'")
+                                 for v in ("pie", "")] + [(["--figure", "curves"], "--figure is for --what figure")],
+        ("export", "--columns"): [(["--what", "figure", "--columns", v, "--out", T / "x.png"], f"--columns {v}")
+                                  for v in ("0", "3", "-1")]
+                                 + [(["--what", "figure", "--columns", "x", "--out", T / "x.png"], "Invalid value for '--columns'"),
+                                    (["--columns", "1"], "--columns is for --what figure")],
+        ("export", "--dpi"): [(["--what", "figure", "--dpi", v, "--out", T / "x.png"], f"--dpi {v}: expected 1 to 1,200")
+                              for v in ("0", "-5", "100000")]
+                             + [(["--what", "figure", "--dpi", "300", "--out", T / "x.pdf"], "--dpi 300: is for --format png"),
+                                (["--what", "figure", "--dpi", "x", "--out", T / "x.png"], "Invalid value for '--dpi'"),
+                                (["--dpi", "300"], "--dpi is for --what figure")],
         ("export", "--out"): [(["--out", D], "would overwrite the results cache"), (["--out", F], "family manifest"),
                               (["--out", T / "no" / "x.csv"], "does not exist"), (["--out", EMPTY], "is a folder"),
                               (["--out", C / "x.csv"], "lies inside a checkpoint folder")],
@@ -683,8 +699,10 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
             assert fragment in err, (shown, fragment, err)
             n += 1
     assert snapshot(*inputs) == before  # no input touched, not even the cache
-    written = {"new.duckdb", "x.csv", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite"}
+    written = {"new.duckdb", "x.csv", "x.png", "x.pdf", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite"}
     assert not written & {p.name for p in tmp_path.iterdir()}, sorted(p.name for p in tmp_path.iterdir())
     assert not list(tmp_path.glob(".*.partial-*")) and not list(root.glob(".*.partial-*"))
     tally["bad inputs tried: every CLI option (fuzz)"] += n
+    tally["bad inputs tried: paper export options (--domain, --figure, --columns, --dpi, figure --format)"] += sum(
+        len(cases[("export", o)]) for o in ("--domain", "--figure", "--columns", "--dpi")) + 3
     tally["CLI options fuzzed"] += len(cases)
