@@ -36,16 +36,23 @@ if lo is not None and lo.attrs.get("notes"):
     st.caption("Values marked '?' have no interval: " + "; ".join(lo.attrs["notes"]) + ".")
 left, right = st.columns(2)
 with left:
-    st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded)")
-    st.dataframe(block_means(matrix, DEFAULT_BLOCKS).style.format("{:.4f}"), width="stretch")
+    blocks = block_means(matrix, DEFAULT_BLOCKS)
+    if blocks.notna().any().any():
+        st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded)")
+        st.dataframe(blocks.style.format("{:.4f}", na_rep="—"), width="stretch")
+    else:  # the blocks name the demo's domains (math, science, code)
+        st.caption("Block means: none of this family's domains is in the math / science / code blocks.")
     pairs = top_pairs(matrix, n=8)
     pairs.index = pairs["donor"] + " → " + pairs["receiver"]
     bounds = {}
     if lo is not None:
         bounds = {"lo": pd.Series([lo.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index),
                   "hi": pd.Series([hi.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index)}
-    st.plotly_chart(bar_figure(pairs["synergy"], "Strongest pairs (both signs), 95% intervals", "donor → receiver",
-                               "CE drop (nats)", **bounds), width="stretch", key="pairs")
+    n_help, n_harm = int((pairs["synergy"] > 0).sum()), int((pairs["synergy"] < 0).sum())
+    st.plotly_chart(bar_figure(pairs["synergy"], f"Strongest pairs: {n_help} helpful (blue), {n_harm} harmful (red), "
+                               "95% intervals", "donor → receiver", "CE drop (nats)", **bounds), width="stretch", key="pairs")
+    if not n_harm:
+        st.caption("No donor raises any other domain's CE here: there is no harmful pair to show.")
 with right:
     st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength: mean help to other domains", "donor",
                                "CE drop (nats)"), width="stretch", key="donors")
