@@ -354,3 +354,59 @@ def test_no_page_stores_objects_in_dataframe_attrs(tmp_path, monkeypatch):
         for page in PAGES:
             run(page, boot="100", boot_export="100")
     assert not [str(w.message) for w in caught if "attrs" in str(w.message)]
+
+
+# -- labels and figures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, label", [(7, "7"), (7_376, "7.38K"), (19_224, "19.2K"), (625_000, "625K"),
+                                      (822_400, "822K"), (999_999, "1M"), (1_500_000_000, "1.5B"), (72e9, "72B")])
+def test_parameter_counts_read_as_model_sizes(n, label):
+    from mergelab.names import params_label
+
+    assert params_label(n) == label
+
+
+def fits_for(curves: dict, sizes=("s",)):
+    from mergelab.analysis.tables import merge_losses
+    from mergelab.ui.curves import fit_groups
+
+    rows = pd.concat([synthetic_results(curves, ["a", "b", "c", "d"], size=s, n_params=10_000 * (i + 1))
+                      for i, s in enumerate(sizes)])
+    merges = merge_losses(rows)
+    return merges, fit_groups(merges)
+
+
+@pytest.mark.parametrize("law, floor", [(FALLING, True), (RISING, False), (lambda k: 2.0 + 0.001 * (-1) ** k, False),
+                                        (lambda k: 2.0 + 0.4 / k + 0.05 * k, False)], ids=["falling", "rising", "flat",
+                                                                                         "non-monotone"])
+def test_only_a_falling_curve_gets_a_floor(law, floor):
+    from mergelab.ui.curves import fit_summary
+    from mergelab.ui.figures import curve_figure
+
+    merges, fits = fits_for({"average": law})
+    fig = curve_figure(merges, fits, sizes_in_order=["s"], title="t")
+    assert len(fig.layout.shapes) == (1 if floor else 0)  # the dashed floor line
+    row = fit_summary(fits).iloc[0]
+    assert np.isnan(row["L∞ (nats/token)"]) != floor
+    assert row["note"].startswith("no floor: ") != floor
+
+
+def test_variance_and_residual_panels_tell_settings_apart():
+    from mergelab.ui.curves import variance_tables
+    from mergelab.ui.figures import residual_figure, variance_figure
+
+    rng = np.random.default_rng(0)
+    curves = {"average": lambda k: FALLING(k) + rng.normal(0, 0.01), "ties": lambda k: FALLING(k) + rng.normal(0, 0.02)}
+    for sizes, differ in ((("s",), "color"), (("s", "m"), "symbol")):
+        merges, fits = fits_for(curves, sizes)
+        variances, var_fits = variance_tables(merges, merges.assign(experts_key=merges["experts_key"]))
+        for fig in (variance_figure(variances, var_fits, sizes_in_order=list(sizes)),
+                    residual_figure(merges, fits, sizes_in_order=list(sizes))):
+            points = [t for t in fig.data if t.showlegend is not False and t.name and "law" not in t.name]
+            by_size = {}
+            for t in points:
+                style = (t.marker.color or t.line.color) if differ == "color" else t.marker.symbol
+                by_size.setdefault(t.name.split(" · ")[1], set()).add(style)
+            # two settings of one size never share a colour (one size) or a marker (several sizes)
+            assert all(len(styles) == 2 for styles in by_size.values()), (sizes, by_size)
