@@ -139,3 +139,54 @@ def test_export_downloads_fits_with_provenance(server, page, tmp_path):
     assert read_provenance(path)["families"] == ["tiny"]
     body = path.read_text()
     assert "L_inf" in body and "macro" in body
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """A dashboard over a small synthetic cache (one family, one method) and no job queue at all."""
+    from tests.helpers import synthetic_results
+
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(synthetic_results({"average": lambda k: 2 + 0.5 / (k + 1)}, ["a", "b", "c"], family="live"))
+    port = free_port()
+    env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(tmp_path / "home"),
+               MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"))
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_dashboard(url, proc)
+    yield {"url": url, "db": db, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_pages_update_live_without_a_job_and_back_restores_display_settings(live_server, page):
+    from tests.helpers import synthetic_results
+
+    page.goto(live_server["url"])
+    settle(page)
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    assert nav.first.inner_text().strip() == "Overview"  # not "app"
+    assert [t.strip() for t in nav.all_inner_texts()][:4] == ["Overview", "Curves", "Sweep", "Fit & Plan"]
+    page.get_by_text("method settings").wait_for()
+    metric = page.locator('[data-testid="stMetric"]').nth(2)
+    assert metric.locator('[data-testid="stMetricValue"]').inner_text() == "1"
+    # rows land while the tab is open and no job has ever run (the queue file does not even exist)
+    ResultStore(live_server["db"]).upsert(synthetic_results({"ties": lambda k: 2 + 0.4 / (k + 1)}, ["a", "b", "c"],
+                                                            family="live"))
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=\"stMetricValue\"]')].map(e => e.innerText)[2] === '2'",
+                           timeout=60000)
+    no_exception(page)
+    # display settings are in the URL; Back undoes a change
+    page.goto(f"{live_server['url']}/Curves")
+    settle(page)
+    page.get_by_text("log k axis").click()
+    page.wait_for_function("location.search.includes('logx=1')", timeout=30000)
+    settle(page)
+    page.go_back()
+    page.wait_for_function("location.search.includes('logx=0')", timeout=30000)
+    settle(page)
+    assert page.url.split("?")[0].endswith("/Curves")
+    box = page.locator('[data-testid="stCheckbox"]', has_text="log k axis").locator("input")
+    assert not box.is_checked()
+    no_exception(page)
