@@ -38,8 +38,8 @@ left, right = st.columns(2)
 with left:
     blocks = block_means(matrix, DEFAULT_BLOCKS)
     if blocks.notna().any().any():
-        st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded)")
-        st.dataframe(blocks.style.format("{:.4f}", na_rep="—"), width="stretch")
+        st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded; — : no such pair)")
+        st.dataframe(blocks.map(lambda v: f"{v:.4f}" if v == v else "—"), width="stretch")
     else:  # the blocks name the demo's domains (math, science, code)
         st.caption("Block means: none of this family's domains is in the math / science / code blocks.")
     pairs = top_pairs(matrix, n=8)

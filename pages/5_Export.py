@@ -12,7 +12,7 @@ from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO, REFERENCE_METHODS
 
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
-               "sizes, k range, number of merges, eval-set hashes, options). Every chart's camera icon saves a PNG.")
+               "sizes, k range, number of merges, eval-set hashes, options). The chart's camera icon saves an SVG.")
 family, rows, methods_all, _ = ui.family_with_merges()
 chosen = ui.choose("Method settings to export", methods_all, "export", multi=True, default=methods_all,
                    help="every table and the chart below hold these settings only (with the base and single-expert "

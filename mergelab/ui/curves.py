@@ -12,11 +12,18 @@ from mergelab.analysis.variance import fit_variance, subset_variance
 from mergelab.names import PARAMS_PER_BILLION, billions, params_label
 
 
+def curve_groups(merges: pd.DataFrame):
+    """(size, setting), rows per curve of `merges` (with n_params), smallest size first: tables and legends
+    list sizes by parameter count (xs, s, m, l, xl), not alphabetically."""
+    groups = merges.groupby(["size", "setting"])
+    return sorted(groups, key=lambda item: (item[1]["n_params"].iat[0], item[0][1])) if "n_params" in merges else list(groups)
+
+
 def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
     """{(size, setting): CurveFit, or FitFailure with the reason}, one curve per method setting (mergelab.analysis.tables:
     method + hyperparameters); with n_boot the fits carry expert-bootstrap draws."""
     fits = {}
-    for (size, setting), group in merges.groupby(["size", "setting"]):
+    for (size, setting), group in curve_groups(merges):
         try:
             if n_boot:
                 fits[size, setting] = expert_bootstrap(group["experts_key"], group["loss"], n_boot=n_boot, seed=seed)
@@ -136,7 +143,7 @@ def variance_tables(merges: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFr
 
     frames, fits = [], {}
     pools = {size: pool_size(rows[rows["size"] == size]) for size in merges["size"].unique()}
-    for (size, setting), group in merges.groupby(["size", "setting"]):
+    for (size, setting), group in curve_groups(merges):
         var = subset_variance(group["k"], group["loss"]).assign(size=size, setting=setting)
         frames.append(var)
         try:
@@ -162,6 +169,8 @@ def held_out_table(table: pd.DataFrame) -> pd.DataFrame:
     """A held-out table (mergelab.analysis.heldout) for display: units in the headers, and the
     interval as one column that says what it covers."""
     out = table.rename(columns=HELD_OUT_COLUMNS)
+    for column in out.select_dtypes("float").columns:  # 4e-17 is an exact fit, not a number to print in full
+        out[column] = out[column].round(6) + 0.0
     if "N" in out:  # the laws take N in billions; people read model sizes as 19.2K, 625K, 1.5B
         at = out.columns.get_loc("N")
         out.insert(at, "N (parameters)", [params_label(n * PARAMS_PER_BILLION) for n in out.pop("N")])

@@ -30,6 +30,12 @@ def _curve_style(frame, sizes_in_order: list[str]):
     return style
 
 
+def _in_size_order(frame, sizes_in_order: list[str]):
+    """frame.groupby(["size", "setting"]) with the smallest size first (legends follow it)."""
+    rank = {s: i for i, s in enumerate(sizes_in_order)}
+    return sorted(frame.groupby(["size", "setting"]), key=lambda g: (rank.get(g[0][0], len(rank)), g[0][0], g[0][1]))
+
+
 def _layout(fig, title: str, x: str, y: str, height: int = 440):
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=height,
                       margin=dict(t=60, r=20, l=60, b=50), legend=dict(font=dict(size=11)))
@@ -57,7 +63,7 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
     methods = sorted(merges["setting"].unique())
     by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
-    for (size, method), rows in merges.groupby(["size", "setting"]):
+    for (size, method), rows in _in_size_order(merges, sizes_in_order):
         colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
                   else _size_colour(sizes_in_order, size))
         name = f"{method} · {size}" if len(methods) > 1 else size
@@ -105,7 +111,7 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
 
     fig = go.Figure()
     style = _curve_style(merges, sizes_in_order)
-    for (size, method), rows in merges.groupby(["size", "setting"]):
+    for (size, method), rows in _in_size_order(merges, sizes_in_order):
         fit = fits.get((size, method))
         if fit is None or not fit.ok:
             continue
@@ -125,7 +131,7 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
 
     fig = go.Figure()
     style = _curve_style(variances, sizes_in_order) if len(variances) else None
-    for (size, method), rows in (variances.groupby(["size", "setting"]) if len(variances) else []):
+    for (size, method), rows in (_in_size_order(variances, sizes_in_order) if len(variances) else []):
         colour, symbol = style(size, method)
         fig.add_scatter(x=rows["k"], y=rows["var"], mode="markers", name=f"{method} · {size}",
                         marker=dict(color=colour, symbol=symbol, size=8))
@@ -135,8 +141,10 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
             if fit is not None:
                 fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, dash=dash, width=1.5),
                                 name=f"{method} · {size} {law.replace('_', '-')} law", showlegend=False)
-    return _layout(fig, title + " (dots: plain law, solid: finite-pool law)", "experts merged, k",
-                   "variance of CE (nats²)", height=340)
+    _layout(fig, title + " (dots: plain law, solid: finite-pool law)", "experts merged, k", "variance of CE (nats²)",
+            height=340)
+    fig.update_yaxes(exponentformat="power")  # 4×10⁻⁵, not the SI '40µ'
+    return fig
 
 
 def size_figure(points, joint=None, *, k: int, title: str | None = None):
@@ -176,7 +184,8 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
 
     values = matrix.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    text = np.where(np.isfinite(values), np.round(values, 3).astype(str), "")
+    rounded = np.round(np.nan_to_num(values), 3) + 0.0  # + 0.0: no '-0.0'
+    text = np.where(np.isfinite(values), np.char.mod("%.3f", rounded), "")
     hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
     custom = None
     if lo is not None and hi is not None:
