@@ -69,6 +69,7 @@ with left:
         st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all), width="stretch", key="residuals")
     variances, var_fits = variance_tables(merges, rows)
     st.plotly_chart(variance_figure(variances, var_fits, sizes_in_order=sizes_all), width="stretch", key="variance")
+    st.caption("Dotted: the plain law V∞ + C/(k+b); solid: the finite-pool law, that times (M−k)/(M−1), 0 at k = M.")
     unfitted = [f"{s} · {m}: {f['reason']}" for (s, m), f in var_fits.items() if "reason" in f]
     if unfitted:
         st.caption("Variance laws not fitted: " + "; ".join(unfitted))

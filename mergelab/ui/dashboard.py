@@ -309,7 +309,23 @@ def estimate_metric(label: str, est, fmt: str) -> None:
         st.caption(est.note)
 
 
+def _use_app_navigation() -> None:
+    """Make app.py's st.navigation (which names the first page "Overview") the one in use. With a pages/
+    folder beside app.py, Streamlit runs a server's first session that opens a page URL directly (a
+    bookmark, a reload after a restart) with navigation made from the folder, first entry "app", and
+    never runs app.py; st.navigation turns that off for the process, so turn it off here and rerun
+    once. (Streamlit's PagesManager.uses_pages_directory; nothing happens where it does not exist.)"""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page_header(title: str, caption: str) -> None:
+    _use_app_navigation()
     st.set_page_config(page_title=f"mergelab · {title}", layout="wide")
     st.title(title)
     st.caption(caption)

@@ -36,6 +36,13 @@ def _in_size_order(frame, sizes_in_order: list[str]):
     return sorted(frame.groupby(["size", "setting"]), key=lambda g: (rank.get(g[0][0], len(rank)), g[0][0], g[0][1]))
 
 
+def _legend_below(fig):
+    """A horizontal legend under the plot: half-width panels keep their plotting area at any window width."""
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0, font=dict(size=10)),
+                      margin=dict(b=40))
+    return fig
+
+
 def _layout(fig, title: str, x: str, y: str, height: int = 440):
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=height,
                       margin=dict(t=60, r=20, l=60, b=50), legend=dict(font=dict(size=11)))
@@ -120,7 +127,7 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
         fig.add_scatter(x=ks, y=means - fit.predict(ks), mode="lines+markers", name=f"{method} · {size}",
                         line=dict(color=colour), marker=dict(symbol=symbol, size=7))
     fig.add_hline(y=0, line=dict(color="#999", width=1))
-    return _layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=300)
+    return _legend_below(_layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=340))
 
 
 def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: str = "Variance across subsets"):
@@ -141,10 +148,9 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
             if fit is not None:
                 fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, dash=dash, width=1.5),
                                 name=f"{method} · {size} {law.replace('_', '-')} law", showlegend=False)
-    _layout(fig, title + " (dots: plain law, solid: finite-pool law)", "experts merged, k", "variance of CE (nats²)",
-            height=340)
+    _layout(fig, title, "experts merged, k", "variance of CE (nats²)", height=380)
     fig.update_yaxes(exponentformat="power")  # 4×10⁻⁵, not the SI '40µ'
-    return fig
+    return _legend_below(fig)
 
 
 def size_figure(points, joint=None, *, k: int, title: str | None = None):
@@ -168,8 +174,8 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None):
                         line=dict(color="#333"))
         fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
                         line=dict(color="#333", dash="dash"))
-    _layout(fig, title or f"Cross-entropy vs model size at k = {k}", "parameters N", "cross-entropy (nats/token)",
-            height=340)
+    _layout(fig, title or f"CE vs model size at k = {k}", "parameters N", "cross-entropy (nats/token)", height=380)
+    _legend_below(fig)
     ticks = sorted(points["n_params"].unique()) if len(points) else []
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=[params_label(n) for n in ticks])
     return fig
