@@ -104,8 +104,9 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                                        f"<extra>{name} fit</extra>"))
         if has_floor(fit):  # a floor only means something for a falling curve
             fig.add_hline(y=(fit.L_inf - offset) / scale, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
-    for label, (k, loss) in (overlays or {}).items():
-        fig.add_scatter(x=k, y=loss, mode="lines", name=label, line=dict(color="#888", width=1.5, dash="dot"))
+    for i, (label, (k, loss)) in enumerate((overlays or {}).items()):  # grey; one dash pattern per overlay
+        fig.add_scatter(x=k, y=loss, mode="lines", name=label,
+                        line=dict(color="#888", width=1.5, dash=["dot", "dashdot", "longdashdot", "dash"][i % 4]))
     _layout(fig, title, "experts merged, k", y_title)
     fig.update_xaxes(type="log" if log_x else "linear", dtick=None if log_x else 1)
     fig.update_yaxes(type="log" if log_y else "linear")
