@@ -49,12 +49,14 @@ with left:
         bounds = {"lo": pd.Series([lo.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index),
                   "hi": pd.Series([hi.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index)}
     n_help, n_harm = int((pairs["synergy"] > 0).sum()), int((pairs["synergy"] < 0).sum())
-    st.plotly_chart(bar_figure(pairs["synergy"], f"Strongest pairs: {n_help} helpful (blue), {n_harm} harmful (red), "
-                               "95% intervals", "donor → receiver", "CE drop (nats)", **bounds), width="stretch", key="pairs")
-    if not n_harm:
-        st.caption("No donor raises any other domain's CE here: there is no harmful pair to show.")
+    st.plotly_chart(bar_figure(pairs["synergy"], "Strongest pairs", "donor → receiver", "CE drop (nats)", **bounds),
+                    width="stretch", key="pairs")
+    st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red), with 95% intervals"
+               + ("" if n_harm else ": no donor raises any other domain's CE here") + ".")
 with right:
-    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength: mean help to other domains", "donor",
-                               "CE drop (nats)"), width="stretch", key="donors")
-    st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility: mean gain from others",
-                               "receiver", "CE drop (nats)"), width="stretch", key="receivers")
+    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor", "mean CE drop on others (nats)"),
+                    width="stretch", key="donors")
+    st.caption("Donor strength: how much each expert lowers the CE of the other domains, on average.")
+    st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility", "receiver",
+                               "mean CE drop from others (nats)"), width="stretch", key="receivers")
+    st.caption("Receiver susceptibility: how much each domain gains from the other experts, on average.")
