@@ -36,10 +36,12 @@ st.dataframe(summary, hide_index=True, width="stretch")
 st.caption("Report the 95% expert-bootstrap intervals: they resample the experts. Jacobian standard errors (in the "
            "Export tables) treat the per-k means as independent and understate the uncertainty; they are left blank "
            "where an interval reaches a bound. '(bound)' marks an interval end on the parameter's bound.")
+on_bound = {}  # one warning per parameter, naming the curves, not one per curve
 for (s, m), fit in fits.items():
-    if fit.ok and any(fit.at_bound.values()):
-        st.warning(f"{m} · {s}: {', '.join(n for n, hit in fit.at_bound.items() if hit)} sits on its bound — "
-                   "the data do not pin it down.")
+    for name in (n for n, hit in (fit.at_bound.items() if fit.ok else []) if hit):
+        on_bound.setdefault(name, []).append(f"{m} · {s}")
+for name, curves in on_bound.items():
+    st.warning(f"{name} sits on its bound for {', '.join(curves)}: the data do not pin it down.")
 fit = fits.get((size, method))
 if fit is None or not fit.ok:
     st.warning(f"The curve for {method} · {size} cannot be fitted yet: {fit.reason if fit else 'no merges'}. "
@@ -47,7 +49,7 @@ if fit is None or not fit.ok:
     st.stop()
 
 st.subheader("Held-out validation")
-c1, c2 = st.columns(2)
+c1, c2 = st.container(), st.container()  # one above the other: each table keeps the page's width
 with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:

@@ -195,3 +195,54 @@ def test_pages_update_live_without_a_job_and_back_restores_display_settings(live
     box = page.locator('[data-testid="stCheckbox"]', has_text="log k axis").locator("input")
     assert not box.is_checked()
     no_exception(page)
+
+
+def full_height_shot(page, name: str, width: int, timeout: float = 240.0) -> None:
+    """Wait until the page's charts, tables and height stop changing and no spinner says it is computing,
+    then save the whole page: Streamlit scrolls inside its main container, so the viewport is made as
+    tall as the content instead of using full_page."""
+    import time
+
+    page.set_viewport_size({"width": width, "height": 1000})
+    deadline, stable, last, height = time.monotonic() + timeout, 0, None, 1000
+    while stable < 5 and time.monotonic() < deadline:
+        page.wait_for_timeout(1000)
+        busy = page.evaluate("/Bootstrapping|Fitting…|Computing|Preparing…/.test(document.body.innerText)")
+        height = page.evaluate("Math.max(...[...document.querySelectorAll('[data-testid=stMain], section')]"
+                               ".map(e => e.scrollHeight))")
+        state = (height, page.locator(".js-plotly-plot, [data-testid=stDataFrame]").count())
+        stable, last = (0 if busy or state != last else stable + 1), state
+    page.set_viewport_size({"width": width, "height": min(int(height) + 40, 12000)})
+    page.wait_for_timeout(1500)
+    shoot(page, name)
+    page.set_viewport_size({"width": width, "height": 1000})
+
+
+@pytest.fixture
+def demo_server(tmp_path):
+    """The dashboard as a new user gets it: the default cache, filled with the shipped demo results."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "MERGELAB_DB"}
+    env.update(MERGELAB_HOME=str(home), MERGELAB_JOBS=str(home / "jobs.sqlite"))
+    port = free_port()
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_dashboard(url, proc)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_screenshots_of_every_page_on_the_demo_data(demo_server, page):
+    """artifacts/screenshots/demo_<page>_<width>.png at 1440 and 800 px, for a person to look at; each page
+    renders without an exception and draws what it should."""
+    for width in (1440, 800):
+        for name, path in PAGES.items():
+            page.goto(f"{demo_server}/{path}")
+            settle(page)
+            if name not in ("sweep", "export"):
+                page.wait_for_selector(".js-plotly-plot", timeout=120000)
+            full_height_shot(page, f"demo_{name}_{width}", width)
+            no_exception(page)
+            assert (ARTIFACTS / f"demo_{name}_{width}.png").stat().st_size > 10_000
