@@ -74,3 +74,22 @@ def name_problem(name: str, kind: str) -> str | None:
 def billions(n_params):
     """Parameter counts (a number, array or Series) in billions: the N of the joint law."""
     return n_params / PARAMS_PER_BILLION
+
+
+SI_PREFIXES = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))  # B for billions, as model sizes are named
+
+
+def params_label(n) -> str:
+    """A parameter count as people write model sizes: three significant digits and an SI-style suffix
+    (K, M, B, T), e.g. 7,376 → '7.38K', 19,224 → '19.2K', 625,000 → '625K', 1.5e9 → '1.5B'; counts
+    under 1,000 as integers, a NaN or infinite count as str(n)."""
+    import math
+
+    n = float(n)
+    if not math.isfinite(n):
+        return str(n)
+    for scale, suffix in SI_PREFIXES:
+        value = float(f"{abs(n) / scale:.3g}")  # rounded first: 999,999 is '1M', not '1000K'
+        if value >= 1:
+            return f"{'-' if n < 0 else ''}{value:g}{suffix}"
+    return f"{n:.0f}"

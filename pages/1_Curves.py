@@ -6,7 +6,8 @@ import streamlit as st
 
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import reference
-from mergelab.ui.curves import bands, fit_summary, size_points, variance_tables
+from mergelab.ui.curves import (NORMALISED, NORMALISED_AXIS, bands, fit_summary, normalise_curve, normalisers, size_points,
+                                variance_tables)
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
 from mergelab.analysis.fit import FitError
@@ -21,14 +22,24 @@ methods = ui.choose("Methods", methods_all, "methods", multi=True, default=metho
 sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
 domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO,
                    help="macro = mean over the family's domains")
-with st.sidebar.expander("Display", expanded=True):
-    n_boot = st.select_slider("Bootstrap draws (band, CIs)", [0, 100, 200, 500, 1000], value=200,
-                              help="expert bootstrap: each draw is a new pool of experts resampled from yours, with "
-                                   "their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
-    log_x, log_y = st.checkbox("log k axis"), st.checkbox("log CE axis")
-    show_points = st.checkbox("show every subset", value=True)
-    overlay = st.checkbox("overlay the paper's published law", help="arXiv 2509.24244, Tables 3–5 (Qwen2.5, N in billions)")
-    paper_N = st.select_slider("paper model size N (B)", [0.5, 1.5, 3, 7, 14, 32, 72], value=0.5, disabled=not overlay)
+with st.sidebar.expander("Display", expanded=True) as display:
+    # every display setting is kept in the URL with the selections: a shared link and Back/Forward restore it
+    n_boot = ui.setting("select_slider", "Bootstrap draws (band, CIs)", "boot", 200, options=[0, 100, 200, 500, 1000],
+                        place=display, help="expert bootstrap: each draw is a new pool of experts resampled from yours, "
+                                            "with their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
+    scale_label = ui.setting("radio", "y axis", "y", "cross-entropy", options=list(NORMALISED), place=display,
+                             help="L(k) − L(1) or L(k)/L(1) put curves of different scales side by side (the demo's "
+                                  "tiny models and the paper's law); L(1) is each curve's own mean at k = 1")
+    how = NORMALISED[scale_label]
+    log_x = ui.setting("checkbox", "log k axis", "logx", False, place=display)
+    log_y = ui.setting("checkbox", "log y axis", "logy", False, place=display, disabled=how == "difference",
+                       help="not for L(k) − L(1), which is negative")
+    show_points = ui.setting("checkbox", "show every subset", "points", True, place=display)
+    overlay = ui.setting("checkbox", "overlay the paper's published law", "paper", False, place=display,
+                         help="arXiv 2509.24244, Tables 3–5 (Qwen2.5, N in billions); its scale is a real model's: "
+                              "use L(k) − L(1) or L(k)/L(1) to compare shapes")
+    paper_N = ui.setting("select_slider", "paper model size N (billions)", "paperN", 0.5,
+                         options=[0.5, 1.5, 3, 7, 14, 32, 72], place=display, disabled=not overlay)
 
 if not methods or not sizes:
     st.warning("Pick at least one method and one size in the sidebar.")
@@ -38,15 +49,16 @@ if merges.empty:
     st.warning("No merges for this selection.")
     st.stop()
 fits = ui.fits(family, domain, methods, sizes, n_boot)
-ui.live_refresh()
 overlays = {}
 if overlay:
     ks = np.arange(1, int(merges["k"].max()) + 1)
     for method in sorted(merges["method"].unique()):
         if method in reference.methods():
-            overlays[f"paper {method}, N={paper_N}B"] = (ks, reference.law_loss(method, domain, paper_N, ks))
-fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x, log_y=log_y,
-                   bands=bands(fits, merges) if n_boot else None, overlays=overlays, show_points=show_points)
+            overlays[f"paper {method}, N={paper_N}B"] = (
+                ks, normalise_curve(ks, reference.law_loss(method, domain, paper_N, ks), how))
+fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x,
+                   log_y=log_y and how != "difference", bands=bands(fits, merges) if n_boot else None, overlays=overlays,
+                   show_points=show_points, normalise=normalisers(merges, fits, how), y_title=NORMALISED_AXIS[how])
 st.plotly_chart(fig, width="stretch", key="curve")
 figure_download(fig, f"{family}_{domain}_curves", "dl-curve")
 st.dataframe(fit_summary(fits), hide_index=True, width="stretch")
@@ -61,12 +73,14 @@ with left:
     var_fig = variance_figure(variances, var_fits, sizes_in_order=sizes_all)
     st.plotly_chart(var_fig, width="stretch", key="variance")
     figure_download(var_fig, f"{family}_{domain}_variance", "dl-variance")
+    st.caption("Dotted: the plain law V∞ + C/(k+b); solid: the finite-pool law, that times (M−k)/(M−1), 0 at k = M.")
     unfitted = [f"{s} · {m}: {f['reason']}" for (s, m), f in var_fits.items() if "reason" in f]
     if unfitted:
         st.caption("Variance laws not fitted: " + "; ".join(unfitted))
 with right:
     k_max = int(merges["k"].max())  # 1 while a sweep has only merged single experts so far
-    k_fixed = st.slider("k for the size panel", 1, k_max, k_max) if k_max > 1 else k_max
+    k_fixed = (ui.setting("select_slider", "k for the size panel", "ksize", k_max, options=list(range(1, k_max + 1)),
+                          place=st) if k_max > 1 else k_max)
     points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)
     joint = None
     if points["N"].nunique() >= 2 and len(methods) == 1:

@@ -23,69 +23,83 @@ try:
 except MergelabError as exc:  # a garbage, foreign or unopenable jobs.sqlite: say which file and what to do
     st.error(str(exc))
     st.stop()
-known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.family for j in jobs} - {""})
-choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
-                      help="demo families live in the data dir; `mergelab demo build` makes more")
-manifest = st.text_input("path to family.toml") if choice == "other path…" or not known else choice
-if not manifest:
-    st.info("No family yet: run `mergelab demo up` or `mergelab demo build --preset micro --out DIR`, then pick it here.")
-    st.stop()
-try:
-    family = load_family(confined(manifest))
-except MergelabError as exc:
-    st.error(str(exc))
-    st.stop()
 
-pools = {s.name: len(s.experts) for s in family.sizes}  # each size's own pool of experts
-M = max(pools.values())
-with st.form("sweep"):
-    st.markdown(f"**{family.name}** · {len(family.domains)} domains · "
-                + (f"{M} experts per size" if len(set(pools.values())) == 1
-                   else "experts per size: " + ", ".join(f"{n} {m}" for n, m in pools.items())))
-    c1, c2 = st.columns(2)
-    sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
-    methods = c2.multiselect("Methods", list(METHODS), default=["average"])
-    hparams = {}
-    cols = st.columns(len(METHODS))
-    for col, (name, method) in zip(cols, METHODS.items()):
-        with col.expander(f"{name} settings", expanded=bool(method.params)):
-            st.caption(method.doc)
-            values = {}
-            for pname, p in method.params.items():
-                label = f"{pname} ({'true/false' if p.kind is bool else p.range_text()})"
-                if p.kind is bool:
-                    values[pname] = st.checkbox(label, value=p.default, key=f"hp-{name}-{pname}", help=p.help)
-                elif p.kind is int:
-                    values[pname] = int(st.number_input(label, value=int(p.default), step=1, key=f"hp-{name}-{pname}", help=p.help))
-                else:
-                    values[pname] = float(st.number_input(label, value=float(p.default), format="%.3f",
-                                                          key=f"hp-{name}-{pname}", help=p.help))
-            hparams[name] = values
-    c3, c4, c5 = st.columns(3)
-    k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
-                            "a narrower one must fit every chosen size") if M > 1 else (1, 1))
-    mode = c4.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
-                    help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
-    per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
-    seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
-    device = c5.selectbox("device", ["auto", "cpu", "cuda"])
-    estimate = st.form_submit_button("Estimate")
-    launch = st.form_submit_button("Launch sweep", type="primary")
 
-ks = () if (k_lo, k_hi) == (1, M) else tuple(range(k_lo, k_hi + 1))  # () = 1..M of each size's own pool
-job = SweepJob(str(confined(manifest)), {m: hparams[m] for m in methods}, tuple(sizes), ks,
-               {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
-               int(seed), device, str(ui.results_store().path))
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
-if estimate or launch:
+
+def sweep_form() -> None:
+    """Pick a family, set up a sweep, estimate and launch it. Returns early, with a message, when the
+    family field is empty or invalid: the jobs list below is drawn whatever happens here."""
+    known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.family for j in jobs} - {""})
+    choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
+                          help="demo families live in the data dir; `mergelab demo build` makes more")
+    manifest = st.text_input("path to family.toml") if choice == "other path…" or not known else choice
+    if not manifest:
+        st.info("No family yet: run `mergelab demo up` or `mergelab demo build --preset micro --out DIR`, then pick it here.")
+        return
+    try:
+        family = load_family(confined(manifest))
+    except MergelabError as exc:
+        st.error(str(exc))
+        return
+
+    pools = {s.name: len(s.experts) for s in family.sizes}  # each size's own pool of experts
+    M = max(pools.values())
+    with st.form("sweep"):
+        st.markdown(f"**{family.name}** · {plural(len(family.domains), 'domain')} · "
+                    + (f"{plural(M, 'expert')} per size" if len(set(pools.values())) == 1
+                       else "experts per size: " + ", ".join(f"{n} {m}" for n, m in pools.items())))
+        c1, c2 = st.columns(2)
+        sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
+        methods = c2.multiselect("Methods", list(METHODS), default=["average"])
+        hparams = {}
+        cols = st.columns(len(METHODS))
+        for col, (name, method) in zip(cols, METHODS.items()):
+            with col.expander(f"{name} settings", expanded=bool(method.params)):
+                st.caption(method.doc)
+                values = {}
+                for pname, p in method.params.items():
+                    # the range carries its own brackets: "density ∈ (0.0, 1.0]", never "density ((0.0, 1.0])"
+                    label = pname if p.kind is bool else f"{pname} ∈ {p.range_text()}"
+                    if p.kind is bool:
+                        values[pname] = st.checkbox(label, value=p.default, key=f"hp-{name}-{pname}", help=p.help)
+                    elif p.kind is int:
+                        values[pname] = int(st.number_input(label, value=int(p.default), step=1, key=f"hp-{name}-{pname}",
+                                                            help=p.help))
+                    else:
+                        values[pname] = float(st.number_input(label, value=float(p.default), format="%.3f",
+                                                              key=f"hp-{name}-{pname}", help=p.help))
+                hparams[name] = values
+        c3, c4, c5 = st.columns(3)
+        k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
+                                "a narrower one must fit every chosen size") if M > 1 else (1, 1))
+        if M == 1:
+            c3.caption("k = 1: one expert per size")
+        mode = c4.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
+                        help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
+        per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
+        seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
+        device = c5.selectbox("device", ["auto", "cpu", "cuda"])
+        estimate = st.form_submit_button("Estimate")
+        launch = st.form_submit_button("Launch sweep", type="primary")
+
+    ks = () if (k_lo, k_hi) == (1, M) else tuple(range(k_lo, k_hi + 1))  # () = 1..M of each size's own pool
+    job = SweepJob(str(confined(manifest)), {m: hparams[m] for m in methods}, tuple(sizes), ks,
+                   {"all subsets": "all", "N random per k": int(per_k), "diverse orderings": f"orderings:{int(per_k)}"}[mode],
+                   int(seed), device, str(ui.results_store().path))
+
+    if not (estimate or launch):
+        return
     if not sizes or not methods:
         st.error("Pick at least one size and one method.")
-        st.stop()
+        return
     try:
         report, todo, _ = plan_sweep(job.sweep_spec(), ui.results_store())
     except MergelabError as exc:
         st.error(str(exc))
-        st.stop()
+        return
     n_todo = sum(map(len, todo.values()))
     rates = [j.seconds_per_merge for j in jobs if j.status == "done" and j.spec.family == job.family
              and j.seconds_per_merge]
@@ -99,8 +113,11 @@ if estimate or launch:
             started = ensure_worker(queue)
         except MergelabError as exc:
             st.error(str(exc))
-            st.stop()
+            return
         st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
+
+
+sweep_form()
 
 
 def fmt_eta(seconds):

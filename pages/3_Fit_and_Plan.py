@@ -12,7 +12,7 @@ from mergelab.ui.figures import fractional_return_figure
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.intervals import expert_bootstrap_joint
 from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_size_out
-from mergelab.names import MACRO, PARAMS_PER_BILLION, billions
+from mergelab.names import MACRO, PARAMS_PER_BILLION, billions, params_label
 
 ui.page_header("Fit & Plan", "How well the law holds out of sample, which form fits best, and how many experts "
                "or how large a model a target needs. Intervals are 95% expert-bootstrap intervals: they resample "
@@ -20,7 +20,7 @@ ui.page_header("Fit & Plan", "How well the law holds out of sample, which form f
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO)
-n_boot = st.sidebar.select_slider("Bootstrap draws", [100, 200, 500, 1000], value=200)
+n_boot = ui.setting("select_slider", "Bootstrap draws", "boot", 200, options=[100, 200, 500, 1000])
 JOINT_DRAWS = 200  # each joint draw refits 6 parameters over every size: fewer than the curve fits' draws
 
 all_sizes = ui.merges(family, domain, [method], sizes_all)
@@ -34,17 +34,23 @@ fits = ui.fits(family, domain, [method], sizes_all, n_boot)
 st.subheader("Parameters per size")
 summary = fit_summary(fits)
 st.dataframe(summary, hide_index=True, width="stretch")
+st.caption("Report the 95% expert-bootstrap intervals: they resample the experts. Jacobian standard errors (in the "
+           "Export tables) treat the per-k means as independent and understate the uncertainty; they are left blank "
+           "where an interval reaches a bound. '(bound)' marks an interval end on the parameter's bound.")
+on_bound = {}  # one warning per parameter, naming the curves, not one per curve
 for (s, m), fit in fits.items():
-    if fit.ok and any(fit.at_bound.values()):
-        st.warning(f"{m} · {s}: {', '.join(n for n, hit in fit.at_bound.items() if hit)} sits on its bound — "
-                   "the data do not pin it down.")
+    for name in (n for n, hit in (fit.at_bound.items() if fit.ok else []) if hit):
+        on_bound.setdefault(name, []).append(f"{m} · {s}")
+for name, curves in on_bound.items():
+    st.warning(f"{name} sits on its bound for {', '.join(curves)}: the data do not pin it down.")
 fit = fits.get((size, method))
 if fit is None or not fit.ok:
-    st.error(f"The curve for {method} · {size} cannot be fitted: {fit.reason if fit else 'no merges'}")
+    st.warning(f"The curve for {method} · {size} cannot be fitted yet: {fit.reason if fit else 'no merges'}. "
+               "Validation and planning need a fitted curve: sweep more values of k (the Sweep page).")
     st.stop()
 
 st.subheader("Held-out validation")
-c1, c2 = st.columns(2)
+c1, c2 = st.container(), st.container()  # one above the other: each table keeps the page's width
 with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
@@ -78,20 +84,23 @@ k_swept = int(merges["k"].max())
 st.caption(f"Pool: M = {M} experts at this size; merges measured up to k = {k_swept}. Defaults are the values the fitted "
            f"law reaches at k = {(1 + min(M, k_swept)) / 2:g}; answers beyond the largest k measured or beyond M are "
            "extrapolations of the law and marked so.")
-p1, p2, p3 = st.columns(3)
+p1, p2, p3 = st.columns(3)  # a curve without a floor gets only the data-based question, not ε or the stop rule
 with p1:
     target = st.number_input("target loss (nats/token)", value=round(defaults["target"], 4), format="%.4f",
                              help="experts needed: k = A/(L_target − L∞) − b")
     ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M), "{:.1f}")
-with p2:
-    eps = st.number_input("ε above the floor (nats/token)", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
-                          format="%.4f", help="k_ε = A/ε − b")
-    ui.estimate_metric("k within ε of the floor", planning.k_epsilon(fit, eps, M), "{:.1f}")
-with p3:
-    tol = st.number_input("stop when one more expert gains less than (nats/token)",
-                          value=float(f"{defaults['tolerance']:.3g}"), min_value=1e-6, format="%.5f",
-                          help="first k with A/((k+b)(k+1+b)) below this")
-    ui.estimate_metric("stop after k", planning.stop_rule(fit, tol, M), "{:.0f}")
+if reason:
+    p2.caption("No ε-from-the-floor or stop-rule answers: the curve does not fall, so it has no floor.")
+else:
+    with p2:
+        eps = st.number_input("ε above the floor (nats/token)", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
+                              format="%.4f", help="k_ε = A/ε − b")
+        ui.estimate_metric("k within ε of the floor", planning.k_epsilon(fit, eps, M), "{:.1f}")
+    with p3:
+        tol = st.number_input("stop when one more expert gains less than (nats/token)",
+                              value=float(f"{defaults['tolerance']:.3g}"), min_value=1e-6, format="%.5f",
+                              help="first k with A/((k+b)(k+1+b)) below this")
+        ui.estimate_metric("stop after k", planning.stop_rule(fit, tol, M), "{:.0f}")
 
 k80, k90 = planning.k_at_fraction(fit, 0.8, M), planning.k_at_fraction(fit, 0.9, M)
 if not reason:
@@ -107,7 +116,9 @@ if not reason:
 if len(sizes_all) >= 2:
     st.markdown(f"**Minimum size** for a target floor (joint law over sizes; its interval from {JOINT_DRAWS} expert-bootstrap "
                 "draws, each a refit of the joint law)")
-    floor_target = st.number_input("target floor (nats/token)", value=float(round(fit.L_inf * 0.95, 4)), format="%.4f")
+    # 5% under this curve's floor, or under its lowest measured mean when it has no floor (it does not fall)
+    below = fit.L_inf if not reason else float(merges.groupby("k")["loss"].mean().min())
+    floor_target = st.number_input("target floor (nats/token)", value=float(round(below * 0.95, 4)), format="%.4f")
 
     @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
     def joint(frame):
@@ -120,8 +131,9 @@ if len(sizes_all) >= 2:
             st.warning(n_min.note)
         else:
             st.metric("minimum size (parameters)", "unreachable" if np.isinf(n_min.value) else
-                      f"{n_min.value * PARAMS_PER_BILLION:,.0f}" + (" (extrapolated)" if n_min.extrapolated else ""),
-                      help=f"95% interval [{n_min.lo * PARAMS_PER_BILLION:,.0f}, {n_min.hi * PARAMS_PER_BILLION:,.0f}]")
+                      params_label(n_min.value * PARAMS_PER_BILLION) + (" (extrapolated)" if n_min.extrapolated else ""),
+                      help=f"95% interval [{params_label(n_min.lo * PARAMS_PER_BILLION)}, "
+                           f"{params_label(n_min.hi * PARAMS_PER_BILLION)}] parameters")
             st.caption(n_min.note or "; ".join(jfit.notes))
     except FitError as exc:
         st.warning(str(exc))

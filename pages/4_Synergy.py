@@ -39,20 +39,28 @@ if lo is not None and lo.attrs.get("notes"):
     st.caption("Values marked '?' have no interval: " + "; ".join(lo.attrs["notes"]) + ".")
 left, right = st.columns(2)
 with left:
-    st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded)")
-    st.dataframe(block_means(matrix, DEFAULT_BLOCKS).style.format("{:.4f}"), width="stretch")
+    blocks = block_means(matrix, DEFAULT_BLOCKS)
+    if blocks.notna().any().any():
+        st.markdown("**Block means** (donor block → receiver block, own-expert pairs excluded; — : no such pair)")
+        st.dataframe(blocks.map(lambda v: f"{v:.4f}" if v == v else "—"), width="stretch")
+    else:  # the blocks name the demo's domains (math, science, code)
+        st.caption("Block means: none of this family's domains is in the math / science / code blocks.")
     pairs = top_pairs(matrix, n=8)
     pairs.index = pairs["donor"] + " → " + pairs["receiver"]
     bounds = {}
     if lo is not None:
         bounds = {"lo": pd.Series([lo.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index),
                   "hi": pd.Series([hi.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index)}
-    pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs (both signs), 95% intervals", "donor → receiver",
-                           "CE drop (nats)", **bounds)
+    n_help, n_harm = int((pairs["synergy"] > 0).sum()), int((pairs["synergy"] < 0).sum())
+    pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs", "donor → receiver", "CE drop (nats)", **bounds)
     st.plotly_chart(pairs_fig, width="stretch", key="pairs")
     figure_download(pairs_fig, f"{family}_{method}_{size}_synergy_pairs", "dl-pairs")
+    st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red), with 95% intervals"
+               + ("" if n_harm else ": no donor raises any other domain's CE here") + ".")
 with right:
-    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength: mean help to other domains", "donor",
-                               "CE drop (nats)"), width="stretch", key="donors")
-    st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility: mean gain from others",
-                               "receiver", "CE drop (nats)"), width="stretch", key="receivers")
+    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor", "mean CE drop on others (nats)"),
+                    width="stretch", key="donors")
+    st.caption("Donor strength: how much each expert lowers the CE of the other domains, on average.")
+    st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility", "receiver",
+                               "mean CE drop from others (nats)"), width="stretch", key="receivers")
+    st.caption("Receiver susceptibility: how much each domain gains from the other experts, on average.")

@@ -11,15 +11,23 @@ from mergelab.export import render
 from mergelab.paper import PAPER_DRAWS
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import curve_figure
-from mergelab.names import MACRO
+from mergelab.names import MACRO, REFERENCE_METHODS
 
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
                "sizes, k range, number of merges, eval-set hashes, options) and units (CE in nats/token, sizes "
                "as parameter counts). LaTeX is the compact table for a paper; CSV, JSON and Parquet hold every column.")
 family, rows, methods_all, _ = ui.family_with_merges()
-n_boot = st.sidebar.select_slider("Expert-bootstrap draws for CIs", [0, 100, 200, 500], value=PAPER_DRAWS,
-                                 help="intervals resample experts (README, \"Intervals\"); 0 = no intervals. "
-                                      "Tables with intervals are computed when you click a download.")
+chosen = ui.choose("Method settings to export", methods_all, "export", multi=True, default=methods_all,
+                   help="every table and the chart below hold these settings only (with the base and single-expert "
+                        "rows they are measured against)")
+if not chosen:
+    st.warning("Pick at least one method setting in the sidebar.")
+    st.stop()
+rows = rows[rows["method"].isin(REFERENCE_METHODS) | rows["setting"].isin(chosen)]
+n_boot = ui.setting("select_slider", "Expert-bootstrap draws for CIs", "boot_export", PAPER_DRAWS, options=[0, 100, 200, 500],
+                    help="intervals resample experts (README, \"Intervals\"); 0 = no intervals. "
+                         "Tables with intervals are computed when you click a download.")
+st.caption(f"{family} · {len(chosen)} of {len(methods_all)} method settings: {', '.join(chosen)}")
 MIME = {"csv": "text/csv", "json": "application/json", "latex": "text/x-tex", "parquet": "application/octet-stream"}
 EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
 BOOTSTRAPPED = ("paper", "fits", "plan", "synergy")  # the tables whose intervals cost a refit per draw
@@ -44,6 +52,10 @@ for what, label, formats in [("paper", "Paper table (macro: L∞, A with interva
     cols[0].caption(f"{len(frame):,} rows")
     if what == "joint" and analysis.joint_warning(frame):
         st.warning(analysis.joint_warning(frame))
+    if what == "fits":
+        st.caption("ci_* columns (with bootstrap draws) are 95% expert-bootstrap intervals: report those. se_* are "
+                   "Jacobian standard errors that treat the per-k means as independent and understate the "
+                   "uncertainty; they are blank where the estimate or its interval reaches a bound.")
     for col, fmt in zip(cols[1:], formats):
         shown = "paper" if what == "fits" and fmt == "latex" else what  # LaTeX fits: the compact paper table
         prov = provenance if shown == what else analysis.provenance(rows, what=shown, bootstrap=n_boot, weights="k")
@@ -54,7 +66,7 @@ for what, label, formats in [("paper", "Paper table (macro: L∞, A with interva
                             key=f"dl-{what}-{fmt}", on_click="ignore")
 
 st.subheader("Chart")
-method = ui.choose("Method", methods_all, "method")
+method = ui.choose("Method in the chart", chosen, "method", sidebar=False)
 sizes = ui.sizes_in_order(rows)
 fig = curve_figure(ui.merges(family, MACRO, [method], sizes), ui.fits(family, MACRO, [method], sizes),
                    sizes_in_order=sizes, title=f"{family} · {method} · {MACRO}")

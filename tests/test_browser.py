@@ -155,3 +155,110 @@ def test_export_downloads_fits_with_provenance(server, page, tmp_path):
     pdf = tmp_path / info.value.suggested_filename
     info.value.save_as(pdf)
     assert pdf.name.endswith("_1col.pdf") and pdf.read_bytes().startswith(b"%PDF") and b"/FontFile" in pdf.read_bytes()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """A dashboard over a small synthetic cache (one family, one method) and no job queue at all."""
+    from tests.helpers import synthetic_results
+
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(synthetic_results({"average": lambda k: 2 + 0.5 / (k + 1)}, ["a", "b", "c"], family="live"))
+    port = free_port()
+    env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(tmp_path / "home"),
+               MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"))
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_dashboard(url, proc)
+    yield {"url": url, "db": db, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_pages_update_live_without_a_job_and_back_restores_display_settings(live_server, page):
+    from tests.helpers import synthetic_results
+
+    # a fresh server whose first visitor opens a page directly (a bookmark): the sidebar still names the
+    # first page Overview, not "app" (Streamlit would build the list from the pages/ folder)
+    page.goto(f"{live_server['url']}/Curves")
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=stSidebarNav] a')].map(e => e.innerText.trim())"
+                           ".join('|') === 'Overview|Curves|Sweep|Fit & Plan|Synergy|Export'", timeout=60000)
+    page.get_by_text("live · macro", exact=True).wait_for(timeout=60000)
+    page.goto(live_server["url"])
+    settle(page)
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    assert [t.strip() for t in nav.all_inner_texts()] == ["Overview", "Curves", "Sweep", "Fit & Plan", "Synergy", "Export"]
+    page.get_by_text("method settings").wait_for()
+    metric = page.locator('[data-testid="stMetric"]').nth(2)
+    assert metric.locator('[data-testid="stMetricValue"]').inner_text() == "1"
+    # rows land while the tab is open and no job has ever run (the queue file does not even exist)
+    ResultStore(live_server["db"]).upsert(synthetic_results({"ties": lambda k: 2 + 0.4 / (k + 1)}, ["a", "b", "c"],
+                                                            family="live"))
+    page.wait_for_function("[...document.querySelectorAll('[data-testid=\"stMetricValue\"]')].map(e => e.innerText)[2] === '2'",
+                           timeout=60000)
+    no_exception(page)
+    # display settings are in the URL; Back undoes a change
+    page.goto(f"{live_server['url']}/Curves")
+    settle(page)
+    page.get_by_text("log k axis").click()
+    page.wait_for_function("location.search.includes('logx=1')", timeout=30000)
+    settle(page)
+    page.go_back()
+    page.wait_for_function("location.search.includes('logx=0')", timeout=30000)
+    settle(page)
+    assert page.url.split("?")[0].endswith("/Curves")
+    box = page.locator('[data-testid="stCheckbox"]', has_text="log k axis").locator("input")
+    assert not box.is_checked()
+    no_exception(page)
+
+
+def full_height_shot(page, name: str, width: int, timeout: float = 240.0) -> None:
+    """Wait until the page's charts, tables and height stop changing and no spinner says it is computing,
+    then save the whole page: Streamlit scrolls inside its main container, so the viewport is made as
+    tall as the content instead of using full_page."""
+    import time
+
+    page.set_viewport_size({"width": width, "height": 1000})
+    deadline, stable, last, height = time.monotonic() + timeout, 0, None, 1000
+    while stable < 5 and time.monotonic() < deadline:
+        page.wait_for_timeout(1000)
+        busy = page.evaluate("/Bootstrapping|Fitting…|Computing|Preparing…/.test(document.body.innerText)")
+        height = page.evaluate("Math.max(...[...document.querySelectorAll('[data-testid=stMain], section')]"
+                               ".map(e => e.scrollHeight))")
+        state = (height, page.locator(".js-plotly-plot, [data-testid=stDataFrame]").count())
+        stable, last = (0 if busy or state != last else stable + 1), state
+    page.set_viewport_size({"width": width, "height": min(int(height) + 40, 12000)})
+    page.wait_for_timeout(1500)
+    shoot(page, name)
+    page.set_viewport_size({"width": width, "height": 1000})
+
+
+@pytest.fixture
+def demo_server(tmp_path):
+    """The dashboard as a new user gets it: the default cache, filled with the shipped demo results."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "MERGELAB_DB"}
+    env.update(MERGELAB_HOME=str(home), MERGELAB_JOBS=str(home / "jobs.sqlite"))
+    port = free_port()
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_dashboard(url, proc)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_screenshots_of_every_page_on_the_demo_data(demo_server, page):
+    """artifacts/screenshots/demo_<page>_<width>.png at 1440 and 800 px, for a person to look at; each page
+    renders without an exception and draws what it should."""
+    for width in (1440, 800):
+        for name, path in PAGES.items():
+            page.goto(f"{demo_server}/{path}")
+            settle(page)
+            if name not in ("sweep", "export"):
+                page.wait_for_selector(".js-plotly-plot", timeout=120000)
+            full_height_shot(page, f"demo_{name}_{width}", width)
+            no_exception(page)
+            assert (ARTIFACTS / f"demo_{name}_{width}.png").stat().st_size > 10_000

@@ -158,3 +158,28 @@ def test_small_designs_are_marked_approximate():
         fit = expert_bootstrap(["+".join(f"e{i}" for i in s) for s in plan], loss, n_boot=50)
         assert fit.samples is not None
         assert any("approximate intervals" in n for n in fit.notes) == marked, (spec, fit.notes)
+
+
+def test_standard_errors_are_withheld_when_an_interval_reaches_a_bound():
+    """b = 0.05 with noisy experts: the estimate is inside (0, 100) but its 95% interval reaches 0. The
+    Jacobian SE of b (~0.01) would claim it is pinned down; only the interval is given, and a note says so."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    names = [f"e{i}" for i in range(6)]
+    effect = dict(zip(names, rng.normal(0, 0.2, 6)))
+    keys, loss = [], []
+    for k in range(1, 7):
+        for subset in itertools.combinations(names, k):
+            keys.append("+".join(subset))
+            loss.append(2 + 0.5 / (k + 0.05) + np.mean([effect[e] for e in subset]) / k + rng.normal(0, 0.003))
+    fit = expert_bootstrap(keys, loss, n_boot=200)
+    assert not fit.at_bound["b"] and 0 < fit.b < 0.1
+    assert fit.param_ci()["b"][0] == 0.0
+    assert all(np.isnan(v) for v in fit.se.values())
+    assert any("interval of b reaches its bound" in n and "report the expert-bootstrap interval" in n for n in fit.notes)
+    assert all(np.isnan(fit.to_dict()[f"se_{p}"]) for p in ("L_inf", "A", "b"))
+    from mergelab.ui.curves import fit_summary
+
+    row = fit_summary({("s", "average"): fit}).iloc[0]
+    assert row["b 95% CI (expert bootstrap)"].endswith("(bound)") and not any(c.startswith("se_") or "standard error" in c for c in row.index)

@@ -87,7 +87,9 @@ def test_fit_and_plan_refuses_floor_answers_for_a_non_monotone_curve(page_env):
     at = fit_and_plan("ties")
     assert any("No floor-based planning" in w.value and "non-monotone" in w.value for w in at.warning)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["k within ε of the floor"] == "—" and metrics["stop after k"] == "—"
+    assert set(metrics) == {"experts needed, k"}  # no ε above a floor, no stop rule: the curve has no floor
+    assert not any("floor" in n.label for n in at.number_input if n.label != "target floor (nats/token)")
+    assert "the curve does not fall, so it has no floor" in " ".join(c.value for c in at.caption)
 
 
 def test_answers_beyond_the_largest_k_swept_are_marked():

@@ -107,3 +107,10 @@ def test_synergy_from_orderings_uses_prefix_pairs(structure):
     S = synergy_matrix(additive_results(G, base, sorted(set(keys))))
     assert np.allclose(S.loc["geometry", names].to_numpy(), G.loc["geometry", names].to_numpy(), atol=1e-12)
     assert S.attrs["n_pairs"]["geometry"] == 2
+
+
+def test_minimum_size_names_the_swept_sizes_as_parameter_counts():
+    """N_min = 4B from demo sizes of 19,224 and 822,400 parameters: the note reads 19.2K–822K, not 1.92e-05–0.000822 B."""
+    joint = JointFit({"L_star": 0.2, "B": 0.1, "beta": 0.5, "A0": 0.05, "gamma": 0.1, "b": 0.3}, 1.0, 0.0, 9, {})
+    est = planning.minimum_size(joint, 0.25, sizes=[19_224e-9, 822_400e-9])
+    assert est.extrapolated and "outside the swept sizes 19.2K–822K parameters" in est.note

@@ -213,11 +213,31 @@ def expert_bootstrap(subsets: Sequence, loss, *, n_boot: int = 1000, seed: int =
     fit.samples = fit_params(ks, draws, weights=weights, form=form)
     fit.mean_draws = draws - fit.predict(ks)[None, :]
     fit.interval = f"expert bootstrap ({n_boot} draws over M = {design.M} experts)"
+    _withhold_standard_errors(fit)
     if len(design.k) < FEW_SUBSETS_PER_K * len(ks):
         fit.notes.append(f"approximate intervals: {len(design.k)} merges over {len(ks)} values of k; designs this "
                          "small covered 77–98% in simulation (bench/coverage.py), against 91–98.5% with at least "
                          f"{FEW_SUBSETS_PER_K} merges per k")
     return fit
+
+
+def _withhold_standard_errors(fit: CurveFit, level: float = 0.95) -> None:
+    """Blank the Jacobian standard errors of a bootstrapped fit whose interval reaches a parameter's bound:
+    the draws then pile up on the bound, the data do not pin that parameter down, and the local
+    curvature behind the SEs understates the uncertainty by orders of magnitude (the SEs are already
+    blank when the estimate itself sits on a bound). Says so in the notes: report the interval."""
+    from mergelab.analysis.fit import BOUND_TOL
+
+    spec = fit.spec
+    if spec is None or not all(np.isfinite(list(fit.se.values()))):
+        return
+    ci = fit.param_ci(level)
+    reached = [name for name, (lo, hi) in zip(spec.nonlinear, spec.bounds)
+               if ci[name][0] - lo <= BOUND_TOL * max(1.0, abs(hi)) or hi - ci[name][1] <= BOUND_TOL * max(1.0, abs(hi))]
+    if reached:
+        fit.se = {name: float("nan") for name in fit.se}
+        fit.notes.append(f"no standard errors: the {level:.0%} interval of {', '.join(reached)} reaches its bound, so "
+                         "the data do not pin it down; report the expert-bootstrap interval")
 
 
 def expert_bootstrap_joint(N, subsets: Sequence, loss, *, n_boot: int = 100, seed: int = 0,

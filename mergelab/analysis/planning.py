@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from mergelab.analysis.fit import CurveFit, FitError, JointFit
+from mergelab.names import PARAMS_PER_BILLION, params_label
 
 RISE_TOLERANCE = 0.1  # a rise after the minimum larger than this share of the drop makes a curve non-monotone
 
@@ -218,5 +219,6 @@ def minimum_size(fit: JointFit, target: float, sizes=None) -> Estimate:
     est = _estimate(fit, n_min, note)
     if sizes is None or not np.isfinite(est.value) or min(sizes) <= est.value <= max(sizes):
         return est
-    span = f"outside the swept sizes {min(sizes):.3g}–{max(sizes):.3g} B: an extrapolation of the joint law"
+    span = (f"outside the swept sizes {params_label(min(sizes) * PARAMS_PER_BILLION)}–"
+            f"{params_label(max(sizes) * PARAMS_PER_BILLION)} parameters: an extrapolation of the joint law")
     return Estimate(est.value, est.lo, est.hi, "; ".join(filter(None, [est.note, span])), extrapolated=True)

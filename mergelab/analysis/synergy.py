@@ -141,7 +141,13 @@ def block_means(matrix: pd.DataFrame, blocks: dict[str, tuple[str, ...]] | None 
 
 
 def top_pairs(matrix: pd.DataFrame, n: int = 10) -> pd.DataFrame:
-    """The n most positive and n most negative off-diagonal pairs."""
-    pairs = off_diagonal(matrix).stack().rename("synergy").reset_index()
-    pairs = pairs.sort_values("synergy", ascending=False)
-    return pd.concat([pairs.head(n), pairs.tail(n)]).drop_duplicates().reset_index(drop=True)
+    """The strongest off-diagonal pairs of both signs: the n most helpful (synergy > 0) and the n most
+    harmful (synergy < 0), columns donor, receiver, synergy, sorted from most helpful to most harmful.
+    Pairs without a value (the blanked diagonal, donors without pairs) are left out: pandas ≥ 3 keeps
+    NaN through `stack()`, and sorted last they would fill the harmful tail."""
+    pairs = off_diagonal(matrix).stack(future_stack=True).rename("synergy").reset_index()
+    pairs = pairs[np.isfinite(pairs["synergy"].to_numpy(dtype=float))]
+    helpful = pairs[pairs["synergy"] > 0].nlargest(n, "synergy")
+    harmful = pairs[pairs["synergy"] < 0].nsmallest(n, "synergy")
+    return (pd.concat([helpful, harmful]).sort_values("synergy", ascending=False, kind="stable")
+            .reset_index(drop=True))

@@ -9,14 +9,21 @@ from mergelab.analysis.fit import FitError, FitFailure, fit_curve
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.means import mean_by_k, per_k_means
 from mergelab.analysis.variance import fit_variance, subset_variance
-from mergelab.names import billions
+from mergelab.names import PARAMS_PER_BILLION, billions, params_label
+
+
+def curve_groups(merges: pd.DataFrame):
+    """(size, setting), rows per curve of `merges` (with n_params), smallest size first: tables and legends
+    list sizes by parameter count (xs, s, m, l, xl), not alphabetically."""
+    groups = merges.groupby(["size", "setting"])
+    return sorted(groups, key=lambda item: (item[1]["n_params"].iat[0], item[0][1])) if "n_params" in merges else list(groups)
 
 
 def fit_groups(merges: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
     """{(size, setting): CurveFit, or FitFailure with the reason}, one curve per method setting (mergelab.analysis.tables:
     method + hyperparameters); with n_boot the fits carry expert-bootstrap draws."""
     fits = {}
-    for (size, setting), group in merges.groupby(["size", "setting"]):
+    for (size, setting), group in curve_groups(merges):
         try:
             if n_boot:
                 fits[size, setting] = expert_bootstrap(group["experts_key"], group["loss"], n_boot=n_boot, seed=seed)
@@ -40,22 +47,92 @@ def bands(fits: dict, merges: pd.DataFrame) -> dict:
 
 
 DISPLAY = {"L_inf": "L∞ (nats/token)", "A": "A (nats/token)"}
+CI_LABEL = "95% CI (expert bootstrap)"
+
+
+def floor_problem(fit) -> str:
+    """Why a fitted curve has no floor to show ('' when it has one): it failed, is not L∞ + A/(k+b), or
+    does not fall with k (rises, is flat or non-monotone; mergelab.analysis.planning.not_falling)."""
+    from mergelab.analysis.planning import not_falling
+
+    if not fit.ok:
+        return fit.reason
+    if fit.form != "floor_tail":
+        return f"a {fit.form} fit has no floor L∞"
+    return not_falling(fit)
+
+
+def has_floor(fit) -> bool:
+    """Whether a fit's L∞ is a floor worth drawing or printing: a floor–tail curve that falls with k."""
+    return not floor_problem(fit)
+
+
+def _bound_text(fit, name: str, lo: float, hi: float) -> str:
+    """An interval as text, '(bound)' after an end that sits on the parameter's bound."""
+    from mergelab.analysis.fit import BOUND_TOL
+
+    text = f"[{lo:.4g}, {hi:.4g}]"
+    spec = fit.spec
+    if spec is not None and name in spec.nonlinear:
+        b_lo, b_hi = spec.bounds[spec.nonlinear.index(name)]
+        tol = BOUND_TOL * max(1.0, abs(b_hi))
+        if lo - b_lo <= tol or b_hi - hi <= tol:
+            text += " (bound)"
+    return text
 
 
 def fit_summary(fits: dict) -> pd.DataFrame:
+    """One row per curve for the pages: L∞, A, b, R² and, with expert-bootstrap draws, each parameter's 95%
+    interval (the uncertainty to report; '(bound)' marks an end on the parameter's bound, where the data do
+    not pin it down). No standard errors: they treat the per-k means as independent and understate it. A
+    curve that does not fall gets no L∞ (it is no floor), and the note says why."""
     rows = []
     for (size, setting), fit in fits.items():
         if not fit.ok:
             rows.append({"size": size, "setting": setting, "note": fit.reason})
             continue
-        row = {"size": size, "setting": setting, DISPLAY["L_inf"]: fit.L_inf, DISPLAY["A"]: fit.A, "b": fit.b,
-               "R² (k-weighted)": fit.r2, "R² (unweighted)": fit.r2_unweighted}
+        no_floor = floor_problem(fit)
+        row = {"size": size, "setting": setting, DISPLAY["L_inf"]: np.nan if no_floor else fit.L_inf,
+               DISPLAY["A"]: fit.A, "b": fit.b, "R² (k-weighted)": fit.r2, "R² (unweighted)": fit.r2_unweighted}
         if fit.samples is not None:
             for name, (lo, hi) in fit.param_ci().items():
-                row[f"{DISPLAY.get(name, name)} 95% CI"] = f"[{lo:.4g}, {hi:.4g}]"
-        row["note"] = "; ".join(fit.notes)
+                if not (no_floor and name == "L_inf"):
+                    row[f"{DISPLAY.get(name, name)} {CI_LABEL}"] = _bound_text(fit, name, lo, hi)
+        row["note"] = "; ".join(([f"no floor: {no_floor}"] if no_floor else []) + list(fit.notes))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+NORMALISED = {"cross-entropy": None, "L(k) − L(1)": "difference", "L(k) / L(1)": "ratio"}
+NORMALISED_AXIS = {None: "cross-entropy (nats/token)", "difference": "L(k) − L(1) (nats/token)",
+                   "ratio": "L(k) / L(1)"}
+
+
+def normalisers(merges: pd.DataFrame, fits: dict, how: str | None) -> dict:
+    """{(size, setting): (offset, scale)} that puts each curve on a common scale (curve_figure's
+    `normalise`): 'difference' draws L(k) − L(1), 'ratio' L(k)/L(1), None the loss itself. L(1) is the
+    curve's measured mean at k = 1, or its fitted value at k = 1 when k = 1 was not merged. Curves with
+    neither are left out (drawn as they are)."""
+    if how is None:
+        return {}
+    out = {}
+    for (size, setting), rows in merges.groupby(["size", "setting"]):
+        at_one = rows.loc[rows["k"] == 1, "loss"]
+        fit = fits.get((size, setting))
+        L1 = float(at_one.mean()) if len(at_one) else (float(fit.predict([1.0])[0]) if fit is not None and fit.ok
+                                                      else np.nan)
+        if np.isfinite(L1) and L1 != 0:
+            out[size, setting] = (L1, 1.0) if how == "difference" else (0.0, L1)
+    return out
+
+
+def normalise_curve(k, loss, how: str | None) -> np.ndarray:
+    """A curve given at k = 1, 2, … (a paper law) on the same scale as `normalisers`: loss − loss(1) or
+    loss/loss(1), with loss(1) its value at k = 1 (the first point)."""
+    loss = np.asarray(loss, dtype=float)
+    if how is None:
+        return loss
+    return loss - loss[0] if how == "difference" else loss / loss[0]
 
 
 def variance_tables(merges: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -66,7 +143,7 @@ def variance_tables(merges: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFr
 
     frames, fits = [], {}
     pools = {size: pool_size(rows[rows["size"] == size]) for size in merges["size"].unique()}
-    for (size, setting), group in merges.groupby(["size", "setting"]):
+    for (size, setting), group in curve_groups(merges):
         var = subset_variance(group["k"], group["loss"]).assign(size=size, setting=setting)
         frames.append(var)
         try:
@@ -82,7 +159,7 @@ def size_points(merges: pd.DataFrame, k: int) -> pd.DataFrame:
         N=lambda f: billions(f["n_params"])).sort_values("N")
 
 
-HELD_OUT_COLUMNS = {"N": "N (billions of parameters)", "observed": "observed mean (nats/token)",
+HELD_OUT_COLUMNS = {"observed": "observed mean (nats/token)",
                     "predicted": "predicted (nats/token)", "error": "error (nats/token)",
                     "error_rel_loss": "error / observed", "error_rel_drop": "error / drop L(1) − L(k max)",
                     "held_out": "held out"}
@@ -92,6 +169,11 @@ def held_out_table(table: pd.DataFrame) -> pd.DataFrame:
     """A held-out table (mergelab.analysis.heldout) for display: units in the headers, and the
     interval as one column that says what it covers."""
     out = table.rename(columns=HELD_OUT_COLUMNS)
+    for column in out.select_dtypes("float").columns:  # 4e-17 is an exact fit, not a number to print in full
+        out[column] = out[column].round(6) + 0.0
+    if "N" in out:  # the laws take N in billions; people read model sizes as 19.2K, 625K, 1.5B
+        at = out.columns.get_loc("N")
+        out.insert(at, "N (parameters)", [params_label(n * PARAMS_PER_BILLION) for n in out.pop("N")])
     if "lo" in out:
         out["population mean at k, 95% CI (nats/token)"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
                                                            for lo, hi in zip(out.pop("lo"), out.pop("hi"))]

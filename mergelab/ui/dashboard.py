@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from mergelab.errors import MergelabError
-from mergelab.names import REFERENCE_METHODS
+from mergelab.names import LIST_SEPARATOR, REFERENCE_METHODS, params_label
 from mergelab.store import ResultStore
 
 
@@ -39,15 +39,19 @@ def _read(path: str, stamp: float) -> pd.DataFrame:
     return rows[rows["stale"] == ""].drop(columns="stale").reset_index(drop=True)
 
 
-def stale_rows(family: str) -> pd.DataFrame:
-    """Rows of `family` left out because their checkpoints or eval sets changed since (ResultStore.results):
-    one row per size and reason with the number of rows and merges."""
+def stale_rows(family: str | None = None) -> pd.DataFrame:
+    """Rows of `family` (default: every family) left out because their checkpoints or eval sets changed
+    since (ResultStore.results): one row per family, size and reason with the number of rows and merges."""
     store = results_store()
-    rows = _read_all(str(store.path), _stamp(store.path))
-    stale = rows[(rows["family"] == family) & (rows["stale"] != "")]
-    return (stale.groupby(["size", "stale"], as_index=False)
-            .agg(rows=("loss", "size"), merges=("experts_key", "nunique"))
-            .rename(columns={"stale": "why stale"}))
+    try:
+        rows = _read_all(str(store.path), _stamp(store.path))
+    except MergelabError:
+        return pd.DataFrame(columns=["family", "size", "why stale", "rows", "merges"])
+    stale = rows[(rows["stale"] != "") & ((rows["family"] == family) if family is not None else True)]
+    out = (stale.groupby(["family", "size", "stale"], as_index=False)
+           .agg(rows=("loss", "size"), merges=("experts_key", "nunique"))
+           .rename(columns={"stale": "why stale"}))
+    return out.drop(columns="family") if family is not None else out
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -85,78 +89,161 @@ def fits(family: str, domain: str, settings, sizes, n_boot: int = 0) -> dict:
 
 
 def load_results() -> pd.DataFrame:
-    """All cached rows (read-only, briefly, retried while a worker writes); stops the page with a
+    """All current cached rows (read-only, briefly, retried while a worker writes); stops the page with a
     message when the cache cannot be read. On the first run the default cache is created with the
     shipped demo results; a cache named by MERGELAB_DB, or the default one deleted after that, that
-    does not exist is reported, not created (mergelab.demo.up.seed_first_cache)."""
+    does not exist is reported, not created (mergelab.demo.up.seed_first_cache). Starts the page's
+    live refresh (`live_refresh`), so a page opened on an empty or unchanging cache still updates."""
     from mergelab.demo.up import missing_cache_note, seed_first_cache
 
     store = results_store()
     try:
         if not store.exists() and not seed_first_cache(store) and missing_cache_note(store):
             st.warning(missing_cache_note(store))
-        return _read(str(store.path), _stamp(store.path))
+        stamp = _stamp(store.path)
+        rows = _read(str(store.path), stamp)
     except MergelabError as exc:
         st.error(f"Cannot read the results cache: {exc}")
         st.info("Check the path (MERGELAB_DB) and that no other program holds the file, then reload.")
         st.stop()
+    live_refresh(stamp)
+    return rows
 
 
-def live_refresh(every: float = 5.0) -> None:
-    """While a sweep job runs, rerun the page whenever the cache changes, so new points appear."""
-    from mergelab.sweep.jobs import JobQueue
+LIVE_EVERY = 5.0  # seconds between checks for new rows: a stat of the cache file and its WAL
 
+
+def running_jobs() -> list:
+    """The sweep jobs queued or running now ([] when there is no queue file yet or it cannot be read:
+    a poll never creates the queue)."""
+    from mergelab.sweep.jobs import ACTIVE, JobQueue
+
+    queue = JobQueue()
+    if not queue.path.exists():
+        return []
     try:
-        running = any(j.status == "running" for j in JobQueue().list(limit=5))
+        return [j for j in queue.list(limit=10) if j.status in ACTIVE]
     except MergelabError:
-        return
-    if not running:
-        return
-    st.caption(f"A sweep is running: new merges appear here as they land (checked every {every:g} s).")
+        return []
+
+
+def live_refresh(seen: float, every: float = LIVE_EVERY) -> None:
+    """Rerun the page when the cache changes after it was read at stamp `seen` (`_stamp`), checked every
+    `every` seconds whatever the jobs' state: a tab opened before a sweep, or left open across a cancel
+    and resume, shows new merges, methods and sizes as they land. Says so while a job is queued or running."""
     path = results_store().path
-    seen = _stamp(path)
 
     @st.fragment(run_every=every)
     def watch():
         if _stamp(path) != seen:
-            st.rerun()
+            st.rerun()  # the whole page: pickers and charts read the new rows
+        jobs = running_jobs()
+        if jobs:
+            st.caption(f"{len(jobs)} sweep job(s) queued or running: new merges appear here as they land "
+                       f"(checked every {every:g} s).")
 
     watch()
 
 
 def empty_state(what: str = "results") -> None:
+    """Stop the page with how to get `what`; when every cached row is stale, say that instead (how many,
+    of which families, and why), since the cache is not empty."""
+    stale = stale_rows()
+    if not stale.empty and what == "results":
+        st.warning(f"All {stale['rows'].sum():,} cached rows are stale and shown nowhere: their checkpoints or eval "
+                   "sets changed since they were computed. Sweep again (`mergelab sweep` or the **Sweep** page) to "
+                   "recompute them.")
+        st.dataframe(stale, hide_index=True)
+        st.stop()
     st.info(f"No {what} yet. Launch a sweep on the **Sweep** page, or run `mergelab demo up` / "
             "`mergelab sweep --family FAMILY.toml` in a terminal.")
     st.stop()
 
 
-def _url_value(key: str, multi: bool):
+def _remembered(key: str, decode):
+    """The value a widget keyed `key` should show, before it is drawn: the URL's when the URL changed
+    outside the page (a shared link, Back or Forward: the frontend reruns the page with the old query
+    string), else the widget's own state (the user just changed it), else the value remembered from
+    another page. None when there is none (or the URL's cannot be decoded)."""
     raw = st.query_params.get(key)
-    if raw is None:
-        return None
-    return [v for v in raw.split(",") if v] if multi else raw
+    if raw is not None and raw != st.session_state.get(f"url:{key}"):
+        try:
+            return decode(raw)
+        except (KeyError, TypeError, ValueError):
+            return None
+    if f"w:{key}" in st.session_state:
+        return st.session_state[f"w:{key}"]
+    return st.session_state.get(f"sel:{key}")
+
+
+def _remember(key: str, value, encode) -> None:
+    """Keep `value` for the other pages and mirror it in the URL (a history entry, so Back undoes it)."""
+    st.session_state[f"sel:{key}"] = value
+    if value is None:
+        return
+    text = encode(value)
+    st.session_state[f"url:{key}"] = text
+    if st.query_params.get(key) != text:
+        st.query_params[key] = text
+
+
+def _split(raw: str) -> list[str]:
+    return [v for v in raw.split(LIST_SEPARATOR) if v]
 
 
 def choose(label: str, options: list, key: str, *, multi: bool = False, default=None, sidebar: bool = True,
            help: str | None = None, format_func=str):
-    """A select box (or multiselect) whose choice persists across pages and is mirrored in the URL."""
+    """A select box (or multiselect) whose choice persists across pages and is mirrored in the URL.
+
+    A remembered choice that the options no longer hold (another family, a size not in this cache) falls
+    back to `default`; so does one that was the previous default (the user kept the default), so that a
+    new family's sizes, or sizes and methods that land while the page is open, are shown."""
     options = list(options)
-    state_key = f"sel:{key}"
-    saved = st.session_state.get(state_key, _url_value(key, multi))
     if multi:
-        value = [v for v in (saved or []) if v in options] or [v for v in (default or options[:1]) if v in options]
+        default = [v for v in (options[:1] if default is None else default) if v in options] or options[:1]
     else:
-        value = saved if saved in options else (default if default in options else (options[0] if options else None))
+        default = default if default in options else (options[0] if options else None)
+    remembered = _remembered(key, _split if multi else str)
+    previous_default = st.session_state.get(f"def:{key}")
+    if multi:
+        remembered = list(remembered) if isinstance(remembered, (list, tuple)) else None
+        value = [v for v in remembered if v in options] if remembered is not None else []
+        # nothing left of a remembered choice, or the old default: the default. An emptied picker stays empty.
+        if remembered is None or (remembered and not value) or (
+                remembered and previous_default is not None and set(remembered) == set(previous_default)):
+            value = default
+    else:
+        value = remembered
+        if value not in options or (previous_default is not None and value == previous_default):
+            value = default
+    st.session_state[f"def:{key}"] = default
+    st.session_state[f"w:{key}"] = value  # set before the widget is drawn: the widget's own state is never stale
     place = st.sidebar if sidebar else st
-    widget_key = f"w:{key}"
     if multi:
-        chosen = place.multiselect(label, options, default=value, key=widget_key, help=help, format_func=format_func)
+        chosen = place.multiselect(label, options, key=f"w:{key}", help=help, format_func=format_func)
     else:
-        chosen = place.selectbox(label, options, index=options.index(value) if value in options else 0,
-                                 key=widget_key, help=help, format_func=format_func)
-    st.session_state[state_key] = chosen
-    if chosen is not None:
-        st.query_params[key] = ",".join(map(str, chosen)) if multi else str(chosen)
+        chosen = place.selectbox(label, options, key=f"w:{key}", help=help, format_func=format_func)
+    _remember(key, chosen, (lambda v: LIST_SEPARATOR.join(map(str, v))) if multi else str)
+    return chosen
+
+
+def setting(widget, label: str, key: str, default, *, options=None, place=None, **kwargs):
+    """A display setting (checkbox, toggle, radio, select_slider: `widget` is the st function) remembered
+    across pages and mirrored in the URL like `choose`, so a shared link and Back/Forward restore it.
+    `options` for radio and select_slider (the value must be one of them); `place` defaults to the sidebar."""
+    place = place or st.sidebar
+    if options is not None:
+        options = list(options)
+        decode = {str(o): o for o in options}.__getitem__
+        value = _remembered(key, decode)
+        value = value if value in options else default
+        st.session_state[f"w:{key}"] = value
+        chosen = getattr(place, widget)(label, options, key=f"w:{key}", **kwargs)
+    else:  # a boolean
+        value = _remembered(key, lambda raw: {"1": True, "0": False}[raw])
+        st.session_state[f"w:{key}"] = bool(default if value is None else value)
+        chosen = getattr(place, widget)(label, key=f"w:{key}", **kwargs)
+    _remember(key, chosen, (lambda v: "1" if v else "0") if options is None else str)
     return chosen
 
 
@@ -202,7 +289,7 @@ def merge_settings(rows: pd.DataFrame) -> list[str]:
 
 def size_label(rows: pd.DataFrame):
     params = rows.groupby("size")["n_params"].first()
-    return lambda s: f"{s} ({params[s] / 1e6:.2f}M params)" if s in params else str(s)
+    return lambda s: f"{s} ({params_label(params[s])} params)" if s in params else str(s)
 
 
 def estimate_metric(label: str, est, fmt: str) -> None:
@@ -222,7 +309,23 @@ def estimate_metric(label: str, est, fmt: str) -> None:
         st.caption(est.note)
 
 
+def _use_app_navigation() -> None:
+    """Make app.py's st.navigation (which names the first page "Overview") the one in use. With a pages/
+    folder beside app.py, Streamlit runs a server's first session that opens a page URL directly (a
+    bookmark, a reload after a restart) with navigation made from the folder, first entry "app", and
+    never runs app.py; st.navigation turns that off for the process, so turn it off here and rerun
+    once. (Streamlit's PagesManager.uses_pages_directory; nothing happens where it does not exist.)"""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page_header(title: str, caption: str) -> None:
+    _use_app_navigation()
     st.set_page_config(page_title=f"mergelab · {title}", layout="wide")
     st.title(title)
     st.caption(caption)

@@ -12,6 +12,37 @@ def _size_colour(sizes_in_order: list[str], size: str) -> str:
     return SIZE_COLOURS[sizes_in_order.index(size) % len(SIZE_COLOURS)] if size in sizes_in_order else "#444"
 
 
+SYMBOLS = ["circle", "diamond", "square", "x", "triangle-up", "star"]
+
+
+def _curve_style(frame, sizes_in_order: list[str]):
+    """(size, setting) -> (colour, marker symbol) for the curves in `frame` (columns size, setting): colour
+    by size and symbol by method setting, or colour by setting when there is one size, so that two
+    settings of one size never look alike."""
+    methods = sorted(frame["setting"].unique())
+    by_method = frame["size"].nunique() == 1 and len(methods) > 1
+
+    def style(size: str, method: str) -> tuple[str, str]:
+        i = methods.index(method)
+        colour = METHOD_COLOURS[i % len(METHOD_COLOURS)] if by_method else _size_colour(sizes_in_order, size)
+        return colour, SYMBOLS[i % len(SYMBOLS)]
+
+    return style
+
+
+def _in_size_order(frame, sizes_in_order: list[str]):
+    """frame.groupby(["size", "setting"]) with the smallest size first (legends follow it)."""
+    rank = {s: i for i, s in enumerate(sizes_in_order)}
+    return sorted(frame.groupby(["size", "setting"]), key=lambda g: (rank.get(g[0][0], len(rank)), g[0][0], g[0][1]))
+
+
+def _legend_below(fig):
+    """A horizontal legend under the plot: half-width panels keep their plotting area at any window width."""
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0, font=dict(size=10)),
+                      margin=dict(b=40))
+    return fig
+
+
 def _layout(fig, title: str, x: str, y: str, height: int = 440):
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=height,
                       margin=dict(t=60, r=20, l=60, b=50), legend=dict(font=dict(size=11)))
@@ -19,26 +50,33 @@ def _layout(fig, title: str, x: str, y: str, height: int = 440):
 
 
 def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, log_x: bool = False,
-                 log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True):
+                 log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True,
+                 normalise: dict | None = None, y_title: str = "cross-entropy (nats/token)"):
     """CE vs k for one domain (or macro): faint points per subset, per-k means with their 95%
     expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
     floor L∞ (dashed) and its expert-bootstrap band per curve.
 
     merges: rows with size, setting (method + hyperparameters), k, loss, experts_key.
-    fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws)."""
+    fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws).
+    normalise: {(size, setting): (offset, scale)} draws every y of that curve as (y − offset)/scale (overlays are
+    passed already normalised; mergelab.ui.curves.normalisers); y_title names the axis. A floor is drawn only for
+    a curve that falls (mergelab.analysis.planning.not_falling)."""
     import numpy as np
     import plotly.graph_objects as go
+
+    from mergelab.ui.curves import has_floor
 
     fig = go.Figure()
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
     methods = sorted(merges["setting"].unique())
     by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
-    for (size, method), rows in merges.groupby(["size", "setting"]):
+    for (size, method), rows in _in_size_order(merges, sizes_in_order):
         colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
                   else _size_colour(sizes_in_order, size))
         name = f"{method} · {size}" if len(methods) > 1 else size
+        offset, scale = (normalise or {}).get((size, method), (0.0, 1.0))
         if show_points:
-            fig.add_scatter(x=rows["k"], y=rows["loss"], mode="markers", name=f"{name} subsets", legendgroup=name,
+            fig.add_scatter(x=rows["k"], y=(rows["loss"] - offset) / scale, mode="markers", name=f"{name} subsets", legendgroup=name,
                             showlegend=False, marker=dict(color=colour, size=4, opacity=0.18),
                             hovertext=rows["experts_key"], hovertemplate="k=%{x}<br>CE=%{y:.4f}<br>%{hovertext}<extra></extra>")
         stats = mean_by_k(rows)
@@ -46,29 +84,30 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
         error_y = None
         if fit is not None and fit.ok and fit.samples is not None:
             _, means, lo, hi = fit.mean_ci()  # expert-bootstrap interval of the population mean at each k
-            error_y = dict(type="data", symmetric=False, array=hi - means, arrayminus=means - lo, visible=True,
-                           thickness=1)
-        fig.add_scatter(x=stats["k"], y=stats["loss"], mode="markers", name=name, legendgroup=name,
+            error_y = dict(type="data", symmetric=False, array=(hi - means) / scale, arrayminus=(means - lo) / scale,
+                           visible=True, thickness=1)
+        fig.add_scatter(x=stats["k"], y=(stats["loss"] - offset) / scale, mode="markers", name=name, legendgroup=name,
                         marker=dict(color=colour, size=8, symbol=["circle", "diamond", "square", "x"][methods.index(method) % 4]),
                         error_y=error_y, customdata=stats["n_subsets"],
-                        hovertemplate="k=%{x}<br>mean CE=%{y:.4f} nats<br>%{customdata} subsets<extra>" + name + "</extra>")
+                        hovertemplate="k=%{x}<br>mean=%{y:.4f}<br>%{customdata} subsets<extra>" + name + "</extra>")
         if fit is None or not fit.ok:
             continue
         grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)
         dash = dashes[methods.index(method) % len(dashes)]
         if bands and (size, method) in bands:
             bk, lo, hi = bands[(size, method)]
-            fig.add_scatter(x=np.r_[bk, bk[::-1]], y=np.r_[hi, lo[::-1]], fill="toself", fillcolor=colour, opacity=0.15,
+            fig.add_scatter(x=np.r_[bk, bk[::-1]], y=(np.r_[hi, lo[::-1]] - offset) / scale, fill="toself", fillcolor=colour, opacity=0.15,
                             line=dict(width=0), name=f"{name} 95% band", legendgroup=name, showlegend=False, hoverinfo="skip")
-        fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, width=2, dash=dash),
+        fig.add_scatter(x=grid, y=(fit.predict(grid) - offset) / scale, mode="lines", line=dict(color=colour, width=2, dash=dash),
                         name=f"{name} fit", legendgroup=name, showlegend=False,
-                        hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} CE=%{{y:.4f}}"
+                        hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} y=%{{y:.4f}}"
                                        f"<extra>{name} fit</extra>"))
-        if fit.A > 0:  # a floor only means something for a falling curve
-            fig.add_hline(y=fit.L_inf, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
-    for label, (k, loss) in (overlays or {}).items():
-        fig.add_scatter(x=k, y=loss, mode="lines", name=label, line=dict(color="#888", width=1.5, dash="dot"))
-    _layout(fig, title, "experts merged, k", "cross-entropy (nats/token)")
+        if has_floor(fit):  # a floor only means something for a falling curve
+            fig.add_hline(y=(fit.L_inf - offset) / scale, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
+    for i, (label, (k, loss)) in enumerate((overlays or {}).items()):  # grey; one dash pattern per overlay
+        fig.add_scatter(x=k, y=loss, mode="lines", name=label,
+                        line=dict(color="#888", width=1.5, dash=["dot", "dashdot", "longdashdot", "dash"][i % 4]))
+    _layout(fig, title, "experts merged, k", y_title)
     fig.update_xaxes(type="log" if log_x else "linear", dtick=None if log_x else 1)
     fig.update_yaxes(type="log" if log_y else "linear")
     return fig
@@ -79,52 +118,67 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for (size, method), rows in merges.groupby(["size", "setting"]):
+    style = _curve_style(merges, sizes_in_order)
+    for (size, method), rows in _in_size_order(merges, sizes_in_order):
         fit = fits.get((size, method))
         if fit is None or not fit.ok:
             continue
         ks, means = per_k_means(rows["k"], rows["loss"])
-        fig.add_scatter(x=ks, y=means - fit.predict(ks), mode="lines+markers",
-                        name=f"{method} · {size}", line=dict(color=_size_colour(sizes_in_order, size)))
+        colour, symbol = style(size, method)
+        fig.add_scatter(x=ks, y=means - fit.predict(ks), mode="lines+markers", name=f"{method} · {size}",
+                        line=dict(color=colour), marker=dict(symbol=symbol, size=7))
     fig.add_hline(y=0, line=dict(color="#999", width=1))
-    return _layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=300)
+    return _legend_below(_layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=340))
 
 
 def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: str = "Variance across subsets"):
-    """Across-subset variance vs k with the plain and finite-pool 1/(k+b) laws."""
+    """Across-subset variance vs k with the plain and finite-pool 1/(k+b) laws; colour by size and marker
+    by method setting (colour by setting for one size)."""
     import numpy as np
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for (size, method), rows in variances.groupby(["size", "setting"]):
-        colour = _size_colour(sizes_in_order, size)
-        fig.add_scatter(x=rows["k"], y=rows["var"], mode="markers", name=f"{method} · {size}", marker=dict(color=colour))
+    style = _curve_style(variances, sizes_in_order) if len(variances) else None
+    for (size, method), rows in (_in_size_order(variances, sizes_in_order) if len(variances) else []):
+        colour, symbol = style(size, method)
+        fig.add_scatter(x=rows["k"], y=rows["var"], mode="markers", name=f"{method} · {size}",
+                        marker=dict(color=colour, symbol=symbol, size=8))
         grid = np.linspace(rows["k"].min(), rows["k"].max(), 100)
         for law, dash in (("plain", "dot"), ("finite_pool", "solid")):
             fit = fits.get((size, method), {}).get(law)
             if fit is not None:
                 fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, dash=dash, width=1.5),
                                 name=f"{method} · {size} {law.replace('_', '-')} law", showlegend=False)
-    return _layout(fig, title + " (dots: plain law, solid: finite-pool law)", "experts merged, k",
-                   "variance of CE (nats²)", height=340)
+    _layout(fig, title, "experts merged, k", "variance of CE (nats²)", height=380)
+    fig.update_yaxes(exponentformat="power")  # 4×10⁻⁵, not the SI '40µ'
+    return _legend_below(fig)
 
 
 def size_figure(points, joint=None, *, k: int, title: str | None = None):
-    """CE vs model size at fixed k (log x), with the fitted floor L∞(N) and L(N, k) of a joint fit."""
+    """CE vs model size at fixed k (log x in parameters, ticks at the sizes with SI-suffixed counts such as
+    19.2K), with the fitted floor L∞(N) and L(N, k) of a joint fit (whose N is in billions).
+
+    points: rows with setting, size, n_params, N (billions), loss."""
     import numpy as np
     import plotly.graph_objects as go
 
+    from mergelab.names import PARAMS_PER_BILLION, params_label
+
     fig = go.Figure()
     for method, rows in points.groupby("setting"):
-        fig.add_scatter(x=rows["N"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}")
+        fig.add_scatter(x=rows["n_params"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}",
+                        customdata=np.c_[rows["size"], [params_label(n) for n in rows["n_params"]]],
+                        hovertemplate="%{customdata[0]} (%{customdata[1]} params)<br>CE=%{y:.4f}<extra></extra>")
     if joint is not None:
         grid = np.geomspace(points["N"].min() / 1.5, points["N"].max() * 1.5, 100)
-        fig.add_scatter(x=grid, y=joint.predict(grid, k), mode="lines", name=f"joint law at k={k}", line=dict(color="#333"))
-        fig.add_scatter(x=grid, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
+        fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.predict(grid, k), mode="lines", name=f"joint law at k={k}",
+                        line=dict(color="#333"))
+        fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
                         line=dict(color="#333", dash="dash"))
-    _layout(fig, title or f"Cross-entropy vs model size at k = {k}", "parameters N (billions)",
-            "cross-entropy (nats/token)", height=340)
-    fig.update_xaxes(type="log")
+    _layout(fig, title or f"CE vs model size at k = {k}", "parameters N", "cross-entropy (nats/token)", height=380)
+    _legend_below(fig)
+    ticks = sorted(points["n_params"].unique()) if len(points) else []
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[params_label(n) for n in ticks])
     return fig
 
 
@@ -137,7 +191,8 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
 
     values = matrix.to_numpy(dtype=float)
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    text = np.where(np.isfinite(values), np.round(values, 3).astype(str), "")
+    rounded = np.round(np.nan_to_num(values), 3) + 0.0  # + 0.0: no '-0.0'
+    text = np.where(np.isfinite(values), np.char.mod("%.3f", rounded), "")
     hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
     custom = None
     if lo is not None and hi is not None:
