@@ -232,7 +232,7 @@ def sweep(
     store = ResultStore(db)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
-               f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
+               f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s on {report.threads_note()}")
     summary = per_k_summary(store, fam.name, list(report.eval_hashes))
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")

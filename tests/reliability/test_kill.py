@@ -26,7 +26,7 @@ METHODS = {"average": {}, "ties": {"density": 0.5}}
 
 def running_past(queue: JobQueue, job_id: int, merges: int) -> bool:
     job = queue.get(job_id)
-    return job.status == "running" and job.done >= merges
+    return job.status == "running" and job.done_this_run >= merges  # merges since this worker started it
 
 
 def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_family, tmp_path, tally):
@@ -54,7 +54,7 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
             assert wait_until(lambda: running_past(queue, job_id, target), timeout=120, poll=0.05), queue.get(job_id)
         assert worker.poll() is None, "the sweep finished before the planned kill: make it longer"
         kill_9(worker)
-        kills.append(queue.get(job_id).done)
+        kills.append(queue.get(job_id).done_this_run)
         rows_seen.append(len(check_whole_merges(spec.db, n_domains)) if (tmp_path / "killed.duckdb").exists() else 0)
     assert rows_seen == sorted(rows_seen), "a kill lost rows that were already written"
 
