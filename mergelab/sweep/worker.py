@@ -30,7 +30,7 @@ class JobCancelled(Exception):
 
 
 class WorkerStopped(BaseException):
-    """Raised in the worker's main thread by SIGTERM, SIGINT or SIGHUP (`_stop_on_signals`): a
+    """Raised in the worker's main thread by SIGTERM, SIGINT or SIGHUP (`_Stopper`): a
     BaseException, like KeyboardInterrupt, so that no `except Exception` of a sweep swallows it."""
 
     def __init__(self, signum: int):
@@ -41,19 +41,35 @@ class WorkerStopped(BaseException):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _stop_on_signals() -> None:
-    """Turn the first stop signal into WorkerStopped in the main thread; later ones are ignored, so the
-    cleanup (the job marked cancelled, the worker unregistered) runs to its end."""
-    if threading.current_thread() is not threading.main_thread():  # run_worker in a test's thread
-        return
+class _Stopper:
+    """The worker's stop signals. The first one raises WorkerStopped at once, except while merges are
+    being evaluated (`deferred`), where it is only noted and raised between two merges (`check`), so a
+    merge's rows and the job's counts always agree; later signals are ignored, so the cleanup (the job
+    marked cancelled, the worker unregistered) runs to its end."""
 
-    def stop(signum, frame):
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferred = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # not in a test's thread
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        raise WorkerStopped(signum)
+        self.signum = signum
+        if not self.deferred:
+            raise WorkerStopped(signum)
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, stop)
+    def check(self) -> None:
+        """Raise WorkerStopped if a stop signal came meanwhile."""
+        if self.signum is not None:
+            raise WorkerStopped(self.signum)
+
+
+_STOPPER = _Stopper()
 
 
 def lock_path(queue: JobQueue) -> Path:
@@ -120,7 +136,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
     """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with
     once, or until a stop signal (SIGTERM, SIGINT, SIGHUP: the job in flight ends as cancelled). Returns
     the exit code: 0, or 1 when another worker already serves the queue."""
-    _stop_on_signals()
+    _STOPPER.install()
     # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
     lock = _try_lock(queue, wait=3.0)
     if lock is None:
@@ -147,6 +163,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
                     time.sleep(poll)
                     continue
                 run_job(queue, job)
+                _STOPPER.check()  # a signal noted while the job's last merges ran
                 idle_since = time.monotonic()
         except WorkerStopped as stop:
             print(f"worker {os.getpid()}: stopped by {stop.signal}", file=sys.stderr, flush=True)
@@ -170,6 +187,7 @@ def run_job(queue: JobQueue, job: Job) -> None:
 
     def on_progress(report, total, item):
         state["report"] = report
+        _STOPPER.deferred = True  # from the plan to the end of the sweep, stop signals wait for a merge's end
         if item is None:  # the plan is known, and the threads chosen: say so in the worker's log
             print(f"job {job.id}: {total:,} merges to run ({report.skipped:,} cached) on {report.threads_note()}",
                   file=sys.stderr, flush=True)
@@ -177,6 +195,7 @@ def run_job(queue: JobQueue, job: Job) -> None:
         done, skipped, rows = counts(report)
         if queue.progress(job.id, done, before + total, skipped, rows, current, len(report.not_cached)):
             raise JobCancelled
+        _STOPPER.check()  # between two merges, counted: a stop signal noted meanwhile ends the job here
 
     def finish(status, message):
         """End the job; `message(done, skipped)` says how it ended, the threads it ran on are added."""
@@ -186,8 +205,11 @@ def run_job(queue: JobQueue, job: Job) -> None:
                      rows=rows, not_cached=len(report.not_cached) if report else 0)
 
     try:
-        report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device, progress=False,
-                           on_progress=on_progress)
+        try:
+            report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
+                               progress=False, on_progress=on_progress)
+        finally:
+            _STOPPER.deferred = False
         state["report"] = report
         note = report.not_cached_note()
         finish("done", lambda done, skipped: f"{done} merges evaluated"
