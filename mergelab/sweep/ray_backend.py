@@ -79,6 +79,12 @@ class SweepActor:
 
             torch.cuda.empty_cache()
 
+    def threads_in_use(self) -> tuple[int, str]:
+        """torch's intra-op threads in this actor now, and why the policy chose them ('' before a size is loaded)."""
+        import torch
+
+        return torch.get_num_threads(), self.threads.reason if self.threads else ""
+
     def evaluate_chunk(self, size_name: str, items: list[WorkItem]) -> list[tuple[WorkItem, list[dict]]]:
         """The whole chunk at once, for Ray Client (ray://) connections, which cannot stream generators."""
         return list(self.evaluate(size_name, items))
