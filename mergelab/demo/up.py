@@ -335,7 +335,7 @@ def _watch(server: subprocess.Popen, queue, job_id: int | None, health: str, url
         time.sleep(0.5)
         if not ready and _answers(health):
             ready = True
-            print(f"dashboard ready: {url} ({time.monotonic() - started:.0f} s); Ctrl-C stops it and the sweep",
+            print(f"dashboard ready: {url} ({time.monotonic() - started:.0f} s after its start); Ctrl-C stops it and the sweep",
                   flush=True)
         if ended:
             continue
