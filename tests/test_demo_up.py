@@ -139,3 +139,31 @@ def test_demo_up_refuses_a_port_in_use_before_building(tmp_path):
     assert proc.stderr.strip() == (f"error: --port {port}: already in use on 127.0.0.1 (another dashboard?); stop it "
                                    "or pick another --port")
     assert not (tmp_path / "home").exists()  # refused before anything was built
+
+
+def test_demo_up_no_ui_sweeps_in_the_foreground_says_what_ctrl_c_kept_and_a_rerun_completes(home, tmp_path):
+    store = ResultStore(home / "results.duckdb")
+    args = [sys.executable, "-m", "mergelab", "demo", "up", "--no-ui"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_DB", "MERGELAB_JOBS")}
+    env["MERGELAB_HOME"] = str(home)
+
+    def micro_rows() -> int:
+        return len(store.results(family="demo-micro")) if store.exists() else 0
+
+    first = start_logged(args, tmp_path / "first.log", env=env, start_new_session=True)
+    try:
+        assert wait_until(lambda: micro_rows() >= 20 * 9, timeout=300, poll=0.2), log_tail(first)
+        code = stop(first, signal.SIGINT)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    out, kept = log_tail(first), micro_rows() // 9
+    assert code == 128 + signal.SIGINT and 20 <= kept < XS_MERGES, out
+    assert f"default sweep: {XS_MERGES:,} merges to run (0 of {XS_MERGES:,} already cached), on 1 torch thread" in out
+    assert (f"interrupted (Ctrl-C): the default sweep stopped, {kept:,} of {XS_MERGES:,} merges done and cached in "
+            f"{store.path}; `mergelab demo up` again resumes it") in out
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert f"default sweep: {XS_MERGES - kept:,} merges to run ({kept:,} of {XS_MERGES:,} already cached)" in second.stdout
+    assert micro_rows() == XS_MERGES * 9
+    assert not JobQueue(home / "jobs.sqlite").path.exists()  # the foreground sweep queues nothing

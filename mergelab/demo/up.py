@@ -292,18 +292,19 @@ def serve_demo(preset: str = "micro", db: Path | None = None, port: int = 8501, 
         except DemoStopped as stop:
             return 128 + stop.signum
         store, queue = ResultStore(db), JobQueue()
-        added = load_shipped_results(store)
-        if added:
-            print(f"loaded {added} shipped demo result rows into {store.path}", flush=True)
         server = worker = None
-        job_id, code, how = None, 0, None
-        started = time.monotonic()
+        job_id, queued, code, how = None, False, 0, None
         try:
+            added = load_shipped_results(store)
+            if added:
+                print(f"loaded {added} shipped demo result rows into {store.path}", flush=True)
+            started = time.monotonic()
             env = dict(os.environ, **({"MERGELAB_DB": str(store.path)} if db else {}))
             server = subprocess.Popen(dashboard_command(port, host), env=env, stdin=subprocess.DEVNULL)
             url = f"http://{host}:{port}"
             print(f"dashboard: {url} (starting)", flush=True)
             job_id, n_todo, planned = queue_default_sweep(manifest, store, queue)
+            queued = True
             if job_id is None:
                 print(_plan_line(planned, planned, 0), flush=True)
             else:
@@ -323,35 +324,41 @@ def serve_demo(preset: str = "micro", db: Path | None = None, port: int = 8501, 
                 signal.signal(sig, signal.SIG_IGN)
             _stop(server)
             _stop(worker)
-        print(_farewell(how, queue, job_id, worker is not None, store), file=sys.stderr, flush=True)
+        print(_farewell(how, queue, job_id if queued else -1, worker is not None, store), file=sys.stderr, flush=True)
         return code
 
 
 def _watch(server: subprocess.Popen, queue, job_id: int | None, health: str, url: str, started: float) -> int:
     """Until the dashboard exits: say once when it answers, report the sweep's progress every
-    REPORT_EVERY seconds and when it ends. Returns the dashboard's exit code."""
-    ready, last, ended = False, time.monotonic(), job_id is None
+    REPORT_EVERY seconds and each time it ends (a job cancelled on the Sweep page may be resumed there).
+    Returns the dashboard's exit code."""
+    from mergelab.sweep.jobs import FINISHED
+
+    ready, last, status = False, time.monotonic(), None
     while server.poll() is None:
         time.sleep(0.5)
         if not ready and _answers(health):
             ready = True
-            print(f"dashboard ready: {url} ({time.monotonic() - started:.0f} s after its start); Ctrl-C stops it and the sweep",
-                  flush=True)
-        if ended:
+            print(f"dashboard ready: {url} ({time.monotonic() - started:.0f} s after its start); Ctrl-C stops it "
+                  "and the sweep", flush=True)
+        if job_id is None:
             continue
         job = queue.get(job_id)
-        if job.status in ("done", "failed", "cancelled"):
-            ended = True
+        if job.status in FINISHED and job.status != status:
             print(f"sweep: job {job_id} {job.status}: {job.message}", flush=True)
-        elif time.monotonic() - last >= REPORT_EVERY:
+        elif job.status == "running" and time.monotonic() - last >= REPORT_EVERY:
             last = time.monotonic()
             eta = f", about {_duration(job.eta_seconds)} left" if job.eta_seconds is not None else ""
-            print(f"sweep: job {job_id} {job.status}: {job.done:,} / {job.total:,} merges{eta}", flush=True)
+            print(f"sweep: job {job_id} running: {job.done:,} / {job.total:,} merges{eta}", flush=True)
+        status = job.status
     return server.returncode
 
 
 def _farewell(how: str, queue, job_id: int | None, owned_worker: bool, store) -> str:
-    """What `demo up` says as it ends: how, what the sweep kept, and that a rerun resumes it."""
+    """What `demo up` says as it ends: how, what the sweep kept, and that a rerun resumes it (`job_id`
+    None: nothing to sweep; -1: stopped before the sweep was planned)."""
+    if job_id == -1:
+        return f"{how} before the default sweep was queued; `mergelab demo up` again serves the dashboard and runs it"
     if job_id is None:
         return f"{how}: dashboard stopped; the default sweep is complete"
     job = queue.get(job_id)

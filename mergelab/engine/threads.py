@@ -1,11 +1,13 @@
 """How many intra-op threads torch gets for merging and evaluating: the one home of that policy.
 
 torch's default is one thread per core. For the small models mergelab sweeps on a CPU (the demo's
-7K–625K parameters) the threads cost more than they bring, and on a busy machine they spin-wait on
+7K–822K parameters) the threads cost more than they bring, and on a busy machine they spin-wait on
 each other: a 1,042-merge demo sweep took 1,112 s with the default two threads on a loaded 2-core
-machine and 50 s on one (and bench/threads.py measures 3–8× on a smaller sweep). So: one thread below SMALL_MODEL parameters, else one per
-PARAMS_PER_THREAD parameters up to the cores this process may actually use (its CPU affinity and
-cgroup quota). MERGELAB_THREADS overrides the choice; an OMP_NUM_THREADS the user set is respected.
+machine and 50 s on one (bench/threads.py measures 3–8× on a smaller sweep, bench/README.md). So: one
+thread below SMALL_MODEL parameters, else one per PARAMS_PER_THREAD parameters up to the cores this
+process may actually use (its CPU affinity and cgroup quota). MERGELAB_THREADS overrides the choice;
+an OMP_NUM_THREADS the user set is respected. The demo build keeps its own single thread
+(mergelab.demo.build.BUILD_THREADS): its checkpoints must be bitwise the same on any machine.
 """
 
 from __future__ import annotations
