@@ -308,7 +308,7 @@ def serve_demo(preset: str = "micro", db: Path | None = None, port: int = 8501, 
             if job_id is None:
                 print(_plan_line(planned, planned, 0), flush=True)
             else:
-                worker = start_worker(queue, forever=True)
+                worker = start_worker(queue)  # idle-exits like the page's, should this process be killed
                 rate = _seconds_per_merge(queue, str(manifest))
                 print(f"{_plan_line(planned, planned - n_todo, n_todo)}: job {job_id}, about "
                       f"{_duration(n_todo * (rate or SECONDS_PER_MERGE_GUESS))}"

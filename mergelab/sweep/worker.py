@@ -227,11 +227,11 @@ def run_job(queue: JobQueue, job: Job) -> None:
         queue.finish(job.id, "failed", f"{type(exc).__name__}: {exc}; resume to continue")
 
 
-def start_worker(queue: JobQueue, idle_exit: float | None = None, forever: bool = False) -> subprocess.Popen | None:
+def start_worker(queue: JobQueue, idle_exit: float | None = None) -> subprocess.Popen | None:
     """Start a worker process in its own session (a terminal's Ctrl-C does not reach it; whoever keeps
     the Popen stops it with SIGTERM) unless one is running; returns it, or None when one runs already.
     It writes to worker.log beside the queue and exits after `idle_exit` idle seconds (default
-    MERGELAB_WORKER_IDLE or 900), never with `forever`."""
+    MERGELAB_WORKER_IDLE or 900), so one whose owner was killed does not linger."""
     idle_exit = idle_exit if idle_exit is not None else float(os.environ.get("MERGELAB_WORKER_IDLE", 900))
     if worker_running(queue):
         return None
@@ -239,7 +239,7 @@ def start_worker(queue: JobQueue, idle_exit: float | None = None, forever: bool 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue.path),
-                                 *([] if forever else ["--idle-exit", str(idle_exit)])], stdout=out,
+                                 "--idle-exit", str(idle_exit)], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env=dict(os.environ))
 
