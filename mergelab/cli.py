@@ -148,15 +148,17 @@ def _is_demo_family(folder: Path) -> bool:
 @demo_app.command("up")
 def demo_up(
     preset: str = typer.Option("micro", help="demo family to build if absent"),
-    ui: bool = typer.Option(True, help="start the dashboard afterwards"),
+    ui: bool = typer.Option(True, help="serve the dashboard and sweep in the background worker (--no-ui: only "
+                                       "sweep, here, in the foreground)"),
     port: int = typer.Option(8501, help="dashboard port"),
     host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback exposes your results"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
 ):
-    """The main job: build the demo family if absent, load the shipped results, sweep if nothing is
-    cached for it, then start the dashboard on 127.0.0.1."""
+    """The main job: build the demo family if absent, load the shipped results, start the dashboard on
+    127.0.0.1, and run the family's default sweep in the background worker (progress on the Sweep page;
+    a rerun resumes it). Ctrl-C stops the dashboard and the worker it started."""
     from mergelab.demo.build import PRESETS
-    from mergelab.demo.up import prepare_demo
+    from mergelab.demo.up import check_port_free, run_foreground, serve_demo
     from mergelab.paths import check_output
 
     if preset not in PRESETS:
@@ -166,9 +168,13 @@ def demo_up(
     check_host(host)
     if db is not None:
         check_output(db, "--db", kind="cache")
-    prepare_demo(preset, db)
-    if ui:
-        _launch_ui(port, db, host)
+    if not ui:
+        raise typer.Exit(run_foreground(preset, db))
+    check_port_free(host, port)
+    warning = host_warning(host)
+    if warning:
+        typer.echo(warning, err=True)
+    raise typer.Exit(serve_demo(preset, db, port, host))
 
 
 def check_host(host: str) -> None:
@@ -192,21 +198,6 @@ def host_warning(host: str) -> str | None:
         return None
     return (f"warning: binding the dashboard to {host}: anyone who can reach this address can read your "
             "results and launch sweeps on this machine")
-
-
-def _launch_ui(port: int, db: Path | None, host: str = "127.0.0.1") -> None:
-    import subprocess
-
-    from mergelab.paths import app_path, streamlit_options
-
-    env = dict(os.environ, **({"MERGELAB_DB": str(db)} if db else {}))
-    warning = host_warning(host)
-    if warning:
-        typer.echo(warning, err=True)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path()), *streamlit_options(), "--server.address", host,
-           "--server.port", str(port), "--server.headless", "true"]
-    typer.echo(f"dashboard: http://{host}:{port}")
-    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 @app.command()
@@ -250,7 +241,7 @@ def sweep(
     store = ResultStore(db)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
-               f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s")
+               f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s on {report.threads_note()}")
     summary = per_k_summary(store, fam.name, list(report.eval_hashes))
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")

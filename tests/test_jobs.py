@@ -13,6 +13,18 @@ from tests.helpers import wait_until
 METHODS = {"average": {}, "task_arithmetic": {}, "ties": {}, "dare": {}}
 
 
+class RecordingQueue(JobQueue):
+    """The real queue, noting each progress report's (done, total) as the worker sends it."""
+
+    def __init__(self, path, seen):
+        super().__init__(path)
+        self.seen = seen
+
+    def progress(self, job_id, done, total, *args, **kwargs):
+        self.seen.append((done, total))
+        return super().progress(job_id, done, total, *args, **kwargs)
+
+
 def spec(family, db, **over):
     return SweepJob(**{"family": str(family), "methods": METHODS, "db": str(db), "device": "cpu", **over})
 
@@ -46,9 +58,18 @@ def test_cancel_keeps_rows_and_resume_completes_without_duplicates(tiny_family, 
     assert kept == cancelled.rows and kept % 3 == 0  # whole merges only
     queue.resume(job_id)
     assert queue.get(job_id).status == "queued"
-    run_job(queue, queue.claim_next(worker_pid=1))
+    claimed = queue.claim_next(worker_pid=1)
+    # a resumed job counts on from the merges it did, not from 0 (its rate and ETA from this run's only)
+    assert (claimed.done, claimed.done_before, claimed.rows) == (cancelled.done, cancelled.done, kept)
+    seen = []
+    recording = RecordingQueue(queue.path, seen)
+    run_job(recording, claimed)
     resumed = queue.get(job_id)
-    assert resumed.status == "done" and resumed.skipped == kept // 3
+    assert resumed.status == "done" and resumed.done == resumed.total == 32 and resumed.rows == 32 * 3
+    assert resumed.skipped == 0 and f"32 merges evaluated ({32 - cancelled.done} after resuming)" in resumed.message
+    assert seen[0] == (cancelled.done, 32) and all(total == 32 for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)  # never back to 0
+    assert resumed.done_this_run == 32 - cancelled.done and resumed.seconds_per_merge > 0
     store = ResultStore(db)
     assert store.count() == 32 * 3 and not store.results().duplicated(["method", "hparams", "experts_key", "domain"]).any()
 

@@ -61,6 +61,25 @@ def test_ray_sweep_writes_the_rows_of_a_local_sweep(ray_cluster, micro_family, t
     assert sorted(ray_items) == sorted((i.size, i.method, i.hparams, i.subset) for _, _, i in calls["local"][1:])
 
 
+def test_ray_actors_run_on_the_threads_the_policy_chose_for_their_cpus(ray_cluster, tiny_family, tmp_path):
+    """Each actor sets its torch threads from its own CPU share (mergelab.engine.threads), overridable by
+    MERGELAB_THREADS in its environment."""
+    from mergelab.sweep.ray_backend import SweepActor
+    from mergelab.sweep.runner import plan_sweep
+
+    family = load_family(tiny_family)
+    _, todo, eval_data = plan_sweep(SweepSpec(family, ["s"], {"average": {}}, [1]), ResultStore(tmp_path / "r.duckdb"))
+    for env, expected in [({}, (1, "OMP_NUM_THREADS=1")),  # this run's, which Ray also sets for a one-CPU actor
+                          ({"MERGELAB_THREADS": "2"}, (2, "MERGELAB_THREADS=2"))]:
+        actor = ray_cluster.remote(SweepActor).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
+            family, eval_data, "cpu")
+        try:
+            assert len(ray_cluster.get(actor.evaluate_chunk.remote("s", todo["s"][:2]))) == 2
+            assert ray_cluster.get(actor.threads_in_use.remote()) == expected
+        finally:
+            ray_cluster.kill(actor)
+
+
 class Stop(Exception):
     pass
 

@@ -202,22 +202,24 @@ def _tokenize(tokenizer, examples) -> list[tuple[list[int], int]]:
 
 def _build_size(root, size: SizeConfig, preset: Preset, train, tokenizer, seed, progress) -> dict:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
+
+    from mergelab.bars import progress_bar
 
     torch.manual_seed(stage_seed(seed, size.name, "init"))
     model = AutoModelForCausalLM.from_config(size.qwen2_config(), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     mixture = [seq for d in DOMAINS for seq in train[d]]
     t0 = time.perf_counter()
+    bar = progress_bar(preset.pretrain_steps, f"{size.name} base", "step", disable=not progress)
     _train(model, mixture, preset.pretrain_steps, size.lr or preset.lr, preset.batch_size, "all",
-           stage_seed(seed, size.name, "base"), tqdm(total=preset.pretrain_steps, desc=f"{size.name} base",
-                                                     disable=not progress, leave=False))
+           stage_seed(seed, size.name, "base"), bar)
+    bar.close()
     base_dir = root / size.name / "base"
     _save(model, tokenizer, base_dir)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     experts = {}
-    bar = tqdm(total=preset.expert_steps * len(DOMAINS), desc=f"{size.name} experts", disable=not progress, leave=False)
+    bar = progress_bar(preset.expert_steps * len(DOMAINS), f"{size.name} experts", "step", disable=not progress)
     for domain in DOMAINS:
         model.load_state_dict(base_state)
         _train(model, train[domain], preset.expert_steps, preset.expert_lr, preset.expert_batch_size,

@@ -71,11 +71,10 @@ class SizeEvaluator:
 
     def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
                  store: str | None = None):
-        from tqdm.auto import tqdm
+        from mergelab.bars import progress_bar
 
         self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
-        with tqdm(total=len(size.experts), desc=f"load {size.name}", unit="expert",
-                  disable=not progress, leave=False) as loading:
+        with progress_bar(len(size.experts), f"load {size.name}", unit="expert", disable=not progress) as loading:
             self.pool = ExpertPool.load(size, device, progress=loading, store=store)
         self.resident = ResidentModel(self.pool.base_checkpoint, device)
         self.session = MergeSession(self.pool, self.resident)

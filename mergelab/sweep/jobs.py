@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     message TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker_started TEXT,
-    not_cached INTEGER NOT NULL DEFAULT 0
+    not_cached INTEGER NOT NULL DEFAULT 0,
+    done_before INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS worker (
     slot INTEGER PRIMARY KEY CHECK (slot = 1),
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS worker (
 );
 """
 # Columns added after the first release: a queue written before them gets them on open.
-ADDED_COLUMNS = {"worker_started": "TEXT", "not_cached": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"worker_started": "TEXT", "not_cached": "INTEGER NOT NULL DEFAULT 0",
+                 "done_before": "INTEGER NOT NULL DEFAULT 0"}
 FIX_HINT = "move the file aside (a new queue is made in its place) or point MERGELAB_JOBS at another file"
 
 
@@ -77,6 +79,12 @@ class Job:
     cancel_requested: bool
     worker_started: str | None = None  # start time of process worker_pid (process_start), None if unknown
     not_cached: int = 0                # merges evaluated but not cached (weights or loss not finite)
+    done_before: int = 0               # of `done`, the merges finished before the job's latest (re)start
+
+    @property
+    def done_this_run(self) -> int:
+        """Merges finished since the job last started (its rate; `done` counts a resumed job's earlier runs too)."""
+        return max(0, self.done - self.done_before)
 
     @property
     def fraction(self) -> float:
@@ -85,15 +93,15 @@ class Job:
     @property
     def eta_seconds(self) -> float | None:
         """Remaining time at the rate so far (None until a merge has finished)."""
-        if self.status != "running" or not self.done or not self.started_at:
+        if self.status != "running" or not self.done_this_run or not self.started_at:
             return None
-        rate = (time.time() - self.started_at) / self.done
+        rate = (time.time() - self.started_at) / self.done_this_run
         return rate * (self.total - self.done)
 
     @property
     def seconds_per_merge(self) -> float | None:
         end = self.finished_at or time.time()
-        return (end - self.started_at) / self.done if self.done and self.started_at else None
+        return (end - self.started_at) / self.done_this_run if self.done_this_run and self.started_at else None
 
 
 class JobQueue:
@@ -169,7 +177,9 @@ class JobQueue:
 
     def claim_next(self, worker_pid: int) -> Job | None:
         """Atomically move the oldest queued job to running for the worker process `worker_pid` (no job
-        runs twice), recording that process's start time so its death can be told from pid reuse."""
+        runs twice), recording that process's start time so its death can be told from pid reuse. A
+        resumed job keeps its counts: the merges it finished and cached before (`done` less those not
+        cached, which it tries again) become `done_before`, and its rows written stay."""
         with self.connect() as con:
             con.execute("BEGIN IMMEDIATE")
             row = con.execute("SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested = 0 "
@@ -179,7 +189,8 @@ class JobQueue:
                 return None
             now = time.time()
             con.execute("UPDATE jobs SET status = 'running', started_at = ?, heartbeat = ?, worker_pid = ?, "
-                        "worker_started = ?, done = 0, not_cached = 0, message = NULL WHERE id = ?",
+                        "worker_started = ?, done = MAX(done - not_cached, 0), done_before = MAX(done - not_cached, 0), "
+                        "not_cached = 0, message = NULL WHERE id = ?",
                         (now, now, worker_pid, process_start(worker_pid), row["id"]))
             con.execute("COMMIT")
         return self.get(row["id"])

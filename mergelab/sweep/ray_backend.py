@@ -21,6 +21,7 @@ from mergelab.errors import MergelabError
 from mergelab.engine.evaluate import EvalData
 from mergelab.engine.memory import needed_bytes, plan_memory, require_fit
 from mergelab.engine.session import pick_device
+from mergelab.engine.threads import apply_threads
 from mergelab.io.family import Family
 from mergelab.sweep.evaluator import SizeEvaluator
 from mergelab.sweep.plan import WorkItem, merge_order
@@ -51,11 +52,14 @@ class SweepActor:
         self.family, self.eval_data = family, eval_data
         self.device = pick_device(device)  # "cuda" only where Ray gave this actor a GPU
         self.evaluator: SizeEvaluator | None = None
+        self.threads = None  # the ThreadChoice of the size loaded (mergelab.engine.threads)
 
     def evaluate(self, size_name: str, items: list[WorkItem]) -> Iterator[tuple[WorkItem, list[dict]]]:
         if self.evaluator is None or self.evaluator.size.name != size_name:
             self._release()
             size = self.family.size(size_name)
+            # the CPUs Ray gave this actor, not the node's: actors side by side must not oversubscribe it
+            self.threads = apply_threads(size.n_params, cores=_assigned_cpus())
             share = 1 / _gpus_on_this_node() if self.device.startswith("cuda") else 1.0
             plan = plan_memory(size.n_params, len(size.experts), size.name, self.device, share)
             require_fit(plan)
@@ -74,6 +78,12 @@ class SweepActor:
             import torch
 
             torch.cuda.empty_cache()
+
+    def threads_in_use(self) -> tuple[int, str]:
+        """torch's intra-op threads in this actor now, and why the policy chose them ('' before a size is loaded)."""
+        import torch
+
+        return torch.get_num_threads(), self.threads.reason if self.threads else ""
 
     def evaluate_chunk(self, size_name: str, items: list[WorkItem]) -> list[tuple[WorkItem, list[dict]]]:
         """The whole chunk at once, for Ray Client (ray://) connections, which cannot stream generators."""
@@ -153,6 +163,13 @@ def start_local_ray(ray) -> None:
         raise MergelabError(f"Ray {ray.__version__} started its local instance on {node}, not {LOOPBACK}, so other "
                             f"machines could reach it: stopped. Start Ray yourself and pass --address")
     print(LOCAL_NOTE, file=sys.stderr)
+
+
+def _assigned_cpus() -> int:
+    """The CPUs Ray assigned to the calling actor (at least 1)."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def _gpus_on_this_node() -> int:

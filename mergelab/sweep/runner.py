@@ -3,12 +3,14 @@ Ray), and write the rows to the results cache as they arrive (this process alone
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
 from mergelab.engine.methods import canonical_hparams, get_method
+from mergelab.engine.threads import choose_threads, torch_threads
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.io.family import Family, SizeSpec
@@ -35,6 +37,16 @@ class SweepReport:
     # merges evaluated but not cached, one line each: weights or losses not finite (a diverging
     # hyperparameter), or a row the cache refused; the other merges' rows are kept, a rerun retries these
     not_cached: list[str] = field(default_factory=list)
+    # torch intra-op threads the merges ran on here (`mergelab.engine.threads`), read back from torch
+    # while they ran, and why; None with the Ray backend (each actor chooses its own)
+    threads: int | None = None
+    threads_reason: str = ""
+
+    def threads_note(self) -> str:
+        """What the merges ran on, e.g. '1 torch thread (7,376 parameters: one thread for a model this small)'."""
+        if self.threads is None:
+            return "the Ray actors' threads (each chooses its own)"
+        return f"{self.threads} torch thread{'s' if self.threads != 1 else ''} ({self.threads_reason})"
 
     def not_cached_note(self, shown: int = 3) -> str | None:
         """One line on the merges not cached (None when there are none): how many, the first `shown` reasons."""
@@ -95,12 +107,13 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     Raises HyperparameterError (unknown method or value), CheckpointError (incompatible checkpoints,
     unknown device), EvalSetError, MergelabError (a memory plan that does not fit, an unknown backend, Ray
     missing) before anything is written, and CacheError if the cache cannot be written."""
-    from tqdm.auto import tqdm
+    from mergelab.bars import progress_bar
 
     if backend not in BACKENDS:
         raise MergelabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "ray":
         require_ray()  # before the (slow) planning: a missing extra fails at once
+    choose_threads(0)  # a bad MERGELAB_THREADS is refused before the planning too
     started = time.perf_counter()
     report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
     if backend == "local":
@@ -109,8 +122,15 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
     writer = _RowWriter(store, flush_seconds, report, spec.family.name)
-    bar = tqdm(total=total, desc="merge+eval", unit="merge", disable=not progress)
+    bar = progress_bar(total, "merge+eval", unit="merge", disable=not progress)
+    threads = contextlib.ExitStack()  # a local sweep's torch threads, as they were again once it ends
     try:
+        if backend == "local":  # Ray actors choose their own (ray_backend.SweepActor)
+            import torch
+
+            largest = max((spec.family.size(name).n_params for name, items in todo.items() if items), default=0)
+            choice = threads.enter_context(torch_threads(largest))
+            report.threads, report.threads_reason = torch.get_num_threads(), choice.reason
         if on_progress:
             on_progress(report, total, None)
         for item, rows in results:
@@ -127,6 +147,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         writer.record_inputs(report.fingerprints)  # sizes with nothing to compute: their inputs are current too
     finally:
         results.close()  # stops the backend's work in flight (Ray actors) when the sweep is stopped early
+        threads.close()
         bar.close()
         writer.flush()
         report.seconds = time.perf_counter() - started

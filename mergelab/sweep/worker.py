@@ -3,14 +3,19 @@ reports progress and heartbeats to the queue, stops between merges when asked to
 
 Only one worker runs per queue: it holds an exclusive lock on `<queue>.lock` for its lifetime (taken
 again on a new file if that one is removed) and registers its pid and start time in the queue, so a
-removed lock file neither makes a live worker look dead nor lets a second one start."""
+removed lock file neither makes a live worker look dead nor lets a second one start.
+
+SIGTERM, SIGINT or SIGHUP stop the worker cleanly: the job in flight ends as cancelled after the rows
+merged so far are written (resume continues it), the worker unregisters and exits with code 0."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +32,49 @@ logger = logging.getLogger(__name__)
 
 class JobCancelled(Exception):
     """Raised from the progress callback to stop a sweep between merges."""
+
+
+class WorkerStopped(BaseException):
+    """Raised in the worker's main thread by SIGTERM, SIGINT or SIGHUP (`_Stopper`): a
+    BaseException, like KeyboardInterrupt, so that no `except Exception` of a sweep swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Stopper:
+    """The worker's stop signals. The first one raises WorkerStopped at once, except while merges are
+    being evaluated (`deferred`), where it is only noted and raised between two merges (`check`), so a
+    merge's rows and the job's counts always agree; later signals are ignored, so the cleanup (the job
+    marked cancelled, the worker unregistered) runs to its end."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.deferred = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # not in a test's thread
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        self.signum = signum
+        if not self.deferred:
+            raise WorkerStopped(signum)
+
+    def check(self) -> None:
+        """Raise WorkerStopped if a stop signal came meanwhile."""
+        if self.signum is not None:
+            raise WorkerStopped(self.signum)
+
+
+_STOPPER = _Stopper()
 
 
 def lock_path(queue: JobQueue) -> Path:
@@ -90,7 +138,10 @@ def _keep_lock(queue: JobQueue, lock):
 
 
 def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
-    """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with once."""
+    """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with
+    once, or until a stop signal (SIGTERM, SIGINT, SIGHUP: the job in flight ends as cancelled). Returns
+    the exit code: 0, or 1 when another worker already serves the queue."""
+    _STOPPER.install()
     # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
     lock = _try_lock(queue, wait=3.0)
     if lock is None:
@@ -121,7 +172,11 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
                     time.sleep(poll)
                     continue
                 run_job(queue, job)
+                _STOPPER.check()  # a signal noted while the job's last merges ran
                 idle_since = time.monotonic()
+        except WorkerStopped as stop:
+            logger.info("worker %d: stopped by %s", os.getpid(), stop.signal)
+            return 0
         finally:
             queue.unregister_worker(os.getpid())
     finally:
@@ -129,30 +184,57 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
 
 
 def run_job(queue: JobQueue, job: Job) -> None:
-    """Run one job to done, cancelled or failed (with the reason); never raises."""
+    """Run one job to done, cancelled or failed (with the reason); never raises, except WorkerStopped
+    (after marking the job cancelled). A resumed job counts on from its earlier runs: the merges it
+    finished before (`job.done_before`) and the rows it wrote stay in its counts."""
+    before, rows_before = job.done_before, job.rows
     state = {"report": None}
+
+    def counts(report):
+        # merges this job cached in earlier runs are among those its plan finds cached now
+        return before + report.merged, max(0, report.skipped - before), rows_before + report.rows_written
 
     def on_progress(report, total, item):
         state["report"] = report
+        _STOPPER.deferred = True  # from the plan to the end of the sweep, stop signals wait for a merge's end
+        if item is None:  # the plan is known, and the threads chosen: say so in the worker's log
+            logger.info("job %d: %s merges to run (%s cached) on %s", job.id, f"{total:,}", f"{report.skipped:,}",
+                        report.threads_note())
         current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
-        if queue.progress(job.id, report.merged, total, report.skipped, report.rows_written, current,
-                          len(report.not_cached)):
+        done, skipped, rows = counts(report)
+        if queue.progress(job.id, done, before + total, skipped, rows, current, len(report.not_cached)):
             raise JobCancelled
+        _STOPPER.check()  # between two merges, counted: a stop signal noted meanwhile ends the job here
+
+    def finish(status, message):
+        """End the job; `message(done, skipped)` says how it ended, the threads it ran on are added."""
+        report = state["report"]
+        done, skipped, rows = counts(report) if report else (before, 0, rows_before)
+        queue.finish(job.id, status, message(done, skipped) + (f"; ran on {report.threads_note()}" if report else ""),
+                     rows=rows, not_cached=len(report.not_cached) if report else 0)
 
     logger.info("job %d started: family %s, methods %s, sizes %s", job.id, job.spec.family,
                 ",".join(job.spec.methods), ",".join(job.spec.sizes) or "all")
     try:
-        report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device, progress=False,
-                           on_progress=on_progress)
+        try:
+            report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
+                               progress=False, on_progress=on_progress)
+        finally:
+            _STOPPER.deferred = False
+        state["report"] = report
         note = report.not_cached_note()
-        message = f"{report.merged} merges evaluated, {report.skipped} already cached" + (f"; {note}" if note else "")
-        queue.finish(job.id, "done", message, rows=report.rows_written, not_cached=len(report.not_cached))
-        logger.info("job %d done: %s, %d rows written", job.id, message, report.rows_written)
+        message = (lambda done, skipped: f"{done} merges evaluated" + (f" ({report.merged} after resuming)" if before else "")
+                   + f", {skipped} already cached" + (f"; {note}" if note else ""))
+        finish("done", message)
+        logger.info("job %d done: %s", job.id, message(*counts(report)[:2]))
     except JobCancelled:
-        report = state["report"]
-        queue.finish(job.id, "cancelled", f"cancelled after {report.merged} merges; resume to continue",
-                     rows=report.rows_written, not_cached=len(report.not_cached))
-        logger.info("job %d cancelled after %d merges", job.id, report.merged)
+        finish("cancelled", lambda done, _: f"cancelled after {done} merges; resume to continue")
+        logger.info("job %d cancelled", job.id)
+    except WorkerStopped as stop:
+        finish("cancelled", lambda done, _: f"stopped with its worker ({stop.signal}) after {done} merges; "
+                                            "resume to continue")
+        logger.info("job %d stopped with its worker (%s)", job.id, stop.signal)
+        raise
     except MergelabError as exc:
         queue.finish(job.id, "failed", str(exc))
         logger.error("job %d failed: %s", job.id, exc)
@@ -161,16 +243,23 @@ def run_job(queue: JobQueue, job: Job) -> None:
         logger.exception("job %d failed: %s", job.id, type(exc).__name__)
 
 
-def ensure_worker(queue: JobQueue, idle_exit: float | None = None) -> bool:
-    """Start a detached worker unless one is running; returns True if one was started. It exits after
-    `idle_exit` idle seconds (default MERGELAB_WORKER_IDLE or 900)."""
+def start_worker(queue: JobQueue, idle_exit: float | None = None) -> subprocess.Popen | None:
+    """Start a worker process in its own session (a terminal's Ctrl-C does not reach it; whoever keeps
+    the Popen stops it with SIGTERM) unless one is running; returns it, or None when one runs already.
+    It writes to worker.log beside the queue and exits after `idle_exit` idle seconds (default
+    MERGELAB_WORKER_IDLE or 900), so one whose owner was killed does not linger."""
     idle_exit = idle_exit if idle_exit is not None else float(os.environ.get("MERGELAB_WORKER_IDLE", 900))
     if worker_running(queue):
-        return False
+        return None
     log = queue.path.with_name("worker.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue.path),
-                          "--idle-exit", str(idle_exit)], stdout=out, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ))
-    return True
+        return subprocess.Popen([sys.executable, "-m", "mergelab", "worker", "--queue", str(queue.path),
+                                 "--idle-exit", str(idle_exit)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=dict(os.environ))
+
+
+def ensure_worker(queue: JobQueue, idle_exit: float | None = None) -> bool:
+    """Start a detached worker unless one is running (`start_worker`); returns True if one was started."""
+    return start_worker(queue, idle_exit) is not None

@@ -4,6 +4,7 @@ equals an uninterrupted run row for row, with no duplicate and no half-written m
 from __future__ import annotations
 
 import random
+import signal
 
 import pytest
 
@@ -26,7 +27,7 @@ METHODS = {"average": {}, "ties": {"density": 0.5}}
 
 def running_past(queue: JobQueue, job_id: int, merges: int) -> bool:
     job = queue.get(job_id)
-    return job.status == "running" and job.done >= merges
+    return job.status == "running" and job.done_this_run >= merges  # merges since this worker started it
 
 
 def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_family, tmp_path, tally):
@@ -54,7 +55,7 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
             assert wait_until(lambda: running_past(queue, job_id, target), timeout=120, poll=0.05), queue.get(job_id)
         assert worker.poll() is None, "the sweep finished before the planned kill: make it longer"
         kill_9(worker)
-        kills.append(queue.get(job_id).done)
+        kills.append(queue.get(job_id).done_this_run)
         rows_seen.append(len(check_whole_merges(spec.db, n_domains)) if (tmp_path / "killed.duckdb").exists() else 0)
     assert rows_seen == sorted(rows_seen), "a kill lost rows that were already written"
 
@@ -76,3 +77,30 @@ def test_kill_9_at_20_points_then_resume_equals_an_uninterrupted_run(micro_famil
     tally["rows compared after kills"] += len(reference)
     tally["rows lost"] += len(reference) - len(killed)
     tally["max |loss diff| after kills (incremental merges, fp32)"] = max_diff
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_ends_the_job_in_flight_as_cancelled_and_resume_counts_on(micro_family, tmp_path, sig, tally):
+    """SIGTERM (a supervisor, `demo up`), SIGINT (Ctrl-C) or SIGHUP (a closed terminal) to the worker:
+    the job in flight stops between two merges with its rows and counts agreeing, the worker
+    unregisters and exits 0, and the resumed job counts on from where it stopped."""
+    spec = SweepJob(str(micro_family), {"average": {}}, sizes=("xs",), ks=(1, 2, 3, 4), device="cpu",
+                    db=str(tmp_path / "r.duckdb"))
+    planned = 1 + 9 + 9 + 36 + 84 + 126
+    queue = JobQueue(tmp_path / "jobs.sqlite")
+    job_id = queue.submit(spec)
+    worker = start_worker(queue.path)
+    assert wait_until(lambda: running_past(queue, job_id, 5), timeout=120, poll=0.05), queue.get(job_id)
+    worker.send_signal(sig)
+    output = finish(worker, timeout=60)
+    assert worker.returncode == 0 and f"stopped by {sig.name}" in output, output
+    stopped = queue.get(job_id)
+    assert stopped.status == "cancelled" and f"stopped with its worker ({sig.name}) after {stopped.done} merges" in stopped.message
+    assert 5 <= stopped.done < planned and stopped.rows == stopped.done * 9 == ResultStore(spec.db).count()
+    assert queue.live_worker() is None and reap_orphans(queue) == 0  # unregistered; nothing left running
+    queue.resume(job_id)
+    assert finish(start_worker(queue.path, "--once"), timeout=300) is not None
+    resumed = queue.get(job_id)
+    assert resumed.status == "done" and resumed.done == resumed.total == planned and resumed.done_before == stopped.done
+    check_whole_merges(spec.db, 9)
+    tally["stop signals to the worker (job cancelled, counts kept)"] += 1
