@@ -64,9 +64,20 @@ class PlainProgress:
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", disable: bool = False, leave: bool = False):
     """A tqdm bar when stderr is a terminal, else a `PlainProgress` writing plain lines to stderr;
-    `disable` silences either."""
+    `disable`, or the CLI's -q (mergelab.logs.quiet), silences either."""
+    from mergelab.logs import quiet
+
+    disable = disable or quiet()
     if is_terminal():
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=leave)
     return PlainProgress(total, desc, unit, disable=disable)
+
+
+def asked_bar(total: int | None = None, desc: str = "", unit: str = "it", leave: bool = False):
+    """A bar for work the CLI asked to see (bootstrap fits, export-model): drawn only when
+    mergelab.logs.progress_enabled() (never in the dashboard, nor off a terminal)."""
+    from mergelab.logs import progress_enabled
+
+    return progress_bar(total, desc, unit, disable=not progress_enabled(), leave=leave)

@@ -606,6 +606,29 @@ def _measured_ce(db: Path | None, fam, spec, method: str, hparams: dict, chosen:
 
 
 @app.command()
+def adopt(
+    family: Path = typer.Option(..., help="family manifest (family.toml) or its directory"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    sizes: Optional[str] = typer.Option(None, help="comma-separated sizes (default: all)"),
+):
+    """Stamp rows cached before fingerprints (mergelab 0.2 caches, imported rows) with the fingerprints of
+    the checkpoints the manifest names now, where their eval sets match: say so only if those checkpoints
+    have not changed since the rows were computed. Otherwise leave them stale; a sweep recomputes them."""
+    from mergelab.io.family import load_family
+    from mergelab.store import ResultStore
+    from mergelab.sweep.runner import adopt_unrecorded
+
+    _reading_db(db)
+    fam = load_family(family)
+    chosen = _names("--sizes", sizes)
+    for name in chosen or []:
+        fam.size(name)  # an unknown size is refused before any work
+    store = ResultStore(db)
+    for size, n in adopt_unrecorded(fam, store, chosen).items():
+        typer.echo(f"{fam.name} / {size}: {n:,} rows adopted")
+
+
+@app.command()
 def versions(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     family: Optional[str] = typer.Option(None, help="only this family"),

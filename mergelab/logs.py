@@ -20,6 +20,7 @@ WORKER_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
 
 _progress = False
+_quiet = False
 
 
 class _Stderr(logging.StreamHandler):
@@ -48,7 +49,7 @@ def configure(verbosity: int = 0, timestamps: bool = False, progress: bool = Tru
     (and debug); `timestamps` uses WORKER_FORMAT ("2025-01-01 12:00:00,123 INFO mergelab.sweep.worker:
     …"). `progress` allows progress bars (they still draw only on a terminal). Calling it again replaces
     the handler it installed before (one per process, however many commands a test runs in it)."""
-    global _progress
+    global _progress, _quiet
     logger = logging.getLogger(ROOT)
     for handler in [h for h in logger.handlers if getattr(h, "_mergelab", False)]:
         logger.removeHandler(handler)
@@ -59,6 +60,7 @@ def configure(verbosity: int = 0, timestamps: bool = False, progress: bool = Tru
     logger.setLevel(LEVELS[max(-1, min(1, verbosity))])
     logger.propagate = False  # shown once, by this handler, whatever the root logger does
     _progress = progress and verbosity >= 0
+    _quiet = verbosity < 0
 
 
 def progress_enabled() -> bool:
@@ -69,9 +71,6 @@ def progress_enabled() -> bool:
         return False
 
 
-def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", **kwargs):
-    """A tqdm bar on stderr, disabled (drawing nothing) unless `progress_enabled()`; used as a context
-    manager or with update()/close() like any tqdm bar."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress_enabled(), **kwargs)
+def quiet() -> bool:
+    """Whether the CLI was asked for -q: no progress at all, bars or plain lines."""
+    return _quiet

@@ -75,7 +75,7 @@ INPUTS_TABLE = """CREATE TABLE inputs (
     experts_fp VARCHAR NOT NULL,
     eval_hashes VARCHAR NOT NULL,
     metric_version INTEGER NOT NULL,
-    recorded_at TIMESTAMP NOT NULL,
+    recorded_at TIMESTAMP NOT NULL,  -- UTC
     PRIMARY KEY (family, size, version)
 )"""
 
@@ -294,13 +294,21 @@ class ResultStore:
         and eval sets of the inputs version in `versions` ({(family, size): version id}, see
         `inputs_versions`), by default the latest a sweep recorded (or, for rows no sweep here recorded,
         the inputs of the newest row). `include_stale=True` returns every row with a `stale` column: ''
-        for current rows, else why not (e.g. "expert beta changed", "eval set of domain x changed")."""
-        where, params = _where(**filters)
+        for current rows, else why not (e.g. "expert checkpoint changed", "eval set changed")."""
+        _where(**filters)  # refuses unknown columns before any read
+        # Which rows are current depends on all rows of their family and size (the newest ones, when no sweep
+        # recorded them), so those are read whole and the other filters applied after.
+        groups = {c: filters.pop(c) for c in ("family", "size") if c in filters}
+        where, params = _where(**groups)
         frame = self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
         for column, default in OPTIONAL_COLUMNS.items():  # a cache at an older schema, before any writer migrated it
             if column not in frame.columns:
                 frame[column] = None if default == "NULL" else UNRECORDED
         frame["stale"] = stale_reasons(frame, self.inputs_versions(), versions)
+        for column, value in filters.items():
+            if value is not None:
+                frame = frame[frame[column].isin(list(value)) if isinstance(value, (list, tuple, set)) else frame[column] == value]
+        frame = frame.reset_index(drop=True)
         if include_stale:
             return frame
         return frame[frame["stale"] == ""].drop(columns="stale").reset_index(drop=True)
@@ -362,19 +370,66 @@ class ResultStore:
 
         experts_json = json.dumps(experts_fp, sort_keys=True)
         eval_json = json.dumps(eval_hashes, sort_keys=True)
-        version = hashlib.sha256("\0".join([base_fp, experts_json, eval_json, str(metric_version)]).encode()).hexdigest()[:12]
+        from datetime import datetime, timezone
+
+        # the id names the family and size too: the same checkpoints under two family names are two versions
+        parts = [family, size, base_fp, experts_json, eval_json, str(metric_version)]
+        version = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # UTC: writers in other time zones agree on "latest"
         with self.connect() as con:
-            con.execute("""INSERT INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, current_localtimestamp())
+            con.execute("""INSERT INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                            ON CONFLICT DO UPDATE SET recorded_at = excluded.recorded_at""",
-                        [family, size, version, base_fp, experts_json, eval_json, metric_version]).fetchall()
+                        [family, size, version, base_fp, experts_json, eval_json, metric_version, now]).fetchall()
         return version
+
+    def adopt_unrecorded(self, family: str, size: str, base_fp: str, experts_fp: dict[str, str],
+                         eval_hashes: dict[str, str], metric_version: int) -> int:
+        """Stamp the rows of `family` / `size` cached without fingerprints (before schema 3, or imported) with
+        these fingerprints, where their eval set and metric match, and make these inputs current: the user's
+        statement that the checkpoints have not changed since. Rows of experts outside `experts_fp` stay as
+        they are. Returns the number of rows adopted."""
+        import pandas as pd
+
+        rows = self.results(include_stale=True, family=family, size=size)
+        legacy = rows[(rows["base_fp"] == UNRECORDED) & (rows["experts_fp"] == UNRECORDED)
+                      & (rows["eval_hash"] == rows["domain"].map(eval_hashes)) & (rows["metric_version"] == metric_version)]
+        keys = [k for k in legacy["experts_key"].unique() if all(e in experts_fp for e in key_experts(k))]
+        if not keys:
+            self.record_inputs(family, size, base_fp, experts_fp, eval_hashes, metric_version)
+            return 0
+        mapping = pd.DataFrame({"experts_key": keys,
+                                "new_fp": [join_fingerprints(experts_fp[e] for e in key_experts(k)) for k in keys]})
+        pairs = [f"{d}:{h}" for d, h in eval_hashes.items()]
+        scope = """family = ? AND size = ? AND base_fp = '' AND experts_fp = '' AND metric_version = ?
+                   AND list_contains(?, domain || ':' || eval_hash)
+                   AND experts_key IN (SELECT experts_key FROM mapping)"""
+        args = [family, size, metric_version, pairs]
+        with self.connect() as con:
+            con.register("mapping", mapping)
+            con.execute("BEGIN TRANSACTION").fetchall()
+            con.execute(f"""INSERT INTO results
+                            SELECT family, size, n_params, method, hparams, r.experts_key, experts, k, domain, loss, n_tokens,
+                                   eval_hash, metric_version, device, created_at, n_truncated, ?, m.new_fp
+                            FROM results r JOIN mapping m ON r.experts_key = m.experts_key
+                            WHERE {scope.replace("experts_key IN", "r.experts_key IN")}
+                            ON CONFLICT DO NOTHING""", [base_fp, *args]).fetchall()
+            adopted = con.execute(f"DELETE FROM results WHERE {scope}", args).fetchall()
+            con.execute("COMMIT").fetchall()
+        self.record_inputs(family, size, base_fp, experts_fp, eval_hashes, metric_version)
+        return int(adopted[0][0]) if adopted else 0
 
     def cached_keys(self, family: str, size: str, method: str, hparams: str, eval_hashes: dict[str, str],
                     metric_version: int, base_fp: str = UNRECORDED, experts_fp: dict[str, str] | None = None) -> set[str]:
         """Expert sets already cached for every domain of `eval_hashes` under this exact setting, from these
         checkpoints: the base's fingerprint `base_fp` and each expert's in `experts_fp` ({name: fp})."""
+        if not self.exists():
+            return set()
         pairs = [f"{d}:{h}" for d, h in eval_hashes.items()]
-        query = """SELECT experts_key, experts_fp FROM results
+        info = self._read("SELECT column_name FROM information_schema.columns WHERE table_name = 'results'", [])
+        columns = set(info.get("column_name", []))
+        # a cache before schema 3 (read before any writer migrated it) has no fingerprints: all unrecorded
+        source = "results" if "base_fp" in columns else "(SELECT *, '' AS base_fp, '' AS experts_fp FROM results)"
+        query = f"""SELECT experts_key, experts_fp FROM {source}
                    WHERE family = ? AND size = ? AND method = ? AND hparams = ? AND metric_version = ? AND base_fp = ?
                      AND list_contains(?, domain || ':' || eval_hash)
                    GROUP BY experts_key, experts_fp HAVING count(*) = ?"""
@@ -436,6 +491,8 @@ def stale_reasons(rows: "pd.DataFrame", records: "pd.DataFrame", versions: dict 
             (group["metric_version"] != metric, "computed with another metric version"),
             (~group["domain"].isin(list(evals)), "domain no longer evaluated"),
             (group["eval_hash"] != group["domain"].map(evals), "eval set changed"),
+            ((group["base_fp"] == UNRECORDED) & (base_fp != UNRECORDED),
+             "cached before fingerprints (`mergelab adopt` if its checkpoints are unchanged)"),
             (group["base_fp"] != base_fp, "base checkpoint or vocab policy changed"),
             (group["experts_key"].map(gone).notna(), "expert no longer in the family"),
             (group["experts_fp"] != group["experts_key"].map(expected), "expert checkpoint changed"),

@@ -114,7 +114,7 @@ def test_stale_rows_are_listed_when_nothing_else_is_current(tmp_path, monkeypatc
     stale_only(db)
     at = run("pages/1_Curves.py")
     table = at.dataframe[0].value
-    assert set(table["why stale"]) == {"base checkpoint or vocab policy changed"}
+    assert set(table["why stale"]) == {"cached before fingerprints (`mergelab adopt` if its checkpoints are unchanged)"}
     assert table["rows"].sum() == len(synthetic_results({"average": FALLING}, E3))
     assert "The results cache is empty" not in shown(run("app.py"))
 

@@ -413,6 +413,18 @@ def test_tokenizer_bookkeeping_may_differ(pair):
     assert tokenizer_mismatch(base.path, expert.path) is None
 
 
+def test_what_fine_tuning_tools_write_beside_the_same_ids_is_accepted(pair):
+    """A pad token set for training, empty extra-token lists, the fast class name: the ids are the base's."""
+    base, expert = pair
+    cls = json.loads((base.path / "tokenizer_config.json").read_text()).get("tokenizer_class") or "Qwen2Tokenizer"
+    rewrite_json(expert.path / "tokenizer_config.json", lambda d: d.update(
+        pad_token="<|endoftext|>", additional_special_tokens=[], extra_special_tokens={},
+        tokenizer_class=cls.removesuffix("Fast") + "Fast"))
+    assert tokenizer_mismatch(base.path, expert.path) is None
+    rewrite_json(expert.path / "tokenizer_config.json", lambda d: d.update(eos_token="<other>"))
+    assert "eos_token" in tokenizer_mismatch(base.path, expert.path)  # a scored special token still counts
+
+
 def test_the_sweep_refuses_a_computation_changing_expert_in_one_line(tiny_family, tmp_path, capsys):
     expert = tiny_family.parent / "s" / "experts" / "gamma"
     rewrite_json(expert / "config.json", lambda c: c["rope_parameters"].update(rope_theta=1e6))

@@ -230,7 +230,7 @@ def test_the_dashboard_never_draws_progress_bars():
     root = Path(__file__).resolve().parent.parent
     sources = [root / "app.py", *(root / "pages").glob("*.py"), *(root / "mergelab" / "ui").glob("*.py")]
     assert sources and not [p for p in sources if "configure(" in p.read_text() or "mergelab.logs" in p.read_text()]
-    code = ("import sys; from mergelab.logs import progress_bar, progress_enabled; "
+    code = ("import sys; from mergelab.bars import asked_bar as progress_bar; from mergelab.logs import progress_enabled; "
             "assert not progress_enabled(); print(progress_bar(total=3).disable)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr

@@ -18,7 +18,7 @@ from mergelab import __version__
 from mergelab.analysis.fit import FitError, FitFailure, JointFit, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.means import mean_by_k, per_k_means
-from mergelab.logs import progress_bar
+from mergelab.bars import asked_bar as progress_bar
 from mergelab.names import MACRO, REFERENCE_METHODS, billions, key_experts
 
 CURVE_KEYS = ["family", "size", "n_params", "method", "hparams"]

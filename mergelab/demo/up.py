@@ -31,11 +31,15 @@ def shipped_results_path() -> Path:
 
 
 def load_shipped_results(store) -> int:
-    """Load the shipped demo results into an empty cache; returns the number of rows added."""
+    """Load the shipped demo results into an empty cache; returns the number of rows added. The marker
+    beside the cache remembers it, so a cache deleted later is not refilled behind the user's back."""
     path = shipped_results_path()
     if store.count() or not path.is_file():
         return 0
-    return store.import_parquet(path)
+    added = store.import_parquet(path)
+    if added:
+        _seeded_marker(store).write_text(f"{added} shipped demo rows loaded\n")
+    return added
 
 
 def _seeded_marker(store) -> Path:
@@ -55,10 +59,7 @@ def seed_first_cache(store) -> int:
 
     if os.environ.get(DB_ENV) or store.exists() or _seeded_marker(store).exists():
         return 0
-    added = load_shipped_results(store)
-    if added:
-        _seeded_marker(store).write_text(f"{added} shipped demo rows loaded on the first run\n")
-    return added
+    return load_shipped_results(store)
 
 
 def missing_cache_note(store) -> str | None:
@@ -301,7 +302,7 @@ def serve_demo(preset: str = "micro", db: Path | None = None, port: int = 8501, 
             started = time.monotonic()
             env = dict(os.environ, **({"MERGELAB_DB": str(store.path)} if db else {}))
             server = subprocess.Popen(dashboard_command(port, host), env=env, stdin=subprocess.DEVNULL)
-            url = f"http://{host}:{port}"
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
             print(f"dashboard: {url} (starting)", flush=True)
             job_id, n_todo, planned = queue_default_sweep(manifest, store, queue)
             queued = True

@@ -65,7 +65,7 @@ def export_model(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[s
     MergelabError (unknown experts, a non-empty `out`, a plan that does not fit, a failed write),
     HyperparameterError and CheckpointError."""
     from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel
-    from mergelab.logs import progress_bar
+    from mergelab.bars import asked_bar as progress_bar
 
     check_experts(size, experts)
     out = Path(out)

@@ -485,6 +485,8 @@ SLOW_VOCAB_FILES = ("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", 
                     "sentencepiece.bpe.model", "added_tokens.json")  # read when there is no tokenizer.json
 SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
                  "additional_special_tokens", "extra_special_tokens")
+# mergelab pads batches itself and never scores padding: the pad token does not change a scored id.
+UNSCORED_ROLES = ("pad_token",)
 # tokenizer_config.json keys that do not change the ids mergelab scores, each with why; every other key counts.
 TOKENIZER_BOOKKEEPING = {
     "name_or_path": "where it was loaded from",
@@ -548,8 +550,9 @@ class _TokenizerFiles:
         if not isinstance(self.config, dict) or not isinstance(self.fast, (dict, type(None))):
             raise CheckpointError(f"{path}: tokenizer_config.json and tokenizer.json must hold JSON objects")
         special_map = _read_json(path / "special_tokens_map.json", {})
+        # an empty list or mapping of extra tokens is as good as none (fine-tuning tools write either)
         self.special = {role: _content(v) for role, v in {**special_map, **self.config}.items()
-                        if role in SPECIAL_ROLES and v is not None}
+                        if role in SPECIAL_ROLES and v not in (None, [], {}, "")}
 
     @property
     def slow_files(self) -> list[str]:
@@ -622,6 +625,16 @@ def _fast_mismatch(base: dict, other: dict) -> str | None:
     return None
 
 
+def _setting(key: str, value):
+    """A tokenizer_config.json value as it bears on encoding: empty is unset, and a fast tokenizer class
+    encodes as its slow twin (Qwen2TokenizerFast and Qwen2Tokenizer give the same ids)."""
+    if value in ([], {}, "", None):
+        return _UNSET
+    if key == "tokenizer_class" and isinstance(value, str):
+        return value.removesuffix("Fast")
+    return value
+
+
 def tokenizer_mismatch(base_dir: Path, other_dir: Path) -> str | None:
     """How the tokenizer files in `other_dir` encode text differently from those in `base_dir`, in words
     (the file, the token or setting, both values), or None: same vocabulary and ids, merges, added and
@@ -652,6 +665,8 @@ def tokenizer_mismatch(base_dir: Path, other_dir: Path) -> str | None:
                     return f"{name} is {'missing' if b is None else 'present'} in the expert, {'missing' if a is None else 'present'} in the base"
                 return f"{name} differs from the base's ({len(b):,} vs {len(a):,} bytes)"
     for role in SPECIAL_ROLES:
+        if role in UNSCORED_ROLES:
+            continue
         a, b = base.special.get(role, _UNSET), other.special.get(role, _UNSET)
         if a != b:
             return (f"{role} is {_show(b)}{other.token_id(b)} in the expert, {_show(a)}{base.token_id(a)} in the base "
@@ -663,9 +678,9 @@ def tokenizer_mismatch(base_dir: Path, other_dir: Path) -> str | None:
         return (f"added token id {id_} is {_show(b.get(id_, _UNSET))} in the expert, {_show(a.get(id_, _UNSET))} in the "
                 f"base (tokenizer_config.json added_tokens_decoder)")
     for key in dict.fromkeys([*base.config, *other.config]):
-        if key not in TOKENIZER_BOOKKEEPING and base.config.get(key, _UNSET) != other.config.get(key, _UNSET):
-            return (f"{key} is {_show(other.config.get(key, _UNSET))} in the expert, "
-                    f"{_show(base.config.get(key, _UNSET))} in the base (tokenizer_config.json)")
+        a, b = _setting(key, base.config.get(key, _UNSET)), _setting(key, other.config.get(key, _UNSET))
+        if key not in TOKENIZER_BOOKKEEPING and a != b:
+            return f"{key} is {_show(b)} in the expert, {_show(a)} in the base (tokenizer_config.json)"
     if base.chat_template != other.chat_template:
         a, b = base.chat_template or "", other.chat_template or ""
         at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

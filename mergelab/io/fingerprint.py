@@ -5,7 +5,7 @@ can replace under the same path: config.json (without bookkeeping fields), the t
 every weight file mergelab reads — each safetensors header, the file's size, and three 4 KiB samples
 of every tensor's bytes (start, middle, end). A retrained or replaced checkpoint changes nearly every
 tensor, so the samples see it; reading them costs 12 KiB per tensor, not a pass over the weights
-(about 3.5 MiB for a 7B model's ~290 tensors, however large its files).
+(about 4 MiB for a 7B model's 339 tensors, however large its files; bench/fingerprint_cost.py).
 
 Fingerprints are cached in memory per process, keyed by the files' (size, mtime, inode): a sweep
 re-planned from the dashboard does not re-read anything unless a file changed.
@@ -21,9 +21,6 @@ from mergelab.errors import CheckpointError
 
 SAMPLE_BYTES = 4096
 FINGERPRINT_CHARS = 16
-# Files beside the weights that change the token ids or the forward pass when replaced.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
 # config.json fields that record how or where a file was saved, not what the model computes.
 BOOKKEEPING_FIELDS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 
@@ -32,9 +29,9 @@ _CACHE: dict[tuple, str] = {}
 
 def checkpoint_fingerprint(path: str | Path) -> str:
     """The fingerprint (16 hex characters) of the HF checkpoint directory `path`: config.json minus
-    BOOKKEEPING_FIELDS, the TOKENIZER_FILES present, and each weight file's header, size and sampled
-    tensor bytes. Raises CheckpointError (via Checkpoint) for a directory that is not a checkpoint."""
-    from mergelab.io.checkpoints import INDEX_FILE, Checkpoint
+    BOOKKEEPING_FIELDS, the tokenizer files present (mergelab.io.checkpoints.TOKENIZER_FILES), and each
+    weight file's header, size and sampled tensor bytes. Raises CheckpointError (via Checkpoint) for a directory that is not a checkpoint."""
+    from mergelab.io.checkpoints import INDEX_FILE, TOKENIZER_FILES, Checkpoint
 
     ckpt = Checkpoint(path)
     weight_files = sorted(set(ckpt.files.values()))
@@ -45,7 +42,7 @@ def checkpoint_fingerprint(path: str | Path) -> str:
         digest = hashlib.sha256()
         config = {k: v for k, v in ckpt.config.items() if k not in BOOKKEEPING_FIELDS}
         digest.update(json.dumps(config, sort_keys=True).encode())
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:  # every file that decides the ids (mergelab.io.checkpoints)
             if (ckpt.path / name).is_file():
                 digest.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
         for file in weight_files:

@@ -190,6 +190,20 @@ def _check_sizes(sizes: list[SizeSpec]) -> None:
             check_compatible(base, Checkpoint(path), size.vocab_policy)
 
 
+def adopt_unrecorded(family: Family, store: ResultStore, sizes=None) -> dict[str, int]:
+    """Stamp `family`'s rows cached without fingerprints with those of the checkpoints its manifest names
+    now, where their eval sets match (ResultStore.adopt_unrecorded), size by size: {size: rows adopted}.
+    Use it when the checkpoints have not changed since the rows were computed (a cache from before
+    fingerprints); a sweep would otherwise recompute them. Raises as plan_sweep for unreadable inputs."""
+    adopted = {}
+    for name in sizes or family.size_names:
+        size = family.size(name)
+        base_fp, experts_fp = size_fingerprints(size)
+        hashes = _prepare_size_eval(family, size).hashes
+        adopted[name] = store.adopt_unrecorded(family.name, name, base_fp, experts_fp, hashes, METRIC_VERSION)
+    return adopted
+
+
 def _prepare_size_eval(family: Family, size: SizeSpec) -> EvalData:
     from transformers import AutoTokenizer
 

@@ -48,8 +48,9 @@ def stale_rows(family: str | None = None) -> pd.DataFrame:
     except MergelabError:
         return pd.DataFrame(columns=["family", "size", "why stale", "rows", "merges"])
     stale = rows[(rows["stale"] != "") & ((rows["family"] == family) if family is not None else True)]
+    stale = stale.assign(merge=stale["method"] + "|" + stale["hparams"] + "|" + stale["experts_key"])  # one per setting
     out = (stale.groupby(["family", "size", "stale"], as_index=False)
-           .agg(rows=("loss", "size"), merges=("experts_key", "nunique"))
+           .agg(rows=("loss", "size"), merges=("merge", "nunique"))
            .rename(columns={"stale": "why stale"}))
     return out.drop(columns="family") if family is not None else out
 

@@ -505,6 +505,9 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
         ("results", "--stale"): [(["--stale=1"], "'--stale' does not take a value")],
         ("fit", "--inputs-version"): [(["--inputs-version", "nosuch"], "inputs version 'nosuch' is not recorded")],
         ("export", "--inputs-version"): [(["--inputs-version", "x"], "inputs version 'x' is not recorded")],
+        ("adopt", "--family"): [(["--family", T / "nothing.toml"], "family manifest not found")],
+        ("adopt", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder")],
+        ("adopt", "--sizes"): [(["--sizes", "nosuch"], "no size 'nosuch'"), (["--sizes", ","], "names nothing")],
         ("versions", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder")],
         ("versions", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no inputs versions recorded (cached: syn)")],
 
@@ -627,6 +630,7 @@ FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace 
     "": lambda p: ["methods"],  # global options go before the command
     "family init": lambda p: ["family", "init"],  # each case names the folder
     "versions": lambda p: ["versions", "--db", p["db"]],
+    "adopt": lambda p: ["adopt", "--family", p["manifest"], "--db", p["db"]],
     "demo build": lambda p: ["demo", "build", "--out", p["tmp"] / "d", "--sizes", "xs"],
     "demo up": lambda p: ["demo", "up", "--no-ui", "--db", p["tmp"] / "up.duckdb"],
 }

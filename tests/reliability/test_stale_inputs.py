@@ -205,3 +205,44 @@ def test_pages_say_which_rows_are_stale_and_draw_only_current_ones(tiny_family, 
     points = [t for t in spec["data"] if t.get("name", "").endswith("subsets")]
     # every subset of k = 1..3 except beta's stale k = 2, 3 merges (2 + 1)
     assert sorted(points[0]["hovertext"]) == ["alpha", "alpha+gamma", "beta", "gamma"]
+
+
+def test_a_filter_never_changes_which_rows_are_current(tmp_path):
+    """Rows no sweep recorded: the newest decide what is current, whatever a read filters on."""
+    import time
+
+    store = ResultStore(tmp_path / "r.duckdb")
+    row = dict(family="f", size="s", n_params=10, method="average", hparams="{}", eval_hash="h", metric_version=1,
+               n_tokens=5, device="cpu", loss=1.0)
+    store.upsert([dict(row, experts_key=k, domain=d) for k in ("a", "a+b") for d in ("x", "y")])
+    time.sleep(0.01)
+    store.upsert([dict(row, experts_key="a", domain="x", base_fp="new", experts_fp="fa")])
+    current = store.results()
+    assert len(current) == 1 and current["base_fp"].tolist() == ["new"]
+    assert store.results(experts_key="a+b").empty and store.results(domain="y").empty
+    assert len(store.results(include_stale=True, experts_key="a+b")) == 2
+    assert len(store.macro(k=2)) == 0
+
+
+def test_rows_cached_before_fingerprints_are_adopted_on_request(tiny_family, tmp_path, capsys, tally):
+    db = v2_cache(tmp_path)  # a real sweep of the tiny family, by mergelab 0.2: 11 merges, no fingerprints
+    family_dir = tmp_path / "fam"
+    manifest = build_tiny_family_like_the_fixture(family_dir)
+    sweep(manifest, db, ks=(1,))  # today's sweep of k = 1 only: everything else is stale, not mixed
+    everything = ResultStore(db).results(include_stale=True)
+    assert (everything["stale"].str.startswith("cached before fingerprints")).sum() > 0
+    code, out, err = cli(capsys, "adopt", "--family", manifest, "--db", db)
+    assert code == 0, err
+    current = ResultStore(db).results()
+    assert len(current) == 11 * 3 and set(current["base_fp"]) != {""}
+    assert sweep(manifest, db).merged == 0  # adopted rows count as cached
+    code, out, err = cli(capsys, "adopt", "--family", manifest, "--db", db, "--sizes", "nosuch")
+    assert code == 2 and "nosuch" in err
+    tally["rows cached before fingerprints adopted on request"] += 1
+
+
+def build_tiny_family_like_the_fixture(root: Path) -> Path:
+    """The tiny family the schema-2 fixture was swept on (same seeds: the same weights and eval sets)."""
+    from tests.helpers import build_tiny_family
+
+    return build_tiny_family(root)
