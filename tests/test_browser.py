@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,29 @@ PAGES = {"overview": "", "curves": "Curves", "sweep": "Sweep", "fit_and_plan": "
 pytestmark = pytest.mark.slow
 
 
+@contextmanager
+def dashboard(env: dict, tmp_path: Path, drop=()):
+    """A real Streamlit server of app.py with this environment plus `env`, less the variables in `drop`
+    (logged to a file); yields (url, process) and stops it after."""
+    full = {k: v for k, v in os.environ.items() if k not in drop}
+    full.update(env)
+    port = free_port()
+    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
+                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log",
+                        env=full, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_dashboard(url, proc)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"streamlit did not stop within 30 s of SIGTERM; its output ends: {log_tail(proc)}")
+
+
 @pytest.fixture
 def server(tiny_family, micro_family, tmp_path):
     """A dashboard over a cache holding two families (the tiny one swept under two names); the demo
@@ -35,20 +59,10 @@ def server(tiny_family, micro_family, tmp_path):
     run_sweep(SweepSpec(load_family(renamed), ["s"], {"average": {}}, [1, 2]), ResultStore(db), progress=False)
     home = tmp_path / "home"
     shutil.copytree(micro_family.parent, home / "demo-micro")
-    port = free_port()
-    env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(home), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"),
+    env = dict(MERGELAB_DB=str(db), MERGELAB_HOME=str(home), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"),
                MERGELAB_WORKER_IDLE="10")
-    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
-                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_dashboard(url, proc)
-    yield {"url": url, "db": db, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"streamlit did not stop within 30 s of SIGTERM; its output ends: {log_tail(proc)}")
+    with dashboard(env, tmp_path) as (url, proc):
+        yield {"url": url, "db": db, "proc": proc}
 
 
 @pytest.fixture
@@ -164,16 +178,9 @@ def live_server(tmp_path):
 
     db = tmp_path / "r.duckdb"
     ResultStore(db).upsert(synthetic_results({"average": lambda k: 2 + 0.5 / (k + 1)}, ["a", "b", "c"], family="live"))
-    port = free_port()
-    env = dict(os.environ, MERGELAB_DB=str(db), MERGELAB_HOME=str(tmp_path / "home"),
-               MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"))
-    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
-                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_dashboard(url, proc)
-    yield {"url": url, "db": db, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
+    env = dict(MERGELAB_DB=str(db), MERGELAB_HOME=str(tmp_path / "home"), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"))
+    with dashboard(env, tmp_path) as (url, proc):
+        yield {"url": url, "db": db, "proc": proc}
 
 
 def test_pages_update_live_without_a_job_and_back_restores_display_settings(live_server, page):
@@ -238,16 +245,9 @@ def full_height_shot(page, name: str, width: int, timeout: float = 240.0) -> Non
 def demo_server(tmp_path):
     """The dashboard as a new user gets it: the default cache, filled with the shipped demo results."""
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k != "MERGELAB_DB"}
-    env.update(MERGELAB_HOME=str(home), MERGELAB_JOBS=str(home / "jobs.sqlite"))
-    port = free_port()
-    proc = start_logged([sys.executable, "-m", "streamlit", "run", ROOT / "app.py", "--server.address", "127.0.0.1",
-                         "--server.port", port, "--server.headless", "true"], tmp_path / "streamlit.log", env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_dashboard(url, proc)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    env = dict(MERGELAB_HOME=str(home), MERGELAB_JOBS=str(home / "jobs.sqlite"))
+    with dashboard(env, tmp_path, drop=("MERGELAB_DB",)) as (url, _):
+        yield url
 
 
 def test_screenshots_of_every_page_on_the_demo_data(demo_server, page):

@@ -50,3 +50,14 @@ def compare_caches(got, want, exact_methods=()):
     assert diff.max() < 1e-5, diff.max()
     assert (got["n_tokens"] == want["n_tokens"]).all()
     return float(diff.max())
+
+
+def unpack_cache(name: str, tmp_path: Path) -> Path:
+    """A cache written by an older mergelab, shipped gzipped in tests/reliability/data, copied to tmp_path."""
+    import gzip
+    import shutil
+
+    db = tmp_path / name.removesuffix(".gz")
+    with gzip.open(Path(__file__).resolve().parent / "data" / name) as src, open(db, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return db

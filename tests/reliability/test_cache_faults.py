@@ -3,10 +3,8 @@ and caches written by an older mergelab (migrated in place, rows kept)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -17,9 +15,9 @@ import pytest
 
 from mergelab.errors import CacheError
 from mergelab.store import KEY_COLUMNS, SCHEMA_VERSION, ResultStore
+from tests.reliability.faults import unpack_cache
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).parent / "data"
 
 
 def sweep(family, db, *extra, preexec_fn=None):
@@ -109,10 +107,7 @@ def test_cache_locked_by_another_program(micro_family, tmp_path, tally):
 
 def v1_cache(tmp_path: Path) -> Path:
     """A cache written by mergelab at schema 1 (shipped as a fixture, made by that version)."""
-    db = tmp_path / "v1.duckdb"
-    with gzip.open(DATA / "cache_v1.duckdb.gz") as src, open(db, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return db
+    return unpack_cache("cache_v1.duckdb.gz", tmp_path)
 
 
 def test_a_schema_1_cache_is_readable_then_migrated_in_place(tmp_path, tally):

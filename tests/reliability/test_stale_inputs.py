@@ -1,7 +1,6 @@
 """A cached row describes the checkpoints and eval sets a user would load now: fingerprints in the key,
 stale rows recomputed by the sweep and shown nowhere, one eval version per curve, migration of older caches."""
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +14,8 @@ from mergelab.store import SCHEMA_VERSION, ResultStore
 from mergelab.sweep.plan import SweepSpec
 from mergelab.sweep.runner import run_sweep
 from tests.helpers import reference_ce, save_checkpoint, tiny_config
+from tests.reliability.faults import unpack_cache
 from tests.test_sweep import cli
-
-DATA = Path(__file__).resolve().parent / "data"
 
 
 def sweep(family: Path, db: Path, methods=None, ks=(1, 2, 3)):
@@ -159,10 +157,7 @@ def test_a_changed_vocab_policy_makes_rows_stale_only_where_it_applies(tiny_fami
 
 def v2_cache(tmp_path: Path) -> Path:
     """A cache written by mergelab 0.2 (schema 2, before fingerprints): a real sweep of a tiny family."""
-    db = tmp_path / "v2.duckdb"
-    with gzip.open(DATA / "cache_v2.duckdb.gz") as src, open(db, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return db
+    return unpack_cache("cache_v2.duckdb.gz", tmp_path)
 
 
 def test_a_schema_2_cache_is_read_then_migrated_and_its_rows_kept_as_unrecorded(tmp_path, tally):
