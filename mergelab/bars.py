@@ -39,6 +39,9 @@ class PlainProgress:
         if not self.disable and time.monotonic() - self.last >= self.every:
             self._line()
 
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 

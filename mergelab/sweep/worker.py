@@ -226,7 +226,8 @@ def run_job(queue: JobQueue, job: Job) -> None:
         message = (lambda done, skipped: f"{done} merges evaluated" + (f" ({report.merged} after resuming)" if before else "")
                    + f", {skipped} already cached" + (f"; {note}" if note else ""))
         finish("done", message)
-        logger.info("job %d done: %s", job.id, message(*counts(report)[:2]))
+        done, skipped, rows = counts(report)
+        logger.info("job %d done: %s, %d rows written", job.id, message(done, skipped), rows)
     except JobCancelled:
         finish("cancelled", lambda done, _: f"cancelled after {done} merges; resume to continue")
         logger.info("job %d cancelled", job.id)
