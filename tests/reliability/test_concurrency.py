@@ -88,8 +88,9 @@ def test_a_stream_of_readers_does_not_starve_a_writer(tmp_path, tally):
     tally["writes under three readers"] += len(latencies)
 
 
-def claim_all(queue_path: str, out) -> None:
+def claim_all(queue_path: str, out, start) -> None:
     queue, claimed = JobQueue(queue_path), []
+    start.wait(timeout=120)  # every process claims from the same moment: a slow spawn cannot miss the race
     while (job := queue.claim_next(os.getpid())) is not None:
         claimed.append(job.id)
     out.put(claimed)
@@ -98,8 +99,9 @@ def claim_all(queue_path: str, out) -> None:
 def test_racing_claims_never_hand_a_job_out_twice(tmp_path, tally):
     queue = JobQueue(tmp_path / "jobs.sqlite")
     ids = [queue.submit(SweepJob(f"f{i}")) for i in range(60)]
-    out = multiprocessing.get_context("spawn").Queue()
-    procs = [multiprocessing.get_context("spawn").Process(target=claim_all, args=(str(queue.path), out)) for _ in range(4)]
+    spawn = multiprocessing.get_context("spawn")
+    out, start = spawn.Queue(), spawn.Barrier(4)
+    procs = [spawn.Process(target=claim_all, args=(str(queue.path), out, start)) for _ in range(4)]
     for p in procs:
         p.start()
     claimed = [out.get(timeout=120) for _ in procs]
