@@ -12,7 +12,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from mergelab.names import MACRO
+from mergelab.names import MACRO, params_label
 
 PAPER_DRAWS = 200  # expert-bootstrap draws behind the paper table's intervals unless told otherwise
 PAPER_COLUMNS = ["family", "domain", "method", "setting", "hparams", "size", "n_params",
@@ -28,15 +28,11 @@ UNITS = {  # carried in every export's provenance (CSV/JSON/Parquet) and said in
 
 
 def si_params(n) -> str:
-    """A parameter count with an SI-style suffix and 3 significant digits: 7376 -> '7.38K',
-    625000 -> '625K', 1.5e9 -> '1.5B' (B, not G, as model sizes are written); '' for a missing count."""
+    """A parameter count as mergelab.names.params_label writes it (7376 -> '7.38K', 1.5e9 -> '1.5B'); ''
+    for a missing count, so an empty cell stays empty."""
     if n is None or (isinstance(n, float) and not math.isfinite(n)):
         return ""
-    n = float(n)
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale * 0.9995:  # 999,600 is '1M', not '1e+03K'
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:.3g}"
+    return params_label(n)
 
 
 # -- the compact fits table -------------------------------------------------------------------------------
