@@ -175,3 +175,23 @@ def test_split_form_equals_the_direct_formula(name):
     picked = prepared[[1, 3]]
     direct = method.prepare(deltas[[1, 3]], sub, hp) if method.prepare else deltas[[1, 3]]
     assert torch.allclose(picked, direct)
+
+
+def test_mask_form_equals_prepare_for_every_masking_method():
+    """A method that states its prepare as a keep mask (what the engine may store as bits) must mean
+    exactly its prepare: v ⊙ keep · keep_scale, bit for bit."""
+    import torch
+
+    from mergelab.engine.methods import METHODS, MergeContext
+
+    deltas = torch.randn(3, 40, 7, generator=torch.Generator().manual_seed(0))
+    ctx = MergeContext("model.layers.0.mlp.up_proj.weight", ("a", "b", "c"))
+    masking = [m for m in METHODS.values() if m.keep is not None]
+    assert {"ties", "dare"} <= {m.name for m in masking}
+    for method in masking:
+        hp = method.resolve({})
+        mask = method.keep(deltas, ctx, hp)
+        assert mask.dtype == torch.bool and mask.shape == deltas.shape
+        assert 0 < mask.sum() < mask.numel(), method.name
+        scale = method.keep_scale(hp) if method.keep_scale else 1.0
+        assert torch.equal(method.prepare(deltas, ctx, hp), deltas * mask * scale), method.name

@@ -10,6 +10,11 @@ For sweeps the same formula is split so that per-expert work happens once, not o
 masking), and either `linear_scale(k, hp)` says the merge is θ0 + scale·Σ prepared (so a running sum
 can be updated incrementally), or `combine(base, prepared, ctx, hp)` finishes it.
 merge == combine ∘ prepare, and for linear methods combine = θ0 + linear_scale·Σ.
+
+Most per-expert transforms only drop entries and rescale the survivors. Such a method gives
+`keep(deltas, ctx, hp)` (a bool mask of the entries kept, deltas' shape) and `keep_scale(hp)`; its
+prepare is then v ⊙ keep · keep_scale, and the engine may store the mask as bits next to the raw
+task vector instead of a second dense copy (issue 16).
 """
 
 from __future__ import annotations
@@ -81,8 +86,15 @@ class MergeMethod:
     prepare: Callable[..., Any] | None = None       # per-expert transform of the stacked task vectors
     linear_scale: Callable[[int, dict], float] | None = None  # merged = θ0 + scale(k)·Σ prepared
     combine: Callable[..., Any] | None = None       # non-linear finish on prepared task vectors
+    keep: Callable[..., Any] | None = None          # prepare as a mask: bool tensor of the kept entries
+    keep_scale: Callable[[dict], float] | None = None  # ... and the factor the kept entries are scaled by
     paper: str = ""      # the method's paper (and where mergelab's default comes from)
     mergekit: str = ""   # the equivalent mergekit config, and how it differs
+
+    def __post_init__(self):
+        if self.keep is not None and self.prepare is None:  # prepare follows from the mask form
+            keep, keep_scale = self.keep, self.keep_scale or (lambda hp: 1.0)
+            object.__setattr__(self, "prepare", lambda deltas, ctx, hp: deltas * keep(deltas, ctx, hp) * keep_scale(hp))
 
     @property
     def defaults(self) -> dict[str, Any]:

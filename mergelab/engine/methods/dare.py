@@ -19,14 +19,21 @@ def keep_mask(shape, p: float, seed: int, expert: str, tensor: str):
     return torch.rand(shape, generator=generator) >= p
 
 
-def prepare(deltas, ctx, hp):
-    """Each expert's task vector with its seeded drop mask applied and survivors rescaled."""
+def keep(deltas, ctx, hp):
+    """Each expert's seeded keep mask ([k, *shape] bool, on deltas' device)."""
     import torch
 
-    p = hp["p"]
-    scale = 1.0 / (1.0 - p) if hp["rescale"] else 1.0
-    masks = torch.stack([keep_mask(deltas.shape[1:], p, hp["seed"], e, ctx.tensor) for e in ctx.experts])
-    return deltas * masks.to(device=deltas.device, dtype=deltas.dtype) * scale
+    masks = torch.stack([keep_mask(deltas.shape[1:], hp["p"], hp["seed"], e, ctx.tensor) for e in ctx.experts])
+    return masks.to(deltas.device)
+
+
+def keep_scale(hp) -> float:
+    return 1.0 / (1.0 - hp["p"]) if hp["rescale"] else 1.0
+
+
+def prepare(deltas, ctx, hp):
+    """Each expert's task vector with its seeded drop mask applied and survivors rescaled."""
+    return deltas * keep(deltas, ctx, hp).to(deltas.dtype) * keep_scale(hp)
 
 
 def merge(base, deltas, ctx, hp):
@@ -41,6 +48,8 @@ METHOD = MergeMethod(
         "seed": Param(0, "seed of the drop masks", int, low=0),
     },
     prepare=prepare,
+    keep=keep,
+    keep_scale=keep_scale,
     linear_scale=lambda k, hp: 1.0 / k,
     paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free "
           "Lunch, ICML 2024 (arXiv 2311.03099): drop with rate p, rescale by 1/(1−p), then average",

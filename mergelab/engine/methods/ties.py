@@ -6,18 +6,27 @@ import math
 from mergelab.engine.methods.base import MergeMethod, Param
 
 
-def trim(deltas, density: float):
-    """Keep the ceil(density·n) largest-|v| entries of each expert's tensor (at least one; ties at the
+def top_magnitude(deltas, density: float):
+    """Mask of the ceil(density·n) largest-|v| entries of each expert's tensor (at least one; ties at the
     threshold are all kept). The threshold comes from kthvalue, not a full sort."""
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
     n = flat.shape[1]
     keep = min(n, max(1, math.ceil(density * n)))
     if keep == n:
-        return deltas
+        return flat.new_ones(deltas.shape, dtype=bool)
     magnitude = flat.abs()
     threshold = magnitude.kthvalue(n - keep + 1, dim=1, keepdim=True).values
-    return (flat * (magnitude >= threshold)).reshape(deltas.shape)
+    return (magnitude >= threshold).reshape(deltas.shape)
+
+
+def trim(deltas, density: float):
+    """The task vectors with all but their top-density |v| entries zeroed (`top_magnitude`)."""
+    return deltas * top_magnitude(deltas, density)
+
+
+def keep(deltas, ctx, hp):
+    return top_magnitude(deltas, hp["density"])
 
 
 def prepare(deltas, ctx, hp):
@@ -46,6 +55,7 @@ METHOD = MergeMethod(
         "lambda": Param(1.0, "scale λ of the merged task vector (paper: 0.5 or 1.0)", float, low=0.0, low_open=True),
     },
     prepare=prepare,
+    keep=keep,
     combine=combine,
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 "
           "(arXiv 2306.01708): trim, elect sign, disjoint mean; density 0.2 and λ ∈ {0.5, 1.0} as in arXiv 2509.24244",
