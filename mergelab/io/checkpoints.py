@@ -25,6 +25,11 @@ from mergelab.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# The other dtypes the safetensors format defines: quantized or packed storage that mergelab does not merge. A
+# header that uses them is well formed; reading or merging such a tensor is refused by `storage_problem`.
+STORED_ONLY_DTYPES = {"F8_E4M3": "FP8 (E4M3)", "F8_E5M2": "FP8 (E5M2)", "F8_E8M0": "an 8-bit exponent-only scale (MX)",
+                      "F6_E2M3": "FP6 (E2M3, MX)", "F6_E3M2": "FP6 (E3M2, MX)", "F4": "FP4 (MXFP4/NVFP4)",
+                      "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64"}
 MAX_HEADER = 100_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -107,6 +112,10 @@ class Checkpoint:
         safetensors headers alone (no tensor data is read)."""
         return sum(math.prod(shape) for shape in self.shapes.values())
 
+    def stored_dtype(self, name: str) -> str:
+        """How tensor `name` is stored: a torch dtype name, or a safetensors code (`STORED_ONLY_DTYPES`)."""
+        return self._open(name).dtype(name)
+
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
         t = self._read_checked(name)
@@ -127,6 +136,12 @@ class Checkpoint:
 
         if name not in self.files:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing")
+        if self.stored_dtype(name) not in FLOAT_DTYPES:  # never cast quantized or integer storage into weights
+            try:
+                config = self.config
+            except CheckpointError:
+                config = {}
+            raise CheckpointError(storage_problem(self.files[name], name, self.stored_dtype(name), config))
         try:
             t = self._open(name).read(name, into)
         except OSError as exc:
@@ -235,7 +250,10 @@ class SafetensorsFile:
         self.start, self.entries = 8 + length, {}
         for name, entry in header.items():
             try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+                code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+                if code not in SAFETENSORS_DTYPES and code not in STORED_ONLY_DTYPES:
+                    raise KeyError(code)
+                dtype = SAFETENSORS_DTYPES.get(code, code)  # a torch dtype name, or the code of quantized storage
             except (KeyError, TypeError, ValueError):
                 self._fail(f"tensor {name!r} has a malformed header entry {entry!r}")
             if not 0 <= begin <= end <= size - self.start:
@@ -251,6 +269,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype: a torch dtype name ("bfloat16"), or a safetensors code of quantized storage ("F8_E4M3")."""
+        return self.entries[name][0]
+
     def read(self, name: str, into=None):
         """The tensor's values: read into `into` when that is a contiguous CPU tensor of the stored
         dtype and shape (then `into` is returned), else into a new tensor."""
@@ -259,6 +281,8 @@ class SafetensorsFile:
         import torch
 
         dtype_name, shape, begin, end = self.entries[name]
+        if dtype_name in STORED_ONLY_DTYPES:
+            raise CheckpointError(storage_problem(self.path, name, dtype_name))
         dtype = getattr(torch, dtype_name)
         if (end - begin) != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
             self._fail(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} in {dtype_name}")
@@ -293,10 +317,29 @@ def check_mergeable(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: model_type {model_type!r} is not an architecture "
                               f"transformers ships{custom}")
     for name in ckpt.names:
-        dtype = ckpt._open(name).entries[name][0]
-        if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{ckpt.files[name]}: tensor {name!r} is stored as {dtype}; weights must be "
-                                  f"floating point (F16, BF16, F32 or F64)")
+        problem = storage_problem(ckpt.files[name], name, ckpt.stored_dtype(name), ckpt.config)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def storage_problem(file, name: str, dtype: str, config: dict | None = None) -> str | None:
+    """Why tensor `name` of `file`, stored as `dtype` (a torch dtype name or a safetensors code such as
+    "F8_E4M3"), cannot be merged, in one line that names the tensor, its dtype and what to do; None for
+    floating-point storage (F16, BF16, F32, F64). `config` (config.json) names the quantization method if any."""
+    if dtype in FLOAT_DTYPES:
+        return None
+    code = next((c for c, t in SAFETENSORS_DTYPES.items() if t == dtype), dtype)
+    shown = dtype if code == dtype else f"{code} ({dtype})"
+    method = ((config or {}).get("quantization_config") or {}).get("quant_method") if isinstance(
+        (config or {}).get("quantization_config"), dict) else None
+    if code in STORED_ONLY_DTYPES or method:
+        kind = f"{STORED_ONLY_DTYPES[code]} " if code in STORED_ONLY_DTYPES and STORED_ONLY_DTYPES[code] != dtype else ""
+        quantized = f", quantized by {method} (config.json quantization_config)" if method else ""
+        return (f"{file}: tensor {name!r} is stored as {shown}: {kind}quantized or packed storage{quantized}, which "
+                f"mergelab does not merge; dequantize the checkpoint to BF16 or F16 first (e.g. load it with "
+                f"transformers and save_pretrained it in bfloat16) and name that copy in the family")
+    return (f"{file}: tensor {name!r} is stored as {shown}; weights must be floating point (F16, BF16, F32 or F64): "
+            f"convert the checkpoint to bfloat16 first")
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "refuse") -> None:

@@ -325,6 +325,29 @@ def test_broken_checkpoints(case, tmp_path, capsys, tally):
     tally["bad inputs tried: checkpoints"] += 1
 
 
+QUANTIZED_CASES = {  # name: (torch dtype the expert's LAYER is stored in, the safetensors code named)
+    "FP8 E4M3 weights": ("float8_e4m3fn", "F8_E4M3"),
+    "FP8 E5M2 weights": ("float8_e5m2", "F8_E5M2"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED_CASES))
+def test_quantized_storage(case, tmp_path, capsys, tally):
+    """FP8 storage is a well-formed safetensors file: the refusal names the tensor and dtype and says to
+    dequantize, never 'not a readable safetensors file' (which sends users to re-download)."""
+    import torch
+
+    dtype, code = QUANTIZED_CASES[case]
+    family = build_tiny_family(tmp_path / "family")
+    expert = family.parent / "s" / "experts/beta"
+    rewrite(expert, lambda s, c: s.__setitem__(LAYER, s[LAYER].to(getattr(torch, dtype))))
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         LAYER, code, "dequantize")
+    assert str(expert) in err and "not a readable safetensors file" not in err
+    tally["bad inputs tried: quantized storage"] += 1
+
+
 # -- eval sets -------------------------------------------------------------------------------------------
 
 EVAL_CASES = {
