@@ -37,7 +37,19 @@ TIED_HEAD = "lm_head.weight"
 
 
 class Checkpoint:
-    """One HF checkpoint directory: config.json + model.safetensors (or shards + index)."""
+    """One HF checkpoint directory: config.json + model.safetensors (or shards + index).
+
+    A PEFT LoRA adapter directory opens as `mergelab.io.adapters.AdapterCheckpoint` (base + scale·B·A)
+    when `path` carries its base (an `AdapterPath`, as `load_family` gives adapter experts); without one
+    it is refused with a message that says it is an adapter."""
+
+    def __new__(cls, path=None, *args, **kwargs):
+        if cls is Checkpoint and path is not None:
+            from mergelab.io.adapters import AdapterCheckpoint, is_adapter_dir
+
+            if is_adapter_dir(path):
+                return super().__new__(AdapterCheckpoint)  # then AdapterCheckpoint.__init__(path)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -215,10 +215,19 @@ def load_family(path: str | Path) -> Family:
             fail(f"{where}experts.{strangers[0]} is not one of the family's domains ({', '.join(domains)})")
         experts = {e: existing(field(experts_table, e, str, f"{where}experts."), f"{where}experts.{e}", True)
                    for e in experts_table}
+        experts = {e: _with_base(p, base) for e, p in experts.items()}  # a LoRA adapter dir applies to this base
         if len(set(experts.values())) != len(experts):
             fail(f"{where}experts lists the same checkpoint twice")
         sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy), manifest_path))
     return Family(name, manifest_path, tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length)
+
+
+def _with_base(path: Path, base: Path) -> Path:
+    """An expert folder as SizeSpec holds it: a PEFT LoRA adapter directory becomes an AdapterPath carrying
+    the size's base, which `Checkpoint` reads as base + scale·B·A (`mergelab.io.adapters`)."""
+    from mergelab.io.adapters import AdapterPath, is_adapter_dir
+
+    return AdapterPath(path, base) if is_adapter_dir(path) else path
 
 
 def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],
