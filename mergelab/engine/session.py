@@ -190,9 +190,9 @@ class ResidentModel:
 
     def __init__(self, base: Checkpoint, device: str):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
+        config = base.model_config()  # config.json's, or a multimodal wrapper's text model (Gemma 3)
         with torch.device(device), parameters_on_meta():  # parameters get the flat buffer's views below
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(device), trust_remote_code=False)
         model.tie_weights()

@@ -8,6 +8,13 @@ The weight files are chosen as `from_pretrained` chooses them: config.json's `tr
 set, else model.safetensors, else model.safetensors.index.json (so a stray model.safetensors beside a
 sharded index wins, as it does in transformers). A shard index must agree with its shards' headers.
 
+Stored layouts that transformers converts on load (`StoredLayout`): a Mixtral or Qwen3-MoE file holds one
+tensor per expert, which transformers 5 packs into `mlp.experts.gate_up_proj` / `down_proj`; a Gemma 3
+multimodal file holds `language_model.model.*` beside a vision tower. Such a checkpoint is read through
+transformers' own checkpoint conversion mapping (what `from_pretrained` applies), so `names`, `shapes` and
+the tensors read are those of the model mergelab builds (`model_config`). For Gemma 3 that is the text model
+(Gemma3ForCausalLM): the vision tower and projector are left out of the merge (`StoredLayout.left_out`).
+
 `check_compatible` refuses an expert that would compute something else than the base with the same
 weights: a config field that changes the forward pass (`config_mismatch`), or a tokenizer that maps
 text to other ids (`tokenizer_mismatch`).
@@ -60,7 +67,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: checkpoint directory cannot be resolved (symlink loop or "
                                       f"dangling link: {exc})") from exc
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
-        self.files = self._tensor_files()
+        self.stored = self._tensor_files()  # stored tensor key -> its file, as the headers name them
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -78,9 +85,34 @@ class Checkpoint:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
 
     @cached_property
+    def layout(self) -> "StoredLayout | None":
+        """How the stored tensors become the parameters of the model mergelab builds, where transformers
+        converts them on load (renamed, packed, a multimodal wrapper's text part); None where the stored
+        names are the model's own. Raises CheckpointError for an unreadable config.json."""
+        return stored_layout(self)
+
+    @cached_property
+    def files(self) -> dict[str, Path]:
+        """Tensor name (as the built model names it) -> the file holding it (its first stored source)."""
+        if self.layout is None:
+            return self.stored
+        return {name: self.stored[sources[0][1]] for name, sources in self.layout.sources.items()}
+
+    def model_config(self):
+        """The transformers config of the causal LM mergelab builds and evaluates for this checkpoint: the
+        checkpoint's own, or its text model's for a multimodal wrapper read text-only (Gemma 3)."""
+        if self.layout is not None and self.layout.text_config is not None:
+            return self.layout.text_config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+
+    @cached_property
     def tied_embeddings(self) -> bool:
         """config.json's tie_word_embeddings, or the architecture's default where the file leaves it out
         (Gemma's configs do, and transformers ties them)."""
+        if self.layout is not None and self.layout.text_config is not None:
+            return bool(self.layout.text_config.tie_word_embeddings)
         if "tie_word_embeddings" in self.config:
             return bool(self.config["tie_word_embeddings"])
         from transformers import AutoConfig
@@ -109,14 +141,24 @@ class Checkpoint:
         the embedding is called) is left out."""
         names = list(self.files)
         if self.tied_embeddings and TIED_HEAD in names:
-            head = self._open(TIED_HEAD).shape(TIED_HEAD)
-            if any(self._open(n).shape(n) == head for n in names if n != TIED_HEAD):
+            head = self._shape(TIED_HEAD)
+            if any(self._shape(n) == head for n in names if n != TIED_HEAD):
                 names.remove(TIED_HEAD)
         return names
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self._open(name).shape(name) for name in self.names}
+        return {name: self._shape(name) for name in self.names}
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if self.layout is not None and name in self.layout.packed:
+            return self.layout.shapes[name]  # of the model transformers builds; checked when read
+        key = self._key(name)
+        return self._open_file(self.stored[key]).shape(key)
+
+    def _key(self, name: str) -> str:
+        """The stored key of a tensor that is stored whole (renamed at most)."""
+        return self.layout.sources[name][0][1] if self.layout is not None and name in self.layout.sources else name
 
     @cached_property
     def n_params(self) -> int:
@@ -125,8 +167,12 @@ class Checkpoint:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
     def stored_dtype(self, name: str) -> str:
-        """How tensor `name` is stored: a torch dtype name, or a safetensors code (`STORED_ONLY_DTYPES`)."""
-        return self._open(name).dtype(name)
+        """How tensor `name` is stored: a torch dtype name, or a safetensors code (`STORED_ONLY_DTYPES`);
+        for a packed tensor, that of a source that is not floating point if any, else of its first."""
+        keys = [key for _, key in self.layout.sources[name]] if self.layout is not None and name in self.layout.sources \
+            else [name]
+        dtypes = [self._open_file(self.stored[key]).dtype(key) for key in keys]
+        return next((d for d in dtypes if d not in FLOAT_DTYPES), dtypes[0])
 
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
@@ -155,13 +201,24 @@ class Checkpoint:
                 config = {}
             raise CheckpointError(storage_problem(self.files[name], name, self.stored_dtype(name), config))
         try:
-            t = self._open(name).read(name, into)
+            if self.layout is not None and name in self.layout.packed:
+                t = self.layout.read_packed(self, name)
+            else:
+                key = self._key(name)
+                t = self._open_file(self.stored[key]).read(key, into)
         except OSError as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from exc
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has {bad} NaN/Inf values")
         return t
+
+    def _read_stored(self, key: str):
+        """One stored tensor by its key in the file (a source of a packed tensor), checked to be floating point."""
+        dtype = self._open_file(self.stored[key]).dtype(key)
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(storage_problem(self.stored[key], key, dtype, self.config))
+        return self._open_file(self.stored[key]).read(key)
 
     def close(self) -> None:
         """Forget the parsed headers (they are re-read on the next access)."""
@@ -232,7 +289,7 @@ class Checkpoint:
         return files
 
     def _open(self, name: str):
-        return self._open_file(self.files[name])
+        return self._open_file(self.stored[self._key(name)])
 
     def _open_file(self, file: Path) -> "SafetensorsFile":
         handles = self.__dict__.setdefault("_handles", {})
@@ -315,6 +372,161 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+# -- stored layouts that transformers converts on load ----------------------------------------------------------
+
+# Multimodal wrappers merged and evaluated as their text model (what mergelab scores is text), with what is left out.
+TEXT_ONLY_WRAPPERS = {"gemma3": "the vision tower and multimodal projector"}
+_LAYOUTS: dict = {}  # (config.json, stored keys) -> StoredLayout | None: one meta model per distinct checkpoint layout
+
+
+class StoredLayout:
+    """How stored tensors become the parameters of the model mergelab builds, by transformers' checkpoint
+    conversion mapping (`get_model_conversion_mapping`, the renamings and WeightConverters `from_pretrained`
+    applies, in its order: keys sorted by `dot_natural_key`).
+
+    sources: model name -> [(source pattern, stored key), ...] it is made from (one for a renamed tensor;
+    for a packed MoE tensor every expert's, in expert order). packed: model name -> (the group's first target
+    in the converter's model, this name in that model), for tensors a WeightConverter forms. shapes: the
+    packed tensors' shapes in the model transformers builds. left_out: stored keys the built model does not
+    hold (a multimodal wrapper's vision tower), with `left_out_what` in words. text_config: the config of the
+    text model built instead of a multimodal wrapper (else None)."""
+
+    def __init__(self, model, converters, text_config, sources, packed, shapes, left_out, left_out_what=""):
+        self.model, self.converters, self.text_config = model, converters, text_config
+        self.sources, self.packed, self.shapes = sources, packed, shapes
+        self.left_out, self.left_out_what = left_out, left_out_what
+
+    def note(self) -> str:
+        """One line on what is converted and what is left out, for logs and the sweep's plan ('' if nothing)."""
+        parts = []
+        n_packed = len(self.packed)
+        if n_packed:
+            n_sources = sum(len(self.sources[n]) for n in self.packed)
+            parts.append(f"{n_sources} stored per-expert tensors are packed into {n_packed} (e.g. "
+                         f"{next(iter(self.packed))!r}) as transformers loads them; per-tensor steps (TIES trimming, "
+                         f"DARE) treat each packed tensor as one tensor, across its experts")
+        if self.left_out:
+            parts.append(f"{len(self.left_out)} stored tensors of {self.left_out_what} (e.g. {self.left_out[0]!r}) are "
+                         f"left out: mergelab merges and evaluates the text model ({type(self.model).__name__} read as "
+                         f"{self.text_config.model_type}), so {self.left_out_what} stay the base's")
+        return "; ".join(parts)
+
+    def read_packed(self, ckpt: "Checkpoint", name: str):
+        """Form packed tensor `name` of `ckpt` from its stored sources with the WeightConverter transformers
+        uses, and check its shape. Raises CheckpointError."""
+        import copy
+
+        first, full_name = self.packed[name]
+        converter = copy.deepcopy(self.converters[name])
+        for pattern, key in self.sources[name]:
+            converter.add_tensor(first, key, pattern, lambda key=key: ckpt._read_stored(key))
+        try:
+            out = converter.convert(first, model=self.model, config=self.model.config)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the converter's own shape or count checks
+            raise CheckpointError(f"{ckpt.files[name]}: cannot pack {len(self.sources[name])} stored tensors into "
+                                  f"{name!r} as transformers does ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        t = out.get(full_name)
+        t = t[0] if isinstance(t, list) else t
+        if t is None or tuple(t.shape) != self.shapes[name]:
+            got = "nothing" if t is None else f"shape {list(t.shape)}"
+            raise CheckpointError(f"{ckpt.files[name]}: packing {self.sources[name][0][1]!r} and the other "
+                                  f"{len(self.sources[name]) - 1} stored tensors gives {got} for {name!r}, the model "
+                                  f"built from config.json expects {list(self.shapes[name])}")
+        return t
+
+
+def stored_layout(ckpt: "Checkpoint") -> StoredLayout | None:
+    """The `StoredLayout` of `ckpt`, or None where its stored names are the built model's own (checked for
+    architectures transformers has a conversion mapping for, and for TEXT_ONLY_WRAPPERS). Cached per
+    (config.json, stored keys): experts of one base share one meta model. Raises CheckpointError."""
+    model_type = ckpt.config.get("model_type")
+    if model_type not in TEXT_ONLY_WRAPPERS:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        try:
+            if get_checkpoint_conversion_mapping(model_type) is None:
+                return None
+        except TypeError:  # model_type is not a string: check_mergeable says so
+            return None
+    key = (json.dumps(ckpt.config, sort_keys=True), tuple(ckpt.stored))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _build_layout(ckpt)
+    return _LAYOUTS[key]
+
+
+def _build_layout(ckpt: "Checkpoint") -> StoredLayout | None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    config = _config_object(ckpt)
+    with torch.device("meta"):  # names, shapes and the conversions only: no memory
+        full = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    transforms = get_model_conversion_mapping(full)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    params = full.state_dict()
+    groups: dict[str, list[tuple[str, str]]] = {}
+    group_converter = {}
+    for stored in sorted(ckpt.stored, key=dot_natural_key):  # from_pretrained's order: experts stack 0, 1, 2, ...
+        renamed, pattern = rename_source_key(stored, renamings, converters, full.base_model_prefix, params)
+        if renamed not in params:  # as from_pretrained: a key the model holds as it is stays; others are refused later
+            renamed, pattern = stored, None
+        groups.setdefault(renamed, []).append((pattern or stored, stored))
+        if pattern is not None:
+            group_converter[renamed] = by_pattern[pattern]
+
+    text_config, built, to_model, what = None, full, (lambda n: n), ""
+    if ckpt.config.get("model_type") in TEXT_ONLY_WRAPPERS:
+        what = TEXT_ONLY_WRAPPERS[ckpt.config["model_type"]]
+        text_config = copy.deepcopy(config.get_text_config())
+        text_config.tie_word_embeddings = full.lm_head.weight is full.get_input_embeddings().weight
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(text_config, trust_remote_code=False)
+        lm_path = next(n for n, m in full.named_modules() if m is full.get_decoder())
+        text_path = next(n for n, m in built.named_modules() if m is built.get_decoder())
+        built_params = built.state_dict()
+
+        def to_model(full_name: str) -> str | None:
+            if full_name.startswith(lm_path + "."):
+                return f"{text_path}.{full_name[len(lm_path) + 1:]}"
+            return full_name if full_name in built_params else None  # e.g. lm_head.weight; None: not text
+
+    sources, packed, shapes, left_out = {}, {}, {}, []
+    model_params = built.state_dict()
+    for first, members in groups.items():
+        converter = group_converter.get(first)
+        targets = [first] if converter is None or len(converter.target_patterns) == 1 else \
+            [first.replace(converter.target_patterns[0], t) for t in converter.target_patterns]
+        for full_name in targets:
+            name = to_model(full_name) if first in params else full_name
+            if name is None:
+                left_out += [key for _, key in members]
+                continue
+            sources[name] = members
+            if converter is not None:
+                packed[name] = (first, full_name)
+                group_converter[name] = converter
+                shapes[name] = tuple(model_params[name].shape)
+    if not packed and not left_out and all(name == members[0][1] for name, members in sources.items()):
+        return None
+    layout = StoredLayout(full, {n: group_converter[n] for n in packed}, text_config, sources, packed, shapes,
+                          sorted(set(left_out)), what)
+    note = layout.note()
+    if note:
+        import logging
+
+        logging.getLogger(__name__).info("%s: %s", ckpt.path, note)
+    return layout
+
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 

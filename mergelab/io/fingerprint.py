@@ -36,7 +36,7 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     ckpt = Checkpoint(path)
     if hasattr(ckpt, "adapter_file"):  # a LoRA adapter expert (mergelab.io.adapters): its files and its base's
         return _adapter_fingerprint(ckpt)
-    weight_files = sorted(set(ckpt.files.values()))
+    weight_files = sorted(set(ckpt.stored.values()))  # every weight file, also what a converted layout leaves out
     extras = [ckpt.path / name for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES)]
     files = weight_files + [p for p in extras if p.is_file()]
     key = (str(ckpt.path.resolve()), tuple((str(p), *_stat(p)) for p in files))
