@@ -246,6 +246,8 @@ def sweep(
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")
         typer.echo(summary.to_string())
+    for size_name, note in report.layout_notes.items():
+        typer.echo(f"note: size {size_name}: {note}")
     for size_name, note in report.eval_notes.items():
         typer.echo(f"note: size {size_name}: {note} (raise max_length in the family manifest to score them whole)")
     if report.not_cached:

@@ -226,3 +226,16 @@ def test_an_adapter_named_as_the_base_is_refused_as_an_adapter(adapter_family, t
                        "--device", "cpu")
     assert code == 2 and "a LoRA adapter (adapter_config.json), not a full checkpoint" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_sweep_says_which_experts_are_adapters(adapter_family, tmp_path, capsys):
+    from tests.test_sweep import cli
+
+    code, out, err = cli(capsys, "sweep", "--family", adapter_family["adapter"], "--methods", "average", "--k", "2",
+                         "--db", tmp_path / "r.duckdb", "--device", "cpu")
+    assert code == 0, err
+    assert "note: size s: expert beta is a LoRA adapter of the base, read as base + scale·B·A" in out, out
+    code, out, err = cli(capsys, "sweep", "--family", adapter_family["merged"], "--methods", "average", "--k", "2",
+                         "--db", tmp_path / "m.duckdb", "--device", "cpu")
+    assert code == 0 and "note: size s" not in out, out

@@ -171,3 +171,14 @@ def test_ties_trims_a_packed_moe_tensor_as_one_tensor(tmp_path):
     assert int(kept.sum()) == math.ceil(0.25 * kept.numel())  # one top-k over the whole packed tensor
     per_slice = [int(kept[e].sum()) for e in range(kept.shape[0])]
     assert per_slice[1] > math.ceil(0.25 * kept[1].numel()) and min(per_slice) < math.ceil(0.25 * kept[0].numel())
+
+
+def test_the_sweep_says_what_a_converted_layout_leaves_out(tmp_path, capsys):
+    from tests.test_sweep import cli
+
+    manifest = layout_family(tmp_path / "fam", "gemma3")
+    code, out, err = cli(capsys, "sweep", "--family", manifest, "--methods", "average", "--k", "2", "--db",
+                         tmp_path / "r.duckdb", "--device", "cpu")
+    assert code == 0, err
+    note = next(line for line in out.splitlines() if line.startswith("note: size s:"))
+    assert "vision tower and multimodal projector" in note and "stay the base's" in note and "left out" in note

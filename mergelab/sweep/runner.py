@@ -34,6 +34,9 @@ class SweepReport:
     # size -> (base_fp, {expert: fp}): the checkpoints' fingerprints its rows are keyed by
     fingerprints: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
+    # size -> how its checkpoints are read where that is not plain: LoRA adapter experts, a converted layout
+    # (packed MoE experts, a multimodal wrapper's text model, with what is left out: Checkpoint.layout)
+    layout_notes: dict[str, str] = field(default_factory=dict)
     # merges evaluated but not cached, one line each: weights or losses not finite (a diverging
     # hyperparameter), or a row the cache refused; the other merges' rows are kept, a rerun retries these
     not_cached: list[str] = field(default_factory=list)
@@ -171,6 +174,8 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
         if eval_data[size.name].truncation_note():
             report.eval_notes[size.name] = eval_data[size.name].truncation_note()
         report.fingerprints[size.name] = size_fingerprints(size)
+        if layout_note(size):
+            report.layout_notes[size.name] = layout_note(size)
         planned = _plan_size(spec, size, methods)
         report.planned += len(planned)
         todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes,
@@ -188,6 +193,21 @@ def _check_sizes(sizes: list[SizeSpec]) -> None:
         base = Checkpoint(size.base)
         for path in size.experts.values():
             check_compatible(base, Checkpoint(path), size.vocab_policy)
+
+
+def layout_note(size: SizeSpec) -> str:
+    """One line on how a size's checkpoints are read where that is not plain ('' if it is): the base's
+    converted layout (`StoredLayout.note`) and the experts that are LoRA adapters of the base."""
+    from mergelab.io.adapters import AdapterPath
+
+    layout = Checkpoint(size.base).layout
+    parts = [layout.note()] if layout is not None and layout.note() else []
+    adapters = [name for name, path in size.experts.items() if isinstance(path, AdapterPath)]
+    if adapters:
+        parts.append(f"expert{'s' if len(adapters) > 1 else ''} {', '.join(adapters)} "
+                     f"{'are LoRA adapters' if len(adapters) > 1 else 'is a LoRA adapter'} of the base, read as "
+                     f"base + scale·B·A (no merged copy is written)")
+    return "; ".join(parts)
 
 
 def adopt_unrecorded(family: Family, store: ResultStore, sizes=None) -> dict[str, int]:
