@@ -182,3 +182,32 @@ def test_the_sweep_says_what_a_converted_layout_leaves_out(tmp_path, capsys):
     assert code == 0, err
     note = next(line for line in out.splitlines() if line.startswith("note: size s:"))
     assert "vision tower and multimodal projector" in note and "stay the base's" in note and "left out" in note
+
+
+def test_an_exported_gemma3_merge_keeps_the_base_vision_tower(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from mergelab.store import ResultStore
+    from mergelab.sweep.plan import SweepSpec
+    from mergelab.sweep.runner import run_sweep
+    from tests.test_sweep import cli
+
+    manifest = layout_family(tmp_path / "fam", "gemma3")
+    out = tmp_path / "merged"
+    code, _, err = cli(capsys, "export-model", "--family", manifest, "--size", "s", "--method", "average",
+                       "--experts", "alpha,gamma", "--out", out)
+    assert code == 0, err
+    family = load_family(manifest)
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(family.size("s").base), dtype=torch.float32)
+    alpha, gamma = (AutoModelForCausalLM.from_pretrained(str(family.size("s").experts[e]), dtype=torch.float32)
+                    for e in ("alpha", "gamma"))
+    assert type(exported).__name__ == "Gemma3ForConditionalGeneration"
+    got, want = exported.state_dict(), base.state_dict()
+    a, g = alpha.state_dict(), gamma.state_dict()
+    vision = [n for n in got if "vision_tower" in n or "multi_modal_projector" in n]
+    assert vision and all(torch.equal(got[n], want[n]) for n in vision)  # the base's, not merged
+    assert not torch.equal(a[vision[0]], want[vision[0]])  # though the experts' differ
+    text = [n for n in got if "language_model" in n]
+    for n in text:
+        torch.testing.assert_close(got[n], (a[n] + g[n]) / 2, rtol=0, atol=1e-6)

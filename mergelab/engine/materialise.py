@@ -102,7 +102,7 @@ def _write(size: SizeSpec, resident, out: Path, card: str | None) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its per-shard bar would print into non-TTY logs; ours covers the export
     try:
-        resident.model.save_pretrained(str(partial))
+        _with_base_parts(size, resident.model).save_pretrained(str(partial))
         for name in TOKENIZER_FILES:
             if (size.base / name).is_file():
                 shutil.copy2(size.base / name, partial / name)
@@ -120,6 +120,27 @@ def _write(size: SizeSpec, resident, out: Path, card: str | None) -> None:
         shutil.rmtree(partial, ignore_errors=True)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _with_base_parts(size: SizeSpec, model):
+    """The model to write: the merged resident model, or for a base read text-only (a multimodal wrapper,
+    `Checkpoint.layout`) the base's whole wrapper loaded by transformers with the merged text weights put in
+    its language model and head, so the export keeps the base's vision tower and projector."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergelab.io.checkpoints import Checkpoint
+
+    layout = Checkpoint(size.base).layout
+    if layout is None or layout.text_config is None:
+        return model
+    logger.info("keeping the base's %s (%d tensors) in the export", layout.left_out_what, len(layout.left_out))
+    wrapper = AutoModelForCausalLM.from_pretrained(str(size.base), dtype=model.dtype, trust_remote_code=False)
+    with torch.no_grad():
+        wrapper.get_decoder().load_state_dict(model.get_decoder().state_dict())
+        if wrapper.lm_head.weight is not wrapper.get_input_embeddings().weight:
+            wrapper.lm_head.load_state_dict(model.lm_head.state_dict())
+    return wrapper
 
 
 def mergekit_yaml(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], shown=str) -> str:
