@@ -60,6 +60,7 @@ class AdapterPath(type(Path())):
     It is the adapter's path everywhere a path is used; `Checkpoint(it)` opens an `AdapterCheckpoint`."""
 
     base: Path | None = None  # None on paths derived from it (parent, resolve): those are plain folders
+    checkpoint_class = None  # AdapterCheckpoint (set below): what Checkpoint(path) opens
 
     def __new__(cls, path, base=None):
         return super().__new__(cls, path)  # Python 3.11 builds the path here; 3.12+ in __init__
@@ -284,3 +285,6 @@ class AdapterCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.base.close()
+
+
+AdapterPath.checkpoint_class = AdapterCheckpoint

@@ -51,11 +51,10 @@ class Checkpoint:
     it is refused with a message that says it is an adapter."""
 
     def __new__(cls, path=None, *args, **kwargs):
-        if cls is Checkpoint and path is not None:
-            from mergelab.io.adapters import AdapterCheckpoint, is_adapter_dir
-
-            if is_adapter_dir(path):
-                return super().__new__(AdapterCheckpoint)  # then AdapterCheckpoint.__init__(path)
+        # a path that says how to open it (an AdapterPath: its AdapterCheckpoint, then __init__(path) runs)
+        opener = getattr(type(path), "checkpoint_class", None)
+        if cls is Checkpoint and opener is not None and getattr(path, "base", None) is not None:
+            return super().__new__(opener)
         return super().__new__(cls)
 
     def __init__(self, path: str | Path):
@@ -242,6 +241,10 @@ class Checkpoint:
             return {name: single for name in self._open_file(single).keys()}
         if index.is_file():
             return self._sharded_files(index)
+        if (self.path / "adapter_config.json").is_file():  # mergelab.io.adapters reads it as an expert of a base
+            raise CheckpointError(f"{self.path}: a LoRA adapter (adapter_config.json), not a full checkpoint: a base "
+                                  f"must be a full checkpoint (config.json + {SINGLE_FILE}); name the adapter as an "
+                                  f"expert of a family size, whose base it is applied to")
         pickled = sorted(p.name for p in self.path.glob("*") if p.suffix in {".bin", ".pt", ".pth"})
         hint = f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")

@@ -56,11 +56,11 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 def _adapter_fingerprint(ckpt) -> str:
     """A LoRA adapter expert's fingerprint: its base's, adapter_config.json, the adapter's tokenizer files
     (if any) and its safetensors file (header, size, sampled bytes), so a changed base or adapter changes it."""
-    from mergelab.io.adapters import ADAPTER_CONFIG
     from mergelab.io.checkpoints import TOKENIZER_FILES
 
     base_fp = checkpoint_fingerprint(ckpt.base.path)
-    files = [ckpt.adapter_file] + [p for p in (ckpt.path / n for n in (ADAPTER_CONFIG, *TOKENIZER_FILES)) if p.is_file()]
+    files = [ckpt.adapter_file, ckpt.path / "adapter_config.json"]
+    files += [p for p in (ckpt.path / n for n in TOKENIZER_FILES) if p.is_file()]
     key = (str(ckpt.path.resolve()), base_fp, tuple((str(p), *_stat(p)) for p in files))
     if key not in _CACHE:
         digest = hashlib.sha256(b"lora adapter\0" + base_fp.encode())
