@@ -348,6 +348,50 @@ def test_quantized_storage(case, tmp_path, capsys, tally):
     tally["bad inputs tried: quantized storage"] += 1
 
 
+def _adapter_config(**changes):
+    return lambda adapter: _edit_json("adapter_config.json", lambda c: c.update(changes))(adapter)
+
+
+def _adapter_of_another_base(adapter: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = state[key][:, :-2].clone()  # an in-dimension the base's module does not have
+    save_file(state, adapter / "adapter_model.safetensors")
+
+
+ADAPTER_CASES = {  # name: (how to break expert beta, a LoRA adapter; expected fragments of the one-line refusal)
+    "DoRA": (_adapter_config(use_dora=True), ["adapter_config.json", "use_dora = True"]),
+    "modules_to_save": (_adapter_config(modules_to_save=["lm_head"]), ["adapter_config.json", "modules_to_save"]),
+    "prefix tuning": (_adapter_config(peft_type="PREFIX_TUNING"), ["adapter_config.json", "peft_type = 'PREFIX_TUNING'"]),
+    "another base": (_adapter_of_another_base, ["adapter_model.safetensors", "trained on another base"]),
+    "pickled adapter": (lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"),
+                        ["adapter_model.bin: pickle files are never loaded"]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_broken_lora_adapter_experts(case, tmp_path, capsys, tally):
+    import shutil
+
+    from tests.test_adapters import make_adapter
+
+    family = build_tiny_family(tmp_path / "family")
+    expert = family.parent / "s" / "experts" / "beta"
+    shutil.rmtree(expert)
+    make_adapter(family.parent / "s" / "base", expert)
+    breaker, fragments = ADAPTER_CASES[case]
+    breaker(expert)
+    capsys.readouterr()  # what building the family printed
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         *fragments)
+    assert str(expert) in err and len(err.strip().splitlines()) == 1, err
+    tally["bad inputs tried: LoRA adapter experts"] += 1
+
+
 # -- eval sets -------------------------------------------------------------------------------------------
 
 EVAL_CASES = {
