@@ -211,3 +211,27 @@ def test_an_exported_gemma3_merge_keeps_the_base_vision_tower(tmp_path, capsys):
     text = [n for n in got if "language_model" in n]
     for n in text:
         torch.testing.assert_close(got[n], (a[n] + g[n]) / 2, rtol=0, atol=1e-6)
+
+
+def test_reading_headers_needs_no_transformers_and_the_text_check_misses_no_mapping(tmp_path):
+    """Checkpoint.n_params of a plain checkpoint reads headers only: transformers (and torch) stay unloaded,
+    because whether an architecture is converted is first read from transformers' conversion_mapping.py as
+    text. That check may say yes too often (then transformers is asked), never no where a mapping exists."""
+    import subprocess
+    import sys
+
+    from transformers import CONFIG_MAPPING
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from mergelab.io.checkpoints import _named_in_conversion_source
+    from tests.helpers import save_checkpoint, tiny_config
+
+    missed = [t for t in CONFIG_MAPPING if get_checkpoint_conversion_mapping(t) is not None
+              and not _named_in_conversion_source(t)]
+    assert not missed and _named_in_conversion_source("qwen3_moe") and not _named_in_conversion_source("qwen2")
+    save_checkpoint(tmp_path / "c", tiny_config(), seed=0)
+    code = ("import sys\nfrom mergelab.io.checkpoints import Checkpoint\n"
+            f"print(Checkpoint({str(tmp_path / 'c')!r}).n_params, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent).stdout
+    assert out.split() == ["6608", "False", "False"], out
