@@ -239,3 +239,20 @@ def test_the_sweep_says_which_experts_are_adapters(adapter_family, tmp_path, cap
     code, out, err = cli(capsys, "sweep", "--family", adapter_family["merged"], "--methods", "average", "--k", "2",
                          "--db", tmp_path / "m.duckdb", "--device", "cpu")
     assert code == 0 and "note: size s" not in out, out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_adapter_of_the_gemma3_wrapper_applies_to_its_text_model(tmp_path):
+    """A LoRA trained on Gemma3ForConditionalGeneration names modules model.language_model.*; the base is read
+    as its text model (model.*): the adapter's updates land on the same weights as PEFT's merge_and_unload."""
+    from tests.test_layouts import layout_model, save
+
+    base = save(layout_model("gemma3"), tmp_path / "base")
+    merged = make_adapter(base, tmp_path / "lora", target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    ckpt = Checkpoint(AdapterPath(tmp_path / "lora", base))
+    assert len(ckpt.modules) == 6 and all(n.startswith("model.layers.") for n in ckpt.modules)
+    text = {"model." + k.removeprefix("model.language_model."): v for k, v in merged.items()
+            if k.startswith("model.language_model.")}
+    for name in ckpt.names:
+        torch.testing.assert_close(ckpt.tensor(name), text[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(ckpt.tensor(n), Checkpoint(base).tensor(n)) for n in ckpt.modules)

@@ -201,6 +201,8 @@ class AdapterCheckpoint(Checkpoint):
                 raise CheckpointError(f"{where}: module {module!r} has no lora_{lacking} matrix")
             a, b = parts["A"], parts["B"]
             name = f"{module}.weight"
+            if name not in self.base.shapes and self.base.layout is not None:  # e.g. trained on Gemma 3's wrapper
+                name = self.base.layout.model_name(name) or name
             if name not in self.base.shapes:
                 raise CheckpointError(f"{where}: adapts module {module!r}, but the base {self.base.path} has no tensor "
                                       f"{name!r} that mergelab merges; the adapter was trained on another base "

@@ -398,6 +398,9 @@ class StoredLayout:
         self.model, self.converters, self.text_config = model, converters, text_config
         self.sources, self.packed, self.shapes = sources, packed, shapes
         self.left_out, self.left_out_what = left_out, left_out_what
+        # a name as stored or as transformers' model names it -> the built model's name (None: not in it), e.g.
+        # for a LoRA adapter trained on the multimodal wrapper; names are not renamed when nothing is converted
+        self.model_name = lambda name: name
 
     def note(self) -> str:
         """One line on what is converted and what is left out, for logs and the sweep's plan ('' if nothing)."""
@@ -546,6 +549,12 @@ def _build_layout(ckpt: "Checkpoint") -> StoredLayout | None:
         return None
     layout = StoredLayout(full, {n: group_converter[n] for n in packed}, text_config, sources, packed, shapes,
                           sorted(set(left_out)), what)
+
+    def model_name(stored: str) -> str | None:
+        renamed, _ = rename_source_key(stored, renamings, [], full.base_model_prefix, params)
+        return to_model(renamed) if renamed in params else (to_model(stored) if stored in params else None)
+
+    layout.model_name = model_name
     note = layout.note()
     if note:
         import logging
