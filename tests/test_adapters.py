@@ -4,17 +4,17 @@ import json
 import shutil
 from pathlib import Path
 
+import peft  # noqa: F401  a test requirement (requirements-dev.txt): never skipped
 import pytest
 import torch
 
-from mergelab.errors import CheckpointError, ManifestError
+from mergelab.errors import CheckpointError
 from mergelab.io.adapters import AdapterCheckpoint, AdapterPath
 from mergelab.io.checkpoints import Checkpoint, check_compatible
 from mergelab.io.family import load_family
 from mergelab.io.fingerprint import checkpoint_fingerprint, size_fingerprints
 from tests.helpers import build_tiny_family, save_checkpoint, tiny_config
 
-pytest.importorskip("peft")
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1, **lora):

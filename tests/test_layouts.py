@@ -2,7 +2,6 @@
 tensor per expert, packed by transformers 5 into mlp.experts.gate_up_proj / down_proj; a Gemma 3 multimodal
 file holds language_model.model.* beside a vision tower. Tiny random models of each, saved by save_pretrained."""
 
-import json
 import math
 from pathlib import Path
 
