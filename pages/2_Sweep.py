@@ -107,6 +107,8 @@ def sweep_form() -> None:
     st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
+    for size_name, note in report.layout_notes.items():  # LoRA adapter experts, packed or left-out tensors
+        st.caption(f"Size {size_name}: {note}")
     if launch:
         try:
             job_id = queue.submit(job)

@@ -256,3 +256,20 @@ def test_an_adapter_of_the_gemma3_wrapper_applies_to_its_text_model(tmp_path):
     for name in ckpt.names:
         torch.testing.assert_close(ckpt.tensor(name), text[name], rtol=0, atol=1e-6)
     assert any(not torch.equal(ckpt.tensor(n), Checkpoint(base).tensor(n)) for n in ckpt.modules)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_sweep_page_estimate_says_which_experts_are_adapters(adapter_family, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    manifest = adapter_family["adapter"]
+    monkeypatch.setenv("MERGELAB_DB", str(tmp_path / "r.duckdb"))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_ROOTS", str(manifest.parent))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages/2_Sweep.py"), default_timeout=120).run()
+    at.selectbox(key="sweep-family").set_value("other path…").run()
+    at.text_input[0].input(str(manifest)).run()
+    at.button[0].click().run()  # Estimate
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("expert beta is a LoRA adapter of the base" in c.value for c in at.caption), [c.value for c in at.caption]
