@@ -61,6 +61,7 @@ def test_adapter_expert_equals_peft_merge_and_unload(tmp_path, case):
     base = Checkpoint(tmp_path / "base")
     assert isinstance(ckpt, AdapterCheckpoint) and ckpt.names == base.names and ckpt.modules
     check_compatible(base, ckpt)
+    assert ckpt.model_config().to_dict() == base.model_config().to_dict() and ckpt.n_params == base.n_params
     for name in ckpt.names:  # every tensor, adapted or not, as PEFT writes it (fp32 rounding at most)
         torch.testing.assert_close(ckpt.tensor(name), merged[name], rtol=0, atol=1e-6)
         out = torch.empty(base.shapes[name], dtype=torch.bfloat16)

@@ -244,6 +244,13 @@ class AdapterCheckpoint(Checkpoint):
     def tied_embeddings(self) -> bool:
         return self.base.tied_embeddings
 
+    @property
+    def layout(self):
+        return self.base.layout  # names are the base's, converted as the base's are
+
+    def model_config(self):
+        return self.base.model_config()
+
     @cached_property
     def names(self) -> list[str]:
         return list(self.base.names)
