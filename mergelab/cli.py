@@ -285,8 +285,9 @@ def results(
 
 
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
-SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets", "at_bound"]
-JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
+SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "metric", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets",
+                   "at_bound"]
+JOINT_COLUMNS = ["family", "setting", "domain", "metric", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
                  "identified", "reason"]
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
@@ -390,7 +391,6 @@ def fit(
     _check_table_options(format, bootstrap, weights, db, out, method)
     results = _selected_results(db, family, method, size, inputs_version)
     _check_domain(results, domain)
-    domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
     if paper:
         options["domain"] = domain or "macro"
@@ -398,8 +398,8 @@ def fit(
         text = export.write(table, format, analysis.provenance(results, what="paper", **options), out, what="paper")
         typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
         return
-    table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
-             else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
+    # through export.table: one metric at a time, a higher-is-better one read as a ceiling
+    table = export.table("joint" if joint else "fits", results, weights=weights, n_boot=bootstrap, domain=domain)
     if joint:  # the reason a joint fit is not identified, said once where it is read (tables may be cut)
         for reason in dict.fromkeys(table.loc[~table["identified"].fillna(False).astype(bool), "reason"].dropna()):
             typer.echo(f"note: joint fit not identified: {reason}", err=True)

@@ -102,7 +102,7 @@ def of_rows(rows) -> Metric:
     CE). Raises MergelabError when the rows hold more than one metric (pick one with `select`)."""
     if rows is None or "metric" not in rows or not len(rows):
         return CE
-    names = sorted(rows["metric"].unique())
+    names = sorted(_column(rows).unique())
     if len(names) > 1:
         raise MergelabError(f"these rows hold {len(names)} metrics ({', '.join(names)}): pick one")
     return from_row(rows.iloc[0])
@@ -111,6 +111,7 @@ def of_rows(rows) -> Metric:
 def from_row(row) -> Metric:
     """The metric a result row names (its `higher_better` and `unit` when present, else the registry's)."""
     name = row.get("metric", DEFAULT) if hasattr(row, "get") else DEFAULT
+    name = DEFAULT if not isinstance(name, str) else name  # NaN: a row from before metrics, CE
     known = REGISTRY.get(name, Metric(name))
     higher = row.get("higher_better") if hasattr(row, "get") else None
     unit = row.get("unit") if hasattr(row, "get") else None
@@ -122,7 +123,7 @@ def names(rows) -> list[str]:
     """The metrics present in result rows, CE first."""
     if rows is None or "metric" not in rows or not len(rows):
         return [DEFAULT]
-    found = sorted(rows["metric"].unique())
+    found = sorted(_column(rows).unique())
     return sorted(found, key=lambda n: (n != DEFAULT, n))
 
 
@@ -131,7 +132,12 @@ def select(rows, metric: str | None = None):
     if rows is None or "metric" not in rows:
         return rows
     metric = metric or names(rows)[0]
-    return rows[rows["metric"] == metric]
+    return rows[_column(rows) == metric]
+
+
+def _column(rows):
+    """The metric of each row; a row without one (a frame built before metrics) is CE."""
+    return rows["metric"].fillna(DEFAULT) if "metric" in rows else None
 
 
 def oriented(rows):
