@@ -284,6 +284,46 @@ def results(
         typer.echo(text, nl=False)
 
 
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="CSV, TSV, Parquet, JSON Lines or JSON (rows, or lm-eval results) "
+                                                 "files; one file per merged model for per-model layouts"),
+    db: Optional[Path] = typer.Option(None, help="results cache to write (default: MERGELAB_DB or the user data dir)"),
+    family: Optional[str] = typer.Option(None, help="family of rows without a family column"),
+    metric: Optional[str] = typer.Option(None, help="metric of rows without a metric column: ce (default), accuracy, "
+                                                    "exact_match, pass@1, … or NAME:higher|lower[:UNIT]"),
+    map: Optional[str] = typer.Option(None, "--map", help="FIELD=COLUMN,… (e.g. experts=subset,value=ce) or a .toml "
+                                                          "file with a [map] table"),
+    set_: Optional[str] = typer.Option(None, "--set", help="FIELD=VALUE,… for fields the file lacks "
+                                                           "(e.g. size=0.5B,method=ties)"),
+    pattern: Optional[str] = typer.Option(None, help="per-model files: a regular expression with named groups "
+                                                     "(experts, method, size) matched against each file's path"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and show what would be written; write nothing"),
+):
+    """Import results measured elsewhere (rows marked imported: source file and content hash as eval hash)."""
+    from mergelab import importing
+    from mergelab.paths import cache_files
+
+    protected = {p.resolve() for p, _ in cache_files(db)}
+    for path in files:
+        if path.resolve() in protected:
+            raise MergelabError(f"{path}: is the results cache itself; import a results file into it")
+    planned = importing.plan(files, family=family, metric=metric, mapping=importing.parse_map(map),
+                             constants=importing.parse_set(set_), pattern=pattern)
+    for name, layout in planned.layouts.items():
+        typer.echo(f"{name}: {layout}", err=True)
+    for note in planned.notes:
+        typer.echo(f"note: {note}", err=True)
+    summary = planned.summary()
+    if not summary.empty:
+        typer.echo(summary.to_string(index=False), err=True)
+    if dry_run:
+        typer.echo(f"would import {len(planned.rows)} rows (dry run: nothing written)")
+        return
+    added, known = importing.write(planned, db)
+    typer.echo(f"imported {added} rows" + (f" ({known} already cached)" if known else ""))
+
+
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
 SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "metric", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets",
                    "at_bound"]
@@ -404,7 +444,8 @@ def fit(
         for reason in dict.fromkeys(table.loc[~table["identified"].fillna(False).astype(bool), "reason"].dropna()):
             typer.echo(f"note: joint fit not identified: {reason}", err=True)
     if format == "table":
-        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns]
+        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns
+                and not (c == "metric" and set(table["metric"]) <= {"ce"})]  # named only beside another metric
         cis = [c for c in table.columns if c.startswith("ci_")]
         table = table[cols + cis].copy()
         for c in cis:
