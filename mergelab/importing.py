@@ -126,15 +126,24 @@ def plan(files, *, family: str | None = None, metric: str | None = None, mapping
         regex = None
     chosen = metrics.parse(metric) if metric else None
     frames, layouts, notes = [], {}, []
+    digests, labels = [], []
     for i, source in enumerate(files):
         data = contents[i] if contents is not None else _read_bytes(Path(source))
         name = names[i] if names is not None else str(source)
+        digests.append(hashlib.sha256(data).hexdigest())
+        labels.append(Path(name).name)
         frame, layout = _rows_of(name, data, chosen, dict(mapping or {}), dict(constants or {}), family, regex,
                                  None if contents is not None else Path(source), notes)
         layouts[name] = layout
         frames.append(frame)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     _check_unique(rows)
+    # one import, one eval set: its rows are current together (a later import of the same family, size and
+    # metric replaces them; a measured one always wins, see mergelab.store.stale_reasons)
+    source = labels[0] if len(labels) == 1 else f"{labels[0]}+{len(labels) - 1} more"
+    if not rows.empty:
+        digest = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+        rows["eval_hash"] = f"{IMPORTED_PREFIX}{source.replace(':', '_')}:{digest[:12]}"
     return ImportPlan(rows.drop(columns=["_where"]) if "_where" in rows else rows, layouts, notes)
 
 
@@ -260,7 +269,6 @@ def _lm_eval(name: str, doc: dict) -> pd.DataFrame:
 def _rows_of(name, data, chosen, mapping, constants, family, regex, path, notes) -> tuple[pd.DataFrame, str]:
     frame, lines, kind = _table(name, data)
     label = Path(name).name
-    digest = hashlib.sha256(data).hexdigest()[:12]
     if frame.empty and kind != "lm-eval":
         raise MergelabError(f"{name}: no rows to import")
     for key, column in mapping.items():
@@ -309,7 +317,6 @@ def _rows_of(name, data, chosen, mapping, constants, family, regex, path, notes)
                          f"({', '.join(sorted(set(out.loc[summary, 'domain'].astype(str))))})")
             out, where = out[~summary], where[~summary]
     out = _complete(name, out, where, family, chosen, columns, notes, label)
-    out["eval_hash"] = f"{IMPORTED_PREFIX}{label}:{digest}"
     out["device"] = "imported"
     out["_where"] = where
     return out, layout
@@ -563,8 +570,10 @@ def _check_unique(rows: pd.DataFrame) -> None:
     key = ["family", "size", "method", "hparams", "experts_key", "domain", "metric"]
     twice = rows.duplicated(key, keep=False)
     if twice.any():
-        group = rows[twice].groupby(key, sort=False)["_where"].apply(list).iloc[0]
-        raise MergelabError(f"{group[1]} repeats the merge, domain and metric of {group[0]}: keep one "
+        first, again = rows[twice].groupby(key, sort=False)["_where"].apply(list).iloc[0][:2]
+        file_, _, at = first.rpartition(" line ") if " line " in first else first.rpartition(" row ")
+        shown = first[len(file_) + 1:] if again.startswith(file_ + " ") else first  # same file: 'line 2'
+        raise MergelabError(f"{again} repeats the merge, domain and metric of {shown}: keep one "
                             f"(or give them different methods, sizes or hparams)")
     sizes = rows.groupby(["family", "size"])["n_params"].nunique()
     if (sizes > 1).any():

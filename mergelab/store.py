@@ -262,6 +262,9 @@ class ResultStore:
         if missing:
             raise CacheError(f"rows to cache lack columns {missing}")
         frame = frame[ROW_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame.columns]]
+        for column in METRIC_COLUMNS:  # rows that name no metric (beside rows that do) are CE
+            if column in frame.columns and frame[column].isna().any():
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), OPTIONAL_VALUES[column])
         frame = frame.drop_duplicates([c for c in KEY_COLUMNS if c in frame.columns], keep="first")
         with self.connect() as con:
             frame, problems = _valid_merges(frame, _required_columns(con))
@@ -534,7 +537,7 @@ def stale_reasons(rows: "pd.DataFrame", records: "pd.DataFrame", versions: dict 
         gone = {key: next((e for e in key_experts(key) if e not in experts), None) for key in expected}
         why = pd.Series("", index=group.index, dtype=object)
         for mask, reason in [
-            (group["metric_version"] != want_version, "computed with another metric version"),
+            ((group["metric_version"] != want_version) & ~imported, "computed with another metric version"),
             (~evaluated, "domain no longer evaluated"),
             (group["eval_hash"] != want_eval, "eval set changed" if not imported.any() else
              imported.map({True: "another import or measured eval set of this metric is current",
