@@ -304,12 +304,16 @@ def import_(
     from mergelab import importing
     from mergelab.paths import cache_files
 
+    if db is not None and db.is_dir():
+        raise MergelabError(f"--db {db}: is a folder; name the results cache file (e.g. results.duckdb)")
     protected = {p.resolve() for p, _ in cache_files(db)}
     for path in files:
         if path.resolve() in protected:
             raise MergelabError(f"{path}: is the results cache itself; import a results file into it")
     planned = importing.plan(files, family=family, metric=metric, mapping=importing.parse_map(map),
                              constants=importing.parse_set(set_), pattern=pattern)
+    added, known = (0, 0) if dry_run else importing.write(planned, db)
+    # what was read, after the write: a refused import prints its one error line and nothing else
     for name, layout in planned.layouts.items():
         typer.echo(f"{name}: {layout}", err=True)
     for note in planned.notes:
@@ -320,7 +324,6 @@ def import_(
     if dry_run:
         typer.echo(f"would import {len(planned.rows)} rows (dry run: nothing written)")
         return
-    added, known = importing.write(planned, db)
     typer.echo(f"imported {added} rows" + (f" ({known} already cached)" if known else ""))
 
 

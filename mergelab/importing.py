@@ -177,6 +177,9 @@ def _kind(name: str, data: bytes) -> str:
             return kind
     if data[:4] == b"PAR1":
         return "parquet"
+    if data[8:12] == b"DUCK":
+        raise MergelabError(f"{name}: a DuckDB database, not a results file; write its rows with "
+                            f"`mergelab export --what results --db {name} --out rows.parquet` and import that")
     raise MergelabError(f"{name}: cannot tell the format from the name; expected .csv, .tsv, .parquet, .jsonl or .json")
 
 
