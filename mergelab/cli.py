@@ -314,10 +314,17 @@ def import_(
                              constants=importing.parse_set(set_), pattern=pattern)
     added, known = (0, 0) if dry_run else importing.write(planned, db)
     # what was read, after the write: a refused import prints its one error line and nothing else
+    from collections import Counter
+
+    layouts = Counter(planned.layouts.values())  # one line per layout, not per file, for a folder of per-model files
     for name, layout in planned.layouts.items():
-        typer.echo(f"{name}: {layout}", err=True)
-    for note in planned.notes:
-        typer.echo(f"note: {note}", err=True)
+        if layouts[layout] == 1:
+            typer.echo(f"{name}: {layout}", err=True)
+    for layout, n in layouts.items():
+        if n > 1:
+            typer.echo(f"{n} files: {layout}", err=True)
+    for note, n in Counter(planned.notes).items():
+        typer.echo(f"note: {note}" + (f" (× {n})" if n > 1 else ""), err=True)
     summary = planned.summary()
     if not summary.empty:
         typer.echo(summary.to_string(index=False), err=True)

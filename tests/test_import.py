@@ -231,3 +231,29 @@ def test_importing_100k_rows_takes_seconds(tmp_path, capsys):
     assert ResultStore(db).count() == 100_000
     print(f"\nimporting 100k rows from CSV: {took:.1f} s")
     assert took < 120  # measured about 10 s on 2 shared cores
+
+
+def test_the_readme_examples(tmp_path, capsys):
+    """README, "Bring your own results": the paper's per-model CSVs, then accuracy beside them, fitted."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "examples"
+    db = tmp_path / "r.duckdb"
+    files = sorted((root / "paper_results").glob("*/all/results.csv"))
+    assert len(files) == 15
+    code, out, err = cli(capsys, "import", *files, "--db", db, "--family", "qwen2.5", "--pattern",
+                         r"Qwen2.5-(?P<size>[^_]+)__(?P<method>.+?)__(?P<experts>[^/]+)/all/results\.csv$")
+    assert code == 0 and out.strip() == "imported 60 rows" and "15 files: per model: one row per domain" in err
+    assert "2 summary row(s) left out (Avg., Overall) (× 15)" in err
+    code, out, err = cli(capsys, "import", root / "accuracy.csv", "--db", db, "--family", "qwen2.5",
+                         "--map", "size=model_size", "--set", "method=task_arithmetic")
+    assert code == 0 and out.strip() == "imported 30 rows", err
+    code, out, err = cli(capsys, "fit", "--db", db, "--family", "qwen2.5", "--domain", "macro", "--format", "csv")
+    assert code == 0, err
+    fits = pd.read_csv(pd.io.common.StringIO(out), comment="#").set_index("metric")
+    assert fits.loc["ce", "L_inf"] == pytest.approx(0.560, abs=0.001) and fits.loc["ce", "b"] == pytest.approx(1.87, abs=0.01)
+    assert fits.loc["accuracy", "formula"] == "C − A/(k+b)" and 0.45 < fits.loc["accuracy", "L_inf"] < 0.55
+    out_file = tmp_path / "fits.csv"
+    assert cli(capsys, "export", "--what", "fits", "--db", db, "--family", "qwen2.5", "--format", "csv",
+               "--out", out_file)[0] == 0
+    assert out_file.read_text().startswith("# provenance: ")
