@@ -59,6 +59,14 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
           for y in values(trace["y"])]
     assert ys and min(ys) > 0  # points drawn as accuracies
 
+    plan = run("pages/3_Fit_and_Plan.py", family="acc-fam")
+    target = plan.number_input[0]
+    assert target.label == "target accuracy (fraction)" and 0.5 < target.value < 0.8  # in accuracy's own values
+    assert not any("No ceiling-based planning" in w.value for w in plan.warning)  # it rises: a ceiling to plan for
+    assert "ceiling C (fraction)" in plan.dataframe[0].value.columns
+    synergy = run("pages/4_Synergy.py", family="acc-fam")
+    assert "accuracy gain (fraction)" in synergy.get("plotly_chart")[0].proto.spec
+
 
 def test_a_bad_upload_names_line_and_column_and_writes_nothing(empty_cache):
     at = run("pages/6_Import.py")

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from mergelab import __version__
+from mergelab import __version__, metrics
 from mergelab.analysis.fit import FitError, FitFailure, JointFit, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.means import mean_by_k, per_k_means
@@ -222,6 +222,9 @@ def provenance(results: pd.DataFrame, **options) -> dict:
         "n_merges": int(merges[["family", "size", "method", "hparams", "experts_key"]].drop_duplicates().shape[0]),
         "eval_hashes": sorted(results["eval_hash"].unique()),
         "metric_version": sorted(int(v) for v in results["metric_version"].unique()),
+        # what the numbers are (mergelab.metrics): name → direction and unit; CE for rows that name none
+        "metrics": {m.name: {"direction": m.direction, "unit": m.unit}
+                    for m in (metrics.of_rows(metrics.select(results, n)) for n in metrics.names(results))},
         "options": options,
     }
 
