@@ -14,7 +14,8 @@ from mergelab.analysis.fit import FitError
 from mergelab.analysis.tables import fit_joint_merges
 from mergelab.names import MACRO
 
-ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
+ui.page_header("Curves", "Cross-entropy (or the family's other metric, picked in the sidebar) of merged models vs the "
+               "number of experts k. Faint dots: single subsets; "
                "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞. "
                "Intervals and bands resample experts, not subsets (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
@@ -29,6 +30,7 @@ with st.sidebar.expander("Display", expanded=True) as display:
                         place=display, help="expert bootstrap: each draw is a new pool of experts resampled from yours, "
                                             "with their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
     scale_label = ui.setting("radio", "y axis", "y", "cross-entropy", options=list(NORMALISED), place=display,
+                             format_func=lambda o: (metric.label or metric.name) if o == "cross-entropy" else o,
                              help="L(k) − L(1) or L(k)/L(1) put curves of different scales side by side (the demo's "
                                   "tiny models and the paper's law); L(1) is each curve's own mean at k = 1")
     how = NORMALISED[scale_label]
@@ -95,7 +97,7 @@ with right:
         except FitError as exc:
             st.caption(f"joint fit: {exc}")
     drawn = joint if joint is not None and joint.identified else None
-    size_fig = size_figure(points, drawn, k=k_fixed)
+    size_fig = size_figure(points, drawn, k=k_fixed, y_title=metric.axis)
     st.plotly_chart(size_fig, width="stretch", key="sizes")
     figure_download(size_fig, f"{family}_{domain}_sizes_k{k_fixed}", "dl-sizes")
     if joint is not None:
