@@ -338,10 +338,10 @@ class ResultStore:
         """Cross-domain (macro-mean) loss per merge over the current rows matching `filters`; n_domains tells
         how many domains it averages (compare with the family's to keep complete merges only)."""
         rows = self.results(**filters)
-        keys = ["family", "size", "method", "hparams", "experts_key"]
+        keys = ["family", "size", "method", "hparams", "experts_key", "metric"]  # never a mean across metrics
         return (rows.groupby(keys, as_index=False, sort=True)
                 .agg(n_params=("n_params", "first"), k=("k", "first"), loss=("loss", "mean"), n_domains=("loss", "size"))
-                .sort_values(["family", "size", "method", "hparams", "k", "experts_key"], ignore_index=True))
+                .sort_values(["family", "size", "method", "hparams", "k", "experts_key", "metric"], ignore_index=True))
 
     def inputs_versions(self, family: str | None = None) -> "pd.DataFrame":
         """The inputs versions sweeps recorded (columns of the inputs table, `experts_fp` and `eval_hashes`

@@ -257,3 +257,14 @@ def test_the_readme_examples(tmp_path, capsys):
     assert cli(capsys, "export", "--what", "fits", "--db", db, "--family", "qwen2.5", "--format", "csv",
                "--out", out_file)[0] == 0
     assert out_file.read_text().startswith("# provenance: ")
+
+
+def test_the_results_command_csv_imports_too(tmp_path, capsys):
+    """`mergelab results --format csv` prints the expert list as a Python list literal: read as a literal."""
+    source = tmp_path / "measured.duckdb"
+    ResultStore(source).upsert(synthetic_results({"average": lambda k: 2 + 1 / k}, list("abc"), domains=("x",)))
+    out = tmp_path / "rows.csv"
+    assert cli(capsys, "results", "--db", source, "--format", "csv", "--out", out)[0] == 0
+    assert "\"['a', 'b']\"" in out.read_text()
+    code, printed, err = cli(capsys, "import", out, "--db", tmp_path / "back.duckdb")
+    assert code == 0 and printed.strip() == f"imported {ResultStore(source).count()} rows", err

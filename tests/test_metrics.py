@@ -90,3 +90,25 @@ def test_export_of_results_keeps_each_rows_metric(tmp_path):
     got = ResultStore(db).results()
     assert set(got["metric"]) == {"accuracy"} and got["higher_better"].all() and set(got["unit"]) == {"fraction"}
     assert export.table("results", got) is got
+
+
+def test_paper_figures_and_macro_means_keep_metrics_apart(tmp_path):
+    import pandas as pd
+
+    from mergelab import figures
+    from tests.test_app_states import values
+
+    ce = synthetic_results({"average": lambda k: 2.0 + 0.5 / (k + 0.5)}, EXPERTS, domains=("x",))
+    db = tmp_path / "r.duckdb"
+    ResultStore(db).upsert(pd.concat([ce, accuracy_rows()], ignore_index=True))
+    macro = ResultStore(db).macro(method="average", experts_key="a+b")
+    assert sorted(macro["metric"]) == ["accuracy", "ce"]  # one mean per metric, never across them
+    only_acc = ResultStore(db).results(metric="accuracy")
+    fig = figures.curves(only_acc)
+    assert fig.layout.yaxis.title.text == "accuracy (fraction)"
+    ys = [y for trace in fig.data if trace.y is not None for y in values(trace.y)]
+    assert min(ys) > 0.4 and max(ys) < 0.85  # accuracies, not their negation
+    sizes = figures.sizes(only_acc)
+    assert sizes.layout.yaxis.title.text == "accuracy (fraction)" and min(sizes.data[0].y) > 0
+    both = figures.curves(ResultStore(db).results())  # CE first when a family holds both
+    assert both.layout.yaxis.title.text == "cross-entropy (nats/token)"

@@ -69,7 +69,7 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
 def per_k_summary(store, family: str, sizes) -> pd.DataFrame:
     """Mean cross-domain CE per k (rows) for each size and method setting (columns), over the current
     cached merges of `family` (a ResultStore's) at `sizes` (those evaluated on every current domain)."""
-    macro = merge_losses(store.results(family=family, size=list(sizes)))
+    macro = merge_losses(metrics.select(store.results(family=family, size=list(sizes)), metrics.DEFAULT))
     if macro.empty:
         return macro
     return mean_by_k(macro, ["size", "setting"]).pivot(index="k", columns=["size", "setting"], values="loss").round(4)
