@@ -98,7 +98,11 @@ def render(frame: pd.DataFrame, fmt: str, provenance: dict, what: str | None = N
     from mergelab.paper import UNITS, latex
 
     check_format(fmt)
-    provenance = {**provenance, "units": UNITS}
+    units = dict(UNITS)
+    if "metric" in frame and set(frame["metric"].dropna()) - {"ce"}:  # values of other metrics: their own units
+        key = next(k for k in units if k.startswith("loss"))
+        units[key] = "the unit of each row's metric (metric, direction and unit columns; ce: nats per token)"
+    provenance = {**provenance, "units": units}
     prov = json.dumps(provenance, sort_keys=True, default=str)
     plain = _plain(frame)
     if fmt == "csv":

@@ -170,6 +170,9 @@ def shown(table, metric: Metric, columns=BOUND_COLUMNS):
             if ci in out:
                 out[ci] = [[-v[1], -v[0]] if isinstance(v, (list, tuple, np.ndarray)) and len(v) == 2 else v
                            for v in out[ci]]
+            lo, hi = f"{column}_lo", f"{column}_hi"  # the paper table's interval columns
+            if lo in out and hi in out:
+                out[lo], out[hi] = -out[hi], -out[lo]
         if "formula" in out:
             out["formula"] = out["formula"].map(lambda f: FORMULAS.get(f, f) if isinstance(f, str) else f)
     if len(out):

@@ -112,3 +112,14 @@ def test_paper_figures_and_macro_means_keep_metrics_apart(tmp_path):
     assert sizes.layout.yaxis.title.text == "accuracy (fraction)" and min(sizes.data[0].y) > 0
     both = figures.curves(ResultStore(db).results())  # CE first when a family holds both
     assert both.layout.yaxis.title.text == "cross-entropy (nats/token)"
+
+
+def test_the_paper_table_of_an_accuracy_reads_as_a_ceiling():
+    from mergelab.export import render
+
+    table = export.table("paper", accuracy_rows(), n_boot=30)
+    row = table.iloc[0]
+    assert 0.75 < row["L_inf"] < 0.85 and row["L_inf_lo"] <= row["L_inf"] <= row["L_inf_hi"]  # ends swapped back
+    tex = render(table, "latex", {"options": {"what": "paper"}}, "paper")
+    assert "$C$" in tex and r"$y(k) = C - A/(k+b)$" in tex and "accuracy in fraction" in tex
+    assert "cross-entropy" not in tex
