@@ -217,8 +217,13 @@ def sweep(
     reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
     backend: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; pip install 'mergelab[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
+    downstream: Optional[Path] = typer.Option(None, help="a folder of lm-eval task YAMLs (local data) to run on each "
+                                                         "merged model beside CE, one accuracy row per task "
+                                                         "(pip install 'mergelab[lmeval]')"),
+    downstream_per_k: int = typer.Option(0, help="with --downstream: 0 runs the tasks on every merge, N on the first "
+                                                 "N merges of each k"),
 ):
-    """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
+    """Merge every chosen subset in memory, evaluate CE per domain (and lm-eval tasks), cache the rows."""
     from mergelab.io.family import load_family
     from mergelab.store import ResultStore
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
@@ -233,8 +238,15 @@ def sweep(
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
     pools = {name: len(fam.size(name).experts) for name in swept}  # each swept size's own pool
+    tasks = None
+    if downstream is not None:
+        from mergelab.sweep.downstream import Downstream
+
+        tasks = Downstream(downstream, per_k=downstream_per_k)
+    elif downstream_per_k:
+        raise MergelabError("--downstream-per-k is for --downstream; name the task folder")
     spec = SweepSpec(fam, swept, _parse_hparams(hp, method_names), parse_ks(k, pools),
-                     parse_subsets(subsets), seed, reference)
+                     parse_subsets(subsets), seed, reference, tasks)
     if address and backend != "ray":
         raise MergelabError("--address is for --backend ray")
     check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))

@@ -36,11 +36,17 @@ def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int =
     if what == "results":
         return results
     frames = []
+    from mergelab.names import MACRO
+
     for name in metrics.names(results):
         rows = metrics.select(results, name)
+        if domain not in (None, MACRO) and what in DOMAIN_TABLES and domain not in set(rows["domain"]):
+            continue  # a task of one metric (e.g. an lm-eval task) is no domain of another
         metric = metrics.of_rows(rows)
         frames.append(metrics.shown(_one_metric(what, metrics.oriented(rows), weights=weights, n_boot=n_boot,
                                                 domain=domain), metric))
+    if not frames:
+        raise MergelabError(f"--domain {domain!r}: no metric of these results has that domain")
     return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 

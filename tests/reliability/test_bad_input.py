@@ -616,6 +616,11 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
         ("demo up", "--host"): [(["--host", v], f"--host '{v}'") for v in ("a b", "", "-x", "host_with_underscore")],
         ("demo up", "--db"): [(["--db", EMPTY], "is a folder"), (["--db", F], "family manifest")],
 
+        ("sweep", "--downstream"): [(["--downstream", T / "nothing"], "not a folder of lm-eval task YAMLs"),
+                                    (["--downstream", EMPTY], "no task YAML in it")],
+        ("sweep", "--downstream-per-k"): [(["--downstream-per-k", "2"], "--downstream-per-k is for --downstream"),
+                                          (["--downstream-per-k", "x"], "Invalid value for '--downstream-per-k'")],
+
         ("import", "files"): [([T / "nothing.csv"], "nothing.csv: cannot read"), ([EMPTY], "is a folder"),
                               ([E], "one file per merged model needs its experts"), ([D], "a DuckDB database, not a results file"),
                               ([F], "cannot tell the format"), ([bad_table(T)], "bad.csv line 3, column 'ce': 'x' is not")],
