@@ -132,7 +132,8 @@ ON CONFLICT DO NOTHING
 
 class ResultStore:
     """The results cache at `path` (default: MERGELAB_DB, else results.duckdb in the data dir): one row
-    per (merge, domain) with the loss in nats per token and the size as a parameter count (KEY_COLUMNS,
+    per (merge, domain, metric) with its value in the `loss` column (CE in nats per token unless `metric`,
+    `higher_better` and `unit` say otherwise, mergelab.metrics) and the size as a parameter count (KEY_COLUMNS,
     RESULT_COLUMNS). `upsert` inserts rows idempotently, `results` / `macro` / `cached_keys` read them as
     DataFrames. Every call opens the file briefly; readers retry while a writer holds it, for up to
     `lock_timeout` seconds. Raises CacheError (a MergelabError) for a file it cannot open, a foreign or

@@ -268,3 +268,20 @@ def test_the_results_command_csv_imports_too(tmp_path, capsys):
     assert "\"['a', 'b']\"" in out.read_text()
     code, printed, err = cli(capsys, "import", out, "--db", tmp_path / "back.duckdb")
     assert code == 0 and printed.strip() == f"imported {ResultStore(source).count()} rows", err
+
+
+def test_a_toml_mapping_and_a_declared_metric(tmp_path, capsys):
+    src = tmp_path / "bleu.csv"
+    src.write_text("run,subset,task,score\nr1,a,wmt,20.5\nr1,a+b,wmt,22.0\nr1,a+b+c,wmt,23.1\n")
+    mapping = tmp_path / "map.toml"
+    mapping.write_text('[map]\nexperts = "subset"\ndomain = "task"\nvalue = "score"\n')
+    db = tmp_path / "r.duckdb"
+    code, out, err = cli(capsys, "import", src, "--db", db, "--family", "mt", "--map", mapping,
+                         "--metric", "bleu:higher:points")
+    assert code == 0 and out.strip() == "imported 3 rows", err
+    rows = imported(db)
+    assert set(rows["metric"]) == {"bleu"} and rows["higher_better"].all() and set(rows["unit"]) == {"points"}
+    assert list(rows["loss"]) == [20.5, 22.0, 23.1]
+    code, out, _ = cli(capsys, "import", src, "--db", db, "--family", "mt", "--map", mapping, "--metric", "bleu:higher",
+                       "--dry-run")
+    assert code == 0 and "would import 3 rows (dry run: nothing written)" in out
