@@ -217,8 +217,13 @@ def sweep(
     reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
     backend: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; pip install 'mergelab[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
+    downstream: Optional[Path] = typer.Option(None, help="a folder of lm-eval task YAMLs (local data) to run on each "
+                                                         "merged model beside CE, one accuracy row per task "
+                                                         "(pip install 'mergelab[lmeval]')"),
+    downstream_per_k: int = typer.Option(0, help="with --downstream: 0 runs the tasks on every merge, N on the first "
+                                                 "N merges of each k"),
 ):
-    """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
+    """Merge every chosen subset in memory, evaluate CE per domain (and lm-eval tasks), cache the rows."""
     from mergelab.io.family import load_family
     from mergelab.store import ResultStore
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
@@ -233,8 +238,15 @@ def sweep(
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
     pools = {name: len(fam.size(name).experts) for name in swept}  # each swept size's own pool
+    tasks = None
+    if downstream is not None:
+        from mergelab.sweep.downstream import Downstream
+
+        tasks = Downstream(downstream, per_k=downstream_per_k)
+    elif downstream_per_k:
+        raise MergelabError("--downstream-per-k is for --downstream; name the task folder")
     spec = SweepSpec(fam, swept, _parse_hparams(hp, method_names), parse_ks(k, pools),
-                     parse_subsets(subsets), seed, reference)
+                     parse_subsets(subsets), seed, reference, tasks)
     if address and backend != "ray":
         raise MergelabError("--address is for --backend ray")
     check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))
@@ -286,9 +298,60 @@ def results(
         typer.echo(text, nl=False)
 
 
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="CSV, TSV, Parquet, JSON Lines or JSON (rows, or lm-eval results) "
+                                                 "files; one file per merged model for per-model layouts"),
+    db: Optional[Path] = typer.Option(None, help="results cache to write (default: MERGELAB_DB or the user data dir)"),
+    family: Optional[str] = typer.Option(None, help="family of rows without a family column"),
+    metric: Optional[str] = typer.Option(None, help="metric of rows without a metric column: ce (default), accuracy, "
+                                                    "exact_match, pass@1, … or NAME:higher|lower[:UNIT]"),
+    map: Optional[str] = typer.Option(None, "--map", help="FIELD=COLUMN,… (e.g. experts=subset,value=ce) or a .toml "
+                                                          "file with a [map] table"),
+    set_: Optional[str] = typer.Option(None, "--set", help="FIELD=VALUE,… for fields the file lacks "
+                                                           "(e.g. size=0.5B,method=ties)"),
+    pattern: Optional[str] = typer.Option(None, help="per-model files: a regular expression with named groups "
+                                                     "(experts, method, size) matched against each file's path"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and show what would be written; write nothing"),
+):
+    """Import results measured elsewhere (rows marked imported: source file and content hash as eval hash)."""
+    from mergelab import importing
+    from mergelab.paths import cache_files
+
+    if db is not None and db.is_dir():
+        raise MergelabError(f"--db {db}: is a folder; name the results cache file (e.g. results.duckdb)")
+    protected = {p.resolve() for p, _ in cache_files(db)}
+    for path in files:
+        if path.resolve() in protected:
+            raise MergelabError(f"{path}: is the results cache itself; import a results file into it")
+    planned = importing.plan(files, family=family, metric=metric, mapping=importing.parse_map(map),
+                             constants=importing.parse_set(set_), pattern=pattern)
+    added, known = (0, 0) if dry_run else importing.write(planned, db)
+    # what was read, after the write: a refused import prints its one error line and nothing else
+    from collections import Counter
+
+    layouts = Counter(planned.layouts.values())  # one line per layout, not per file, for a folder of per-model files
+    for name, layout in planned.layouts.items():
+        if layouts[layout] == 1:
+            typer.echo(f"{name}: {layout}", err=True)
+    for layout, n in layouts.items():
+        if n > 1:
+            typer.echo(f"{n} files: {layout}", err=True)
+    for note, n in Counter(planned.notes).items():
+        typer.echo(f"note: {note}" + (f" (× {n})" if n > 1 else ""), err=True)
+    summary = planned.summary()
+    if not summary.empty:
+        typer.echo(summary.to_string(index=False), err=True)
+    if dry_run:
+        typer.echo(f"would import {len(planned.rows)} rows (dry run: nothing written)")
+        return
+    typer.echo(f"imported {added} rows" + (f" ({known} already cached)" if known else ""))
+
+
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
-SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets", "at_bound"]
-JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
+SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "metric", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets",
+                   "at_bound"]
+JOINT_COLUMNS = ["family", "setting", "domain", "metric", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
                  "identified", "reason"]
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
@@ -392,7 +455,6 @@ def fit(
     _check_table_options(format, bootstrap, weights, db, out, method)
     results = _selected_results(db, family, method, size, inputs_version)
     _check_domain(results, domain)
-    domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
     if paper:
         options["domain"] = domain or "macro"
@@ -400,13 +462,14 @@ def fit(
         text = export.write(table, format, analysis.provenance(results, what="paper", **options), out, what="paper")
         typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
         return
-    table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
-             else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
+    # through export.table: one metric at a time, a higher-is-better one read as a ceiling
+    table = export.table("joint" if joint else "fits", results, weights=weights, n_boot=bootstrap, domain=domain)
     if joint:  # the reason a joint fit is not identified, said once where it is read (tables may be cut)
         for reason in dict.fromkeys(table.loc[~table["identified"].fillna(False).astype(bool), "reason"].dropna()):
             typer.echo(f"note: joint fit not identified: {reason}", err=True)
     if format == "table":
-        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns]
+        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns
+                and not (c == "metric" and set(table["metric"]) <= {"ce"})]  # named only beside another metric
         cis = [c for c in table.columns if c.startswith("ci_")]
         table = table[cols + cis].copy()
         for c in cis:

@@ -199,6 +199,7 @@ class SweepSpec:
     subsets: str | int = "all"
     seed: int = 0
     reference_rows: bool = True       # record base (k=0) and single experts (k=1)
+    downstream: "object | None" = None  # mergelab.sweep.downstream.Downstream: lm-eval tasks beside CE (local only)
 
     def ks_for(self, size) -> list[int]:
         """The ks swept for `size` (a SizeSpec): `ks`, or when empty 1..M of the size's own pool of M

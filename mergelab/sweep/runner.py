@@ -114,13 +114,15 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
     if backend not in BACKENDS:
         raise MergelabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "ray" and spec.downstream is not None:
+        raise MergelabError("--downstream runs with --backend local only (lm-eval on the resident model here)")
     if backend == "ray":
         require_ray()  # before the (slow) planning: a missing extra fails at once
     choose_threads(0)  # a bad MERGELAB_THREADS is refused before the planning too
     started = time.perf_counter()
     report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
     if backend == "local":
-        results = local_results(spec.family, todo, eval_data, device, progress)
+        results = local_results(spec.family, todo, eval_data, device, progress, spec.downstream)
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))

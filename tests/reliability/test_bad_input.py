@@ -520,6 +520,7 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
     """{(command, option): [(extra arguments, fragment the one-line error must hold), …]} over the paths `p`."""
     F, D, T, E, C, EMPTY = p["manifest"], p["db"], p["tmp"], p["eval"], p["checkpoint"], p["empty"]
     big = str(2**64)
+    good = good_table(T)
     return {
         ("sweep", "--family"): [(["--family", T / "nothing.toml"], "family manifest not found"),
                                 (["--family", EMPTY], "family manifest not found"), (["--family", E], "not valid TOML"),
@@ -681,7 +682,52 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
                                + [(["--port", "x"], "Invalid value for '--port'")],
         ("demo up", "--host"): [(["--host", v], f"--host '{v}'") for v in ("a b", "", "-x", "host_with_underscore")],
         ("demo up", "--db"): [(["--db", EMPTY], "is a folder"), (["--db", F], "family manifest")],
+
+        ("sweep", "--downstream"): [(["--downstream", T / "nothing"], "not a folder of lm-eval task YAMLs"),
+                                    (["--downstream", EMPTY], "no task YAML in it")],
+        ("sweep", "--downstream-per-k"): [(["--downstream-per-k", "2"], "--downstream-per-k is for --downstream"),
+                                          (["--downstream-per-k", "x"], "Invalid value for '--downstream-per-k'")],
+
+        ("import", "files"): [([T / "nothing.csv"], "nothing.csv: cannot read"), ([EMPTY], "is a folder"),
+                              ([E], "one file per merged model needs its experts"), ([D], "a DuckDB database, not a results file"),
+                              ([F], "cannot tell the format"), ([bad_table(T)], "bad.csv line 3, column 'ce': 'x' is not")],
+        ("import", "--db"): [([good, "--db", EMPTY], "is a folder"),
+                             ([good, "--db", F], "cannot open the results cache"),
+                             ([good, "--db", good], "is the results cache itself")],
+        ("import", "--family"): [([good, "--family", "a·b"], "'a·b' contains '·'"),
+                                 ([good, "--family", ""], "no family column: name the family with --family")],
+        ("import", "--metric"): [([good, "--metric", "bleu"], "metric 'bleu' is not known"),
+                                 ([good, "--metric", "bleu:up"], "expected NAME or NAME:higher|lower"),
+                                 ([good, "--metric", "accuracy:lower"], "accuracy is higher is better")],
+        ("import", "--map"): [([good, "--map", "experts"], "expected FIELD=COLUMN"),
+                              ([good, "--map", "nope=x"], "--map 'nope': not a field"),
+                              ([good, "--map", "experts=nosuch"], "no column 'nosuch'"),
+                              ([good, "--map", bad_toml(T)], "not a TOML file")],
+        ("import", "--set"): [([good, "--set", "size"], "expected FIELD=VALUE"),
+                              ([good, "--set", "colour=red"], "expected FIELD=VALUE")],
+        ("import", "--pattern"): [([good, "--pattern", "("], "not a regular expression"),
+                                  ([E, "--pattern", "(?P<experts>zzz)"], "does not match this path")],
+        ("import", "--dry-run"): [([good, "--dry-run=1"], "'--dry-run' does not take a value")],
     }
+
+
+def good_table(T: Path) -> Path:
+    """A valid file for `mergelab import` (no family column: the fuzz base gives --family)."""
+    path = T / "import-good.csv"
+    path.write_text("experts,domain,ce\na,x,2.5\na+b,x,2.4\n")
+    return path
+
+
+def bad_table(T: Path) -> Path:
+    path = T / "bad.csv"
+    path.write_text("experts,domain,ce\na,x,2.5\na+b,x,x\n")
+    return path
+
+
+def bad_toml(T: Path) -> Path:
+    path = T / "map.toml"
+    path.write_text("experts = [unclosed\n")
+    return path
 
 
 FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace these)
@@ -700,6 +746,7 @@ FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace 
     "adopt": lambda p: ["adopt", "--family", p["manifest"], "--db", p["db"]],
     "demo build": lambda p: ["demo", "build", "--out", p["tmp"] / "d", "--sizes", "xs"],
     "demo up": lambda p: ["demo", "up", "--no-ui", "--db", p["tmp"] / "up.duckdb"],
+    "import": lambda p: ["import", "--db", p["tmp"] / "imp.duckdb", "--family", "fz"],  # each case names the file
 }
 
 
@@ -770,10 +817,12 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
             assert fragment in err, (shown, fragment, err)
             n += 1
     assert snapshot(*inputs) == before  # no input touched, not even the cache
-    written = {"new.duckdb", "x.csv", "x.png", "x.pdf", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite"}
+    written = {"new.duckdb", "x.csv", "x.png", "x.pdf", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite",
+               "imp.duckdb"}
     assert not written & {p.name for p in tmp_path.iterdir()}, sorted(p.name for p in tmp_path.iterdir())
     assert not list(tmp_path.glob(".*.partial-*")) and not list(root.glob(".*.partial-*"))
     tally["bad inputs tried: every CLI option (fuzz)"] += n
     tally["bad inputs tried: paper export options (--domain, --figure, --columns, --dpi, figure --format)"] += sum(
         len(cases[("export", o)]) for o in ("--domain", "--figure", "--columns", "--dpi")) + 3
     tally["CLI options fuzzed"] += len(cases)
+    tally["bad inputs tried: mergelab import files and options"] += sum(len(v) for k, v in cases.items() if k[0] == "import")
