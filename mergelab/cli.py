@@ -76,7 +76,10 @@ def _reading_db(db: Path | None) -> Path | None:
 
 
 def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
-    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
+    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}; an option
+    of every method (weights, include, exclude: `methods.options`) may omit METHOD. and then applies to
+    every method of --methods (a METHOD.option item overrides it for that method)."""
+    from mergelab.engine.methods.options import OPTIONS
     import json
 
     if not methods:
@@ -84,6 +87,10 @@ def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     hps: dict[str, dict] = {m: {} for m in methods}
     for item in items:
         target, sep, raw = item.partition("=")
+        if sep and target in OPTIONS:  # weights=…: every method
+            for method in methods:
+                hps[method].setdefault(target, raw)
+            continue
         method, dot, param = target.partition(".")
         if not sep or not dot:
             raise MergelabError(f"--hp {item!r}: expected METHOD.PARAM=VALUE, e.g. ties.density=0.5")

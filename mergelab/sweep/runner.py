@@ -10,6 +10,7 @@ from typing import Callable
 
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
 from mergelab.engine.methods import canonical_hparams, get_method
+from mergelab.engine.methods.options import check_options
 from mergelab.engine.threads import choose_threads, torch_threads
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
@@ -164,6 +165,10 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     for size in sizes:  # counted before any checkpoint is opened or any subset listed
         check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
+    for size in sizes:  # weights for an expert the size lacks, filters matching no tensor: refused, not ignored
+        tensors = Checkpoint(size.base).names
+        for name, hp in methods.items():
+            check_options(name, hp, tensors, size.expert_names, f"size {size.name!r}")
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
         eval_data[size.name] = _prepare_size_eval(spec.family, size)
