@@ -1,5 +1,6 @@
 """Each merge formula against hand-computed tiny tensors, including DESIGN §4's edge cases."""
 
+import json
 import math
 
 import pytest
@@ -416,7 +417,8 @@ def test_weights_commute_with_every_per_expert_step():
 
 # ---- against PEFT's merge utilities, on the same tiny tensors ---------------------------------------
 
-peft_merge = pytest.importorskip("peft.utils.merge_utils")
+import peft.utils.merge_utils as peft_merge  # noqa: E402  (a test requirement: requirements-dev.txt)
+pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")  # PEFT at density 1
 
 
 def _peft_random_masks(shape, k, density, seed):
@@ -494,3 +496,97 @@ def test_weighted_ties_differs_from_peft_where_documented():
     theirs = peft_merge.ties(list(deltas), torch.tensor([1.0, 2.0]), 1.0)
     assert ours.item() == pytest.approx(-1.2) and theirs.item() == pytest.approx(1.0)
     assert "PEFT elects signs on the unweighted" in ties.mergekit
+
+
+# ---- through the real engine ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def four_expert_size(tmp_path_factory):
+    from mergelab.io.family import load_family
+    from tests.helpers import build_tiny_family
+
+    return load_family(build_tiny_family(tmp_path_factory.mktemp("four"), ("a1", "a2", "a3", "a4"))).sizes[0]
+
+
+SETTINGS = [(name, {}) for name in NEW_METHODS] + [
+    ("breadcrumbs", {"weights": "a1:0.5,a3:2", "exclude": "*embed_tokens*"}),
+    ("average", {"weights": "a2:3", "include": "model.layers.*"}),
+    ("dare_ties", {"weights": "a4:0.25", "exclude": "re:norm"}),
+    ("model_stock", {"weights": "a1:2", "exclude": "*mlp*"}),
+    ("tsv_m", {"weights": "a2:1.5"}),
+    ("della_linear", {"weights": "a1:0.5"}),
+]
+
+
+def test_engine_incremental_and_combined_merges_equal_the_formula(four_expert_size, monkeypatch):
+    """Every new method (and weights and filters on linear, chunked and whole-tensor methods) merged by
+    the session (prepared once, incremental swaps or chunked / whole-tensor combine) equals merging each
+    subset straight from the formula, within 1e-6; excluded tensors hold the base bit for bit."""
+    import itertools
+
+    import mergelab.engine.session as engine
+    from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, merge_rank
+
+    monkeypatch.setattr(engine, "COMBINE_CHUNK", 1000)  # chunked combines cross tensor boundaries
+    size = four_expert_size
+    pool, fresh = ExpertPool.load(size), ExpertPool.load(size)
+    model, direct = ResidentModel(pool.base_checkpoint, "cpu"), ResidentModel(fresh.base_checkpoint, "cpu")
+    session, formula = MergeSession(pool, model, refresh=4), MergeSession(fresh, direct)
+    experts = pool.expert_names
+    ordered = sorted((s for k in range(1, 5) for s in itertools.combinations(experts, k)),
+                     key=lambda s: merge_rank(s, experts))
+    worst, swaps = {}, 0
+    for name, given in SETTINGS:
+        method = get_method(name)
+        hp = method.resolve(given)
+        for subset in ordered:
+            session.merge(method, hp, subset)
+            swaps += session.updates > 0
+            formula.merge_formula(method, hp, subset)
+            for p_name, p in model.params.items():
+                diff = (p - direct.params[p_name]).abs().max().item()
+                worst[name, str(given)] = max(worst.get((name, str(given)), 0.0), diff)
+                if not is_merged(hp, p_name):
+                    assert torch.equal(p, fresh.base[p_name]), (name, p_name)
+    assert max(worst.values()) < 1e-6, worst
+    assert swaps > 10  # the linear ones did update by swaps
+    # weights and filters change the merge: not the same weights as without them
+    session.merge(get_method("breadcrumbs"), get_method("breadcrumbs").resolve({}), experts)
+    plain = {n: p.clone() for n, p in model.params.items()}
+    session.merge(get_method("breadcrumbs"), get_method("breadcrumbs").resolve(dict(SETTINGS[7][1])), experts)
+    assert any(not torch.equal(plain[n], p) for n, p in model.params.items() if "layers" in n)
+    assert torch.equal(model.params["model.embed_tokens.weight"], pool.base["model.embed_tokens.weight"])
+
+
+def test_tiny_sweep_with_every_new_method_and_weights_in_the_cache_key(tmp_path, capsys):
+    """`mergelab sweep` with the new methods and `--hp weights=…` (every method) end to end: rows for
+    each method at every k, weights in the cached hyperparameters, a second run fully cached, and an
+    option that would do nothing refused before anything is merged."""
+    from mergelab.store import ResultStore
+    from tests.helpers import build_tiny_family
+    from tests.test_sweep import cli
+
+    manifest = build_tiny_family(tmp_path / "fam")
+    db = tmp_path / "r.duckdb"
+    methods = ",".join(NEW_METHODS)
+    code, out, err = cli(capsys, "sweep", "--family", manifest, "--methods", methods, "--db", db,
+                         "--hp", "weights=alpha:2", "--hp", "della.weights=beta:0.5", "--hp", "tsv_m.alpha=0.5")
+    assert code == 0, err
+    frame = ResultStore(db).results()
+    for name in NEW_METHODS:
+        rows = frame[frame.method == name]
+        assert sorted(rows.k.unique()) == [1, 2, 3], name
+        hp = json.loads(rows.hparams.iloc[0])
+        assert hp["weights"] == ("beta:0.5" if name == "della" else "alpha:2.0"), name
+    assert json.loads(frame[frame.method == "tsv_m"].hparams.iloc[0])["alpha"] == 0.5
+    assert frame.loss.notna().all()
+    code, out, _ = cli(capsys, "sweep", "--family", manifest, "--methods", methods, "--db", db,
+                       "--hp", "weights=alpha:2", "--hp", "della.weights=beta:0.5", "--hp", "tsv_m.alpha=0.5")
+    assert code == 0 and f"0 merges evaluated, {7 * 7 + 4} already cached" in out
+    before = ResultStore(db).count()
+    code, _, err = cli(capsys, "sweep", "--family", manifest, "--methods", "ties", "--db", db,
+                       "--hp", "exclude=*embed_token*,lm_hed.weight")
+    assert code == 2 and "ties.exclude pattern 'lm_hed.weight' matches no tensor of size 's'" in err
+    code, _, err = cli(capsys, "sweep", "--family", manifest, "--methods", "ties", "--db", db, "--hp", "weights=gama:2")
+    assert code == 2 and "ties.weights names expert 'gama', which size 's' does not have" in err
+    assert ResultStore(db).count() == before
