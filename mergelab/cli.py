@@ -701,14 +701,21 @@ def family_init(
 
 @app.command("methods")
 def list_methods():
-    """List the merge methods with their hyperparameters, defaults and ranges."""
-    from mergelab.engine.methods import METHODS
+    """List the merge methods with their hyperparameters, defaults and ranges, whether a sweep merges
+    them incrementally, and the options every method takes (weights, include, exclude)."""
+    from mergelab.engine.methods import METHODS, incremental
+    from mergelab.engine.methods.options import HELP
 
     for method in METHODS.values():
         typer.echo(f"{method.name}: {method.doc}")
+        typer.echo("    [incremental: linear in the prepared task vectors]" if incremental(method) else
+                   f"    [not incremental: combined per subset{', whole tensors' if method.whole_tensor else ''}]")
         for name, p in method.params.items():
             typer.echo(f"    {name} = {str(p.default).lower() if p.kind is bool else p.default}"
                        f"  ({p.kind.__name__}{'' if p.kind is bool else ' in ' + p.range_text()}) {p.help}")
+    typer.echo("every method also takes (--hp METHOD.OPTION=… or --hp OPTION=… for all; part of the cache key):")
+    for name, text in HELP.items():
+        typer.echo(f"    {name}: {text}")
 
 
 def main() -> None:

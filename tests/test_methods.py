@@ -590,3 +590,18 @@ def test_tiny_sweep_with_every_new_method_and_weights_in_the_cache_key(tmp_path,
     code, _, err = cli(capsys, "sweep", "--family", manifest, "--methods", "ties", "--db", db, "--hp", "weights=gama:2")
     assert code == 2 and "ties.weights names expert 'gama', which size 's' does not have" in err
     assert ResultStore(db).count() == before
+
+
+def test_methods_command_shows_every_method_with_defaults_and_incrementality(capsys):
+    from tests.test_sweep import cli
+
+    code, out, _ = cli(capsys, "methods")
+    assert code == 0
+    for name, method in METHODS.items():
+        block = out.split(f"\n{name}: ", 1)[1] if not out.startswith(f"{name}: ") else out[len(name) + 2:]
+        status = block.split("\n    [", 1)[1].split("]", 1)[0]
+        assert status.startswith("incremental" if method.linear_scale else "not incremental"), name
+        for pname, p in method.params.items():
+            assert f"    {pname} = {str(p.default).lower() if p.kind is bool else p.default}" in block, (name, pname)
+    assert "[not incremental: combined per subset, whole tensors]" in out.split("tsv_m: ")[1]
+    assert "weights: per-expert weights EXPERT:W" in out and "exclude: tensors matching" in out
