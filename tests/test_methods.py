@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -605,3 +606,36 @@ def test_methods_command_shows_every_method_with_defaults_and_incrementality(cap
             assert f"    {pname} = {str(p.default).lower() if p.kind is bool else p.default}" in block, (name, pname)
     assert "[not incremental: combined per subset, whole tensors]" in out.split("tsv_m: ")[1]
     assert "weights: per-expert weights EXPERT:W" in out and "exclude: tensors matching" in out
+
+
+def test_export_model_of_new_methods_with_options_and_their_mergekit_configs(tmp_path, capsys):
+    """export-model writes each new method's merge (weights and filters applied) with its mergekit
+    config, or says in the card why there is none; --mergekit-yaml refuses what mergekit cannot express."""
+    from safetensors.torch import load_file
+
+    from mergelab.engine.materialise import mergekit_yaml
+    from mergelab.io.family import load_family
+    from tests.helpers import build_tiny_family
+    from tests.test_sweep import cli
+
+    manifest = build_tiny_family(tmp_path / "fam")
+    size = load_family(manifest).sizes[0]
+    yaml = mergekit_yaml(size, "breadcrumbs", {"weights": "beta:3"}, ["alpha", "beta"])
+    assert "merge_method: breadcrumbs" in yaml and "{weight: 0.5, density: 0.9, gamma: 0.01}" in yaml
+    assert "{weight: 1.5, density: 0.9, gamma: 0.01}" in yaml and "normalize: false, rescale: false" in yaml
+    assert "merge_method: dare_ties" in mergekit_yaml(size, "dare_ties", {}, ["alpha", "beta"])
+    assert "filter_wise: false" in mergekit_yaml(size, "model_stock", {}, ["alpha", "beta"])
+    for method, hp, fragment in [("tsv_m", {}, "TSV-M has no mergekit 0.1.5 equivalent"),
+                                 ("ties", {"weights": "alpha:2"}, "per-expert weights of ties mean another formula"),
+                                 ("average", {"exclude": "*norm*"}, "tensor filters (include/exclude)")]:
+        with pytest.raises(HyperparameterError, match=re.escape(fragment)):
+            mergekit_yaml(size, method, hp, ["alpha", "beta"])
+    out = tmp_path / "merged"
+    code, _, err = cli(capsys, "export-model", "--family", manifest, "--size", "s", "--method", "tsv_m",
+                       "--experts", "alpha,beta", "--hp", "exclude=*embed_tokens*", "--out", out)
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert "TSV-M has no mergekit 0.1.5 equivalent." in card and 'tsv_m.exclude="*embed_tokens*"' in card
+    merged, base = load_file(out / "model.safetensors"), load_file(size.base / "model.safetensors")
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
