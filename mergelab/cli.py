@@ -540,7 +540,7 @@ def export_model_cmd(
     spec = fam.size(size)
     chosen = _split(experts) or []
     check_experts(spec, chosen)
-    hparams = _parse_hparams(hp, [method])[method]
+    hparams = {**fam.merge, **_parse_hparams(hp, [method])[method]}  # the family's [merge] options unless --hp sets them
     get_method(method).resolve(hparams)  # an unknown method or value is refused before anything is loaded
     if out.is_dir() and any(out.iterdir()):
         raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")

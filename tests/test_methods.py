@@ -639,3 +639,33 @@ def test_export_model_of_new_methods_with_options_and_their_mergekit_configs(tmp
     merged, base = load_file(out / "model.safetensors"), load_file(size.base / "model.safetensors")
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_family_merge_table_sets_weights_and_filters_for_every_method(tmp_path, capsys):
+    """A family's [merge] table gives every method its weights and filters (in the cache key) unless
+    --hp overrides them; malformed entries are refused naming the manifest field."""
+    from mergelab.errors import ManifestError
+    from mergelab.io.family import load_family
+    from mergelab.store import ResultStore
+    from tests.helpers import build_tiny_family
+    from tests.test_sweep import cli
+
+    manifest = build_tiny_family(tmp_path / "fam")
+    text = manifest.read_text()
+    manifest.write_text(text + '\n[merge]\nweights = { beta = 2.0, alpha = 1 }\nexclude = ["*embed_tokens*"]\n')
+    assert load_family(manifest).merge == {"weights": "beta:2.0", "exclude": "*embed_tokens*"}
+    db = tmp_path / "r.duckdb"
+    code, _, err = cli(capsys, "sweep", "--family", manifest, "--methods", "average,ties", "--k", "2", "--db", db,
+                       "--hp", "ties.weights=gamma:0.5", "--no-reference")
+    assert code == 0, err
+    hps = {m: json.loads(h) for m, h in ResultStore(db).results()[["method", "hparams"]].drop_duplicates().values}
+    assert hps["average"] == {"exclude": "*embed_tokens*", "weights": "beta:2.0"}
+    assert hps["ties"]["weights"] == "gamma:0.5" and hps["ties"]["exclude"] == "*embed_tokens*"
+    for bad, fragment in [('weights = "beta:-1"', "field merge.weights: weight of 'beta' must be a finite number > 0"),
+                          ('weights = { omega = 2.0 }', "merge.weights names 'omega', which is not one of the family's domains"),
+                          ('exlude = "x"', "field merge.exlude is not a merge option (weights, include, exclude)"),
+                          ('include = 3', "merge.include must be comma-separated text, got 3")]:
+        manifest.write_text(text + f"\n[merge]\n{bad}\n")
+        with pytest.raises(ManifestError) as err:
+            load_family(manifest)
+        assert str(manifest) in str(err.value) and fragment in str(err.value), str(err.value)

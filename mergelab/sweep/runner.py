@@ -160,7 +160,8 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
     plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
     neither the CLI nor the dashboard ever lists 2^30 subsets."""
-    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    # the family's [merge] options (weights, filters) unless the sweep gives its own
+    methods = {name: get_method(name).resolve({**spec.family.merge, **hp}) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
     for size in sizes:  # counted before any checkpoint is opened or any subset listed
         check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
