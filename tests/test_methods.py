@@ -669,3 +669,26 @@ def test_family_merge_table_sets_weights_and_filters_for_every_method(tmp_path, 
         with pytest.raises(ManifestError) as err:
             load_family(manifest)
         assert str(manifest) in str(err.value) and fragment in str(err.value), str(err.value)
+
+
+def test_the_add_a_merge_method_worked_example_runs_and_matches_peft(monkeypatch):
+    """docs/add-a-merge-method.md's module, run as written and registered: it is incremental, its split
+    and mask forms equal its formula, and it equals PEFT's magnitude_prune."""
+    import types
+    from pathlib import Path
+
+    from mergelab.engine import methods as registry
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "add-a-merge-method.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("magnitude_prune")
+    exec(compile(code, "magnitude_prune.py", "exec"), module.__dict__)
+    method = module.METHOD
+    monkeypatch.setitem(registry.METHODS, method.name, method)
+    assert registry.incremental(get_method("magnitude_prune")) and method.defaults == {"density": 0.2, "lambda": 1.0}
+    deltas = _distinct(3, 10, 4, seed=9)
+    ctx = MergeContext("w", ("a", "b", "c"))
+    hp = method.resolve({"density": 0.25})
+    direct = method.merge(torch.zeros(10, 4), deltas, ctx, hp)
+    assert torch.allclose(direct, method.linear_scale(3, hp) * method.prepare(deltas, ctx, hp).sum(dim=0))
+    assert torch.allclose(direct, peft_merge.magnitude_prune(list(deltas), torch.full((3,), 1 / 3), 0.25), atol=1e-7)
