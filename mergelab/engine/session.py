@@ -141,7 +141,8 @@ class ExpertPool:
         """Bring the task vectors into the form `method` merges from: raw, or with its per-expert
         `prepare` applied (in place, once for all subsets). Going back to raw re-reads the experts,
         so memory stays at one set of M task vectors."""
-        key = (method.name, tuple(sorted(hp.items()))) if method.prepare else None
+        own = {k: v for k, v in hp.items() if k not in options.OPTIONS}  # weights/filters act after prepare
+        key = (method.name, tuple(sorted(own.items()))) if method.prepare else None
         if key == self.prepared_for:
             return
         if self.prepared_for is not None:
