@@ -20,7 +20,7 @@ The TOML manifest is the source of truth; relative paths are resolved against it
 A size may set its own `vocab_policy`, overriding the family's.
 
 An optional `[merge]` table gives options every method of a sweep or export of this family takes
-unless `--hp` sets them (`mergelab.engine.methods.options`; part of the cache key like any hyperparameter):
+unless `--hp` sets them (`mergelab.merge_options`; part of the cache key like any hyperparameter):
 
     [merge]
     weights = { algebra = 0.5, code = 1.5 }   # or "algebra:0.5,code:1.5"; experts not named: 1
@@ -232,8 +232,8 @@ def load_family(path: str | Path) -> Family:
 
 
 def _merge_options(table, domains, fail) -> dict:
-    """The manifest's [merge] table in canonical form (`methods.options.resolve_options`)."""
-    from mergelab.engine.methods.options import OPTIONS, resolve_options, weight_map
+    """The manifest's [merge] table in canonical form (`mergelab.merge_options.resolve_options`)."""
+    from mergelab.merge_options import OPTIONS, resolve_options, weight_map
     from mergelab.errors import HyperparameterError
 
     if not isinstance(table, dict):
