@@ -183,3 +183,23 @@ def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     assert ResultStore(db).count() > 0
     assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 1
     assert at.selectbox(key="w:size").value == "xl"  # the largest size by default
+
+
+def test_curves_show_the_new_methods_and_weighted_settings(monkeypatch, tiny_family, tmp_path):
+    """Issue 17's methods, swept with and without per-expert weights, are curves on the Curves page,
+    each setting labelled by what tells it apart."""
+    db = tmp_path / "new.duckdb"
+    spec = SweepSpec(load_family(tiny_family), ["s"], {"breadcrumbs": {}, "tsv_m": {}, "model_stock": {}}, [1, 2, 3])
+    run_sweep(spec, ResultStore(db), progress=False)
+    spec = SweepSpec(load_family(tiny_family), ["s"], {"breadcrumbs": {"weights": "alpha:2"}}, [1, 2, 3],
+                     reference_rows=False)
+    run_sweep(spec, ResultStore(db), progress=False)
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    at = run("pages/1_Curves.py")
+    wanted = {"breadcrumbs", 'breadcrumbs weights="alpha:2.0"', "tsv_m", "model_stock"}
+    assert set(at.multiselect(key="w:methods").options) == wanted  # settings: an absent option is not 'null'
+    at.multiselect(key="w:methods").set_value(sorted(wanted)).run()
+    assert not at.exception and len(at.get("plotly_chart")) >= 3
+    assert set(at.dataframe[0].value["setting"]) == wanted
