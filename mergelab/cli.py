@@ -217,7 +217,7 @@ def sweep(
     subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
                                             "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
                                             "refused (MERGELAB_MAX_MERGES)"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,… include=PATTERNS exclude=PATTERNS apply to every method (`mergelab methods`)"),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
@@ -521,7 +521,7 @@ def export_model_cmd(
     method: str = typer.Option("average", help="merge method"),
     experts: str = typer.Option(..., help="comma-separated experts to merge"),
     out: Path = typer.Option(..., help="directory to write the merged HF model into"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,… include=PATTERNS exclude=PATTERNS apply to every method (`mergelab methods`)"),
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
     db: Optional[Path] = typer.Option(None, help="results cache the model card takes the merge's measured CE from "
                                                  "(default: MERGELAB_DB or the user data dir; none there: 'not measured')"),

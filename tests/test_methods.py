@@ -290,10 +290,14 @@ def test_della_degenerates_to_ties_and_average_at_full_density():
     assert torch.allclose(linear.merge(base, deltas, ctx, hp), base + deltas.mean(dim=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("hp", [{"density": 0.05, "epsilon": 0.1}, {"density": 0.95, "epsilon": 0.1}])
-def test_della_refuses_keep_probabilities_outside_0_1(hp):
-    with pytest.raises(HyperparameterError, match=r"della: keep probabilities density ± epsilon = \[.*lower epsilon"):
-        get_method("della").resolve(hp)
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("hp, span", [({"density": 0.05, "epsilon": 0.1}, "[-0.05, 0.15]"),
+                                      ({"density": 0.95, "epsilon": 0.1}, "[0.85, 1.05]")])
+def test_della_refuses_keep_probabilities_outside_0_1(name, hp, span):
+    with pytest.raises(HyperparameterError) as err:
+        get_method(name).resolve(hp)
+    assert str(err.value).startswith(f"{name}: keep probabilities density ± epsilon = {span} must lie in (0, 1]")
+    assert "lower epsilon=0.1 or move density=" in str(err.value)
 
 
 def test_model_stock_ratio_from_the_angle():

@@ -29,6 +29,8 @@ METHOD = MergeMethod(
     paper=PAPER,
     mergekit="merge_method: breadcrumbs with base_model θ0, weight λ/k, density, gamma, parameters: "
              "{normalize: false, rescale: false} (mergekit keeps int(density·n) and drops int(gamma·n) by a "
-             "sort, mergelab keeps ceil(density·n) ≥ 1 by kthvalue thresholds: ties at the thresholds differ). "
+             "sort, mergelab keeps ceil(density·n) ≥ 1 by kthvalue thresholds: ties at the thresholds differ; "
+             "where int(gamma·n) = 0, e.g. a norm of < 100 entries at gamma 0.01, mergekit's slice "
+             "indices[n_bot:-0] is empty and it keeps nothing of the tensor, mergelab drops no outlier). "
              "PEFT has no equivalent",
 )

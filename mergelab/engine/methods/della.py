@@ -18,11 +18,14 @@ PARAMS = {
 }
 
 
-def validate(hp):
-    lo, hi = hp["density"] - hp["epsilon"], hp["density"] + hp["epsilon"]
-    if lo <= 0 or hi > 1:
-        raise HyperparameterError(f"della: keep probabilities density ± epsilon = [{lo:g}, {hi:g}] must lie in "
-                                  f"(0, 1]; lower epsilon={hp['epsilon']!r} or move density={hp['density']!r}")
+def validator(name: str):
+    """The cross-parameter check of `name` (della or della_linear): density ± ε must lie in (0, 1]."""
+    def validate(hp):
+        lo, hi = hp["density"] - hp["epsilon"], hp["density"] + hp["epsilon"]
+        if lo <= 0 or hi > 1:
+            raise HyperparameterError(f"{name}: keep probabilities density ± epsilon = [{lo:g}, {hi:g}] must lie in "
+                                      f"(0, 1]; lower epsilon={hp['epsilon']!r} or move density={hp['density']!r}")
+    return validate
 
 
 def prepare(deltas, ctx, hp):
@@ -58,7 +61,7 @@ METHOD = MergeMethod(
     "della", merge, __doc__.split(": ", 1)[1].split("`della_linear`")[0].strip(), dict(PARAMS),
     prepare=prepare,
     combine=combine,
-    validate=validate,
+    validate=validator("della"),
     paper=PAPER,
     mergekit="merge_method: della with base_model θ0, weight 1, density, epsilon, lambda, parameters: "
              "{normalize: true} " + MERGEKIT,
@@ -71,7 +74,7 @@ LINEAR = MergeMethod(
     dict(PARAMS),
     prepare=prepare,
     linear_scale=lambda k, hp: hp["lambda"] / k,
-    validate=validate,
+    validate=validator("della_linear"),
     paper=PAPER,
     mergekit="merge_method: della_linear with base_model θ0, weight λ/k, density, epsilon, parameters: "
              "{normalize: false} " + MERGEKIT,
