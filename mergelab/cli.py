@@ -75,6 +75,10 @@ def _reading_db(db: Path | None) -> Path | None:
     return db
 
 
+HP_HELP = ("hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,…, include=PATTERNS and "
+           "exclude=PATTERNS apply to every method (`mergelab methods`)")
+
+
 def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}; an option
     of every method (weights, include, exclude: `methods.options`) may omit METHOD. and then applies to
@@ -217,7 +221,7 @@ def sweep(
     subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
                                             "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
                                             "refused (MERGELAB_MAX_MERGES)"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,… include=PATTERNS exclude=PATTERNS apply to every method (`mergelab methods`)"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
@@ -521,7 +525,7 @@ def export_model_cmd(
     method: str = typer.Option("average", help="merge method"),
     experts: str = typer.Option(..., help="comma-separated experts to merge"),
     out: Path = typer.Option(..., help="directory to write the merged HF model into"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,… include=PATTERNS exclude=PATTERNS apply to every method (`mergelab methods`)"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
     db: Optional[Path] = typer.Option(None, help="results cache the model card takes the merge's measured CE from "
                                                  "(default: MERGELAB_DB or the user data dir; none there: 'not measured')"),
