@@ -465,6 +465,8 @@ def test_task_arithmetic_and_weights_equal_peft_task_arithmetic():
     ours = ta.merge(torch.zeros(6, 2), per_expert_scale(deltas, w), MergeContext("w", ("a", "b", "c")), ta.resolve({}))
     theirs = peft_merge.task_arithmetic(list(deltas), torch.tensor(w) * 0.8 / 3)
     assert torch.allclose(ours, theirs, atol=1e-7)
+    average = get_method("average").merge(torch.zeros(6, 2), deltas, MergeContext("w", ("a", "b", "c")), {})
+    assert torch.allclose(average, peft_merge.task_arithmetic(list(deltas), torch.full((3,), 1 / 3)), atol=1e-7)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.7])
