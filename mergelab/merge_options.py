@@ -135,13 +135,15 @@ def options_key(hp: Mapping[str, Any]) -> tuple:
     return tuple((k, hp.get(k)) for k in OPTIONS)
 
 
-def check_options(method: str, hp: Mapping[str, Any], tensors: Sequence[str], experts: Sequence[str], where: str) -> None:
-    """Refuse options that would silently do nothing on a size: a weight for an expert it lacks, a
-    pattern no tensor of it matches. `where` names the size in the message."""
+def check_options(method: str, hp: Mapping[str, Any], tensors: Sequence[str], experts: Sequence[str], where: str,
+                  experts_where: str | None = None) -> None:
+    """Refuse options that would silently do nothing: a weight for an expert not among `experts`, a
+    pattern no tensor of `tensors` matches. `where` names the size in the message (`experts_where`, when
+    given, the sizes the experts come from). Raises HyperparameterError."""
     for expert in weight_map(hp):
         if expert not in experts:
-            raise HyperparameterError(f"{method}.weights names expert {expert!r}, which {where} does not have "
-                                      f"(experts: {', '.join(experts)})")
+            raise HyperparameterError(f"{method}.weights names expert {expert!r}, which is not an expert of "
+                                      f"{experts_where or where} (experts: {', '.join(experts)}); check its spelling")
     for name in ("include", "exclude"):
         for p in (hp.get(name) or "").split(","):
             if p and not any(_matches(p, t) for t in tensors):

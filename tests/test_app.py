@@ -132,7 +132,7 @@ def test_sweep_form_lists_every_method_with_its_defaults_and_takes_weights(env):
     at.multiselect[1].set_value(["breadcrumbs", "tsv_m"])
     at.text_input(key="hp-weights").input("alpha:2,omega:3")
     at.button[0].click().run()  # Estimate
-    assert any("breadcrumbs.weights names expert 'omega', which size 's' does not have" in e.value for e in at.error)
+    assert any("breadcrumbs.weights names expert 'omega', which is not an expert of size 's'" in e.value for e in at.error)
     at.text_input(key="hp-weights").input("alpha:2")
     at.text_input(key="hp-exclude").input("*embed_tokens*")
     at.button[0].click().run()

@@ -400,7 +400,7 @@ def test_filters_match_fnmatch_and_regex_names():
     assert [is_merged(inc, n) for n in names + ["model.layers.0.self_attn.q_proj.weight"]] == [False, False, False, True]
     with pytest.raises(HyperparameterError, match="average.exclude pattern 'lm_hed' matches no tensor of size 's'"):
         check_options("average", {"exclude": "lm_hed"}, names, ["a"], "size 's'")
-    with pytest.raises(HyperparameterError, match="names expert 'cod', which size 's' does not have .experts: a, b."):
+    with pytest.raises(HyperparameterError, match="names expert 'cod', which is not an expert of size 's' .experts: a, b."):
         check_options("average", {"weights": "cod:2.0"}, names, ["a", "b"], "size 's'")
 
 
@@ -595,7 +595,7 @@ def test_tiny_sweep_with_every_new_method_and_weights_in_the_cache_key(tmp_path,
                        "--hp", "exclude=*embed_token*,lm_hed.weight")
     assert code == 2 and "ties.exclude pattern 'lm_hed.weight' matches no tensor of size 's'" in err
     code, _, err = cli(capsys, "sweep", "--family", manifest, "--methods", "ties", "--db", db, "--hp", "weights=gama:2")
-    assert code == 2 and "ties.weights names expert 'gama', which size 's' does not have" in err
+    assert code == 2 and "ties.weights names expert 'gama', which is not an expert of size 's'" in err
     assert ResultStore(db).count() == before
 
 
@@ -698,3 +698,29 @@ def test_the_add_a_merge_method_worked_example_runs_and_matches_peft(monkeypatch
     direct = method.merge(torch.zeros(10, 4), deltas, ctx, hp)
     assert torch.allclose(direct, method.linear_scale(3, hp) * method.prepare(deltas, ctx, hp).sum(dim=0))
     assert torch.allclose(direct, peft_merge.magnitude_prune(list(deltas), torch.full((3,), 1 / 3), 0.25), atol=1e-7)
+
+
+def test_weights_may_name_an_expert_of_any_swept_size(tmp_path):
+    """Sizes with different experts: a weight for an expert one size has is used there and not refused
+    for the other; one that no swept size has is refused, naming the sizes."""
+    from mergelab.io.family import load_family, write_manifest
+    from mergelab.store import ResultStore
+    from mergelab.sweep.plan import SweepSpec
+    from mergelab.sweep.runner import plan_sweep
+    from tests.helpers import build_tiny_family
+
+    one = load_family(build_tiny_family(tmp_path))
+    s = one.size("s")
+    rel = {e: str(p.relative_to(tmp_path)) for e, p in s.experts.items()}
+    manifest = write_manifest(tmp_path / "family.toml", "two", one.domains,
+                              {d: str(p.relative_to(tmp_path)) for d, p in one.eval_sets.items()},
+                              [{"name": "s", "base": "s/base", "experts": rel},
+                               {"name": "t", "base": "s/base", "experts": {"alpha": rel["alpha"], "beta": rel["beta"]}}],
+                              token_budget=40)
+    family = load_family(manifest)
+    store = ResultStore(tmp_path / "r.duckdb")
+    report, todo, _ = plan_sweep(SweepSpec(family, ["s", "t"], {"average": {"weights": "gamma:2"}}, [2]), store)
+    assert {json.loads(i.hparams)["weights"] for items in todo.values() for i in items if i.method == "average"} == {
+        "gamma:2.0"}
+    with pytest.raises(HyperparameterError, match="names expert 'omega', which is not an expert of any of sizes s, t"):
+        plan_sweep(SweepSpec(family, ["s", "t"], {"average": {"weights": "omega:2"}}, [2]), store)

@@ -166,10 +166,15 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     for size in sizes:  # counted before any checkpoint is opened or any subset listed
         check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
-    for size in sizes:  # weights for an expert the size lacks, filters matching no tensor: refused, not ignored
-        tensors = Checkpoint(size.base).names
+    # a weight for an expert no swept size has, a filter matching no tensor of a size: refused, not ignored
+    experts = list(dict.fromkeys(e for size in sizes for e in size.expert_names))
+    owners = f"size {sizes[0].name!r}" if len(sizes) == 1 else f"any of sizes {', '.join(s.name for s in sizes)}"
+    for size in sizes:
+        base = Checkpoint(size.base)
+        tensors = base.names
+        base.close()
         for name, hp in methods.items():
-            check_options(name, hp, tensors, size.expert_names, f"size {size.name!r}")
+            check_options(name, hp, tensors, experts, f"size {size.name!r}", owners)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
         eval_data[size.name] = _prepare_size_eval(spec.family, size)

@@ -381,7 +381,7 @@ OPTION_CASES = [  # issue 17: the new methods' parameters, per-expert weights, t
     ("dare_ties", "dare_ties.lambda=NaN", "must be finite"), ("model_stock", "model_stock.t=1", "no hyperparameter 't'"),
     ("ties", "weights=alpha", "expected EXPERT:WEIGHT"), ("ties", "weights=alpha:0", "finite number > 0"),
     ("ties", "weights=alpha:-2", "finite number > 0"), ("ties", "weights=alpha:inf", "finite number > 0"),
-    ("ties", "weights=alpha:1,alpha:2", "twice"), ("average", "weights=omega:2", "which size 's' does not have"),
+    ("ties", "weights=alpha:1,alpha:2", "twice"), ("average", "weights=omega:2", "which is not an expert of size 's'"),
     ("average", "average.weights=3", "comma-separated text"), ("ties", "exclude=re:(", "not a regular expression"),
     ("average", "exclude=lm_hed.weight", "matches no tensor of size 's'"),
     ("average", "include=nothing.*", "matches no tensor of size 's'"),
