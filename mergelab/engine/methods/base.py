@@ -18,7 +18,7 @@ task vector instead of a second dense copy (issue 16).
 
 A method whose combine needs the whole tensor at once (an angle between task vectors, an SVD) sets
 `whole_tensor=True`; the engine then passes whole tensors to combine instead of chunks of one.
-Every method also accepts the options of `methods.options` (per-expert weights, tensor filters),
+Every method also accepts the options of `mergelab.merge_options` (per-expert weights, tensor filters),
 which the engine applies around the method.
 """
 
@@ -109,7 +109,7 @@ class MergeMethod:
 
     def resolve(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
         """Defaults filled in, unknown names refused, every value checked against its range; the options
-        of `methods.options` (weights, include, exclude) in canonical form, present only when not at
+        of `mergelab.merge_options` (weights, include, exclude) in canonical form, present only when not at
         their default (so cache keys of rows without them do not change)."""
         from mergelab.engine.methods.options import OPTIONS, resolve_options
 
