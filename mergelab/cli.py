@@ -75,8 +75,15 @@ def _reading_db(db: Path | None) -> Path | None:
     return db
 
 
+HP_HELP = ("hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,…, include=PATTERNS and "
+           "exclude=PATTERNS apply to every method (`mergelab methods`)")
+
+
 def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
-    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
+    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}; an option
+    of every method (weights, include, exclude: `methods.options`) may omit METHOD. and then applies to
+    every method of --methods (a METHOD.option item overrides it for that method)."""
+    from mergelab.engine.methods.options import OPTIONS
     import json
 
     if not methods:
@@ -84,6 +91,10 @@ def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     hps: dict[str, dict] = {m: {} for m in methods}
     for item in items:
         target, sep, raw = item.partition("=")
+        if sep and target in OPTIONS:  # weights=…: every method
+            for method in methods:
+                hps[method].setdefault(target, raw)
+            continue
         method, dot, param = target.partition(".")
         if not sep or not dot:
             raise MergelabError(f"--hp {item!r}: expected METHOD.PARAM=VALUE, e.g. ties.density=0.5")
@@ -210,7 +221,7 @@ def sweep(
     subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
                                             "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
                                             "refused (MERGELAB_MAX_MERGES)"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
@@ -579,7 +590,7 @@ def export_model_cmd(
     method: str = typer.Option("average", help="merge method"),
     experts: str = typer.Option(..., help="comma-separated experts to merge"),
     out: Path = typer.Option(..., help="directory to write the merged HF model into"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
     db: Optional[Path] = typer.Option(None, help="results cache the model card takes the merge's measured CE from "
                                                  "(default: MERGELAB_DB or the user data dir; none there: 'not measured')"),
@@ -598,7 +609,7 @@ def export_model_cmd(
     spec = fam.size(size)
     chosen = _split(experts) or []
     check_experts(spec, chosen)
-    hparams = _parse_hparams(hp, [method])[method]
+    hparams = {**fam.merge, **_parse_hparams(hp, [method])[method]}  # the family's [merge] options unless --hp sets them
     get_method(method).resolve(hparams)  # an unknown method or value is refused before anything is loaded
     if out.is_dir() and any(out.iterdir()):
         raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")
@@ -759,14 +770,21 @@ def family_init(
 
 @app.command("methods")
 def list_methods():
-    """List the merge methods with their hyperparameters, defaults and ranges."""
-    from mergelab.engine.methods import METHODS
+    """List the merge methods with their hyperparameters, defaults and ranges, whether a sweep merges
+    them incrementally, and the options every method takes (weights, include, exclude)."""
+    from mergelab.engine.methods import METHODS, incremental
+    from mergelab.engine.methods.options import HELP
 
     for method in METHODS.values():
         typer.echo(f"{method.name}: {method.doc}")
+        typer.echo("    [incremental: linear in the prepared task vectors]" if incremental(method) else
+                   f"    [not incremental: combined per subset{', whole tensors' if method.whole_tensor else ''}]")
         for name, p in method.params.items():
             typer.echo(f"    {name} = {str(p.default).lower() if p.kind is bool else p.default}"
                        f"  ({p.kind.__name__}{'' if p.kind is bool else ' in ' + p.range_text()}) {p.help}")
+    typer.echo("every method also takes (--hp METHOD.OPTION=… or --hp OPTION=… for all; part of the cache key):")
+    for name, text in HELP.items():
+        typer.echo(f"    {name}: {text}")
 
 
 def main() -> None:

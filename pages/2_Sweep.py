@@ -7,7 +7,8 @@ from mergelab.ui import dashboard as ui
 from mergelab.errors import MergelabError
 from mergelab.io.family import load_family
 from mergelab.sweep.jobs import JobQueue
-from mergelab.engine.methods import METHODS
+from mergelab.engine.methods import METHODS, incremental
+from mergelab.engine.methods.options import HELP as OPTION_HELP
 from mergelab.paths import confined, data_home
 from mergelab.sweep.plan import SweepJob
 from mergelab.sweep.runner import plan_sweep
@@ -55,10 +56,14 @@ def sweep_form() -> None:
         sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
         methods = c2.multiselect("Methods", list(METHODS), default=["average"])
         hparams = {}
-        cols = st.columns(len(METHODS))
+        per_row = 4  # eleven methods: settings in rows of four columns
+        names = list(METHODS)
+        cols = [c for i in range(0, len(names), per_row) for c in st.columns(per_row)]
         for col, (name, method) in zip(cols, METHODS.items()):
-            with col.expander(f"{name} settings", expanded=bool(method.params)):
+            with col.expander(f"{name} settings", expanded=False):
                 st.caption(method.doc)
+                st.caption("incremental: linear in the prepared task vectors" if incremental(method)
+                           else "not incremental: combined per subset" + (" (whole tensors)" if method.whole_tensor else ""))
                 values = {}
                 for pname, p in method.params.items():
                     # the range carries its own brackets: "density ∈ (0.0, 1.0]", never "density ((0.0, 1.0])"
@@ -72,6 +77,15 @@ def sweep_form() -> None:
                         values[pname] = float(st.number_input(label, value=float(p.default), format="%.3f",
                                                               key=f"hp-{name}-{pname}", help=p.help))
                 hparams[name] = values
+        o1, o2 = st.columns(2)
+        weights = o1.text_input("Per-expert weights (every chosen method)", "", key="hp-weights",
+                                placeholder="algebra:0.5,code:1.5", help=OPTION_HELP["weights"])
+        exclude = o2.text_input("Tensors kept from the base (every chosen method)", "", key="hp-exclude",
+                                placeholder="*embed_tokens*,lm_head.weight", help=OPTION_HELP["exclude"])
+        for name, given in (("weights", weights), ("exclude", exclude)):
+            if given.strip():
+                for values in hparams.values():
+                    values[name] = given.strip()
         c3, c4, c5 = st.columns(3)
         k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
                                 "a narrower one must fit every chosen size") if M > 1 else (1, 1))

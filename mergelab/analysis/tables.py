@@ -37,7 +37,8 @@ def setting_labels(frame: pd.DataFrame, labels_from: pd.DataFrame | None = None)
         names = sorted({name for p in settings.values() for name in p})
         differ = [n for n in names if len({json.dumps(p.get(n)) for p in settings.values()}) > 1]
         for hparams, p in settings.items():
-            labels[family, method, hparams] = " ".join([method, *(f"{n}={json.dumps(p.get(n))}" for n in differ)])
+            # an option a setting does not have (per-expert weights, filters) is left out, not shown as null
+            labels[family, method, hparams] = " ".join([method, *(f"{n}={json.dumps(p[n])}" for n in differ if n in p)])
     return pd.Series([labels[key] for key in zip(frame["family"], frame["method"], frame["hparams"])],
                      index=frame.index, dtype=object, name="setting")
 

@@ -17,6 +17,7 @@ from mergelab.errors import CheckpointError
 from mergelab.io.family import SizeSpec
 from mergelab.engine.flat import FlatLayout
 from mergelab.engine.methods import MergeContext, MergeMethod
+from mergelab.engine.methods import options
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -140,7 +141,8 @@ class ExpertPool:
         """Bring the task vectors into the form `method` merges from: raw, or with its per-expert
         `prepare` applied (in place, once for all subsets). Going back to raw re-reads the experts,
         so memory stays at one set of M task vectors."""
-        key = (method.name, tuple(sorted(hp.items()))) if method.prepare else None
+        own = {k: v for k, v in hp.items() if k not in options.OPTIONS}  # weights/filters act after prepare
+        key = (method.name, tuple(sorted(own.items()))) if method.prepare else None
         if key == self.prepared_for:
             return
         if self.prepared_for is not None:
@@ -279,9 +281,15 @@ class MergeSession:
         pool = self.pool
         self.holds_merge = False
         index = torch.tensor(pool.indices(subset), device=pool.deltas_flat.device)
+        weights = options.expert_weights(hp, subset)
         with torch.no_grad():
             for name in pool.names:
+                if not options.is_merged(hp, name):  # filtered out: the base's values
+                    self.resident.params[name].copy_(pool.base[name])
+                    continue
                 deltas = pool.deltas[name].index_select(0, index).to(pool.base_flat.device)
+                if weights:  # w_i·v_i (methods.options)
+                    deltas = options.per_expert_scale(deltas, weights)
                 merged = method.merge(pool.base[name], deltas, MergeContext(name, tuple(subset)), hp)
                 self.resident.params[name].copy_(merged)
 
@@ -294,7 +302,9 @@ class MergeSession:
             if method.linear_scale is None:
                 self._combine(method, hp, subset, index)
             else:
-                self._linear(index, method.linear_scale(len(index), hp))
+                self._linear(index, method.linear_scale(len(index), hp), options.weight_map(hp), options.options_key(hp))
+            for name in options.kept_from_base(hp, self.pool.names):  # tensor filters: the base's values
+                self.resident.params[name].copy_(self.pool.base[name])
 
     def discard(self) -> None:
         """Never build on the weights now resident (e.g. they are not finite, and inf − inf is NaN):
@@ -307,31 +317,47 @@ class MergeSession:
         pool, flat = self.pool, self.resident.flat
         self.holds_merge = False
         rows = torch.tensor(index, device=pool.deltas_flat.device)
-        for name, lo, hi in pool.layout.chunks(COMBINE_CHUNK):
+        weights = options.expert_weights(hp, subset)
+        whole = method.whole_tensor  # angles, SVDs: the whole tensor at once, in its shape
+        spans = ((n, pool.layout.offsets[n], pool.layout.offsets[n] + pool.base[n].numel()) for n in pool.names)
+        for name, lo, hi in spans if whole else pool.layout.chunks(COMBINE_CHUNK):
+            if not options.is_merged(hp, name):
+                continue  # filtered out: `merge` writes the base's values
             picked = pool.deltas_flat[:, lo:hi].index_select(0, rows).to(flat.device)
-            flat[lo:hi] = method.combine(pool.base_flat[lo:hi], picked, MergeContext(name, tuple(subset)), hp)
+            if weights:
+                picked = options.per_expert_scale(picked, weights)
+            base, ctx = pool.base_flat[lo:hi], MergeContext(name, tuple(subset))
+            if whole:
+                shape = pool.layout.shapes[name]
+                flat[lo:hi] = method.combine(base.view(shape), picked.view(len(index), *shape), ctx, hp).reshape(-1)
+            else:
+                flat[lo:hi] = method.combine(base, picked, ctx, hp)
 
-    def _linear(self, index: list[int], scale: float) -> None:
+    def _linear(self, index: list[int], scale: float, weights: dict | None = None, key: tuple = ()) -> None:
+        """merged = θ0 + Σ scale·w_i·v_i over `index`, by the experts that enter or leave when the state
+        (prepared form, scale, options `key`) is unchanged; `weights` maps expert name -> w_i (default 1)."""
         import torch
 
         pool, flat = self.pool, self.resident.flat
         if self.merged is None:
             self.merged = flat if flat.dtype == torch.float32 else torch.empty_like(pool.base_flat)
-        target, state = frozenset(index), (pool.prepared_for, scale)
+        weights = weights or {}
+        alpha = {i: scale * weights.get(pool.expert_names[i], 1.0) for i in range(len(pool.expert_names))}
+        target, state = frozenset(index), (pool.prepared_for, scale, key)
         enter, leave = sorted(target - self.members), sorted(self.members - target)
         intact = self.merged is not flat or self.holds_merge  # nothing wrote over the last linear merge
         incremental = intact and state == self.state and self.updates < self.refresh and len(enter) + len(leave) < len(target)
         self.state = None  # until this merge completes: one that fails midway is rebuilt next time
         if incremental:
             for i in enter:
-                self._add(i, scale)
+                self._add(i, alpha[i])
             for i in leave:
-                self._add(i, -scale)
+                self._add(i, -alpha[i])
             self.updates += 1
         else:
             self.merged.copy_(pool.base_flat)
             for i in sorted(target):
-                self._add(i, scale)
+                self._add(i, alpha[i])
             self.updates = 0
         self.members, self.state = target, state
         if self.merged is not flat:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
 from mergelab.engine.methods import canonical_hparams, get_method
+from mergelab.engine.methods.options import check_options
 from mergelab.engine.threads import choose_threads, torch_threads
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
@@ -164,11 +165,21 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
     plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
     neither the CLI nor the dashboard ever lists 2^30 subsets."""
-    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    # the family's [merge] options (weights, filters) unless the sweep gives its own
+    methods = {name: get_method(name).resolve({**spec.family.merge, **hp}) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
     for size in sizes:  # counted before any checkpoint is opened or any subset listed
         check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
+    # a weight for an expert no swept size has, a filter matching no tensor of a size: refused, not ignored
+    experts = list(dict.fromkeys(e for size in sizes for e in size.expert_names))
+    owners = f"size {sizes[0].name!r}" if len(sizes) == 1 else f"any of sizes {', '.join(s.name for s in sizes)}"
+    for size in sizes:
+        base = Checkpoint(size.base)
+        tensors = base.names
+        base.close()
+        for name, hp in methods.items():
+            check_options(name, hp, tensors, experts, f"size {size.name!r}", owners)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
         eval_data[size.name] = _prepare_size_eval(spec.family, size)

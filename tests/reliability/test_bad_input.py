@@ -442,6 +442,18 @@ HP_CASES = [
     ("ties", "dare.p=0.5", "not among --methods"),
 ]
 
+OPTION_CASES = [  # issue 17: the new methods' parameters, per-expert weights, tensor filters
+    ("della", "della.epsilon=0.5", "out of range [0.0, 0.5)"), ("della", "della.density=0.05", "density ± epsilon"),
+    ("breadcrumbs", "breadcrumbs.gamma=1", "out of range [0.0, 1.0)"), ("tsv_m", "tsv_m.alpha=0", "out of range"),
+    ("dare_ties", "dare_ties.lambda=NaN", "must be finite"), ("model_stock", "model_stock.t=1", "no hyperparameter 't'"),
+    ("ties", "weights=alpha", "expected EXPERT:WEIGHT"), ("ties", "weights=alpha:0", "finite number > 0"),
+    ("ties", "weights=alpha:-2", "finite number > 0"), ("ties", "weights=alpha:inf", "finite number > 0"),
+    ("ties", "weights=alpha:1,alpha:2", "twice"), ("average", "weights=omega:2", "which is not an expert of size 's'"),
+    ("average", "average.weights=3", "comma-separated text"), ("ties", "exclude=re:(", "not a regular expression"),
+    ("average", "exclude=lm_hed.weight", "matches no tensor of size 's'"),
+    ("average", "include=nothing.*", "matches no tensor of size 's'"),
+]
+
 ARG_CASES = [
     (["--k", "0"], "--k"), (["--k", "0-3"], "--k"), (["--k", "3-1"], "--k"), (["--k", "abc"], "--k"),
     (["--k", "1-99"], "--k"), (["--k", ""], "--k"), (["--k", "1,,2"], "--k"),
@@ -465,6 +477,14 @@ def test_bad_hyperparameters_and_arguments(family, tmp_path, capsys, tally):
         expect_refusal(capsys, db, args, fragment)
     tally["bad inputs tried: hyperparameters"] += len(HP_CASES)
     tally["bad inputs tried: CLI arguments"] += len(ARG_CASES)
+
+
+def test_bad_method_options_weights_and_filters(family, tmp_path, capsys, tally):
+    db = tmp_path / "r.duckdb"
+    base = ["sweep", "--family", family, "--db", db, "--device", "cpu"]
+    for method, hp, fragment in OPTION_CASES:
+        expect_refusal(capsys, db, [*base, "--methods", method, "--hp", hp], fragment)
+    tally["bad inputs tried: new-method hyperparameters, per-expert weights, tensor filters"] += len(OPTION_CASES)
 
 
 def test_bad_arguments_to_the_other_commands(family, tmp_path, capsys, tally):
