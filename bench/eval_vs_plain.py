@@ -1,0 +1,160 @@
+"""Evaluation like for like: `mergelab sweep` over every subset of the micro demo family's smallest
+size (method average) against the plain in-process loop a user would write, scored tokens per second,
+start-up included, in one run.
+
+Both run as fresh processes on one torch thread, over the same eval rows (the family's eval sets, its
+token budget and max_length) and the same subsets (no reference rows). The plain loop: load the base
+with transformers and the experts' safetensors, then for each subset `load_state_dict` of the averaged
+weights and one padded `model(input_ids, attention_mask, labels=…)` batch per domain (labels −100
+outside the responses); its loss is the domain's mean response-token CE. The two must agree within
+1e-4 nats on every (subset, domain).
+
+    python bench/eval_vs_plain.py [--repeat 3] [--device cpu|cuda]
+
+`--device cuda` runs both on the GPU (the plain loop in bf16 with sdpa attention, as a user would).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_loop(family_path: str, out: str, device: str) -> None:
+    """The plain loop, in this process: writes {"subset,...": {domain: loss}} and the scored-token count."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergelab.engine.evaluate import load_eval_set, tokenize_row  # the same rows as the sweep
+    from mergelab.io.family import load_family
+
+    torch.set_num_threads(1)
+    family = load_family(family_path)
+    size = family.sizes[0]
+    tokenizer = AutoTokenizer.from_pretrained(str(size.base))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(size.base), dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    experts = {name: load_file(str(Path(path) / "model.safetensors"), device=device)
+               for name, path in size.experts.items()}
+    batches, n_scored = {}, 0
+    for domain, path in family.eval_sets.items():
+        rows, scored = [], 0
+        for example in load_eval_set(path):
+            ids, n_prompt = tokenize_row(tokenizer, example, Path(path))
+            ids = ids[:family.max_length]
+            if len(ids) - max(n_prompt, 1) <= 0:
+                continue
+            rows.append((ids, n_prompt))
+            scored += len(ids) - max(n_prompt, 1)
+            if scored >= family.token_budget:
+                break
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for r, (ids, n_prompt) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention[r, :len(ids)] = 1
+            labels[r, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+        batches[domain] = (input_ids.to(device), attention.to(device), labels.to(device))
+        n_scored += scored
+    names = list(experts)
+    results = {}
+    with torch.no_grad():
+        for k in range(1, len(names) + 1):
+            for subset in itertools.combinations(names, k):
+                averaged = {key: sum(experts[e][key].float() for e in subset) / len(subset)
+                            for key in experts[subset[0]]}
+                model.load_state_dict(averaged, strict=False)  # tied lm_head: not in the files
+                results[",".join(sorted(subset))] = {
+                    domain: model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+                    for domain, (ids, mask, labels) in batches.items()}
+    Path(out).write_text(json.dumps({"losses": results, "scored_per_eval": n_scored}))
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def sweep_losses(db: Path, family_name: str) -> dict:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT experts_key, domain, loss FROM results WHERE family = ? AND method = 'average'",
+                       [family_name]).fetchall()
+    con.close()
+    out: dict = {}
+    for key, domain, loss in rows:
+        out.setdefault(",".join(sorted(key.split("+"))), {})[domain] = loss
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (the fastest counts)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plain", nargs=2, metavar=("FAMILY", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain:
+        return plain_loop(*args.plain, args.device)
+
+    from common import demo_family
+    from mergelab.io.family import load_family
+
+    manifest = demo_family("micro", ("xs",))
+    family = load_family(manifest)
+    size = family.sizes[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGELAB_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    load_before = os.getloadavg()
+    t_sweep, t_plain = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.repeat):
+            db = Path(tmp) / f"sweep{run}.duckdb"
+            t_sweep.append(timed([sys.executable, "-m", "mergelab", "sweep", "--family", str(manifest), "--sizes",
+                                  size.name, "--methods", "average", "--no-reference", "--device", args.device,
+                                  "--db", str(db)], env))
+            out = Path(tmp) / "plain.json"
+            t_plain.append(timed([sys.executable, __file__, "--device", args.device, "--plain", str(manifest),
+                                  str(out)], env))
+        plain = json.loads(out.read_text())
+        ours = sweep_losses(db, family.name)
+    load_after = os.getloadavg()
+    assert set(ours) == set(plain["losses"]), "the sweep and the plain loop scored different subsets"
+    worst = max(abs(ours[s][d] - loss) for s, losses in plain["losses"].items() for d, loss in losses.items())
+    n_evals, per_eval = len(plain["losses"]), plain["scored_per_eval"]
+    tokens = n_evals * per_eval
+    best_sweep, best_plain = min(t_sweep), min(t_plain)
+    print(f"size {size.name} ({size.n_params:,} params), {n_evals} subsets (average) x {per_eval:,} scored tokens "
+          f"({len(family.domains)} domains, budget {family.token_budget}, max_length {family.max_length}), "
+          f"device {args.device}, 1 torch thread, process start-up included, best of {args.repeat}")
+    print(f"mergelab sweep: {best_sweep:.2f} s, {tokens / best_sweep:,.0f} scored tokens/s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in t_sweep)} s)")
+    print(f"plain loop (load_state_dict + one padded batch per domain): {best_plain:.2f} s, "
+          f"{tokens / best_plain:,.0f} scored tokens/s (runs: {', '.join(f'{t:.2f}' for t in t_plain)} s)")
+    print(f"ratio {best_plain / best_sweep:.2f}x (target >= 2x on CPU); largest |CE difference| {worst:.2e} nats "
+          f"(must be <= 1e-4)")
+    print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min), "
+          f"{load_after[1]:.2f} (5 min)")
+    if worst > 1e-4:
+        sys.exit("CE differs from the plain loop by more than 1e-4 nats")
+
+
+if __name__ == "__main__":
+    main()
