@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def plain_loop(family_path: str, out: str, device: str) -> None:
-    """The plain loop, in this process: writes {"subset,...": {domain: loss}} and the scored-token count."""
+def plain_setup(family_path: str, device: str):
+    """What a user's script does before its loop: load the base with transformers, the experts'
+    safetensors, and one padded batch per domain (labels −100 outside the responses)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +70,14 @@ def plain_loop(family_path: str, out: str, device: str) -> None:
             labels[r, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
         batches[domain] = (input_ids.to(device), attention.to(device), labels.to(device))
         n_scored += scored
+    return model, experts, batches, n_scored
+
+
+def plain_subsets(model, experts, batches) -> dict:
+    """The plain loop itself: for each subset, load_state_dict of the averaged weights, then one padded
+    forward with labels per domain. Returns {"a,b": {domain: loss}}."""
+    import torch
+
     names = list(experts)
     results = {}
     with torch.no_grad():
@@ -80,16 +89,60 @@ def plain_loop(family_path: str, out: str, device: str) -> None:
                 results[",".join(sorted(subset))] = {
                     domain: model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
                     for domain, (ids, mask, labels) in batches.items()}
-    Path(out).write_text(json.dumps({"losses": results, "scored_per_eval": n_scored}))
+    return results
 
 
-def timed(cmd: list[str], env: dict) -> float:
-    start = time.perf_counter()
+def plain_loop(family_path: str, out: str, device: str) -> None:
+    """The plain loop as its own program: writes the losses, the scored-token count and its CPU seconds
+    before the loop (start-up) and in it."""
+    model, experts, batches, n_scored = plain_setup(family_path, device)
+    started = time.process_time()
+    results = plain_subsets(model, experts, batches)
+    looped = time.process_time() - started
+    Path(out).write_text(json.dumps({"losses": results, "scored_per_eval": n_scored, "startup_cpu": started,
+                                     "loop_cpu": looped}))
+
+
+def steady_state(manifest, device: str) -> tuple[float, float, int]:
+    """CPU seconds of the plain loop's subset loop and of the sweep's merge+evaluate loop over the same
+    subsets (SizeEvaluator, no cache writes), both in this process after their set-up; and the count."""
+    import torch
+
+    from mergelab.engine.methods import get_method
+    from mergelab.io.family import load_family
+    from mergelab.engine.methods.base import canonical_hparams
+    from mergelab.sweep.evaluator import SizeEvaluator
+    from mergelab.sweep.plan import WorkItem
+    from mergelab.sweep.runner import _prepare_size_eval
+
+    torch.set_num_threads(1)
+    family = load_family(manifest)
+    size = family.sizes[0]
+    model, experts, batches, _ = plain_setup(str(manifest), device)
+    hp = canonical_hparams(get_method("average").resolve({}))
+    items = [WorkItem(size.name, "average", hp, s) for k in range(1, len(experts) + 1)
+             for s in itertools.combinations(size.expert_names, k)]
+    evaluator = SizeEvaluator(family.name, size, _prepare_size_eval(family, size), device)
+    plain_subsets(model, experts, {d: b for d, b in list(batches.items())[:1]})  # warm both up
+    list(evaluator.evaluate(items[:20]))
+    start = time.process_time()
+    plain_subsets(model, experts, batches)
+    t_plain = time.process_time() - start
+    start = time.process_time()
+    for _ in evaluator.evaluate(items):
+        pass
+    t_ours = time.process_time() - start
+    return t_plain, t_ours, len(items)
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one child process."""
+    start, before = time.perf_counter(), os.times()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, os.times()
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
 
 def sweep_losses(db: Path, family_name: str) -> dict:
@@ -135,23 +188,34 @@ def main():
                                   str(out)], env))
         plain = json.loads(out.read_text())
         ours = sweep_losses(db, family.name)
-    load_after = os.getloadavg()
     assert set(ours) == set(plain["losses"]), "the sweep and the plain loop scored different subsets"
     worst = max(abs(ours[s][d] - loss) for s, losses in plain["losses"].items() for d, loss in losses.items())
     n_evals, per_eval = len(plain["losses"]), plain["scored_per_eval"]
     tokens = n_evals * per_eval
-    best_sweep, best_plain = min(t_sweep), min(t_plain)
+    t_plain_loop, t_ours_loop, n_items = steady_state(manifest, args.device)
+    load_after = os.getloadavg()
     print(f"size {size.name} ({size.n_params:,} params), {n_evals} subsets (average) x {per_eval:,} scored tokens "
           f"({len(family.domains)} domains, budget {family.token_budget}, max_length {family.max_length}), "
-          f"device {args.device}, 1 torch thread, process start-up included, best of {args.repeat}")
-    print(f"mergelab sweep: {best_sweep:.2f} s, {tokens / best_sweep:,.0f} scored tokens/s "
-          f"(runs: {', '.join(f'{t:.2f}' for t in t_sweep)} s)")
-    print(f"plain loop (load_state_dict + one padded batch per domain): {best_plain:.2f} s, "
-          f"{tokens / best_plain:,.0f} scored tokens/s (runs: {', '.join(f'{t:.2f}' for t in t_plain)} s)")
-    print(f"ratio {best_plain / best_sweep:.2f}x (target >= 2x on CPU); largest |CE difference| {worst:.2e} nats "
-          f"(must be <= 1e-4)")
+          f"device {args.device}, 1 torch thread, best of {args.repeat}")
+
+    def line(name, runs):
+        wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+        print(f"{name}: {wall:.2f} s wall ({tokens / wall:,.0f} scored tokens/s), {cpu:.2f} s CPU "
+              f"({tokens / cpu:,.0f} tokens/CPU-s); runs {', '.join(f'{w:.2f}/{c:.2f}' for w, c in runs)} s wall/CPU")
+        return wall, cpu
+
+    print("end to end, process start-up included:")
+    sweep_wall, sweep_cpu = line("  mergelab sweep", t_sweep)
+    plain_wall, plain_cpu = line("  plain loop (load_state_dict + one padded batch per domain)", t_plain)
+    print(f"  ratio {plain_wall / sweep_wall:.2f}x wall, {plain_cpu / sweep_cpu:.2f}x CPU (target >= 2x on CPU); "
+          f"plain start-up {plain['startup_cpu']:.2f} s CPU + loop {plain['loop_cpu']:.2f} s CPU")
+    print(f"steady state, in one process after set-up ({n_items} merges each, CPU seconds):")
+    print(f"  sweep merge+evaluate: {t_ours_loop:.2f} s ({t_ours_loop / n_items * 1e3:.2f} ms per merge+eval, "
+          f"{n_items * per_eval / t_ours_loop:,.0f} tokens/s); plain loop {t_plain_loop:.2f} s "
+          f"({t_plain_loop / n_items * 1e3:.2f} ms per subset): ratio {t_plain_loop / t_ours_loop:.2f}x")
+    print(f"largest |CE difference| sweep vs plain loop: {worst:.2e} nats (must be <= 1e-4)")
     print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min), "
-          f"{load_after[1]:.2f} (5 min)")
+          f"{load_after[1]:.2f} (5 min), on {os.cpu_count()} cores")
     if worst > 1e-4:
         sys.exit("CE differs from the plain loop by more than 1e-4 nats")
 
