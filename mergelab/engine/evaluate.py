@@ -1,4 +1,5 @@
-"""Response-only, token-weighted cross-entropy per domain, batched by length and deterministic.
+"""Response-only, token-weighted cross-entropy per domain, deterministic, with sequences packed end to end
+without padding (padded batches by length for models that do not keep packed sequences apart).
 
 Each example is [bos] + prompt + response + [eos]; only the response tokens and the eos are scored
 (the prompt is masked as labels = −100 would mask it). A conversation (`messages`, ending with the
