@@ -9,7 +9,7 @@ weights and one padded `model(input_ids, attention_mask, labels=…)` batch per 
 outside the responses); its loss is the domain's mean response-token CE. The two must agree within
 1e-4 nats on every (subset, domain).
 
-    python bench/eval_vs_plain.py [--repeat 3] [--device cpu|cuda]
+    python bench/eval_vs_plain.py [--repeat 3] [--device cpu|cuda] [--size xs|s]
 
 `--device cuda` runs both on the GPU (bf16 weights and sdpa attention for both, as a user would; the
 CE then agrees within 1e-2, bf16 rounding differing with the batch shapes).
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def plain_setup(family_path: str, device: str):
+def plain_setup(family_path: str, device: str, size_name: str):
     """What a user's script does before its loop: load the base with transformers, the experts'
     safetensors, and one padded batch per domain (labels −100 outside the responses)."""
     import torch
@@ -42,7 +42,7 @@ def plain_setup(family_path: str, device: str):
 
     torch.set_num_threads(1)
     family = load_family(family_path)
-    size = family.sizes[0]
+    size = family.size(size_name)
     tokenizer = AutoTokenizer.from_pretrained(str(size.base))
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(size.base), dtype=dtype, attn_implementation="sdpa")
@@ -93,10 +93,10 @@ def plain_subsets(model, experts, batches) -> dict:
     return results
 
 
-def plain_loop(family_path: str, out: str, device: str) -> None:
+def plain_loop(family_path: str, out: str, device: str, size_name: str) -> None:
     """The plain loop as its own program: writes the losses, the scored-token count and its CPU seconds
     before the loop (start-up) and in it."""
-    model, experts, batches, n_scored = plain_setup(family_path, device)
+    model, experts, batches, n_scored = plain_setup(family_path, device, size_name)
     started = time.process_time()
     results = plain_subsets(model, experts, batches)
     looped = time.process_time() - started
@@ -104,7 +104,7 @@ def plain_loop(family_path: str, out: str, device: str) -> None:
                                      "loop_cpu": looped}))
 
 
-def steady_state(manifest, device: str) -> tuple[float, float, float, int]:
+def steady_state(manifest, device: str, size_name: str) -> tuple[float, float, float, int]:
     """CPU seconds of the plain loop's subset loop, of the sweep's merge+evaluate loop over the same
     subsets (SizeEvaluator, no cache writes) and of that loop on padded batches (packing switched off:
     the evaluator before packing), all in this process after their set-up; and the count."""
@@ -120,8 +120,8 @@ def steady_state(manifest, device: str) -> tuple[float, float, float, int]:
 
     torch.set_num_threads(1)
     family = load_family(manifest)
-    size = family.sizes[0]
-    model, experts, batches, _ = plain_setup(str(manifest), device)
+    size = family.size(size_name)
+    model, experts, batches, _ = plain_setup(str(manifest), device, size_name)
     hp = canonical_hparams(get_method("average").resolve({}))
     items = [WorkItem(size.name, "average", hp, s) for k in range(1, len(experts) + 1)
              for s in itertools.combinations(size.expert_names, k)]
@@ -170,21 +170,22 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (the fastest counts)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default="xs", help="micro family size: xs (the smallest, the issue's case) or s")
     parser.add_argument("--plain", nargs=2, metavar=("FAMILY", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        return plain_loop(*args.plain, args.device)
+        return plain_loop(*args.plain, args.device, args.size)
 
     from common import demo_family
     from mergelab.io.family import load_family
 
-    manifest = demo_family("micro", ("xs",))
+    manifest = demo_family("micro", ("xs",) if args.size == "xs" else ("xs", args.size))
     family = load_family(manifest)
-    size = family.sizes[0]
+    size = family.size(args.size)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MERGELAB_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     load_before = os.getloadavg()
-    t_plain_loop, t_ours_loop, t_padded_loop, n_items = steady_state(manifest, args.device)
+    t_plain_loop, t_ours_loop, t_padded_loop, n_items = steady_state(manifest, args.device, size.name)
     t_sweep, t_plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.repeat):
@@ -193,7 +194,7 @@ def main():
                                   size.name, "--methods", "average", "--no-reference", "--device", args.device,
                                   "--db", str(db)], env))
             out = Path(tmp) / "plain.json"
-            t_plain.append(timed([sys.executable, __file__, "--device", args.device, "--plain", str(manifest),
+            t_plain.append(timed([sys.executable, __file__, "--device", args.device, "--size", size.name, "--plain", str(manifest),
                                   str(out)], env))
         plain = json.loads(out.read_text())
         ours = sweep_losses(db, family.name)

@@ -363,7 +363,12 @@ def _packing_honoured(model, packed: list[Batch]) -> bool:
         r = int(counts.argmax())
         bounds = starts[r].nonzero().flatten().tolist() + [b.position_ids.shape[1]]
         ids = b.input_ids[r:r + 1]
-        together = decoder(input_ids=ids, position_ids=b.position_ids[r:r + 1], use_cache=False).last_hidden_state[0].float()
+        try:
+            together = decoder(input_ids=ids, position_ids=b.position_ids[r:r + 1], use_cache=False)
+        except (TypeError, ValueError):  # a decoder that takes no position_ids (remote code, old classes)
+            _PACKING[model] = False
+            return False
+        together = together.last_hidden_state[0].float()
         errors = []
         for lo, hi in list(zip(bounds, bounds[1:]))[:PACKING_CHECK_SEGMENTS]:
             alone = decoder(input_ids=ids[:, lo:hi], use_cache=False).last_hidden_state[0].float()
