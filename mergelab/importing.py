@@ -32,6 +32,7 @@ import pandas as pd
 
 from mergelab import metrics
 from mergelab.errors import MergelabError
+from mergelab.io.jsonl import json_objects
 from mergelab.names import BASE, EXPERT, KEY_SEPARATOR, name_problem
 from mergelab.store import IMPORTED_PREFIX, ResultStore
 
@@ -207,18 +208,8 @@ def _table(name: str, data: bytes) -> tuple[pd.DataFrame, list[int], str]:
         return frame, list(range(1, len(frame) + 1)), kind
     text = _text(name, data)
     if kind == "jsonl":
-        records, lines = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MergelabError(f"{name} line {number}, column {exc.colno}: not JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise MergelabError(f"{name} line {number}: expected a JSON object per line, got {type(record).__name__}")
-            records.append(record)
-            lines.append(number)
+        pairs = list(json_objects(text, MergelabError, lambda n: f"{name} line {n}"))
+        records, lines = [row for _, row in pairs], [n for n, _ in pairs]
         return pd.DataFrame.from_records(records), lines, kind
     if kind == "json":
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mergelab.errors import EvalSetError
 from mergelab.io.family import DEFAULT_MAX_LENGTH
+from mergelab.io.jsonl import json_objects
 
 METRIC_VERSION = 1
 DEFAULT_BATCH_TOKENS = 16384
@@ -41,18 +42,7 @@ def load_eval_set(path: str | Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE_CHARS:
-            raise EvalSetError(f"{path}:{lineno}: line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} "
-                               f"allowed for one example (is this an eval set?)")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalSetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise EvalSetError(f"{path}:{lineno}: expected an object with 'prompt' and 'response'")
+    for lineno, row in json_objects(text, EvalSetError, lambda n: f"{path}:{n}", MAX_LINE_CHARS):
         if "messages" in row:
             examples.append({"messages": _check_messages(row["messages"], f"{path}:{lineno}")})
             continue
