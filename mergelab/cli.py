@@ -19,6 +19,9 @@ demo_app = typer.Typer(help="The built-in demo family.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 family_app = typer.Typer(help="Family manifests (family.toml).", no_args_is_help=True)
 app.add_typer(family_app, name="family")
+adaptive_app = typer.Typer(help="Adaptive sweeps: a law's quantity to a stated precision from few merges.",
+                           no_args_is_help=True)
+app.add_typer(adaptive_app, name="adaptive")
 
 
 @app.callback()
@@ -670,6 +673,64 @@ def worker(
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
     raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+
+
+def _check_budget(budget: int | None) -> None:
+    if budget is not None and budget < 1:
+        raise MergelabError(f"--budget {budget}: expected a positive number of merges per curve")
+
+
+@adaptive_app.command("replay")
+def adaptive_replay(
+    target: str = typer.Option(..., help="QUANTITY:PRECISION, the 95% CI half-width wanted: L_inf:0.005, k90:0.5, "
+                                         "A:10% (of the estimate), predict@9:0.003"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    method: Optional[str] = typer.Option(None, help="only this merge method"),
+    size: Optional[str] = typer.Option(None, help="only this size"),
+    budget: Optional[int] = typer.Option(None, help="at most this many merges per curve"),
+    seed: int = typer.Option(0, help="seed of subset choice ties and bootstrap draws"),
+    format: str = typer.Option("table", help="table, or json (one JSON object per line, one line per curve)"),
+):
+    """Judge the adaptive policy against cached sweeps: per (method, size) macro curve, run the policy with
+    each merge a lookup in the cache, and print the merges it used, its estimate and 95% CI, and the
+    estimate from every cached merge of the curve."""
+    import json
+
+    from mergelab.analysis.adaptive import curves_of, parse_target, replay_curve, replay_record, require_per_curve
+
+    goal = parse_target(target)
+    require_per_curve(goal)
+    _check_budget(budget)
+    _check_seed(seed)
+    if format not in ("table", "json"):
+        raise MergelabError(f"--format {format!r}: expected table or json")
+    if method in REFERENCE_METHODS:
+        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
+                            "method; name a merge method (see `mergelab methods`)")
+    _reading_db(db)
+    results = _selected_results(db, family, method, size)
+    curves = curves_of(results)
+    if not curves:
+        raise MergelabError("no complete merge curves among the selected rows (merges evaluated on every domain)")
+    lines = []
+    for info, losses in curves:
+        result, full = replay_curve(goal, info["experts"], losses, budget=budget, seed=seed)
+        record = replay_record(info, goal, result, full, len(losses))
+        if format == "json":
+            typer.echo(json.dumps(record))
+            continue
+        fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+        lines.append({"family": info["family"], "size": record["size"], "method": record["method"],
+                      "merges_used": record["merges_used"], "exhaustive_merges": record["exhaustive_merges"],
+                      "estimate": fmt(record["estimate"]), "ci": f"[{fmt(record['ci'][0])}, {fmt(record['ci'][1])}]",
+                      "exhaustive_estimate": fmt(record["exhaustive_estimate"]),
+                      "exhaustive_ci": f"[{fmt(full.lo)}, {fmt(full.hi)}]", "stopped": result.reason})
+    if format == "table":
+        import pandas as pd
+
+        typer.echo(f"target: {goal.describe()}")
+        typer.echo(pd.DataFrame(lines).to_string(index=False))
 
 
 @family_app.command("init")

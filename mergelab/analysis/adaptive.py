@@ -586,3 +586,57 @@ def _fill(experts: Sequence[str], design: Sequence[Subset], n: int, seed: int) -
         else:
             break
     return out
+
+
+# -- replay against an exhaustive sweep -----------------------------------------------------------
+
+REPLAY_FIELDS = ("method", "size", "target", "merges_used", "exhaustive_merges", "estimate", "ci",
+                 "exhaustive_estimate")
+
+
+def curves_of(results, domain: str | None = None) -> list[tuple[dict, dict]]:
+    """The merge curves among cached rows (ResultStore.results): [(info, {experts_key: loss}), …], one per
+    (family, size, method setting), with info {family, size, n_params, method, hparams, setting, experts};
+    the loss is the macro mean over domains (merges evaluated on every domain) or `domain`'s."""
+    from mergelab.analysis.tables import merge_losses
+    from mergelab.names import MACRO, key_experts
+
+    frame = merge_losses(results, domain or MACRO)
+    out = []
+    for (family, size, n_params, method, hparams, setting), group in frame.groupby(
+            ["family", "size", "n_params", "method", "hparams", "setting"], sort=True):
+        experts = tuple(sorted({e for key in group["experts_key"] for e in key_experts(key)}))
+        info = {"family": family, "size": size, "n_params": int(n_params), "method": method, "hparams": hparams,
+                "setting": setting, "experts": experts}
+        out.append((info, dict(zip(group["experts_key"], map(float, group["loss"])))))
+    return sorted(out, key=lambda c: (c[0]["family"], c[0]["n_params"], c[0]["setting"]))
+
+
+def replay_curve(target: "Target | str", experts: Sequence[str], losses: dict, *, budget: int | None = None,
+                 seed: int = 0) -> tuple[AdaptiveResult, Interval]:
+    """Run the policy on one curve whose merges are all in `losses` ({experts_key: loss}): a merge is a
+    lookup. Returns the policy's result and the interval of the exhaustive design (every merge in
+    `losses`, FINAL_DRAWS draws at REPORT_LEVEL). A subset the cache lacks counts as a failed merge."""
+    from mergelab.names import key_experts
+
+    target = parse_target(target) if isinstance(target, str) else target
+    table = {frozenset(key_experts(key)): loss for key, loss in losses.items()}
+
+    def lookup(batch):
+        return [table.get(frozenset(s), math.nan) for s in batch]
+
+    result = run_policy(target, experts, lookup, budget=budget, seed=seed)
+    subsets = [key_experts(key) for key in losses]
+    full = interval(target, subsets, list(losses.values()), len(experts), n_boot=FINAL_DRAWS, seed=seed + 10_007,
+                    level=REPORT_LEVEL)
+    return result, full
+
+
+def replay_record(info: dict, target: Target, result: AdaptiveResult, full: Interval, n_exhaustive: int) -> dict:
+    """One replay line: the REPLAY_FIELDS (method is the setting, e.g. 'ties lambda=0.5')."""
+    def num(x):
+        return float(x) if x is not None and np.isfinite(x) else None
+
+    return {"method": info["setting"], "size": info["size"], "target": target.text or f"{target.quantity}",
+            "merges_used": result.merges, "exhaustive_merges": n_exhaustive, "estimate": num(result.estimate),
+            "ci": [num(result.lo), num(result.hi)], "exhaustive_estimate": num(full.estimate)}
