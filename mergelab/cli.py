@@ -220,6 +220,12 @@ def sweep(
     reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
     backend: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; pip install 'mergelab[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
+    adaptive: Optional[str] = typer.Option(None, help="a target QUANTITY:PRECISION (95% CI half-width), e.g. "
+                                                      "L_inf:0.005, k90:0.5, A:10%, predict@9:0.003: merge only the "
+                                                      "subsets the adaptive policy picks, until the target is met per "
+                                                      "curve; rerun to continue a stopped sweep"),
+    budget: Optional[int] = typer.Option(None, help="with --adaptive: at most this many merges per curve, cached "
+                                                    "ones included"),
 ):
     """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
     from mergelab.io.family import load_family
@@ -232,6 +238,7 @@ def sweep(
     _check_seed(seed)
     if not device.strip():
         raise MergelabError("--device '': expected auto, cpu, cuda, cuda:N or mps")
+    goal = _check_adaptive(adaptive, budget, k, subsets, backend)
     fam = load_family(family)
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
@@ -242,6 +249,8 @@ def sweep(
         raise MergelabError("--address is for --backend ray")
     check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))
     store = ResultStore(db)
+    if goal is not None:
+        return _adaptive_sweep(spec, goal, store, budget, device)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s on {report.threads_note()}")
@@ -673,6 +682,43 @@ def worker(
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
     raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+
+
+def _check_adaptive(adaptive: str | None, budget: int | None, k: str, subsets: str, backend: str):
+    """The parsed --adaptive target (None without it); refuses --budget without --adaptive, and --k,
+    --subsets or --backend ray with it (the policy chooses the subsets and runs them here)."""
+    from mergelab.analysis.adaptive import parse_target, require_per_curve
+
+    if adaptive is None:
+        if budget is not None:
+            raise MergelabError(f"--budget {budget}: is for --adaptive sweeps; give --adaptive TARGET or leave it out")
+        return None
+    goal = parse_target(adaptive)
+    require_per_curve(goal)
+    _check_budget(budget)
+    for option, value in (("--k", k), ("--subsets", subsets)):
+        if value.strip() != "all":
+            raise MergelabError(f"{option} {value!r} with --adaptive: the adaptive policy chooses the subsets; "
+                                f"leave {option} out")
+    if backend != "local":
+        raise MergelabError(f"--backend {backend!r} with --adaptive: adaptive sweeps run on the local backend")
+    return goal
+
+
+def _adaptive_sweep(spec, goal, store, budget, device) -> None:
+    """`mergelab sweep --adaptive`: run the policy per curve and print one line per curve."""
+    from mergelab.sweep.adaptive import run_adaptive_sweep
+
+    report = run_adaptive_sweep(spec, goal, store, budget=budget, device=device)
+    typer.echo(f"adaptive sweep to {goal.describe()}: {report.merged} merges evaluated, {report.cached_before} "
+               f"already cached, in {report.seconds:.1f} s ({store.path})")
+    for (size, method, _), result in report.curves.items():
+        ci = (f"[{result.lo:.4g}, {result.hi:.4g}]" if result.lo == result.lo else "no interval")
+        typer.echo(f"{size} · {method}: {goal.label} = {result.estimate:.4g} {ci}, half-width "
+                   f"{result.half_width:.3g}, {result.merges} merges of {2 ** len(result.experts) - 1}: {result.reason}")
+    if report.not_cached:
+        typer.echo(f"warning: {len(report.not_cached)} merge(s) not cached: {'; '.join(report.not_cached[:3])}",
+                   err=True)
 
 
 def _check_budget(budget: int | None) -> None:

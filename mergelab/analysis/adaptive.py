@@ -47,7 +47,8 @@ STOP_LEVEL = 0.95       # level the stopping rule compares with the target
 MAX_CANDIDATES = 2000   # subsets scored per k when C(M, k) is larger (sampled, seeded)
 PAIR_WEIGHT = 0.25      # weight of pair-count balance next to expert-count balance when choosing subsets
 CALIBRATION = (0.5, 4.0)
-GIVE_UP = 3             # refits in a row predicting the target out of reach before the policy stops  # bounds of bootstrap half-width / delta-method half-width
+GIVE_UP = 3             # refits in a row predicting the target out of reach before the policy stops …
+GIVE_UP_SHARE = 0.1     # … once it has merged at least this share of all subsets (early predictions are rough)  # bounds of bootstrap half-width / delta-method half-width
 
 PER_CURVE = ("L_inf", "A", "b", "predict", "k_fraction")
 JOINT = ("L_star", "min_size")
@@ -522,7 +523,7 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
     while True:
         subsets = [s for s, _ in data.values()]
         losses = [v for _, v in data.values()]
-        current = interval(target, subsets, losses, M, seed=seed + step_no)
+        current = interval(target, subsets, losses, M, seed=seed + len(subsets))  # a rerun on the same design agrees
         threshold = target.threshold(current.estimate) if np.isfinite(current.estimate) else math.nan
         exhausted = len(data) + len(failed) >= 2 ** M - 1
         remaining, batch = math.nan, []
@@ -540,7 +541,7 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
         hopeless = hopeless + 1 if remaining == math.inf else 0
         if np.isfinite(current.half_width) and current.half_width <= threshold:
             reason = "target met"
-        elif give_up and hopeless >= give_up:
+        elif give_up and hopeless >= give_up and len(data) >= GIVE_UP_SHARE * (2 ** M - 1):
             reason = "out of reach"
         elif len(data) >= limit:
             reason = "budget spent"
