@@ -141,7 +141,7 @@ def coverage(n_families, scenario_name="mix", seed=0, M=9):
             return [cache[frozenset(s)] for s in batch]
 
         drop = law.drop(M)
-        for quantity, precision, truth in (("L_inf", 0.15 * drop, law.L_inf), ("k90", 0.5, law.k_fraction(0.9, M))):
+        for quantity, precision, truth in (("L_inf", 0.3 * drop, law.L_inf), ("k90", 0.5, law.k_fraction(0.9, M))):
             target = parse_target(f"{quantity}:{precision!r}")
             r = run_policy(target, experts, evaluate, seed=int(rng.integers(2 ** 31)))
             out.append({"family": f, "quantity": quantity, "merges": r.merges, "reason": r.reason,
@@ -156,7 +156,7 @@ def print_coverage(frame, n, scenario):
     for q, g in frame.groupby("quantity", sort=False):
         given = g[g["covered"].notna()]
         met = given[given["reason"] == "target met"]
-        label = {"L_inf": "L∞ (0.15 × drop)", "k90": "k90 (0.5)"}[q]
+        label = {"L_inf": "L∞ (0.3 × drop)", "k90": "k90 (0.5)"}[q]
         print(f"| {label} | {len(g)} | {len(given)} | {given['covered'].mean():.1%} | "
               f"{met['covered'].mean() if len(met) else float('nan'):.1%} | {len(met)} | "
               f"{int(g['merges'].median())}, {int(g['merges'].max())} |")

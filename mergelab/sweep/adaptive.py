@@ -112,3 +112,57 @@ def run_policy_live(target, experts, evaluate, budget, known, seed, cost, step) 
     from mergelab.analysis.adaptive import run_policy
 
     return run_policy(target, experts, evaluate, budget=budget, known=known, seed=seed, cost=cost, on_step=step)
+
+
+def run_adaptive_job(job, on_progress) -> "SweepReport":
+    """An adaptive SweepJob (job.adaptive set) as the worker runs it: run_adaptive_sweep with its batches'
+    progress folded into one SweepReport (merges and rows of every batch so far; `total` is the merges
+    done plus those the policy predicts are still needed), so the job queue shows one job. The report's
+    `adaptive_note` is the latest interval, e.g. 'L∞ = 0.4712 [0.468, 0.474], ~12 merges to go', and
+    `adaptive_summary` one line per curve once done. Raises as run_adaptive_sweep."""
+    from mergelab.sweep.runner import SweepReport
+
+    combined = SweepReport()
+    combined.adaptive_note = ""
+    state = {"merged": 0, "rows": 0, "not_cached": [], "remaining": None, "batch": None}
+    target = parse_target(job.adaptive)
+
+    def fold(batch, total, item):
+        if batch is not state["batch"]:  # a new batch: bank the last one's counts
+            if state["batch"] is not None:
+                state["merged"] += state["batch"].merged
+                state["rows"] += state["batch"].rows_written
+                state["not_cached"] += state["batch"].not_cached
+            state["batch"] = batch
+        combined.merged = state["merged"] + batch.merged
+        combined.rows_written = state["rows"] + batch.rows_written
+        combined.not_cached = state["not_cached"] + batch.not_cached
+        combined.threads, combined.threads_reason = batch.threads, batch.threads_reason
+        left = total - batch.merged
+        remaining = state["remaining"]
+        if remaining is not None and remaining == remaining and remaining != float("inf"):  # a finite prediction
+            left = max(left, int(remaining))
+        if on_progress:
+            on_progress(combined, combined.merged + left, item)
+
+    def step(key, record):
+        state["remaining"] = record.predicted_remaining
+        left = ("target met" if record.predicted_remaining == 0 else
+                "merges to go unknown" if record.predicted_remaining != record.predicted_remaining else
+                "out of reach (predicted)" if record.predicted_remaining == float("inf") else
+                f"~{record.predicted_remaining:.0f} merges to go")
+        ci = f"[{record.lo:.4g}, {record.hi:.4g}]" if record.lo == record.lo else "(no interval yet)"
+        combined.adaptive_note = f"{key[0]} · {key[1]}: {target.label} = {record.estimate:.4g} {ci} after " \
+                                 f"{record.merges} merges, {left}"
+
+    spec = job.sweep_spec()
+    report = run_adaptive_sweep(spec, target, ResultStore(job.db), budget=job.budget, device=job.device,
+                                progress=False, on_progress=fold, on_step=step)
+    combined.merged, combined.skipped = report.merged, report.cached_before
+    combined.rows_written = state["rows"] + (state["batch"].rows_written if state["batch"] else 0)
+    combined.not_cached = report.not_cached
+    combined.adaptive_summary = "; ".join(
+        f"{size} · {method}: {target.label} = {r.estimate:.4g} "
+        + (f"[{r.lo:.4g}, {r.hi:.4g}]" if r.lo == r.lo else "(no interval)") + f" from {r.merges} merges, {r.reason}"
+        for (size, method, _), r in report.curves.items())
+    return combined

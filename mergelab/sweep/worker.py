@@ -201,6 +201,8 @@ def run_job(queue: JobQueue, job: Job) -> None:
             logger.info("job %d: %s merges to run (%s cached) on %s", job.id, f"{total:,}", f"{report.skipped:,}",
                         report.threads_note())
         current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
+        if getattr(report, "adaptive_note", ""):  # an adaptive job: the target's interval so far
+            current = f"{current} | {report.adaptive_note}"
         done, skipped, rows = counts(report)
         if queue.progress(job.id, done, before + total, skipped, rows, current, len(report.not_cached)):
             raise JobCancelled
@@ -217,14 +219,20 @@ def run_job(queue: JobQueue, job: Job) -> None:
                 ",".join(job.spec.methods), ",".join(job.spec.sizes) or "all")
     try:
         try:
-            report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
-                               progress=False, on_progress=on_progress)
+            if job.spec.adaptive:  # the policy picks the subsets; the cache holds its state (a resume continues)
+                from mergelab.sweep.adaptive import run_adaptive_job
+
+                report = run_adaptive_job(job.spec, on_progress)
+            else:
+                report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
+                                   progress=False, on_progress=on_progress)
         finally:
             _STOPPER.deferred = False
         state["report"] = report
         note = report.not_cached_note()
         message = (lambda done, skipped: f"{done} merges evaluated" + (f" ({report.merged} after resuming)" if before else "")
-                   + f", {skipped} already cached" + (f"; {note}" if note else ""))
+                   + f", {skipped} already cached" + (f"; {note}" if note else "")
+                   + (f"; {report.adaptive_summary}" if getattr(report, "adaptive_summary", "") else ""))
         finish("done", message)
         done, skipped, rows = counts(report)
         logger.info("job %d done: %s, %d rows written", job.id, message(done, skipped), rows)
