@@ -26,7 +26,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from mergelab.analysis.adaptive import (REPORT_LEVEL, curves_of, interval, parse_target, replay_curve, run_policy)
+from mergelab.analysis.adaptive import (FINAL_DRAWS, REPORT_LEVEL, curves_of, interval, parse_target, replay_curve,
+                                        run_policy)
 from mergelab.analysis.simulate import SCENARIOS, Law, Pool, random_law, simulate_losses
 from mergelab.demo.up import shipped_results_path
 from mergelab.names import key_experts
@@ -41,7 +42,7 @@ def reach(target, experts, table, designs):
     M = len(experts)
     for subsets in designs:
         losses = [table[frozenset(s)] for s in subsets]
-        iv = interval(target, subsets, losses, M)
+        iv = interval(target, subsets, losses, M, n_boot=FINAL_DRAWS, seed=len(subsets), level=REPORT_LEVEL)
         if np.isfinite(iv.half_width) and iv.half_width <= target.threshold(iv.estimate):
             return len(subsets)
     return math.inf
@@ -79,9 +80,11 @@ def replay_table():
             experts = info["experts"]
             result, full = replay_curve(target, experts, losses)
             table = {frozenset(key_experts(k)): v for k, v in losses.items()}
-            per_k = np.median([reach(target, experts, table, per_k_designs(list(experts), s)) for s in SEEDS])
-            uniform = np.median([reach(target, experts, table, uniform_designs(list(experts), s)) for s in SEEDS])
             exhaustive_met = full.half_width <= target.threshold(full.estimate)
+            per_k = uniform = math.inf  # out of reach for this pool: no random design reaches it either
+            if exhaustive_met:
+                per_k = np.median([reach(target, experts, table, per_k_designs(list(experts), s)) for s in SEEDS])
+                uniform = np.median([reach(target, experts, table, uniform_designs(list(experts), s)) for s in SEEDS])
             rows.append({"target": text, "size": info["size"], "setting": info["setting"],
                          "adaptive": result.merges, "stopped": result.reason,
                          "estimate": result.estimate, "ci": (result.lo, result.hi),

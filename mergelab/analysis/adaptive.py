@@ -40,10 +40,10 @@ import numpy as np
 from mergelab.errors import MergelabError
 from mergelab.names import experts_key
 
-POLICY_DRAWS = 200      # bootstrap draws per refit while deciding (cheap: a refit is ~30 ms)
-FINAL_DRAWS = 1000      # draws of the reported interval, with a fresh seed
-REPORT_LEVEL = 0.95     # level of the reported interval (bench/adaptive.py checks its coverage)
-STOP_LEVEL = 0.95       # level the stopping rule compares with the target
+POLICY_DRAWS = 200      # bootstrap draws of `interval` by default
+FINAL_DRAWS = 1000      # draws of the interval of each refit, the one the stopping rule reads and the one reported
+REPORT_LEVEL = 0.95     # its level (bench/adaptive.py checks its coverage under the stopping rule)
+STOP_LEVEL = 0.95
 MAX_CANDIDATES = 2000   # subsets scored per k when C(M, k) is larger (sampled, seeded)
 PAIR_WEIGHT = 0.25      # weight of pair-count balance next to expert-count balance when choosing subsets
 CALIBRATION = (0.5, 4.0)
@@ -339,9 +339,18 @@ class Predictor:
             self.s_a2 = self.s_c2 = 0.0
             self.sigma2 = float(np.mean(spread)) if spread else float(np.var(y)) or 1e-12
         self._grad: dict[tuple, np.ndarray] = {}
-        base = self.half_width(list(subsets), calibrated=False)
-        ratio = current.half_width / base if np.isfinite(current.half_width) and base > 0 else 1.0
+        self.now = self.half_width(list(subsets), calibrated=False)
+        ratio = current.half_width / self.now if np.isfinite(current.half_width) and self.now > 0 else 1.0
         self.calibration = float(np.clip(ratio, *CALIBRATION))
+
+    def floor(self) -> float:
+        """Predicted half-width (uncalibrated) with every subset merged: what the pool of M experts
+        allows at best, since the interval is for the population of experts."""
+        full = DesignCounts(self.experts)
+        for k in range(1, self.M + 1):
+            full.n[k] = math.comb(self.M, k)
+            full.counts[k] = math.comb(self.M - 1, k - 1)
+        return self.half_width(full, calibrated=False)
 
     def gradient(self, ks: tuple) -> np.ndarray:
         """∂target/∂m_k at the fitted law's means, (K,), by central differences through the fit."""
@@ -374,7 +383,11 @@ class Predictor:
         cov = self.s_a2 * U @ U.T + self.s_c2 * V @ V.T + np.diag(self.sigma2 / (kf * n))
         g = self.gradient(tuple(int(k) for k in ks))
         hw = 1.96 * math.sqrt(max(float(g @ cov @ g), 0.0))
-        return hw * (self.calibration if calibrated else 1.0)
+        if not calibrated or not self.now > 0:
+            return hw
+        # the bootstrap's excess over the delta method (nonlinearity of small designs) fades as the
+        # predicted width shrinks below today's
+        return hw * (1 + (self.calibration - 1) * min(1.0, hw / self.now))
 
     def plan(self, design: "Sequence[Subset] | DesignCounts", n_merges: int, cost: float = 1.0,
              seed: int = 0) -> list[Subset]:
@@ -403,21 +416,24 @@ class Predictor:
 
     def merges_to_target(self, subsets: Sequence[Subset], threshold: float, step: int, seed: int = 0,
                          limit: int | None = None) -> float:
-        """Predicted merges still needed for the half-width to reach `threshold` (inf when even every
-        subset, or `limit` merges, are predicted not to reach it)."""
+        """Predicted merges still needed for the half-width to reach `threshold` (calibrated; else where the
+        uncalibrated delta method reaches it; inf when neither does within every subset or `limit` merges)."""
         counts = DesignCounts(self.experts, subsets)
         start = counts.size
         if self.half_width(counts) <= threshold:
             return 0.0
         total = 2 ** self.M - 1
         limit = total if limit is None else min(limit, total)
+        rough = math.inf  # where the uncalibrated prediction meets the target: the answer if the calibrated never does
         while counts.size < limit:
             # batches grow with the design (a coarser answer far from the target, at a bounded cost)
             if not self.plan(counts, min(max(step, counts.size // 3), limit - counts.size), seed=seed):
                 break
             if self.half_width(counts) <= threshold:
                 return float(counts.size - start)
-        return math.inf
+            if rough == math.inf and self.half_width(counts, calibrated=False) <= threshold:
+                rough = float(counts.size - start)
+        return rough
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -523,22 +539,24 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
     while True:
         subsets = [s for s, _ in data.values()]
         losses = [v for _, v in data.values()]
-        current = interval(target, subsets, losses, M, seed=seed + len(subsets))  # a rerun on the same design agrees
+        # the interval reported if the policy stops here; seeded by the design, so a rerun on it agrees
+        current = interval(target, subsets, losses, M, n_boot=FINAL_DRAWS, seed=seed + len(subsets), level=REPORT_LEVEL)
         threshold = target.threshold(current.estimate) if np.isfinite(current.estimate) else math.nan
         exhausted = len(data) + len(failed) >= 2 ** M - 1
-        remaining, batch = math.nan, []
+        remaining, batch, beyond = math.nan, [], False
         if current.fit is not None and not (np.isfinite(current.half_width) and current.half_width <= threshold):
             predictor = Predictor(target, experts, subsets, losses, current)
             step = batch_size(M, len(data))
             batch = predictor.plan(subsets, step, cost, seed)
             remaining = predictor.merges_to_target(subsets, threshold, step, seed, limit=limit)
+            beyond = predictor.floor() > threshold
         elif current.fit is not None:
             remaining = 0.0
         record = Step(len(data), current.estimate, current.lo, current.hi, remaining, current.note)
         history.append(record)
         if on_step:
             on_step(record)
-        hopeless = hopeless + 1 if remaining == math.inf else 0
+        hopeless = hopeless + 1 if beyond else 0
         if np.isfinite(current.half_width) and current.half_width <= threshold:
             reason = "target met"
         elif give_up and hopeless >= give_up and len(data) >= GIVE_UP_SHARE * (2 ** M - 1):
@@ -563,12 +581,9 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
                 reason = "every subset merged"
                 break
         step_no += 1
-    subsets = [s for s, _ in data.values()]
-    losses = [v for _, v in data.values()]
-    final = interval(target, subsets, losses, M, n_boot=FINAL_DRAWS, seed=seed + 10_007, level=REPORT_LEVEL)
-    if not np.isfinite(final.half_width):
+    if not np.isfinite(current.half_width):
         reason = reason if reason in ("budget spent", "out of reach") else "no interval"
-    return AdaptiveResult(target, experts, subsets, losses, final.estimate, final.lo, final.hi, reason, history)
+    return AdaptiveResult(target, experts, subsets, losses, current.estimate, current.lo, current.hi, reason, history)
 
 
 def _fill(experts: Sequence[str], design: Sequence[Subset], n: int, seed: int) -> list[Subset]:
