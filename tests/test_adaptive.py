@@ -15,6 +15,7 @@ from mergelab.analysis.adaptive import (REPLAY_FIELDS, DesignCounts, Target, Tar
                                         parse_target, replay_curve, run_policy, start_design)
 from mergelab.analysis.simulate import SCENARIOS, Law, Pool, simulate_losses
 from mergelab.demo.up import shipped_results_path
+from tests.test_app import env  # noqa: F401  (the fixture: a swept tiny family, private queue and home)
 
 EXPERTS = tuple(f"e{i}" for i in range(9))
 
@@ -224,3 +225,32 @@ def test_adaptive_job_resumes_after_kill_9_from_the_cache(micro_family, tmp_path
     assert "xs · average: L∞ = " in job.message
     assert any(why in job.message for why in ("budget spent", "target met", "out of reach")), job.message
     assert "L∞ = " in (job.current or "")  # the interval was shown while it ran
+
+
+def test_sweep_page_launches_an_adaptive_job_and_shows_its_interval(env, monkeypatch):
+    from mergelab.sweep.jobs import JobQueue
+    from tests.helpers import wait_until
+    from tests.test_app import run
+
+    monkeypatch.setenv("MERGELAB_WORKER_IDLE", "3")  # the worker the page starts leaves soon after
+    at = run("pages/2_Sweep.py")
+    at.selectbox(key="sweep-family").set_value("other path…").run()
+    at.text_input[0].input(str(env)).run()
+    at.toggle(key="sweep-adaptive").set_value(True)
+    at.selectbox(key="sweep-adaptive-quantity").set_value("L_inf")
+    at.text_input(key="sweep-adaptive-precision").input("nope")
+    at.button[0].click().run()  # Estimate (the form's values are sent with it): the bad precision is refused
+    assert any("Target 'L_inf:nope'" in e.value and "not a number" in e.value for e in at.error), [e.value for e in at.error]
+    at.toggle(key="sweep-adaptive").set_value(True)
+    at.text_input(key="sweep-adaptive-precision").input("10")
+    at.button[1].click().run()  # Launch
+    assert not at.exception
+    assert any("starts with 7 merges" in i.value for i in at.info), [i.value for i in at.info]
+    queue = JobQueue()
+    (job,) = queue.list()
+    assert job.spec.adaptive == "L_inf:10" and job.spec.subsets == "all" and job.spec.ks == ()
+    assert wait_until(lambda: queue.get(job.id).status in ("done", "failed"), timeout=180, poll=0.2)
+    done = queue.get(job.id)
+    assert done.status == "done" and "s · average: L∞ = " in done.message, done.message
+    at = run("pages/2_Sweep.py")
+    assert any(e.label.startswith("Adaptive: L_inf:10") for e in at.expander), [e.label for e in at.expander]

@@ -12,12 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
 
 from mergelab.analysis.adaptive import AdaptiveResult, Step, Target, parse_target, require_per_curve
 from mergelab.names import MACRO, experts_key
 from mergelab.store import ResultStore
 from mergelab.sweep.plan import SweepSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mergelab.sweep.runner import SweepReport
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +173,45 @@ def run_adaptive_job(job, on_progress) -> "SweepReport":
         + (f"[{r.lo:.4g}, {r.hi:.4g}]" if r.lo == r.lo else "(no interval)") + f" from {r.merges} merges, {r.reason}"
         for (size, method, _), r in report.curves.items())
     return combined
+
+
+def interval_history(job, n_boot: int = 200) -> "pd.DataFrame":
+    """How the target's interval shrank as an adaptive job's merges landed, from the cache alone: per
+    curve of the job, the interval on the merges cached up to each batch boundary (merges ordered by
+    when they were cached, boundaries as the policy's batches: the start design, then batch_size steps).
+    Columns: curve ('size · method'), merges, estimate, lo, hi, threshold. Empty before the first interval."""
+    import pandas as pd
+
+    from mergelab.analysis.adaptive import batch_size, interval, start_design
+    from mergelab.engine.methods import canonical_hparams, get_method
+    from mergelab.names import key_experts
+
+    target = parse_target(job.adaptive)
+    spec = job.sweep_spec()
+    store = ResultStore(job.db)
+    rows = []
+    if not store.exists():
+        return pd.DataFrame(columns=["curve", "merges", "estimate", "lo", "hi", "threshold"])
+    for name in spec.sizes:
+        size = spec.family.size(name)
+        M = len(size.experts)
+        for method, hp in spec.methods.items():
+            hparams = canonical_hparams(get_method(method).resolve(hp))
+            losses = cached_curve(store, spec.family.name, name, method, hparams)
+            if not losses:
+                continue
+            when = (store.results(family=spec.family.name, size=name, method=method, hparams=hparams)
+                    .groupby("experts_key")["created_at"].max())
+            keys = sorted(losses, key=lambda k: (when.get(k), k))
+            n, marks = len(start_design(size.expert_names)), []
+            while n < len(keys):
+                marks.append(n)
+                n += batch_size(M, n)
+            for n in marks + [len(keys)]:
+                chosen = keys[:n]
+                iv = interval(target, [key_experts(k) for k in chosen], [losses[k] for k in chosen], M,
+                              n_boot=n_boot, seed=n)
+                if np.isfinite(iv.half_width):
+                    rows.append({"curve": f"{name} · {method}", "merges": n, "estimate": iv.estimate, "lo": iv.lo,
+                                 "hi": iv.hi, "threshold": target.threshold(iv.estimate)})
+    return pd.DataFrame(rows, columns=["curve", "merges", "estimate", "lo", "hi", "threshold"])
