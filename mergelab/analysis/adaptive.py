@@ -496,7 +496,8 @@ def batch_size(M: int, merged: int) -> int:
 
 def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluate, *, budget: int | None = None,
                known: dict | None = None, seed: int = 0, cost: float = 1.0,
-               on_step: Callable[[Step], None] | None = None, give_up: int = GIVE_UP) -> AdaptiveResult:
+               on_step: Callable[[Step], None] | None = None, give_up: int = GIVE_UP,
+               predict: bool = True) -> AdaptiveResult:
     """Run the adaptive design to `target` for one curve of a pool of `experts`.
 
     evaluate(subsets) -> losses (one per subset, metric units; NaN for a merge that could not be made):
@@ -548,7 +549,8 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
             predictor = Predictor(target, experts, subsets, losses, current)
             step = batch_size(M, len(data))
             batch = predictor.plan(subsets, step, cost, seed)
-            remaining = predictor.merges_to_target(subsets, threshold, step, seed, limit=limit)
+            if predict:
+                remaining = predictor.merges_to_target(subsets, threshold, step, seed, limit=limit)
             beyond = predictor.floor() > threshold
         elif current.fit is not None:
             remaining = 0.0
