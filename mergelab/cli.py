@@ -681,7 +681,9 @@ def worker(
         raise MergelabError(f"--idle-exit {idle_exit}: expected a number of seconds, 0 or more")
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
-    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+    from mergelab.analysis.adaptive_sweep import run_adaptive_job
+
+    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once, adaptive_runner=run_adaptive_job))
 
 
 def _check_adaptive(adaptive: str | None, budget: int | None, k: str, subsets: str, backend: str):
@@ -707,7 +709,7 @@ def _check_adaptive(adaptive: str | None, budget: int | None, k: str, subsets: s
 
 def _adaptive_sweep(spec, goal, store, budget, device) -> None:
     """`mergelab sweep --adaptive`: run the policy per curve and print one line per curve."""
-    from mergelab.sweep.adaptive import run_adaptive_sweep
+    from mergelab.analysis.adaptive_sweep import run_adaptive_sweep
 
     report = run_adaptive_sweep(spec, goal, store, budget=budget, device=device)
     typer.echo(f"adaptive sweep to {goal.describe()}: {report.merged} merges evaluated, {report.cached_before} "

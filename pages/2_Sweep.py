@@ -171,7 +171,7 @@ sweep_form()
 @st.cache_data(ttl=5, show_spinner=False)
 def interval_history(job_json: str, rows: int):
     """The interval of an adaptive job after each batch, from the cache (refreshed as rows land)."""
-    from mergelab.sweep.adaptive import interval_history as history
+    from mergelab.analysis.adaptive_sweep import interval_history as history
 
     return history(SweepJob.from_json(job_json))
 

@@ -137,10 +137,13 @@ def _keep_lock(queue: JobQueue, lock):
     return fresh
 
 
-def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
+def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False,
+               adaptive_runner=None) -> int:
     """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with
     once, or until a stop signal (SIGTERM, SIGINT, SIGHUP: the job in flight ends as cancelled). Returns
-    the exit code: 0, or 1 when another worker already serves the queue."""
+    the exit code: 0, or 1 when another worker already serves the queue. adaptive_runner(job_spec,
+    on_progress) -> report runs adaptive jobs (`mergelab.analysis.adaptive_sweep.run_adaptive_job`, passed
+    in by `mergelab worker`: the policy lives in the analysis layer, above this one)."""
     _STOPPER.install()
     # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
     lock = _try_lock(queue, wait=3.0)
@@ -171,7 +174,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
                         return 0
                     time.sleep(poll)
                     continue
-                run_job(queue, job)
+                run_job(queue, job, adaptive_runner)
                 _STOPPER.check()  # a signal noted while the job's last merges ran
                 idle_since = time.monotonic()
         except WorkerStopped as stop:
@@ -183,7 +186,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
         lock.close()
 
 
-def run_job(queue: JobQueue, job: Job) -> None:
+def run_job(queue: JobQueue, job: Job, adaptive_runner=None) -> None:
     """Run one job to done, cancelled or failed (with the reason); never raises, except WorkerStopped
     (after marking the job cancelled). A resumed job counts on from its earlier runs: the merges it
     finished before (`job.done_before`) and the rows it wrote stay in its counts."""
@@ -220,9 +223,10 @@ def run_job(queue: JobQueue, job: Job) -> None:
     try:
         try:
             if job.spec.adaptive:  # the policy picks the subsets; the cache holds its state (a resume continues)
-                from mergelab.sweep.adaptive import run_adaptive_job
-
-                report = run_adaptive_job(job.spec, on_progress)
+                if adaptive_runner is None:
+                    raise MergelabError(f"job {job.id} is an adaptive sweep ({job.spec.adaptive}) and this worker was "
+                                        "started without the adaptive policy; run `mergelab worker`")
+                report = adaptive_runner(job.spec, on_progress)
             else:
                 report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
                                    progress=False, on_progress=on_progress)

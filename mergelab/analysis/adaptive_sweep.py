@@ -1,5 +1,6 @@
 """Live adaptive sweeps: the policy of mergelab.analysis.adaptive with merges made by `run_sweep` and read
-back from the results cache.
+back from the results cache (here, in the analysis layer, as it needs the fits; `mergelab worker` hands
+`run_adaptive_job` to the job runner of mergelab.sweep.worker).
 
 Everything the policy knows comes from the cache: before each curve it reads the merges already cached
 for it (current rows of its family, size, method setting, evaluated on every domain), so a sweep killed
