@@ -161,7 +161,9 @@ def test_replay_on_the_shipped_demo_meets_the_target_inside_the_exhaustive_inter
     (info, losses), = curves_of(rows)
     assert info["setting"] == "average" and len(losses) == 511
     result, full = replay_curve("L_inf:0.01", info["experts"], losses)
-    assert result.reason == "target met" and result.merges == 22  # the start design suffices
+    # the start design (22) looks precise enough; the confirmatory merge at each unseen k (3, 5–8) keeps it so
+    assert result.reason == "target met" and result.merges == 27
+    assert {len(s) for s in result.subsets} == set(range(1, 10))
     assert full.estimate == pytest.approx(1.0181, abs=1e-4)  # data/demo/README.md: fitted macro L∞ (average, xs)
     assert full.lo <= result.estimate <= full.hi
     assert result.half_width <= 0.011
@@ -183,7 +185,7 @@ def test_replay_cli_json_has_exactly_the_fields(shipped, tmp_path, capsys):
     for r in lines:
         assert tuple(r) == REPLAY_FIELDS
         assert r["size"] == "xs" and r["target"] == "k90:0.5" and r["exhaustive_merges"] == 511
-        assert 22 <= r["merges_used"] <= 0.1 * 511
+        assert 27 <= r["merges_used"] <= 0.1 * 511
         assert r["ci"][0] <= r["estimate"] <= r["ci"][1] and (r["ci"][1] - r["ci"][0]) / 2 <= 0.5
     assert lines[0]["exhaustive_estimate"] == pytest.approx(5.0, abs=0.01)  # b = 0 on this curve: k90 = 5
     code, out, _ = cli(capsys, "adaptive", "replay", "--db", db, "--target", "k90:0.5", "--method", "average")
