@@ -257,3 +257,18 @@ def test_sweep_page_launches_an_adaptive_job_and_shows_its_interval(env, monkeyp
     assert done.status == "done" and "s · average: L∞ = " in done.message, done.message
     at = run("pages/2_Sweep.py")
     assert any(e.label.startswith("Adaptive: L_inf:10") for e in at.expander), [e.label for e in at.expander]
+
+
+def test_cli_adaptive_sweep_then_rerun_merges_nothing_new(tiny_family, tmp_path, capsys):
+    from tests.test_sweep import cli
+
+    db = tmp_path / "a.duckdb"
+    args = ["sweep", "--family", tiny_family, "--methods", "average", "--adaptive", "L_inf:10", "--db", db,
+            "--device", "cpu"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    # 3 experts: the start design is every subset (7), plus the base and the 3 single-expert reference rows
+    assert "adaptive sweep to 95% CI half-width of L∞ ≤ 10: 11 merges evaluated, 0 already cached" in out
+    assert "s · average: L∞ = " in out and "7 merges of 7" in out
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "0 merges evaluated, 7 already cached" in out, out + err
