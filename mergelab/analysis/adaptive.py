@@ -542,8 +542,11 @@ def run_policy(target: "Target | str", experts: Sequence[str], evaluate: Evaluat
     history: list[Step] = []
     reason, step_no, hopeless = "", 0, 0
     while True:
-        subsets = [s for s, _ in data.values()]
-        losses = [v for _, v in data.values()]
+        # in a canonical order (by k, then experts), so the interval depends on the merges alone, not on the
+        # order they were measured or read back from the cache in
+        ordered = sorted(data.values(), key=lambda item: (len(item[0]), [index[e] for e in item[0]]))
+        subsets = [s for s, _ in ordered]
+        losses = [v for _, v in ordered]
         # the interval reported if the policy stops here; seeded by the design, so a rerun on it agrees
         current = interval(target, subsets, losses, M, n_boot=FINAL_DRAWS, seed=seed + len(subsets), level=REPORT_LEVEL)
         threshold = target.threshold(current.estimate) if np.isfinite(current.estimate) else math.nan
