@@ -69,11 +69,11 @@ def uniform_designs(experts, seed):
         n = min(len(every), int(n * 1.1) + 1)
 
 
-def replay_table():
+def replay_table(targets=TARGETS):
     results = pd.read_parquet(shipped_results_path())
     curves = curves_of(results)
     rows = []
-    for text in TARGETS:
+    for text in targets:
         target = parse_target(text)
         for info, losses in curves:
             start = time.perf_counter()
@@ -177,11 +177,12 @@ def main():
     parser.add_argument("--scenario", default="mix", choices=list(SCENARIOS))
     parser.add_argument("--replay-only", action="store_true")
     parser.add_argument("--coverage-only", action="store_true")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="replay targets, comma-separated")
     args = parser.parse_args()
     print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if not args.coverage_only:
         start = time.perf_counter()
-        frame = replay_table()
+        frame = replay_table(args.targets.split(","))
         print_replay(frame)
         print(f"\n(replay: {time.perf_counter() - start:.0f} s)")
     if not args.replay_only:
