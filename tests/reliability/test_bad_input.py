@@ -745,3 +745,6 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
     tally["bad inputs tried: paper export options (--domain, --figure, --columns, --dpi, figure --format)"] += sum(
         len(cases[("export", o)]) for o in ("--domain", "--figure", "--columns", "--dpi")) + 3
     tally["CLI options fuzzed"] += len(cases)
+    tally["bad inputs tried: adaptive targets and budgets (sweep --adaptive/--budget, adaptive replay)"] += sum(
+        len(bad) for (command, option), bad in cases.items()
+        if command == "adaptive replay" or option in ("--adaptive", "--budget"))
