@@ -28,7 +28,7 @@ import pandas as pd
 
 from mergelab.analysis.adaptive import (FINAL_DRAWS, REPORT_LEVEL, curves_of, interval, parse_target, replay_curve,
                                         run_policy)
-from mergelab.analysis.simulate import SCENARIOS, Law, Pool, random_law, simulate_losses
+from mergelab.analysis.simulate import SCENARIOS, Pool, random_law, simulate_losses
 from mergelab.demo.up import shipped_results_path
 from mergelab.names import key_experts
 from mergelab.sweep.plan import plan_subsets
