@@ -272,3 +272,31 @@ def test_cli_adaptive_sweep_then_rerun_merges_nothing_new(tiny_family, tmp_path,
     assert "s · average: L∞ = " in out and "7 merges of 7" in out
     code, out, err = cli(capsys, *args)
     assert code == 0 and "0 merges evaluated, 7 already cached" in out, out + err
+
+
+@pytest.mark.slow
+def test_adaptive_intervals_cover_the_truth_under_the_stopping_rule():
+    """A small seeded version of bench/adaptive.py's coverage check (200 families there: 97.0% for L∞, 94.0% for
+    k90): the stopping rule must not make the reported 95% interval over-confident."""
+    from mergelab.analysis.simulate import random_law
+
+    rng = np.random.default_rng(11)
+    hits, stopped = [], []
+    for _ in range(40):
+        law = random_law(rng)
+        pool = Pool.draw(law, SCENARIOS["mix"], 9, rng)
+        noise, cache = np.random.default_rng(rng.integers(2 ** 31)), {}
+
+        def evaluate(batch):
+            for s in batch:
+                if frozenset(s) not in cache:
+                    idx = tuple(int(e[1:]) for e in s)
+                    cache[frozenset(s)] = float(simulate_losses(law, SCENARIOS["mix"], [idx], 9, noise, pool)[0])
+            return [cache[frozenset(s)] for s in batch]
+
+        result = run_policy(f"L_inf:{0.3 * law.drop(9)!r}", EXPERTS, evaluate, seed=int(rng.integers(2 ** 31)),
+                            predict=False)
+        hits.append(result.lo <= law.L_inf <= result.hi)
+        stopped.append(result.reason)
+    assert sum(hits) >= 34, (sum(hits), stopped)  # ≥ 85% of 40 (a 95% interval misses 7 or more 0.5% of the time)
+    assert stopped.count("target met") >= 25, stopped
