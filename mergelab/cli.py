@@ -19,6 +19,9 @@ demo_app = typer.Typer(help="The built-in demo family.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 family_app = typer.Typer(help="Family manifests (family.toml).", no_args_is_help=True)
 app.add_typer(family_app, name="family")
+adaptive_app = typer.Typer(help="Adaptive sweeps: a law's quantity to a stated precision from few merges.",
+                           no_args_is_help=True)
+app.add_typer(adaptive_app, name="adaptive")
 
 
 @app.callback()
@@ -233,6 +236,12 @@ def sweep(
                                                          "(pip install 'mergelab[lmeval]')"),
     downstream_per_k: int = typer.Option(0, help="with --downstream: 0 runs the tasks on every merge, N on the first "
                                                  "N merges of each k"),
+    adaptive: Optional[str] = typer.Option(None, help="a target QUANTITY:PRECISION (95% CI half-width), e.g. "
+                                                      "L_inf:0.005, k90:0.5, A:10%, predict@9:0.003: merge only the "
+                                                      "subsets the adaptive policy picks, until the target is met per "
+                                                      "curve; rerun to continue a stopped sweep"),
+    budget: Optional[int] = typer.Option(None, help="with --adaptive: at most this many merges per curve, cached "
+                                                    "ones included"),
 ):
     """Merge every chosen subset in memory, evaluate CE per domain (and lm-eval tasks), cache the rows."""
     from mergelab.io.family import load_family
@@ -245,6 +254,7 @@ def sweep(
     _check_seed(seed)
     if not device.strip():
         raise MergelabError("--device '': expected auto, cpu, cuda, cuda:N or mps")
+    goal = _check_adaptive(adaptive, budget, k, subsets, backend)
     fam = load_family(family)
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
@@ -262,6 +272,8 @@ def sweep(
         raise MergelabError("--address is for --backend ray")
     check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))
     store = ResultStore(db)
+    if goal is not None:
+        return _adaptive_sweep(spec, goal, store, budget, device)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s on {report.threads_note()}")
@@ -745,7 +757,104 @@ def worker(
         raise MergelabError(f"--idle-exit {idle_exit}: expected a number of seconds, 0 or more")
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
-    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+    from mergelab.analysis.adaptive_sweep import run_adaptive_job
+
+    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once, adaptive_runner=run_adaptive_job))
+
+
+def _check_adaptive(adaptive: str | None, budget: int | None, k: str, subsets: str, backend: str):
+    """The parsed --adaptive target (None without it); refuses --budget without --adaptive, and --k,
+    --subsets or --backend ray with it (the policy chooses the subsets and runs them here)."""
+    from mergelab.analysis.adaptive import parse_target, require_per_curve
+
+    if adaptive is None:
+        if budget is not None:
+            raise MergelabError(f"--budget {budget}: is for --adaptive sweeps; give --adaptive TARGET or leave it out")
+        return None
+    goal = parse_target(adaptive)
+    require_per_curve(goal)
+    _check_budget(budget)
+    for option, value in (("--k", k), ("--subsets", subsets)):
+        if value.strip() != "all":
+            raise MergelabError(f"{option} {value!r} with --adaptive: the adaptive policy chooses the subsets; "
+                                f"leave {option} out")
+    if backend != "local":
+        raise MergelabError(f"--backend {backend!r} with --adaptive: adaptive sweeps run on the local backend")
+    return goal
+
+
+def _adaptive_sweep(spec, goal, store, budget, device) -> None:
+    """`mergelab sweep --adaptive`: run the policy per curve and print one line per curve."""
+    from mergelab.analysis.adaptive_sweep import run_adaptive_sweep
+
+    report = run_adaptive_sweep(spec, goal, store, budget=budget, device=device)
+    typer.echo(f"adaptive sweep to {goal.describe()}: {report.merged} merges evaluated, {report.cached_before} "
+               f"already cached, in {report.seconds:.1f} s ({store.path})")
+    for (size, method, _), result in report.curves.items():
+        ci = (f"[{result.lo:.4g}, {result.hi:.4g}]" if result.lo == result.lo else "no interval")
+        typer.echo(f"{size} · {method}: {goal.label} = {result.estimate:.4g} {ci}, half-width "
+                   f"{result.half_width:.3g}, {result.merges} merges of {2 ** len(result.experts) - 1}: {result.reason}")
+    if report.not_cached:
+        typer.echo(f"warning: {len(report.not_cached)} merge(s) not cached: {'; '.join(report.not_cached[:3])}",
+                   err=True)
+
+
+def _check_budget(budget: int | None) -> None:
+    if budget is not None and budget < 1:
+        raise MergelabError(f"--budget {budget}: expected a positive number of merges per curve")
+
+
+@adaptive_app.command("replay")
+def adaptive_replay(
+    target: str = typer.Option(..., help="QUANTITY:PRECISION, the 95% CI half-width wanted: L_inf:0.005, k90:0.5, "
+                                         "A:10% (of the estimate), predict@9:0.003"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    method: Optional[str] = typer.Option(None, help="only this merge method"),
+    size: Optional[str] = typer.Option(None, help="only this size"),
+    budget: Optional[int] = typer.Option(None, help="at most this many merges per curve"),
+    seed: int = typer.Option(0, help="seed of subset choice ties and bootstrap draws"),
+    format: str = typer.Option("table", help="table, or json (one JSON object per line, one line per curve)"),
+):
+    """Judge the adaptive policy against cached sweeps: per (method, size) macro curve, run the policy with
+    each merge a lookup in the cache, and print the merges it used, its estimate and 95% CI, and the
+    estimate from every cached merge of the curve."""
+    import json
+
+    from mergelab.analysis.adaptive import curves_of, parse_target, replay_curve, replay_record, require_per_curve
+
+    goal = parse_target(target)
+    require_per_curve(goal)
+    _check_budget(budget)
+    _check_seed(seed)
+    if format not in ("table", "json"):
+        raise MergelabError(f"--format {format!r}: expected table or json")
+    if method in REFERENCE_METHODS:
+        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
+                            "method; name a merge method (see `mergelab methods`)")
+    _reading_db(db)
+    results = _selected_results(db, family, method, size)
+    curves = curves_of(results)
+    if not curves:
+        raise MergelabError("no complete merge curves among the selected rows (merges evaluated on every domain)")
+    lines = []
+    for info, losses in curves:
+        result, full = replay_curve(goal, info["experts"], losses, budget=budget, seed=seed)
+        record = replay_record(info, goal, result, full, len(losses))
+        if format == "json":
+            typer.echo(json.dumps(record))
+            continue
+        fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+        lines.append({"family": info["family"], "size": record["size"], "method": record["method"],
+                      "merges_used": record["merges_used"], "exhaustive_merges": record["exhaustive_merges"],
+                      "estimate": fmt(record["estimate"]), "ci": f"[{fmt(record['ci'][0])}, {fmt(record['ci'][1])}]",
+                      "exhaustive_estimate": fmt(record["exhaustive_estimate"]),
+                      "exhaustive_ci": f"[{fmt(full.lo)}, {fmt(full.hi)}]", "stopped": result.reason})
+    if format == "table":
+        import pandas as pd
+
+        typer.echo(f"target: {goal.describe()}")
+        typer.echo(pd.DataFrame(lines).to_string(index=False))
 
 
 @family_app.command("init")

@@ -96,6 +96,17 @@ def sweep_form() -> None:
         per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
         seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
         device = c5.selectbox("device", ["auto", "cpu", "cuda"])
+        a1, a2, a3, a4 = st.columns([2, 2, 2, 2])
+        adaptive = a1.toggle("Adaptive: stop at a precision", key="sweep-adaptive",
+                             help="the policy picks which k and which subsets to merge, batch by batch, until the 95% "
+                                  "interval of the quantity is as narrow as asked (k range and subsets above are then "
+                                  "ignored); a resumed or relaunched job continues from the cached merges")
+        quantity = a2.selectbox("quantity", list(ADAPTIVE_QUANTITIES), key="sweep-adaptive-quantity")
+        precision = a3.text_input("95% CI half-width", key="sweep-adaptive-precision",
+                                  placeholder=" · ".join(f"{q} {v}" for q, v in ADAPTIVE_QUANTITIES.items()),
+                                  help="in the quantity's unit (nats for L∞, experts for k90), or a percentage of the "
+                                       "estimate, e.g. 10%; empty: the quantity's default shown")
+        budget = a4.number_input("budget (merges per curve, 0: none)", min_value=0, value=0, key="sweep-adaptive-budget")
         estimate = st.form_submit_button("Estimate")
         launch = st.form_submit_button("Launch sweep", type="primary")
 
@@ -109,6 +120,8 @@ def sweep_form() -> None:
     if not sizes or not methods:
         st.error("Pick at least one size and one method.")
         return
+    if adaptive:
+        return adaptive_launch(job, quantity, precision, int(budget), launch, family, sizes, methods)
     try:
         report, todo, _ = plan_sweep(job.sweep_spec(), ui.results_store())
     except MergelabError as exc:
@@ -133,7 +146,67 @@ def sweep_form() -> None:
         st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
 
 
+ADAPTIVE_QUANTITIES = {"L_inf": "0.005", "k90": "0.5", "A": "10%", "predict@M": "0.003"}  # default precisions
+
+
+def adaptive_launch(job, quantity, precision, budget, launch, family, sizes, methods) -> None:
+    """Check the target, say what the policy will do, and queue the adaptive job."""
+    import dataclasses
+
+    from mergelab.analysis.adaptive import parse_target, require_per_curve, start_design
+
+    M = len(family.size(sizes[0]).experts)
+    text = f"{quantity.replace('@M', f'@{M}')}:{precision.strip() or ADAPTIVE_QUANTITIES[quantity]}"
+    try:
+        target = parse_target(text)
+        require_per_curve(target)
+        first = len(start_design(family.size(sizes[0]).expert_names))
+    except MergelabError as exc:
+        st.error(str(exc).replace("--adaptive ", "Target "))
+        return
+    job = dataclasses.replace(job, ks=(), subsets="all", adaptive=text, budget=budget or None)
+    curves = len(sizes) * len(methods)
+    st.info(f"Adaptive: {target.describe()} per curve ({plural(curves, 'curve')}); each starts with {first} merges "
+            f"(single experts, balanced pairs, a few at k ≈ √(2M), the full pool), then adds batches where they narrow "
+            f"the interval most, and stops when it is met" + (f" or after {budget} merges" if budget else "")
+            + " (merges already cached count). The job shows the interval and the merges still predicted.")
+    if launch:
+        try:
+            job_id = queue.submit(job)
+            started = ensure_worker(queue)
+        except MergelabError as exc:
+            st.error(str(exc))
+            return
+        st.success(f"Adaptive job {job_id} queued" + (" and a worker started." if started else
+                                                       "; the running worker will pick it up."))
+
+
 sweep_form()
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def interval_history(job_json: str, rows: int):
+    """The interval of an adaptive job after each batch, from the cache (refreshed as rows land)."""
+    from mergelab.analysis.adaptive_sweep import interval_history as history
+
+    return history(SweepJob.from_json(job_json))
+
+
+def adaptive_chart(job) -> None:
+    """The adaptive job's interval shrinking as merges land, against the target half-width."""
+    try:
+        frame = interval_history(job.spec.to_json(), job.rows)
+    except MergelabError as exc:
+        st.caption(f"no interval to show: {exc}")
+        return
+    if frame.empty:
+        st.caption("The interval appears once the first design is merged.")
+        return
+    frame = frame.assign(half_width=(frame["hi"] - frame["lo"]) / 2)
+    st.line_chart(frame, x="merges", y=["half_width", "threshold"], color=None, height=180)
+    last = frame.groupby("curve").tail(1)
+    st.caption(" · ".join(f"{r.curve}: {r.estimate:.4g} [{r.lo:.4g}, {r.hi:.4g}] after {r.merges} merges"
+                          for r in last.itertuples()))
 
 
 def fmt_eta(seconds):
@@ -165,6 +238,9 @@ def jobs_section():
                                                        f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
             if job.message:
                 (head.error if job.status == "failed" else head.caption)(job.message)
+            if job.spec.adaptive:
+                with head.expander(f"Adaptive: {job.spec.adaptive} — the interval as merges land"):
+                    adaptive_chart(job)
             if job.not_cached and job.status != "failed":
                 head.warning(f"{job.not_cached:,} merge(s) not cached: weights or loss not finite (the first reasons "
                              f"are in the job's message once it ends); every other merge's rows are kept")

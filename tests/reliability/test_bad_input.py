@@ -572,6 +572,40 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
         ("sweep", "--reference"): [(["--reference=maybe"], "'--reference' does not take a value")],
         ("sweep", "--backend"): [(["--backend", "mpi"], "'mpi'"), (["--backend", ""], "--backend ''")],
         ("sweep", "--address"): [(["--address", "auto"], "--address is for --backend ray")],
+        ("sweep", "--adaptive"): [(["--adaptive", "L_inf"], "--adaptive 'L_inf': expected QUANTITY:PRECISION"),
+                                  (["--adaptive", ""], "--adaptive '': expected QUANTITY:PRECISION"),
+                                  (["--adaptive", "k90:0"], "precision must be a positive"),
+                                  (["--adaptive", "k90:-1"], "precision must be a positive"),
+                                  (["--adaptive", "L_inf:nan"], "precision must be a positive finite"),
+                                  (["--adaptive", "L_inf:abc"], "precision 'abc' is not a number"),
+                                  (["--adaptive", "floor:0.1"], "unknown quantity 'floor'"),
+                                  (["--adaptive", "k0:0.5"], "unknown quantity 'k0'"),
+                                  (["--adaptive", "predict:0.1"], "predict needs the k"),
+                                  (["--adaptive", "predict@x:0.1"], "'x' after '@' is not a number"),
+                                  (["--adaptive", "min_size@1.2:20%"], "joint-law targets"),
+                                  (["--adaptive", "L_star:0.01"], "joint-law targets"),
+                                  (["--adaptive", "k90:0.5", "--k", "all", "--subsets", "3"], "--subsets '3' with --adaptive"),
+                                  (["--adaptive", "k90:0.5"], "--k '1' with --adaptive"),
+                                  (["--adaptive", "k90:0.5", "--k", "all", "--backend", "ray"],
+                                   "--backend 'ray' with --adaptive")],
+        ("sweep", "--budget"): [(["--budget", "5"], "is for --adaptive sweeps"),
+                                (["--adaptive", "k90:0.5", "--k", "all", "--budget", "0"], "--budget 0"),
+                                (["--adaptive", "k90:0.5", "--k", "all", "--budget", "-3"], "--budget -3"),
+                                (["--budget", "x"], "Invalid value for '--budget'")],
+
+        ("adaptive replay", "--target"): [(["--target", "L_inf"], "expected QUANTITY:PRECISION"),
+                                          (["--target", "A:0%"], "precision must be a positive"),
+                                          (["--target", "bogus:1"], "unknown quantity 'bogus'"),
+                                          (["--target", "L_star:0.01"], "joint-law targets")],
+        ("adaptive replay", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"),
+                                      (["--db", EMPTY], "is a folder")],
+        ("adaptive replay", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no cached results (cached: syn)")],
+        ("adaptive replay", "--method"): [(["--method", "base"], "references, not a merge method"),
+                                          (["--method", "magic"], "--method 'magic': no cached merges")],
+        ("adaptive replay", "--size"): [(["--size", "nosuch"], "--size 'nosuch': no cached results")],
+        ("adaptive replay", "--budget"): [(["--budget", "0"], "--budget 0"), (["--budget", "x"], "Invalid value")],
+        ("adaptive replay", "--seed"): [(["--seed", "-1"], "--seed -1"), (["--seed", "x"], "Invalid value")],
+        ("adaptive replay", "--format"): [(["--format", "xml"], "--format 'xml'")],
 
         ("results", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder"),
                               (["--db", F], "cannot open the results cache")],
@@ -754,6 +788,7 @@ FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace 
     "sweep": lambda p: ["sweep", "--family", p["manifest"], "--db", p["tmp"] / "new.duckdb", "--methods", "average",
                         "--k", "1", "--device", "cpu"],
     "results": lambda p: ["results", "--db", p["db"]],
+    "adaptive replay": lambda p: ["adaptive", "replay", "--target", "L_inf:0.01", "--db", p["db"]],
     "fit": lambda p: ["fit", "--db", p["db"]],
     "export": lambda p: ["export", "--what", "results", "--out", p["tmp"] / "x.csv", "--db", p["db"]],
     "export-model": lambda p: ["export-model", "--family", p["manifest"], "--size", "s", "--experts", "alpha,beta",
@@ -846,3 +881,6 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
         len(cases[("export", o)]) for o in ("--domain", "--figure", "--columns", "--dpi")) + 3
     tally["CLI options fuzzed"] += len(cases)
     tally["bad inputs tried: mergelab import files and options"] += sum(len(v) for k, v in cases.items() if k[0] == "import")
+    tally["bad inputs tried: adaptive targets and budgets (sweep --adaptive/--budget, adaptive replay)"] += sum(
+        len(bad) for (command, option), bad in cases.items()
+        if command == "adaptive replay" or option in ("--adaptive", "--budget"))
