@@ -190,12 +190,12 @@ def test_pages_update_live_without_a_job_and_back_restores_display_settings(live
     # first page Overview, not "app" (Streamlit would build the list from the pages/ folder)
     page.goto(f"{live_server['url']}/Curves")
     page.wait_for_function("[...document.querySelectorAll('[data-testid=stSidebarNav] a')].map(e => e.innerText.trim())"
-                           ".join('|') === 'Overview|Curves|Sweep|Fit & Plan|Synergy|Export'", timeout=60000)
+                           ".join('|') === 'Overview|Curves|Sweep|Fit & Plan|Synergy|Export|Import'", timeout=60000)
     page.get_by_text("live · macro", exact=True).wait_for(timeout=60000)
     page.goto(live_server["url"])
     settle(page)
     nav = page.locator('[data-testid="stSidebarNav"] a')
-    assert [t.strip() for t in nav.all_inner_texts()] == ["Overview", "Curves", "Sweep", "Fit & Plan", "Synergy", "Export"]
+    assert [t.strip() for t in nav.all_inner_texts()] == ["Overview", "Curves", "Sweep", "Fit & Plan", "Synergy", "Export", "Import"]
     page.get_by_text("method settings").wait_for()
     metric = page.locator('[data-testid="stMetric"]').nth(2)
     assert metric.locator('[data-testid="stMetricValue"]').inner_text() == "1"
