@@ -258,14 +258,19 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
     ties, average = METHODS["ties"], METHODS["average"]
     calls = []
 
-    def failing_prepare(vector, ctx, hp):
-        calls.append(ctx)
-        if len(calls) == 5:
-            raise MemoryError("out of memory")
-        return ties.prepare(vector, ctx, hp)
+    def failing(form):
+        def prepare_or_keep(vector, ctx, hp):
+            calls.append(ctx)
+            if len(calls) % 5 == 0:
+                raise MemoryError("out of memory")
+            return getattr(ties, form)(vector, ctx, hp)
+        return prepare_or_keep
 
-    with pytest.raises(MemoryError):
-        session.merge(dataclasses.replace(ties, prepare=failing_prepare), ties.resolve({}), ("a1", "a2"))
+    # as keep bits (ties gives a keep mask) and as dense prepared vectors (a method with prepare alone)
+    for broken in (dataclasses.replace(ties, keep=failing("keep")), dataclasses.replace(ties, keep=None, prepare=failing("prepare"))):
+        with pytest.raises(MemoryError):
+            session.merge(broken, ties.resolve({}), ("a1", "a2"))
+        assert pool.prepared_for is None and pool.masks is None and pool.dense is None
     session.merge(average, {}, ("a1", "a2", "a3"))
     original_add, adds = MergeSession._add, []
 

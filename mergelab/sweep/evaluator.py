@@ -89,7 +89,7 @@ class SizeEvaluator:
                 self.session.load_expert(item.subset[0])
             else:
                 self.session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
-            problem = non_finite_weights(self.resident.layout, self.resident.flat)
+            problem = next(filter(None, (non_finite_weights(part, flat) for part, flat in self.resident.parts)), None)
             if problem is None:
                 losses = evaluate(self.resident.model, self.data)
                 problem = non_finite_losses(losses)
