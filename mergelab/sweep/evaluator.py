@@ -65,18 +65,19 @@ def non_finite_losses(losses: dict[str, float]) -> str | None:
 
 
 class SizeEvaluator:
-    """One size's task vectors and resident model, loaded once, then evaluating any list of that size's
+    """One size's experts and resident model, loaded once (where `store` and `devices` say: a memory
+    plan's placement, `mergelab.engine.memory`), then evaluating any list of that size's
     WorkItems (in `merge_order`) and yielding each merge's rows. The local backend makes one per size;
     each Ray actor holds one and feeds it chunks of the plan."""
 
     def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
-                 store: str | None = None):
+                 store: str | None = None, devices: list[str] | None = None):
         from mergelab.bars import progress_bar
 
         self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
         with progress_bar(len(size.experts), f"load {size.name}", unit="expert", disable=not progress) as loading:
-            self.pool = ExpertPool.load(size, device, progress=loading, store=store)
-        self.resident = ResidentModel(self.pool.base_checkpoint, device)
+            self.pool = ExpertPool.load(size, device, progress=loading, store=store, shards=devices)
+        self.resident = ResidentModel(self.pool.base_checkpoint, device, self.pool.shards)
         self.session = MergeSession(self.pool, self.resident)
 
     def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, "list[dict] | NotFinite"]]:
