@@ -210,7 +210,7 @@ def plan_memory(n_params: int, n_experts: int, size: str, device: str, host_shar
         return MemoryPlan(size, device, dev, free, host_need, host if host_need else None, where, shards, forced,
                           notes=notes)
 
-    forced = placement or os.environ.get(PLACEMENT_ENV)
+    forced = os.environ.get(PLACEMENT_ENV) if placement is None else placement  # "": choose, whatever the env
     if forced:
         where, shards = parse_placement(forced, "--placement" if placement else PLACEMENT_ENV)
         return plan(where, shards, forced=True)
@@ -238,3 +238,35 @@ def require_fit(plan: MemoryPlan) -> None:
         others = f"; also tried: {' | '.join(plan.tried)}" if plan.tried else ""
         raise MergelabError(f"not starting: {plan.describe()}{others}. Use a larger machine, fewer experts per size, "
                             f"or raise {LIMIT_ENV} if the estimate is too cautious")
+
+
+# The paper's models (Qwen2.5, bf16 checkpoints): parameters counted from their safetensors headers.
+QWEN25_PARAMS = {"0.5B": 494_032_768, "1.5B": 1_543_714_304, "3B": 3_085_938_688, "7B": 7_615_616_512,
+                 "14B": 14_770_033_664, "32B": 32_763_876_352, "72B": 72_706_203_648}
+# Machines of docs/scale-out.md: (GPUs, bytes per GPU, host bytes)
+MACHINES = {"(a) 1×80 GB GPU, 128 GiB host": (1, 80 * 10**9, 128 * 2**30),
+            "(b) 8×80 GB GPUs, 1 TiB host": (8, 80 * 10**9, 2**40)}
+
+
+def placement_table(n_experts: int = 9, sizes: dict[str, int] | None = None,
+                    machines: dict[str, tuple[int, int, int]] | None = None) -> list[dict]:
+    """What `plan_memory` chooses for each model size on each machine with bf16 checkpoints, keep masks
+    and no dense prepared vectors: rows of size, params, machine, placement (label, '—' when nothing
+    fits), fits, GPU bytes per device and host bytes. The table in docs/scale-out.md."""
+    rows = []
+    for machine, (gpus, gpu_bytes, host_bytes) in (machines or MACHINES).items():
+        for name, n in (sizes or QWEN25_PARAMS).items():
+            plan = plan_memory(n, n_experts, name, "cuda:0", expert_itemsize=2, base_itemsize=2, masks=True,
+                               gpus=gpus, available=gpu_bytes, host_available=host_bytes, placement="")
+            rows.append({"size": name, "params": n, "machine": machine, "placement": plan.label if plan.fits else "—",
+                         "fits": plan.fits, "gpu_bytes": plan.needed_bytes, "host_bytes": plan.host_bytes})
+    return rows
+
+
+def placement_markdown(n_experts: int = 9) -> str:
+    """`placement_table` as the markdown table docs/scale-out.md shows."""
+    lines = ["| size | machine | placement | GPU memory per device | host memory |", "|---|---|---|---|---|"]
+    for row in placement_table(n_experts):
+        lines.append(f"| {row['size']} | {row['machine']} | {row['placement']} | {format_bytes(row['gpu_bytes'])} | "
+                     f"{format_bytes(row['host_bytes'])} |")
+    return "\n".join(lines)
