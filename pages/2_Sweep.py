@@ -11,6 +11,7 @@ from mergelab.engine.methods import METHODS
 from mergelab.paths import confined, data_home
 from mergelab.sweep.plan import SweepJob
 from mergelab.sweep.runner import plan_sweep
+from mergelab.sweep.local import plan_sizes
 from mergelab.sweep.worker import ensure_worker, reap_orphans
 
 FALLBACK_SECONDS_PER_MERGE = 0.1
@@ -107,6 +108,12 @@ def sweep_form() -> None:
     st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
+    try:  # where each size's weights will live (memory placement) and the numbers behind it
+        plans = plan_sizes(job.sweep_spec().family, todo, device)
+        if plans:
+            st.caption("Memory plan: " + " · ".join(plan.describe() for plan in plans.values()))
+    except MergelabError as exc:
+        st.warning(str(exc))
     if launch:
         try:
             job_id = queue.submit(job)
