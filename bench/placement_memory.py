@@ -105,10 +105,11 @@ def main() -> None:
     n = Checkpoint(big.parent / "base").n_params
     fp32_plan = int(HEADROOM * n * (4 + 2) * 4)  # before issue 16: base, M task vectors, resident, all fp32
     need = placement_bytes(n, 4, "cpu", "disk", expert_itemsize=2, base_itemsize=2, masks=False)[0]
-    limit = need * 1.01 / 2**30
+    limit = fp32_plan / 4 / 2**30  # the fp32 plan exceeds it 4×; the disk plan (`need`) is below it
+    assert need <= limit * 2**30
     print(f"\nmodel: {n:,} parameters, M = 4 bf16 experts; in-memory fp32 plan {format_bytes(fp32_plan)}; "
           f"MERGELAB_MEMORY_LIMIT_GB = {limit:.4f} ({format_bytes(int(limit * 2**30))}, {fp32_plan / (limit * 2**30):.2f}× "
-          f"below the fp32 plan)")
+          f"below the fp32 plan; the disk plan needs {format_bytes(need)})")
     limited = sweep(big, "average,task_arithmetic", 4, limit_gib=limit)
     print(f"under the limit: {limited['plan']}")
     print(f"  {limited['merged']} merges in {limited['seconds']:.1f} s, {limited['seconds'] / limited['merged'] * 1000:.0f} ms "

@@ -109,7 +109,7 @@ def sweep_form() -> None:
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
     try:  # where each size's weights will live (memory placement) and the numbers behind it
-        plans = plan_sizes(job.sweep_spec().family, todo, device)
+        plans = plan_sizes(job.sweep_spec().family, todo, device, idle=True)
         if plans:
             st.caption("Memory plan: " + " · ".join(plan.describe() for plan in plans.values()))
     except MergelabError as exc:

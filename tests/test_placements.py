@@ -122,7 +122,7 @@ def test_a_family_too_large_for_memory_is_swept_from_disk_under_the_limit(tiny_f
     db = tmp_path / "limited.duckdb"
     code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average,ties", "--device", "cpu")
     assert code == 0, err
-    assert "memory plan: size s on cpu: needs ~" in err and "streamed from their safetensors files [placement disk]" in err
+    assert "memory plan: size s on cpu: needs ~" in err and "base and experts streamed from their safetensors files [placement disk]" in err
     monkeypatch.delenv("MERGELAB_MEMORY_LIMIT_GB")
     code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", tmp_path / "free.duckdb",
                        "--methods", "average,ties", "--device", "cpu")

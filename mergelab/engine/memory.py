@@ -7,8 +7,9 @@ weights (6 bytes per parameter). A *placement* says where each of these lives:
 
 - ``device``: everything on the merge device;
 - ``host``: base, experts and masks in host memory, streamed to the GPU chunk by chunk (GPU: 6 B/param);
-- ``disk``: the experts stay in their safetensors files and are read chunk by chunk during each merge;
-  only the base, the masks and the resident model (with its fp32 accumulator) are in memory;
+- ``disk``: the base and experts stay in their safetensors files and are read chunk by chunk (through
+  the page cache) during each merge; only the keep bits and the resident model (with its fp32
+  accumulator on GPU) are in memory;
 - sharded over G devices (``sharded:G``, experts in host memory, or ``sharded:G:disk``): the resident
   model and its accumulator split over G GPUs by whole modules (a device map), 6/G B/param each.
 
@@ -86,9 +87,9 @@ class MemoryPlan:
             text += (f", with the experts streamed from host memory (~{_gib(self.host_bytes)}, available "
                      f"{_gib(self.host_available)})")
         elif self.placement == "disk":
-            text += ", with the experts streamed from their safetensors files"
+            text += ", with the base and experts streamed from their safetensors files"
             if self.host_bytes:
-                text += f" (host memory ~{_gib(self.host_bytes)} for the base and masks, available {_gib(self.host_available)})"
+                text += f" (host memory ~{_gib(self.host_bytes)} for the keep bits, available {_gib(self.host_available)})"
         if self.placement != "device" or self.shards > 1 or self.forced:
             text += f" [placement {self.label}{', forced by ' + PLACEMENT_ENV if self.forced else ''}]"
         if self.notes:
@@ -128,7 +129,7 @@ def placement_bytes(n_params: int, n_experts: int, device: str, placement: str =
     is the host: everything counts in the first number. With HEADROOM."""
     if placement not in PLACEMENTS:
         raise MergelabError(f"placement {placement!r}: expected one of {', '.join(PLACEMENTS)}")
-    pool = base_itemsize + (0 if placement == "disk" else n_experts * expert_itemsize)
+    pool = 0 if placement == "disk" else base_itemsize + n_experts * expert_itemsize  # disk: base and experts in their files
     pool += (n_experts / 8 if masks else 0) + (4 * n_experts if dense else 0)
     cuda = device.startswith("cuda")
     resident = 2 + 4 if cuda else 4  # CUDA: bf16 model + fp32 merged copy; CPU: the fp32 model is the merge

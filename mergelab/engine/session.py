@@ -48,7 +48,7 @@ def weight_dtype(device: str):
 
 
 COMBINE_CHUNK = 1 << 20  # entries per combine step: its temporaries stay within ~2·k·4 MiB
-STREAM_CHUNK = 1 << 24  # entries per step of a linear update: 64 MiB of a task vector moved at a time
+STREAM_CHUNK = 1 << 22  # entries per step of a linear update: a 16 MiB fp32 task-vector chunk at a time
 KEPT_DTYPES = ("float32", "float16", "bfloat16")  # stored as is: their fp32 value is exact
 
 
@@ -283,8 +283,8 @@ class ExpertPool:
     """Base weights and experts of one size, as stored (`MemoryExperts` or `DiskExperts`), with the task
     vectors v_i = θ_i − θ0 formed in fp32 chunk by chunk (`vectors`). base_flat [numel] holds θ0 in its
     checkpoint dtype (exact in fp32); base[name] are views into it. The base and the experts live on
-    `store` (the merge device, or host memory, from where merges stream them), or the experts stay on
-    disk (`store="disk"`: the base then lives in host memory). A method's per-expert `prepare` is kept
+    `store` (the merge device, or host memory, from where merges stream them), or stay in their files
+    (`store="disk"`: base_flat and base are then None; `base_chunk` reads either). A method's per-expert `prepare` is kept
     as bit masks when the method gives it as a `keep` mask, else as dense fp32 prepared vectors.
 
     Vocabulary tensors of experts whose rows differ from the base's are aligned on the base's shape
@@ -342,13 +342,16 @@ class ExpertPool:
 
         self.store = store
         home = "cpu" if store == "disk" else store
-        base_dtype = getattr(torch, stored_dtype_name(self.base_checkpoint))
-        self.base_flat = self.layout.zeros(dtype=base_dtype, device=home)
-        self.base = self.layout.views(self.base_flat)
-        for name in self.names:
-            self.base_checkpoint.read_into(name, self.base[name])
-        self.base_checkpoint.close()
         self.experts = DiskExperts(self.layout) if store == "disk" else MemoryExperts(self.layout, dtypes, home)
+        if store == "disk":  # the base too is read chunk by chunk, after the experts (index M)
+            self.base_flat = self.base = None
+        else:
+            base_dtype = getattr(torch, stored_dtype_name(self.base_checkpoint))
+            self.base_flat = self.layout.zeros(dtype=base_dtype, device=home)
+            self.base = self.layout.views(self.base_flat)
+            for name in self.names:
+                self.base_checkpoint.read_into(name, self.base[name])
+        self.base_checkpoint.close()
         self.home = home
         self.masks = None  # uint8 [M, numel / 8]: keep bits of the method prepared for
         self.mask_scale = 1.0
@@ -386,14 +389,30 @@ class ExpertPool:
             self.zero_ranges.append(zeros)
             if progress is not None:
                 progress.update(1)
+        if isinstance(self.experts, DiskExperts):
+            self.experts.add(self.base_checkpoint, self.names)
+            self.experts.verify(len(self.expert_names))
+            self.base_checkpoint.close()
         self.prepared_for = None
+
+    def base_chunk(self, name: str, lo: int, hi: int):
+        """θ0 over flat entries [lo, hi) (inside tensor `name`), in its stored dtype, on the pool's home."""
+        if self.base_flat is not None:
+            return self.base_flat[lo:hi]
+        return self.experts.read(len(self.expert_names), name, lo, hi)
+
+    def base_tensor(self, name: str):
+        """θ0's tensor `name`, in its stored dtype (a view when in memory, read from its file on disk)."""
+        start, shape = self.layout.offsets[name], self.layout.shapes[name]
+        return self.base_chunk(name, start, start + math.prod(shape)).view(shape)
 
     def raw(self, i: int, name: str, lo: int, hi: int, out) -> None:
         """out (fp32, on the pool's home) = v_i over flat entries [lo, hi) of tensor `name`: θ_i − θ0 in
         fp32, 0 on the rows that are not merged."""
         import torch
 
-        torch.sub(self.experts.read(i, name, lo, hi).to(out.device, out.dtype), self.base_flat[lo:hi], out=out)
+        out.copy_(self.experts.read(i, name, lo, hi))  # cast in place: no fp32 temporary of the chunk
+        out.sub_(self.base_chunk(name, lo, hi).to(out.device))
         for a, b in self.zero_ranges[i]:
             a, b = max(a, lo), min(b, hi)
             if a < b:
@@ -469,7 +488,7 @@ class ExpertPool:
     @property
     def nbytes(self) -> int:
         """Bytes the pool holds in memory: base, experts (0 on disk), masks or dense prepared vectors."""
-        held = self.base_flat.numel() * self.base_flat.element_size() + self.experts.nbytes
+        held = self.experts.nbytes + (0 if self.base_flat is None else self.base_flat.numel() * self.base_flat.element_size())
         for extra in (self.masks, self.dense):
             if extra is not None:
                 held += extra.numel() * extra.element_size()
@@ -625,8 +644,8 @@ class MergeSession:
     def load_base(self) -> None:
         """The base model θ0 into the resident model (the k = 0 reference row)."""
         self.holds_merge = False
-        for (_, lo, hi), (_, flat) in zip(self.pool.shards, self.resident.parts):
-            flat.copy_(self.pool.base_flat[lo:hi])
+        for name, lo, hi, g in self._chunks(STREAM_CHUNK):
+            self.resident.slice(lo, hi, g).copy_(self.pool.base_chunk(name, lo, hi))
 
     def load_expert(self, expert: str) -> None:
         """The expert itself, read from its checkpoint (the pool's task vectors may be prepared), into
@@ -641,7 +660,7 @@ class MergeSession:
                 param = self.resident.params[name].data
                 r = pool.rows(name, read_aligned(ckpt, name, param))  # cast once into a bf16 resident
                 if param.dim() and r < param.shape[0]:  # aligned as in the pool: the expert alone is its own merge
-                    param[r:].copy_(pool.base[name][r:])
+                    param[r:].copy_(pool.base_tensor(name)[r:])
         ckpt.close()
 
     def merge_formula(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
@@ -657,7 +676,7 @@ class MergeSession:
             for name in pool.names:
                 param = self.resident.params[name]
                 deltas = pool.tensor_vectors(index, name, prepared=False).to(param.device)
-                base = pool.base[name].to(param.device, torch.float32)
+                base = pool.base_tensor(name).to(param.device, torch.float32)
                 param.copy_(method.merge(base, deltas, MergeContext(name, tuple(subset)), hp))
 
     def merge(self, method: MergeMethod, hp: dict, subset: Sequence[str]) -> None:
@@ -684,7 +703,7 @@ class MergeSession:
         for name, lo, hi, g in self._chunks(COMBINE_CHUNK):
             target = self.resident.slice(lo, hi, g)
             picked = pool.vectors(index, name, lo, hi).to(target.device)
-            base = pool.base_flat[lo:hi].to(target.device, torch.float32)
+            base = pool.base_chunk(name, lo, hi).to(target.device, torch.float32)
             target.copy_(method.combine(base, picked, MergeContext(name, tuple(subset)), hp))
 
     def _linear(self, index: list[int], scale: float) -> None:
@@ -692,7 +711,7 @@ class MergeSession:
 
         pool, parts = self.pool, self.resident.parts
         if self.merged is None:
-            self.merged = [flat if flat.dtype == torch.float32 else torch.empty(flat.shape, dtype=torch.float32,
+            self.merged = [flat if flat.dtype == torch.float32 else torch.zeros(flat.shape, dtype=torch.float32,
                                                                                device=flat.device)
                            for _, flat in parts]
         target, state = frozenset(index), (pool.prepared_for, scale)
@@ -708,8 +727,9 @@ class MergeSession:
                 self._add(i, -scale)
             self.updates += 1
         else:
-            for (_, lo, hi), merged in zip(pool.shards, self.merged):
-                merged.copy_(pool.base_flat[lo:hi])
+            for name, lo, hi, g in self._chunks(STREAM_CHUNK):
+                start = pool.shards[g][1]
+                self.merged[g][lo - start:hi - start].copy_(pool.base_chunk(name, lo, hi))
             for i in sorted(target):
                 self._add(i, scale)
             self.updates = 0

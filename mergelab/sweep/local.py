@@ -27,10 +27,12 @@ def size_plan(size: SizeSpec, items: list[WorkItem], device: str, host_share: fl
                        dense=any(m.prepare is not None and m.keep is None for m in methods))
 
 
-def plan_sizes(family: Family, todo: dict[str, list[WorkItem]], device: str | None) -> dict[str, MemoryPlan]:
-    """Each size's memory plan (`size_plan`) on this machine, sizes with nothing to do left out."""
+def plan_sizes(family: Family, todo: dict[str, list[WorkItem]], device: str | None,
+               idle: bool = False) -> dict[str, MemoryPlan]:
+    """Each size's memory plan (`size_plan`) on this machine, sizes with nothing to do left out (unless
+    `idle`: the Sweep page shows where a size would live even when all its merges are cached)."""
     device = pick_device(device)
-    return {name: size_plan(family.size(name), items, device) for name, items in todo.items() if items}
+    return {name: size_plan(family.size(name), items, device) for name, items in todo.items() if items or idle}
 
 
 def local_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict[str, EvalData],
