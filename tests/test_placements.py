@@ -140,6 +140,8 @@ def test_sharded_resident_model_keeps_modules_whole(tiny_family):
     assert [lo for _, lo, _ in pool.shards] == [0] + [hi for _, _, hi in pool.shards[:-1]]  # contiguous ranges
     held = [set(part.shapes) for part, _ in resident.parts]
     assert all(held) and sum(map(len, held)) == len(pool.names)  # every tensor once, every device some
+    hooked = {n for n, m in resident.model.named_modules() if m._forward_pre_hooks}
+    assert {"model.layers.0", "model.embed_tokens", "model.norm", "lm_head"} <= hooked  # inputs moved per module
     for names in held:  # a decoder layer's tensors on one device
         layers = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
         assert all(not (other & layers) for other in ({n.split(".")[2] for n in h if n.startswith("model.layers.")}

@@ -587,15 +587,20 @@ class ResidentModel:
                 if param is not None:
                     module._parameters[key] = placed[id(param)]
         self.params = dict(model.named_parameters())
-        if len({d for d, _, _ in self.shards}) > 1:
+        if len(self.shards) > 1:  # also over several "cpu" entries, where moving is a no-op: the same code runs
             self._move_inputs(owner)
 
     def _move_inputs(self, owner: dict[str, str]) -> None:
         """Each module of the device map moves its inputs to its device before running."""
         modules = dict(self.model.named_modules())
+        for name, module in modules.items():  # a tied head: no tensor of its own, its weight is the embedding's
+            own = next(module.parameters(recurse=False), None)
+            covered = any(name == o or name.startswith(o + ".") for o in owner)
+            if own is not None and not covered:
+                owner[name] = str(own.device)
         for name, device in owner.items():
             module = modules.get(name)
-            if module is None:  # a tied head: its weight is the embedding's
+            if module is None:
                 continue
             module.register_forward_pre_hook(
                 lambda mod, args, kwargs, device=device: (_to_device(args, device), _to_device(kwargs, device)),
