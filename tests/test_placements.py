@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mergelab.engine.memory import (PLACEMENT_ENV, parse_placement, placement_bytes, placement_markdown,
                                     placement_table, plan_memory)
-from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, pack_bits, unpack_bits
+from mergelab.engine.session import ExpertPool, MergeSession, ResidentModel, pack_bits, unpack_bits, unpack_float
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.family import load_family
 from mergelab.store import ResultStore
@@ -154,6 +154,7 @@ def test_keep_bits_round_trip(length, skip):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-(length + skip) // 8)
     assert torch.equal(unpack_bits(packed, skip, length), mask[skip:])
+    assert torch.equal(unpack_float(packed, skip, length), mask[skip:].float())
 
 
 def test_placement_names_are_checked(tiny_family, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ may be split over several devices (a device map): no merged model is ever writte
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import threading
@@ -175,6 +176,8 @@ class DiskExperts:
 
     def __init__(self, layout: FlatLayout):
         self.layout = layout
+        self.order = list(layout.offsets)  # tensors in flat order, and where each starts (for ranges across them)
+        self.starts = [layout.offsets[n] for n in self.order]
         self.entries: list[dict[str, tuple]] = []  # expert -> tensor -> (file, fd, byte offset, dtype, numel)
         self.fds: dict[Path, int] = {}
         self.device = "cpu"
@@ -202,11 +205,23 @@ class DiskExperts:
         self.entries.append(tensors)
         return rows
 
-    def read(self, i: int, name: str, lo: int, hi: int, check: bool = True):
-        """Entries [lo, hi) of the flat layout (inside tensor `name`) of expert i, in its stored dtype;
-        entries past the expert's own tensor (a shorter vocabulary) read as 0."""
+    def read(self, i: int, name: str | None, lo: int, hi: int, check: bool = True):
+        """Entries [lo, hi) of the flat layout of expert i: inside tensor `name`, in its stored dtype; or
+        (`name` None) across tensors, in fp32. Entries past the expert's own tensor (a shorter vocabulary)
+        and the gaps between tensors read as 0."""
         import torch
 
+        if name is None:
+            out = torch.zeros(hi - lo, dtype=torch.float32)
+            first = max(0, bisect.bisect_right(self.starts, lo) - 1)
+            for tensor in self.order[first:]:
+                start = self.layout.offsets[tensor]
+                if start >= hi:
+                    break
+                a, b = max(lo, start), min(hi, start + math.prod(self.layout.shapes[tensor]))
+                if a < b:
+                    out[a - lo:b - lo] = self.read(i, tensor, a, b, check)
+            return out
         path, fd, offset, dtype, numel = self.entries[i][name]
         start = lo - self.layout.offsets[name]
         n = max(0, min(hi - lo, numel - start))
@@ -276,6 +291,21 @@ def pack_bits(mask):
 def unpack_bits(packed, skip: int, count: int):
     """`count` bools from uint8 bits, starting `skip` bits into `packed`."""
     return ((packed.unsqueeze(-1) >> _shifts(packed.device)) & 1).view(-1)[skip:skip + count].bool()
+
+
+_TABLES = {}
+
+
+def unpack_float(packed, skip: int, count: int):
+    """`unpack_bits` as 0.0/1.0 fp32, in one lookup per byte (a 256 × 8 table): what a chunk's task
+    vectors are multiplied by."""
+    import torch
+
+    key = str(packed.device)
+    if key not in _TABLES:
+        _TABLES[key] = ((torch.arange(256, device=packed.device).unsqueeze(-1) >> torch.arange(8, device=packed.device))
+                        & 1).to(torch.float32)
+    return torch.nn.functional.embedding(packed.long(), _TABLES[key]).view(-1)[skip:skip + count]
 
 
 @dataclass
@@ -395,8 +425,9 @@ class ExpertPool:
             self.base_checkpoint.close()
         self.prepared_for = None
 
-    def base_chunk(self, name: str, lo: int, hi: int):
-        """θ0 over flat entries [lo, hi) (inside tensor `name`), in its stored dtype, on the pool's home."""
+    def base_chunk(self, name: str | None, lo: int, hi: int):
+        """θ0 over flat entries [lo, hi) (inside tensor `name`, or across tensors when None), in its stored
+        dtype (fp32 when read across tensors from disk), on the pool's home."""
         if self.base_flat is not None:
             return self.base_flat[lo:hi]
         return self.experts.read(len(self.expert_names), name, lo, hi)
@@ -406,9 +437,9 @@ class ExpertPool:
         start, shape = self.layout.offsets[name], self.layout.shapes[name]
         return self.base_chunk(name, start, start + math.prod(shape)).view(shape)
 
-    def raw(self, i: int, name: str, lo: int, hi: int, out) -> None:
-        """out (fp32, on the pool's home) = v_i over flat entries [lo, hi) of tensor `name`: θ_i − θ0 in
-        fp32, 0 on the rows that are not merged."""
+    def raw(self, i: int, name: str | None, lo: int, hi: int, out) -> None:
+        """out (fp32, on the pool's home) = v_i over flat entries [lo, hi) (of tensor `name`, or across
+        tensors when None): θ_i − θ0 in fp32, 0 on the rows that are not merged."""
         import torch
 
         out.copy_(self.experts.read(i, name, lo, hi))  # cast in place: no fp32 temporary of the chunk
@@ -418,8 +449,9 @@ class ExpertPool:
             if a < b:
                 out[a - lo:b - lo].zero_()
 
-    def vectors(self, index: Sequence[int], name: str, lo: int, hi: int, prepared: bool = True):
-        """The task vectors of experts `index` over flat entries [lo, hi) (inside tensor `name`), fp32
+    def vectors(self, index: Sequence[int], name: str | None, lo: int, hi: int, prepared: bool = True):
+        """The task vectors of experts `index` over flat entries [lo, hi) (inside tensor `name`, or across
+        tensors when None: linear updates need no tensor boundaries), fp32
         [len(index), hi − lo] on the pool's home: raw, or (`prepared`) as the method `ready_for` last
         prepared them: masked by their keep bits and scaled, or from the dense prepared copy."""
         import torch
@@ -431,7 +463,7 @@ class ExpertPool:
                 continue
             self.raw(i, name, lo, hi, out[j])
             if prepared and self.masks is not None:
-                out[j].mul_(unpack_bits(self.masks[i, lo // 8:-(-hi // 8)], lo % 8, hi - lo).to(torch.float32))
+                out[j].mul_(unpack_float(self.masks[i, lo // 8:-(-hi // 8)], lo % 8, hi - lo))
                 if self.mask_scale != 1.0:
                     out[j].mul_(self.mask_scale)
         return out
@@ -646,10 +678,17 @@ class MergeSession:
         for name, lo, hi in self.pool.layout.chunks(size):
             yield name, lo, hi, self.pool.shard_of(name)
 
+    def _spans(self, size: int):
+        """(None, start, stop, shard): the layout in pieces of at most `size` entries across tensors (and the
+        zero gaps between them) within each shard: one op per piece, however many tensors a model has."""
+        for g, (_, lo, hi) in enumerate(self.pool.shards):
+            for start in range(lo, hi, size):
+                yield None, start, min(start + size, hi), g
+
     def load_base(self) -> None:
         """The base model θ0 into the resident model (the k = 0 reference row)."""
         self.holds_merge = False
-        for name, lo, hi, g in self._chunks(STREAM_CHUNK):
+        for name, lo, hi, g in self._spans(STREAM_CHUNK):
             self.resident.slice(lo, hi, g).copy_(self.pool.base_chunk(name, lo, hi))
 
     def load_expert(self, expert: str) -> None:
@@ -732,7 +771,7 @@ class MergeSession:
                 self._add(i, -scale)
             self.updates += 1
         else:
-            for name, lo, hi, g in self._chunks(STREAM_CHUNK):
+            for name, lo, hi, g in self._spans(STREAM_CHUNK):
                 start = pool.shards[g][1]
                 self.merged[g][lo - start:hi - start].copy_(pool.base_chunk(name, lo, hi))
             for i in sorted(target):
@@ -748,7 +787,7 @@ class MergeSession:
         """merged += alpha · v_i, chunk by chunk: each chunk's task vector formed from the stored expert
         (in memory, host memory or its file) and moved to the device of the shard it updates."""
         pool = self.pool
-        for name, lo, hi, g in self._chunks(STREAM_CHUNK):
+        for name, lo, hi, g in self._spans(STREAM_CHUNK):
             start = pool.shards[g][1]
             merged = self.merged[g][lo - start:hi - start]
             merged.add_(pool.vectors([i], name, lo, hi)[0].to(merged.device), alpha=alpha)
