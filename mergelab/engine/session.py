@@ -680,7 +680,12 @@ class MergeSession:
 
     def _spans(self, size: int):
         """(None, start, stop, shard): the layout in pieces of at most `size` entries across tensors (and the
-        zero gaps between them) within each shard: one op per piece, however many tensors a model has."""
+        zero gaps between them) within each shard: one op per piece, however many tensors a model has.
+        From disk, pieces stay inside one tensor (`_chunks`): reads go tensor by tensor anyway, and a
+        piece's temporaries stay as small as the tensor."""
+        if self.pool.store == "disk":
+            yield from self._chunks(size)
+            return
         for g, (_, lo, hi) in enumerate(self.pool.shards):
             for start in range(lo, hi, size):
                 yield None, start, min(start + size, hi), g
