@@ -49,7 +49,7 @@ def weight_dtype(device: str):
 
 
 COMBINE_CHUNK = 1 << 20  # entries per combine step: its temporaries stay within ~2·k·4 MiB
-STREAM_CHUNK = 1 << 22  # entries per step of a linear update: a 16 MiB fp32 task-vector chunk at a time
+STREAM_CHUNK = 1 << 20  # entries per step of a linear update: its temporaries (fp32 chunk, mask) stay at ~10 MiB
 KEPT_DTYPES = ("float32", "float16", "bfloat16")  # stored as is: their fp32 value is exact
 
 
