@@ -442,28 +442,31 @@ class ExpertPool:
         tensors when None): θ_i − θ0 in fp32, 0 on the rows that are not merged."""
         import torch
 
-        out.copy_(self.experts.read(i, name, lo, hi))  # cast in place: no fp32 temporary of the chunk
+        out.copy_(self.experts.read(i, name, lo, hi))  # cast (and moved) in place: no fp32 temporary of the chunk
         out.sub_(self.base_chunk(name, lo, hi).to(out.device))
         for a, b in self.zero_ranges[i]:
             a, b = max(a, lo), min(b, hi)
             if a < b:
                 out[a - lo:b - lo].zero_()
 
-    def vectors(self, index: Sequence[int], name: str | None, lo: int, hi: int, prepared: bool = True):
+    def vectors(self, index: Sequence[int], name: str | None, lo: int, hi: int, prepared: bool = True,
+                device: str | None = None):
         """The task vectors of experts `index` over flat entries [lo, hi) (inside tensor `name`, or across
-        tensors when None: linear updates need no tensor boundaries), fp32
-        [len(index), hi − lo] on the pool's home: raw, or (`prepared`) as the method `ready_for` last
-        prepared them: masked by their keep bits and scaled, or from the dense prepared copy."""
+        tensors when None: linear updates need no tensor boundaries), fp32 [len(index), hi − lo] on
+        `device` (default the pool's home): raw, or (`prepared`) as the method `ready_for` last prepared
+        them: masked by their keep bits and scaled, or from the dense prepared copy. Formed on `device`
+        from the stored chunks moved there (bf16 experts and base, packed bits: ~4 + 1/8 bytes per
+        entry moved, not an fp32 vector's 4 per expert formed on the host)."""
         import torch
 
-        out = torch.empty((len(index), hi - lo), dtype=torch.float32, device=self.home)
+        out = torch.empty((len(index), hi - lo), dtype=torch.float32, device=device or self.home)
         for j, i in enumerate(index):
             if prepared and self.dense is not None:
                 out[j].copy_(self.dense[i, lo:hi])
                 continue
             self.raw(i, name, lo, hi, out[j])
             if prepared and self.masks is not None:
-                out[j].mul_(unpack_float(self.masks[i, lo // 8:-(-hi // 8)], lo % 8, hi - lo))
+                out[j].mul_(unpack_float(self.masks[i, lo // 8:-(-hi // 8)].to(out.device), lo % 8, hi - lo))
                 if self.mask_scale != 1.0:
                     out[j].mul_(self.mask_scale)
         return out
@@ -751,7 +754,7 @@ class MergeSession:
         self.holds_merge = False
         for name, lo, hi, g in self._chunks(COMBINE_CHUNK):
             target = self.resident.slice(lo, hi, g)
-            picked = pool.vectors(index, name, lo, hi).to(target.device)
+            picked = pool.vectors(index, name, lo, hi, device=target.device)
             base = pool.base_chunk(name, lo, hi).to(target.device, torch.float32)
             target.copy_(method.combine(base, picked, MergeContext(name, tuple(subset)), hp))
 
@@ -795,7 +798,7 @@ class MergeSession:
         for name, lo, hi, g in self._spans(STREAM_CHUNK):
             start = pool.shards[g][1]
             merged = self.merged[g][lo - start:hi - start]
-            merged.add_(pool.vectors([i], name, lo, hi)[0].to(merged.device), alpha=alpha)
+            merged.add_(pool.vectors([i], name, lo, hi, device=merged.device)[0], alpha=alpha)
 
 
 def merge_rank(subset: Sequence[str], experts: Sequence[str]) -> tuple[int, int]:
