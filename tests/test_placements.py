@@ -192,3 +192,33 @@ def test_plan_prefers_fewest_gpus_and_refuses_with_every_placements_numbers():
     assert not plan.fits and len(plan.tried) == 5  # device, host, disk, sharded:2, sharded:2:disk
     dense = plan_memory(n, m, "s", "cpu", dense=True, available=10**12, placement="")
     assert "dense fp32 prepared task vectors" in dense.describe()
+
+
+def test_sharded_and_disk_sessions_match_one_device_with_the_cuda_layout(tiny_family, monkeypatch):
+    """The GPU layout (bf16 resident model fed from an fp32 accumulator per shard), run on CPU: split over
+    three devices, with the experts in memory or on disk, every merge writes the same weights as one device."""
+    import itertools
+
+    from mergelab.engine import session as engine
+    from mergelab.engine.methods import METHODS as ALL
+    from mergelab.engine.session import merge_rank
+
+    size = load_family(tiny_family).sizes[0]
+    monkeypatch.setattr(engine, "STREAM_CHUNK", 1000)  # pieces across tensor and shard boundaries
+    monkeypatch.setattr(engine, "weight_dtype", lambda device: torch.bfloat16)
+    sessions = []
+    for store, shards in (("cpu", None), ("cpu", ["cpu"] * 3), ("disk", ["cpu"] * 3), ("disk", None)):
+        pool = ExpertPool.load(size, "cpu", store=store, shards=shards)
+        sessions.append(MergeSession(pool, ResidentModel(pool.base_checkpoint, "cpu", pool.shards), refresh=3))
+    experts = sessions[0].pool.expert_names
+    subsets = sorted((s for k in (1, 2, 3) for s in itertools.combinations(experts, k)), key=lambda s: merge_rank(s, experts))
+    for name in ("average", "ties", "dare", "task_arithmetic"):
+        method = ALL[name]
+        for subset in subsets:
+            for session in sessions:
+                session.merge(method, method.resolve({}), subset)
+            reference = sessions[0].resident.params
+            for session in sessions[1:]:
+                for p_name, p in session.resident.params.items():
+                    assert p.dtype == torch.bfloat16 and torch.equal(p, reference[p_name]), (name, subset, p_name)
+    assert sessions[1].merged is not None and len(sessions[1].merged) == 3  # an fp32 accumulator per shard
