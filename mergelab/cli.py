@@ -19,6 +19,9 @@ demo_app = typer.Typer(help="The built-in demo family.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 family_app = typer.Typer(help="Family manifests (family.toml).", no_args_is_help=True)
 app.add_typer(family_app, name="family")
+adaptive_app = typer.Typer(help="Adaptive sweeps: a law's quantity to a stated precision from few merges.",
+                           no_args_is_help=True)
+app.add_typer(adaptive_app, name="adaptive")
 
 
 @app.callback()
@@ -75,8 +78,15 @@ def _reading_db(db: Path | None) -> Path | None:
     return db
 
 
+HP_HELP = ("hyperparameter METHOD.PARAM=VALUE, repeatable; weights=EXPERT:W,…, include=PATTERNS and "
+           "exclude=PATTERNS apply to every method (`mergelab methods`)")
+
+
 def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
-    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}."""
+    """['ties.density=0.5', 'dare.seed=3'] -> {'ties': {'density': 0.5}, 'dare': {'seed': 3}}; an option
+    of every method (weights, include, exclude: `methods.options`) may omit METHOD. and then applies to
+    every method of --methods (a METHOD.option item overrides it for that method)."""
+    from mergelab.engine.methods.options import OPTIONS
     import json
 
     if not methods:
@@ -84,6 +94,10 @@ def _parse_hparams(items: list[str], methods: list[str]) -> dict[str, dict]:
     hps: dict[str, dict] = {m: {} for m in methods}
     for item in items:
         target, sep, raw = item.partition("=")
+        if sep and target in OPTIONS:  # weights=…: every method
+            for method in methods:
+                hps[method].setdefault(target, raw)
+            continue
         method, dot, param = target.partition(".")
         if not sep or not dot:
             raise MergelabError(f"--hp {item!r}: expected METHOD.PARAM=VALUE, e.g. ties.density=0.5")
@@ -210,15 +224,26 @@ def sweep(
     subsets: str = typer.Option("all", help="'all' subsets per k, N random subsets per k, or orderings:N (prefixes of "
                                             "N ≤ 2000 diverse orderings); plans above 1,000,000 merges per size are "
                                             "refused (MERGELAB_MAX_MERGES)"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     seed: int = typer.Option(0, help="seed for random subsets"),
     db: Optional[Path] = typer.Option(None, help="results cache (default: MERGELAB_DB or the user data dir)"),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."),
     reference: bool = typer.Option(True, help="also record the base (k=0) and single experts (k=1)"),
     backend: str = typer.Option("local", help="local (this machine) or ray (a Ray cluster; pip install 'mergelab[ray]')"),
     address: Optional[str] = typer.Option(None, help="with --backend ray: the cluster (auto, ray://HEAD:10001); default: start Ray on this machine"),
+    downstream: Optional[Path] = typer.Option(None, help="a folder of lm-eval task YAMLs (local data) to run on each "
+                                                         "merged model beside CE, one accuracy row per task "
+                                                         "(pip install 'mergelab[lmeval]')"),
+    downstream_per_k: int = typer.Option(0, help="with --downstream: 0 runs the tasks on every merge, N on the first "
+                                                 "N merges of each k"),
+    adaptive: Optional[str] = typer.Option(None, help="a target QUANTITY:PRECISION (95% CI half-width), e.g. "
+                                                      "L_inf:0.005, k90:0.5, A:10%, predict@9:0.003: merge only the "
+                                                      "subsets the adaptive policy picks, until the target is met per "
+                                                      "curve; rerun to continue a stopped sweep"),
+    budget: Optional[int] = typer.Option(None, help="with --adaptive: at most this many merges per curve, cached "
+                                                    "ones included"),
 ):
-    """Merge every chosen subset in memory, evaluate CE per domain, cache the rows."""
+    """Merge every chosen subset in memory, evaluate CE per domain (and lm-eval tasks), cache the rows."""
     from mergelab.io.family import load_family
     from mergelab.store import ResultStore
     from mergelab.sweep.plan import SweepSpec, parse_ks, parse_subsets
@@ -229,16 +254,26 @@ def sweep(
     _check_seed(seed)
     if not device.strip():
         raise MergelabError("--device '': expected auto, cpu, cuda, cuda:N or mps")
+    goal = _check_adaptive(adaptive, budget, k, subsets, backend)
     fam = load_family(family)
     method_names = _names("--methods", methods) or []
     swept = _names("--sizes", sizes) or list(fam.size_names)
     pools = {name: len(fam.size(name).experts) for name in swept}  # each swept size's own pool
+    tasks = None
+    if downstream is not None:
+        from mergelab.sweep.downstream import Downstream
+
+        tasks = Downstream(downstream, per_k=downstream_per_k)
+    elif downstream_per_k:
+        raise MergelabError("--downstream-per-k is for --downstream; name the task folder")
     spec = SweepSpec(fam, swept, _parse_hparams(hp, method_names), parse_ks(k, pools),
-                     parse_subsets(subsets), seed, reference)
+                     parse_subsets(subsets), seed, reference, tasks)
     if address and backend != "ray":
         raise MergelabError("--address is for --backend ray")
     check_output(db if db is not None else default_db_path(), "--db", kind="cache", protected=family_files(fam))
     store = ResultStore(db)
+    if goal is not None:
+        return _adaptive_sweep(spec, goal, store, budget, device)
     report = run_sweep(spec, store, device=device, backend=backend, address=address)
     typer.echo(f"{report.merged} merges evaluated, {report.skipped} already cached, "
                f"{report.rows_written} rows written to {store.path} in {report.seconds:.1f} s on {report.threads_note()}")
@@ -246,6 +281,8 @@ def sweep(
     if not summary.empty:
         typer.echo("mean cross-domain CE (nats) per k:")
         typer.echo(summary.to_string())
+    for size_name, note in report.layout_notes.items():
+        typer.echo(f"note: size {size_name}: {note}")
     for size_name, note in report.eval_notes.items():
         typer.echo(f"note: size {size_name}: {note} (raise max_length in the family manifest to score them whole)")
     if report.not_cached:
@@ -284,9 +321,60 @@ def results(
         typer.echo(text, nl=False)
 
 
+@app.command("import")
+def import_(
+    files: list[Path] = typer.Argument(..., help="CSV, TSV, Parquet, JSON Lines or JSON (rows, or lm-eval results) "
+                                                 "files; one file per merged model for per-model layouts"),
+    db: Optional[Path] = typer.Option(None, help="results cache to write (default: MERGELAB_DB or the user data dir)"),
+    family: Optional[str] = typer.Option(None, help="family of rows without a family column"),
+    metric: Optional[str] = typer.Option(None, help="metric of rows without a metric column: ce (default), accuracy, "
+                                                    "exact_match, pass@1, … or NAME:higher|lower[:UNIT]"),
+    map: Optional[str] = typer.Option(None, "--map", help="FIELD=COLUMN,… (e.g. experts=subset,value=ce) or a .toml "
+                                                          "file with a [map] table"),
+    set_: Optional[str] = typer.Option(None, "--set", help="FIELD=VALUE,… for fields the file lacks "
+                                                           "(e.g. size=0.5B,method=ties)"),
+    pattern: Optional[str] = typer.Option(None, help="per-model files: a regular expression with named groups "
+                                                     "(experts, method, size) matched against each file's path"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check and show what would be written; write nothing"),
+):
+    """Import results measured elsewhere (rows marked imported: source file and content hash as eval hash)."""
+    from mergelab import importing
+    from mergelab.paths import cache_files
+
+    if db is not None and db.is_dir():
+        raise MergelabError(f"--db {db}: is a folder; name the results cache file (e.g. results.duckdb)")
+    protected = {p.resolve() for p, _ in cache_files(db)}
+    for path in files:
+        if path.resolve() in protected:
+            raise MergelabError(f"{path}: is the results cache itself; import a results file into it")
+    planned = importing.plan(files, family=family, metric=metric, mapping=importing.parse_map(map),
+                             constants=importing.parse_set(set_), pattern=pattern)
+    added, known = (0, 0) if dry_run else importing.write(planned, db)
+    # what was read, after the write: a refused import prints its one error line and nothing else
+    from collections import Counter
+
+    layouts = Counter(planned.layouts.values())  # one line per layout, not per file, for a folder of per-model files
+    for name, layout in planned.layouts.items():
+        if layouts[layout] == 1:
+            typer.echo(f"{name}: {layout}", err=True)
+    for layout, n in layouts.items():
+        if n > 1:
+            typer.echo(f"{n} files: {layout}", err=True)
+    for note, n in Counter(planned.notes).items():
+        typer.echo(f"note: {note}" + (f" (× {n})" if n > 1 else ""), err=True)
+    summary = planned.summary()
+    if not summary.empty:
+        typer.echo(summary.to_string(index=False), err=True)
+    if dry_run:
+        typer.echo(f"would import {len(planned.rows)} rows (dry run: nothing written)")
+        return
+    typer.echo(f"imported {added} rows" + (f" ({known} already cached)" if known else ""))
+
+
 DB_HELP = "results cache (default: MERGELAB_DB or the user data dir)"
-SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets", "at_bound"]
-JOINT_COLUMNS = ["family", "setting", "domain", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
+SUMMARY_COLUMNS = ["family", "size", "setting", "domain", "metric", "L_inf", "A", "b", "r2", "r2_unweighted", "n_subsets",
+                   "at_bound"]
+JOINT_COLUMNS = ["family", "setting", "domain", "metric", "L_star", "B", "beta", "A0", "gamma", "b", "r2", "r2_unweighted",
                  "identified", "reason"]
 JOINT_PARAMS = ["L_star", "B", "beta", "A0", "gamma", "b"]
 
@@ -390,7 +478,6 @@ def fit(
     _check_table_options(format, bootstrap, weights, db, out, method)
     results = _selected_results(db, family, method, size, inputs_version)
     _check_domain(results, domain)
-    domains = [domain] if domain else None
     options = {"weights": weights, "joint": joint, "bootstrap": bootstrap, "domain": domain or "all"}
     if paper:
         options["domain"] = domain or "macro"
@@ -398,13 +485,14 @@ def fit(
         text = export.write(table, format, analysis.provenance(results, what="paper", **options), out, what="paper")
         typer.echo(text if text is not None else f"wrote {len(table)} fits to {out}", nl=text is None)
         return
-    table = (analysis.joint_table(results, domains=domains, weights=weights) if joint
-             else analysis.fit_table(results, domains=domains, weights=weights, n_boot=bootstrap))
+    # through export.table: one metric at a time, a higher-is-better one read as a ceiling
+    table = export.table("joint" if joint else "fits", results, weights=weights, n_boot=bootstrap, domain=domain)
     if joint:  # the reason a joint fit is not identified, said once where it is read (tables may be cut)
         for reason in dict.fromkeys(table.loc[~table["identified"].fillna(False).astype(bool), "reason"].dropna()):
             typer.echo(f"note: joint fit not identified: {reason}", err=True)
     if format == "table":
-        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns]
+        cols = [c for c in (JOINT_COLUMNS if joint else SUMMARY_COLUMNS) if c in table.columns
+                and not (c == "metric" and set(table["metric"]) <= {"ce"})]  # named only beside another metric
         cis = [c for c in table.columns if c.startswith("ci_")]
         table = table[cols + cis].copy()
         for c in cis:
@@ -514,7 +602,7 @@ def export_model_cmd(
     method: str = typer.Option("average", help="merge method"),
     experts: str = typer.Option(..., help="comma-separated experts to merge"),
     out: Path = typer.Option(..., help="directory to write the merged HF model into"),
-    hp: list[str] = typer.Option([], "--hp", help="hyperparameter METHOD.PARAM=VALUE, repeatable"),
+    hp: list[str] = typer.Option([], "--hp", help=HP_HELP),
     mergekit_yaml: Optional[Path] = typer.Option(None, "--mergekit-yaml", help="also write the equivalent mergekit config here"),
     db: Optional[Path] = typer.Option(None, help="results cache the model card takes the merge's measured CE from "
                                                  "(default: MERGELAB_DB or the user data dir; none there: 'not measured')"),
@@ -533,7 +621,7 @@ def export_model_cmd(
     spec = fam.size(size)
     chosen = _split(experts) or []
     check_experts(spec, chosen)
-    hparams = _parse_hparams(hp, [method])[method]
+    hparams = {**fam.merge, **_parse_hparams(hp, [method])[method]}  # the family's [merge] options unless --hp sets them
     get_method(method).resolve(hparams)  # an unknown method or value is refused before anything is loaded
     if out.is_dir() and any(out.iterdir()):
         raise MergelabError(f"--out {out}: already exists and is not empty; name a new or empty folder")
@@ -669,7 +757,104 @@ def worker(
         raise MergelabError(f"--idle-exit {idle_exit}: expected a number of seconds, 0 or more")
     check_output(queue if queue is not None else default_queue_path(), "--queue", kind="queue",
                  protected=cache_files(None))
-    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once))
+    from mergelab.analysis.adaptive_sweep import run_adaptive_job
+
+    raise typer.Exit(run_worker(JobQueue(queue), idle_exit=idle_exit, once=once, adaptive_runner=run_adaptive_job))
+
+
+def _check_adaptive(adaptive: str | None, budget: int | None, k: str, subsets: str, backend: str):
+    """The parsed --adaptive target (None without it); refuses --budget without --adaptive, and --k,
+    --subsets or --backend ray with it (the policy chooses the subsets and runs them here)."""
+    from mergelab.analysis.adaptive import parse_target, require_per_curve
+
+    if adaptive is None:
+        if budget is not None:
+            raise MergelabError(f"--budget {budget}: is for --adaptive sweeps; give --adaptive TARGET or leave it out")
+        return None
+    goal = parse_target(adaptive)
+    require_per_curve(goal)
+    _check_budget(budget)
+    for option, value in (("--k", k), ("--subsets", subsets)):
+        if value.strip() != "all":
+            raise MergelabError(f"{option} {value!r} with --adaptive: the adaptive policy chooses the subsets; "
+                                f"leave {option} out")
+    if backend != "local":
+        raise MergelabError(f"--backend {backend!r} with --adaptive: adaptive sweeps run on the local backend")
+    return goal
+
+
+def _adaptive_sweep(spec, goal, store, budget, device) -> None:
+    """`mergelab sweep --adaptive`: run the policy per curve and print one line per curve."""
+    from mergelab.analysis.adaptive_sweep import run_adaptive_sweep
+
+    report = run_adaptive_sweep(spec, goal, store, budget=budget, device=device)
+    typer.echo(f"adaptive sweep to {goal.describe()}: {report.merged} merges evaluated, {report.cached_before} "
+               f"already cached, in {report.seconds:.1f} s ({store.path})")
+    for (size, method, _), result in report.curves.items():
+        ci = (f"[{result.lo:.4g}, {result.hi:.4g}]" if result.lo == result.lo else "no interval")
+        typer.echo(f"{size} · {method}: {goal.label} = {result.estimate:.4g} {ci}, half-width "
+                   f"{result.half_width:.3g}, {result.merges} merges of {2 ** len(result.experts) - 1}: {result.reason}")
+    if report.not_cached:
+        typer.echo(f"warning: {len(report.not_cached)} merge(s) not cached: {'; '.join(report.not_cached[:3])}",
+                   err=True)
+
+
+def _check_budget(budget: int | None) -> None:
+    if budget is not None and budget < 1:
+        raise MergelabError(f"--budget {budget}: expected a positive number of merges per curve")
+
+
+@adaptive_app.command("replay")
+def adaptive_replay(
+    target: str = typer.Option(..., help="QUANTITY:PRECISION, the 95% CI half-width wanted: L_inf:0.005, k90:0.5, "
+                                         "A:10% (of the estimate), predict@9:0.003"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    family: Optional[str] = typer.Option(None, help="only this family"),
+    method: Optional[str] = typer.Option(None, help="only this merge method"),
+    size: Optional[str] = typer.Option(None, help="only this size"),
+    budget: Optional[int] = typer.Option(None, help="at most this many merges per curve"),
+    seed: int = typer.Option(0, help="seed of subset choice ties and bootstrap draws"),
+    format: str = typer.Option("table", help="table, or json (one JSON object per line, one line per curve)"),
+):
+    """Judge the adaptive policy against cached sweeps: per (method, size) macro curve, run the policy with
+    each merge a lookup in the cache, and print the merges it used, its estimate and 95% CI, and the
+    estimate from every cached merge of the curve."""
+    import json
+
+    from mergelab.analysis.adaptive import curves_of, parse_target, replay_curve, replay_record, require_per_curve
+
+    goal = parse_target(target)
+    require_per_curve(goal)
+    _check_budget(budget)
+    _check_seed(seed)
+    if format not in ("table", "json"):
+        raise MergelabError(f"--format {format!r}: expected table or json")
+    if method in REFERENCE_METHODS:
+        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
+                            "method; name a merge method (see `mergelab methods`)")
+    _reading_db(db)
+    results = _selected_results(db, family, method, size)
+    curves = curves_of(results)
+    if not curves:
+        raise MergelabError("no complete merge curves among the selected rows (merges evaluated on every domain)")
+    lines = []
+    for info, losses in curves:
+        result, full = replay_curve(goal, info["experts"], losses, budget=budget, seed=seed)
+        record = replay_record(info, goal, result, full, len(losses))
+        if format == "json":
+            typer.echo(json.dumps(record))
+            continue
+        fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+        lines.append({"family": info["family"], "size": record["size"], "method": record["method"],
+                      "merges_used": record["merges_used"], "exhaustive_merges": record["exhaustive_merges"],
+                      "estimate": fmt(record["estimate"]), "ci": f"[{fmt(record['ci'][0])}, {fmt(record['ci'][1])}]",
+                      "exhaustive_estimate": fmt(record["exhaustive_estimate"]),
+                      "exhaustive_ci": f"[{fmt(full.lo)}, {fmt(full.hi)}]", "stopped": result.reason})
+    if format == "table":
+        import pandas as pd
+
+        typer.echo(f"target: {goal.describe()}")
+        typer.echo(pd.DataFrame(lines).to_string(index=False))
 
 
 @family_app.command("init")
@@ -694,14 +879,21 @@ def family_init(
 
 @app.command("methods")
 def list_methods():
-    """List the merge methods with their hyperparameters, defaults and ranges."""
-    from mergelab.engine.methods import METHODS
+    """List the merge methods with their hyperparameters, defaults and ranges, whether a sweep merges
+    them incrementally, and the options every method takes (weights, include, exclude)."""
+    from mergelab.engine.methods import METHODS, incremental
+    from mergelab.engine.methods.options import HELP
 
     for method in METHODS.values():
         typer.echo(f"{method.name}: {method.doc}")
+        typer.echo("    [incremental: linear in the prepared task vectors]" if incremental(method) else
+                   f"    [not incremental: combined per subset{', whole tensors' if method.whole_tensor else ''}]")
         for name, p in method.params.items():
             typer.echo(f"    {name} = {str(p.default).lower() if p.kind is bool else p.default}"
                        f"  ({p.kind.__name__}{'' if p.kind is bool else ' in ' + p.range_text()}) {p.help}")
+    typer.echo("every method also takes (--hp METHOD.OPTION=… or --hp OPTION=… for all; part of the cache key):")
+    for name, text in HELP.items():
+        typer.echo(f"    {name}: {text}")
 
 
 def main() -> None:

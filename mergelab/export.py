@@ -26,12 +26,35 @@ def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int =
     themselves ("results"), donor→receiver synergy ("synergy") or a plan with k80, k90, k_ε and the stop
     rule ("plan"). n_boot > 0 adds expert-bootstrap intervals to fits, paper, synergy and plans. `domain`
     (a domain or 'macro') narrows fits and joint (default: macro and every domain) and picks the paper
-    table's (default: macro). Raises MergelabError for an unknown `what`."""
-    from mergelab.analysis import tables
-    from mergelab.names import MACRO
+    table's (default: macro). Rows of several metrics (mergelab.metrics) are analysed one metric at a time,
+    a higher-is-better one mirrored (its L∞ / L* read as a ceiling), and every table but "results" gains
+    metric, direction and unit columns. Raises MergelabError for an unknown `what`."""
+    from mergelab import metrics
 
     if what not in EXPORTABLE:
         raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)} or {FIGURE}")
+    if what == "results":
+        return results
+    frames = []
+    from mergelab.names import MACRO
+
+    for name in metrics.names(results):
+        rows = metrics.select(results, name)
+        if domain not in (None, MACRO) and what in DOMAIN_TABLES and domain not in set(rows["domain"]):
+            continue  # a task of one metric (e.g. an lm-eval task) is no domain of another
+        metric = metrics.of_rows(rows)
+        frames.append(metrics.shown(_one_metric(what, metrics.oriented(rows), weights=weights, n_boot=n_boot,
+                                                domain=domain), metric))
+    if not frames:
+        raise MergelabError(f"--domain {domain!r}: no metric of these results has that domain")
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _one_metric(what: str, results: pd.DataFrame, *, weights: str, n_boot: int, domain: str | None) -> pd.DataFrame:
+    """`table` for the rows of one metric, oriented so that lower is better."""
+    from mergelab.analysis import tables
+    from mergelab.names import MACRO
+
     domains = [domain] if domain else None
     if what == "paper":
         from mergelab.paper import paper_table
@@ -45,7 +68,7 @@ def table(what: str, results: pd.DataFrame, *, weights: str = "k", n_boot: int =
         return tables.synergy_table(results, n_boot=n_boot)
     if what == "plan":
         return tables.plan_table(results, weights=weights, n_boot=n_boot)
-    return results
+    raise MergelabError(f"--what {what!r}: expected {', '.join(EXPORTABLE)} or {FIGURE}")
 
 
 def _cell(value):
@@ -81,7 +104,11 @@ def render(frame: pd.DataFrame, fmt: str, provenance: dict, what: str | None = N
     from mergelab.paper import UNITS, latex
 
     check_format(fmt)
-    provenance = {**provenance, "units": UNITS}
+    units = dict(UNITS)
+    if "metric" in frame and set(frame["metric"].dropna()) - {"ce"}:  # values of other metrics: their own units
+        key = next(k for k in units if k.startswith("loss"))
+        units[key] = "the unit of each row's metric (metric, direction and unit columns; ce: nats per token)"
+    provenance = {**provenance, "units": units}
     prov = json.dumps(provenance, sort_keys=True, default=str)
     plain = _plain(frame)
     if fmt == "csv":

@@ -40,7 +40,9 @@ KALEIDO_PIN = "kaleido==1.5.0"
 # -- which rows ------------------------------------------------------------------------------------------
 
 def _family_rows(results: pd.DataFrame, family: str | None) -> tuple[str, pd.DataFrame]:
-    """The family to draw and its rows with their `setting` (method + differing hyperparameters)."""
+    """The family to draw and its rows of one metric (CE when it has CE rows, else its first; mergelab.metrics),
+    oriented (negated when higher is better, drawn back by `_metric_view`), with their `setting`."""
+    from mergelab import metrics
     from mergelab.analysis.tables import with_settings
 
     if results.empty:
@@ -52,7 +54,16 @@ def _family_rows(results: pd.DataFrame, family: str | None) -> tuple[str, pd.Dat
         family = families[0]
     if family not in families:
         raise MergelabError(f"--family {family!r}: no cached results (cached: {', '.join(families)})")
-    return family, with_settings(results[results["family"] == family])
+    return family, with_settings(metrics.oriented(metrics.select(results[results["family"] == family])))
+
+
+def _metric_view(merges: pd.DataFrame, fits: dict | None = None) -> dict:
+    """curve_figure's `normalise` and `y_title` for the metric of `merges`: drawn in its own sign and words."""
+    from mergelab import metrics
+    from mergelab.ui.curves import axis_title, normalisers
+
+    metric = metrics.of_rows(merges) if "metric" in merges else metrics.CE
+    return {"normalise": normalisers(merges, fits or {}, None, metric.sign), "y_title": axis_title(None, metric)}
 
 
 def _settings(rows: pd.DataFrame, method: str | None, *, all_by_default: bool) -> list[str]:
@@ -108,7 +119,7 @@ def curves(results: pd.DataFrame, *, family: str | None = None, method: str | No
     merges = _merges(rows, domain, _settings(rows, method, all_by_default=False), _sizes(rows, size))
     fits = fit_groups(merges, n_boot, seed)
     return curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x,
-                        bands=bands(fits, merges) if n_boot else None, show_points=False)
+                        bands=bands(fits, merges) if n_boot else None, show_points=False, **_metric_view(rows))
 
 
 def sizes(results: pd.DataFrame, *, family: str | None = None, method: str | None = None, size: str | None = None,
@@ -129,14 +140,18 @@ def sizes(results: pd.DataFrame, *, family: str | None = None, method: str | Non
     if points.empty:
         raise MergelabError(f"k = {k}: no merges of that many experts (measured k: "
                             f"{', '.join(map(str, sorted(merges['k'].unique())))})")
+    from mergelab import metrics
+
+    metric = metrics.of_rows(rows) if "metric" in rows else metrics.CE
+    points["loss"] = points["loss"] * metric.sign  # oriented means, drawn in the metric's own sign
     joint = None
-    if len(settings) == 1 and points["N"].nunique() >= 2:
+    if len(settings) == 1 and points["N"].nunique() >= 2 and not metric.higher_better:  # a law of falling losses
         try:
             fit = fit_joint_merges(merges)
             joint = fit if fit.identified else None
         except FitError:
             joint = None
-    fig = size_figure(points, joint, k=k, title=f"{family} · {domain} · k = {k}")
+    fig = size_figure(points, joint, k=k, title=f"{family} · {domain} · k = {k}", y_title=metric.axis)
     if "billion" in str(fig.layout.xaxis.title.text or ""):  # the laws take N in billions; a reader wants counts
         for trace in fig.data:
             trace.x = [x * PARAMS_PER_BILLION for x in trace.x]

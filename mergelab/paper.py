@@ -235,13 +235,26 @@ def _paper_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _metric_words(frame: pd.DataFrame) -> tuple[bool, str]:
+    """(whether the table's metric is higher-is-better, its name and unit for a caption); CE by default."""
+    if "metric" not in frame or frame.empty or set(frame["metric"].dropna()) <= {"ce"}:
+        return False, "cross-entropy in nats/token"
+    names = sorted(set(frame["metric"].dropna()))
+    units = sorted(set(frame["unit"].dropna())) if "unit" in frame else []
+    higher = "direction" in frame and (frame["direction"] == "higher").all()
+    return bool(higher), escape(", ".join(names)) + (f" in {escape(', '.join(u for u in units if u))}"
+                                                     if any(units) else "")
+
+
 def _paper(frame: pd.DataFrame, provenance: dict) -> str:
     frame = _paper_columns(frame)
     frame = frame.sort_values([c for c in ("family", "domain", "setting", "n_params") if c in frame], kind="stable")
     frame = frame.reset_index(drop=True)
     shown, breaks = _groups(frame, ["family", "domain"])
     has_heldout = "heldout_rmse" in frame
-    header = [_HEADERS[k] for k in shown] + ["Method", "Size $N$", r"$L_\infty$", "$A$", "$b$", "$R^2$"]
+    ceiling, words = _metric_words(frame)
+    header = [_HEADERS[k] for k in shown] + ["Method", "Size $N$", "$C$" if ceiling else r"$L_\infty$", "$A$", "$b$",
+                                             "$R^2$"]
     scale = _scale(frame["heldout_rmse"]) if has_heldout else 0
     header += [f"Held-out error ($10^{{{scale}}}$)" if scale else "Held-out error"] if has_heldout else []
     rows, bound_marks = [], False
@@ -267,8 +280,10 @@ def _paper(frame: pd.DataFrame, provenance: dict) -> str:
     else:
         intervals = r"No intervals (bootstrap off)."
     context = _context(frame)
-    caption = (r"Merging-law fits $L(k) = L_\infty + A/(k+b)$" + (f" for {context}" if context else "") +
-               r". $L_\infty$, $A$: cross-entropy in nats/token; $N$: parameter count; $k$: experts merged. "
+    law = r"$y(k) = C - A/(k+b)$ (higher is better: $C$ is a ceiling)" if ceiling else r"$L(k) = L_\infty + A/(k+b)$"
+    caption = (r"Merging-law fits " + law + (f" for {context}" if context else "") +
+               (r". $C$, $A$: " if ceiling else r". $L_\infty$, $A$: ") + words +
+               r"; $N$: parameter count; $k$: experts merged. "
                + intervals + r" $R^2$ weighted $\propto k$." +
                (r" Held-out error: RMS error (nats/token) of the 3-point forecast from $k = 1, 2, 4$ over the "
                 r"other measured $k$; -- where none was measured." if has_heldout else "") +

@@ -24,24 +24,38 @@ from mergelab.paths import default_db_path
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # What a merge was evaluated on: the (merge, domain) identity. Its inputs are the fingerprints of the
 # checkpoints it was computed from (mergelab.io.fingerprint): the base (with the vocabulary policy, when it
 # applies) and each merged expert in key order. A changed checkpoint gives new rows, never a cache hit.
 MERGE_KEY = ["family", "size", "method", "hparams", "experts_key", "domain", "eval_hash", "metric_version"]
 INPUT_COLUMNS = ["base_fp", "experts_fp"]
-KEY_COLUMNS = MERGE_KEY + INPUT_COLUMNS
+# What the number is (mergelab.metrics): a merge may carry CE and downstream accuracy side by side.
+METRIC_COLUMNS = ["metric", "higher_better", "unit"]
+KEY_COLUMNS = MERGE_KEY + ["metric"] + INPUT_COLUMNS
 ROW_COLUMNS = MERGE_KEY + ["n_params", "loss", "n_tokens", "device"]
 UNRECORDED = ""  # the fingerprint of rows cached before schema 3, or imported without one
 # Columns a writer may leave out, and the SQL value they then get.
 OPTIONAL_COLUMNS = {"n_truncated": "NULL",  # eval examples cut at max length (NULL: unknown, before schema 2)
-                    "base_fp": f"'{UNRECORDED}'", "experts_fp": f"'{UNRECORDED}'"}
+                    "base_fp": f"'{UNRECORDED}'", "experts_fp": f"'{UNRECORDED}'",
+                    # before schema 4 every row was CE; a writer that names no metric writes CE
+                    "metric": "'ce'", "higher_better": "false", "unit": "'nats/token'"}
 RESULT_COLUMNS = ["family", "size", "n_params", "method", "hparams", "experts_key", "experts", "k", "domain",
                   "loss", "n_tokens", "eval_hash", "metric_version", "device", "created_at", "n_truncated",
-                  "base_fp", "experts_fp"]
+                  "base_fp", "experts_fp", "metric", "higher_better", "unit"]
+# The same defaults as Python values, for frames read from a cache at an older schema.
+OPTIONAL_VALUES = {"n_truncated": None, "base_fp": UNRECORDED, "experts_fp": UNRECORDED, "metric": "ce",
+                   "higher_better": False, "unit": "nats/token"}
+IMPORTED_PREFIX = "import:"  # eval_hash of imported rows: import:<file name>:<content hash>, never a measured one's
 
 
-def _results_table(name: str) -> str:
+def _results_table(name: str, version: int = 4) -> str:
+    """The results table as schema `version` (3 or 4) declares it; migrations build the one they reach."""
+    metric = ("" if version < 4 else """    metric VARCHAR NOT NULL DEFAULT 'ce',
+    higher_better BOOLEAN NOT NULL DEFAULT false,
+    unit VARCHAR NOT NULL DEFAULT 'nats/token',
+""")
+    key = KEY_COLUMNS if version >= 4 else MERGE_KEY + INPUT_COLUMNS
     return f"""CREATE TABLE {name} (
     family VARCHAR NOT NULL,
     size VARCHAR NOT NULL,
@@ -61,7 +75,7 @@ def _results_table(name: str) -> str:
     n_truncated BIGINT,
     base_fp VARCHAR NOT NULL DEFAULT '{UNRECORDED}',
     experts_fp VARCHAR NOT NULL DEFAULT '{UNRECORDED}',
-    PRIMARY KEY ({", ".join(KEY_COLUMNS)})
+{metric}    PRIMARY KEY ({", ".join(key)})
 )"""
 
 
@@ -84,8 +98,11 @@ MIGRATIONS = {
     1: ["ALTER TABLE results ADD COLUMN n_truncated BIGINT"],  # eval examples cut at max length, per domain
     # fingerprints join the key: DuckDB cannot alter a primary key, so the table is rebuilt; old rows get
     # UNRECORDED fingerprints (what they were computed from is not known)
-    2: ["ALTER TABLE results RENAME TO results_v2", _results_table("results"),
+    2: ["ALTER TABLE results RENAME TO results_v2", _results_table("results", 3),
         "INSERT INTO results SELECT *, '', '' FROM results_v2", "DROP TABLE results_v2", INPUTS_TABLE],
+    # the metric joins the key (rebuilt as for 2): every row before it was CE in nats per token
+    3: ["ALTER TABLE results RENAME TO results_v3", _results_table("results"),
+        "INSERT INTO results SELECT *, 'ce', false, 'nats/token' FROM results_v3", "DROP TABLE results_v3"],
 }
 
 SCHEMA = f"""
@@ -106,7 +123,8 @@ INSERT INTO results
 SELECT family, size, n_params, method, hparams, experts_key,
        CASE WHEN experts_key = '' THEN []::VARCHAR[] ELSE string_split(experts_key, '+') END,
        CASE WHEN experts_key = '' THEN 0 ELSE len(string_split(experts_key, '+')) END,
-       domain, loss, n_tokens, eval_hash, metric_version, device, {created}, {n_truncated}, {base_fp}, {experts_fp}
+       domain, loss, n_tokens, eval_hash, metric_version, device, {created}, {n_truncated}, {base_fp}, {experts_fp},
+       {metric}, {higher_better}, {unit}
 FROM {source}
 ON CONFLICT DO NOTHING
 """
@@ -114,7 +132,8 @@ ON CONFLICT DO NOTHING
 
 class ResultStore:
     """The results cache at `path` (default: MERGELAB_DB, else results.duckdb in the data dir): one row
-    per (merge, domain) with the loss in nats per token and the size as a parameter count (KEY_COLUMNS,
+    per (merge, domain, metric) with its value in the `loss` column (CE in nats per token unless `metric`,
+    `higher_better` and `unit` say otherwise, mergelab.metrics) and the size as a parameter count (KEY_COLUMNS,
     RESULT_COLUMNS). `upsert` inserts rows idempotently, `results` / `macro` / `cached_keys` read them as
     DataFrames. Every call opens the file briefly; readers retry while a writer holds it, for up to
     `lock_timeout` seconds. Raises CacheError (a MergelabError) for a file it cannot open, a foreign or
@@ -244,6 +263,9 @@ class ResultStore:
         if missing:
             raise CacheError(f"rows to cache lack columns {missing}")
         frame = frame[ROW_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in frame.columns]]
+        for column in METRIC_COLUMNS:  # rows that name no metric (beside rows that do) are CE
+            if column in frame.columns and frame[column].isna().any():
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), OPTIONAL_VALUES[column])
         frame = frame.drop_duplicates([c for c in KEY_COLUMNS if c in frame.columns], keep="first")
         with self.connect() as con:
             frame, problems = _valid_merges(frame, _required_columns(con))
@@ -301,9 +323,9 @@ class ResultStore:
         groups = {c: filters.pop(c) for c in ("family", "size") if c in filters}
         where, params = _where(**groups)
         frame = self._read(f"SELECT * FROM results {where} ORDER BY family, size, method, hparams, k, experts_key, domain", params)
-        for column, default in OPTIONAL_COLUMNS.items():  # a cache at an older schema, before any writer migrated it
+        for column, default in OPTIONAL_VALUES.items():  # a cache at an older schema, before any writer migrated it
             if column not in frame.columns:
-                frame[column] = None if default == "NULL" else UNRECORDED
+                frame[column] = default
         frame["stale"] = stale_reasons(frame, self.inputs_versions(), versions)
         for column, value in filters.items():
             if value is not None:
@@ -317,10 +339,10 @@ class ResultStore:
         """Cross-domain (macro-mean) loss per merge over the current rows matching `filters`; n_domains tells
         how many domains it averages (compare with the family's to keep complete merges only)."""
         rows = self.results(**filters)
-        keys = ["family", "size", "method", "hparams", "experts_key"]
+        keys = ["family", "size", "method", "hparams", "experts_key", "metric"]  # never a mean across metrics
         return (rows.groupby(keys, as_index=False, sort=True)
                 .agg(n_params=("n_params", "first"), k=("k", "first"), loss=("loss", "mean"), n_domains=("loss", "size"))
-                .sort_values(["family", "size", "method", "hparams", "k", "experts_key"], ignore_index=True))
+                .sort_values(["family", "size", "method", "hparams", "k", "experts_key", "metric"], ignore_index=True))
 
     def inputs_versions(self, family: str | None = None) -> "pd.DataFrame":
         """The inputs versions sweeps recorded (columns of the inputs table, `experts_fp` and `eval_hashes`
@@ -409,7 +431,8 @@ class ResultStore:
             con.execute("BEGIN TRANSACTION").fetchall()
             con.execute(f"""INSERT INTO results
                             SELECT family, size, n_params, method, hparams, r.experts_key, experts, k, domain, loss, n_tokens,
-                                   eval_hash, metric_version, device, created_at, n_truncated, ?, m.new_fp
+                                   eval_hash, metric_version, device, created_at, n_truncated, ?, m.new_fp,
+                                   metric, higher_better, unit
                             FROM results r JOIN mapping m ON r.experts_key = m.experts_key
                             WHERE {scope.replace("experts_key IN", "r.experts_key IN")}
                             ON CONFLICT DO NOTHING""", [base_fp, *args]).fetchall()
@@ -428,9 +451,12 @@ class ResultStore:
         info = self._read("SELECT column_name FROM information_schema.columns WHERE table_name = 'results'", [])
         columns = set(info.get("column_name", []))
         # a cache before schema 3 (read before any writer migrated it) has no fingerprints: all unrecorded
-        source = "results" if "base_fp" in columns else "(SELECT *, '' AS base_fp, '' AS experts_fp FROM results)"
+        extra = [f"{v!r} AS {c}" for c, v in (("base_fp", ""), ("experts_fp", ""), ("metric", "ce")) if c not in columns]
+        source = f"(SELECT *, {', '.join(extra)} FROM results)" if extra else "results"
+        # a sweep measures CE: rows of another metric (imported, downstream) never stand in for it
         query = f"""SELECT experts_key, experts_fp FROM {source}
                    WHERE family = ? AND size = ? AND method = ? AND hparams = ? AND metric_version = ? AND base_fp = ?
+                     AND metric = 'ce'
                      AND list_contains(?, domain || ':' || eval_hash)
                    GROUP BY experts_key, experts_fp HAVING count(*) = ?"""
         frame = self._read(query, [family, size, method, hparams, metric_version, base_fp, pairs, len(pairs)])
@@ -464,7 +490,10 @@ def stale_reasons(rows: "pd.DataFrame", records: "pd.DataFrame", versions: dict 
     size, else the first reason it was not. Current inputs: the version `versions[(family, size)]` of the
     recorded ones (`records`, ResultStore.inputs_versions), else the latest recorded; for a family and size
     no sweep recorded, those of its newest rows (per expert the newest row merging it, per domain the newest
-    eval set, the domains of the newest merge). Raises CacheError for an unknown version id."""
+    eval set, the domains of the newest merge). A recorded sweep states the eval sets of CE; those of any
+    other metric (imported, downstream) are its newest rows'. Imported rows (eval_hash IMPORTED_PREFIX…)
+    carry no fingerprints, so only their eval set (source file) and metric are judged.
+    Raises CacheError for an unknown version id."""
     import json
 
     import pandas as pd
@@ -477,27 +506,51 @@ def stale_reasons(rows: "pd.DataFrame", records: "pd.DataFrame", versions: dict 
         if chosen is not None and chosen not in set(recorded["version"]):
             raise CacheError(f"{family} / {size}: no inputs version {chosen!r} (recorded: "
                              f"{', '.join(recorded['version']) or 'none'})")
+        metric_of = group["metric"] if "metric" in group else pd.Series("ce", index=group.index)
+        imported = group["eval_hash"].astype(str).str.startswith(IMPORTED_PREFIX)
         if len(recorded):
             record = recorded[recorded["version"] == chosen].iloc[0] if chosen else recorded.iloc[0]
             base_fp, metric = record["base_fp"], int(record["metric_version"])
             experts, evals = json.loads(record["experts_fp"]), json.loads(record["eval_hashes"])
         else:
-            base_fp, metric, experts, evals = _inferred_inputs(group)
+            # fingerprints from measured rows (imported ones have none); CE's eval sets from CE rows,
+            # measured ones when there are any: an import never displaces rows mergelab measured
+            measured = group[~imported] if (~imported).any() else group
+            base_fp, metric, experts, evals = _inferred_inputs(measured)
+            ce = group[metric_of == "ce"]
+            if len(ce):
+                ce = ce[~imported[ce.index]] if (~imported[ce.index]).any() else ce
+                _, metric, _, evals = _inferred_inputs(ce)
+        # per metric: its eval set per domain and its metric version (CE: the recorded or inferred above)
+        want_eval = group["domain"].map(evals)
+        evaluated = group["domain"].isin(list(evals))
+        want_version = pd.Series(metric, index=group.index)
+        for name, rows_m in group.groupby(metric_of, sort=False):
+            if name == "ce":
+                continue
+            chosen_m = rows_m[~imported[rows_m.index]] if (~imported[rows_m.index]).any() else rows_m
+            _, version_m, _, evals_m = _inferred_inputs(chosen_m)
+            want_eval[rows_m.index] = rows_m["domain"].map(evals_m)
+            evaluated[rows_m.index] = rows_m["domain"].isin(list(evals_m))
+            want_version[rows_m.index] = version_m
         expected = {key: join_fingerprints(experts.get(e, UNRECORDED) for e in key_experts(key))
                     for key in group["experts_key"].unique()}
         gone = {key: next((e for e in key_experts(key) if e not in experts), None) for key in expected}
         why = pd.Series("", index=group.index, dtype=object)
         for mask, reason in [
-            (group["metric_version"] != metric, "computed with another metric version"),
-            (~group["domain"].isin(list(evals)), "domain no longer evaluated"),
-            (group["eval_hash"] != group["domain"].map(evals), "eval set changed"),
-            ((group["base_fp"] == UNRECORDED) & (base_fp != UNRECORDED),
+            ((group["metric_version"] != want_version) & ~imported, "computed with another metric version"),
+            (~evaluated, "domain no longer evaluated"),
+            (group["eval_hash"] != want_eval, "eval set changed" if not imported.any() else
+             imported.map({True: "another import or measured eval set of this metric is current",
+                           False: "eval set changed"})),
+            ((group["base_fp"] == UNRECORDED) & (base_fp != UNRECORDED) & ~imported,
              "cached before fingerprints (`mergelab adopt` if its checkpoints are unchanged)"),
-            (group["base_fp"] != base_fp, "base checkpoint or vocab policy changed"),
-            (group["experts_key"].map(gone).notna(), "expert no longer in the family"),
-            (group["experts_fp"] != group["experts_key"].map(expected), "expert checkpoint changed"),
+            ((group["base_fp"] != base_fp) & ~imported, "base checkpoint or vocab policy changed"),
+            (group["experts_key"].map(gone).notna() & ~imported, "expert no longer in the family"),
+            ((group["experts_fp"] != group["experts_key"].map(expected)) & ~imported, "expert checkpoint changed"),
         ]:
-            why[(why == "") & mask] = reason
+            hit = (why == "") & mask
+            why[hit] = reason[hit] if isinstance(reason, pd.Series) else reason
         reasons[group.index] = why
     return reasons
 

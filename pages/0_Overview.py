@@ -5,6 +5,7 @@ import streamlit as st
 
 from mergelab.ui import dashboard as ui
 from mergelab.ui.downloads import figure_download
+from mergelab.ui.curves import axis_title, normalisers
 from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO
 
@@ -50,8 +51,10 @@ if not settings:  # only base and single-expert rows so far: a sweep has just st
 size = ui.choose("Size", sizes, "size", default=sizes[-1], format_func=ui.size_label(rows))
 macro = ui.merges(family, MACRO, settings, [size])
 fitted = ui.fits(family, MACRO, settings, [size])
+metric = ui.current_metric()  # oriented values: drawn back in the metric's own sign
 overview = curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} · {size} · cross-domain mean, every method",
-                        show_points=False)
+                        show_points=False, normalise=normalisers(macro, fitted, None, metric.sign),
+                        y_title=axis_title(None, metric))
 st.plotly_chart(overview, width="stretch", key="overview")
 figure_download(overview, f"{family}_{size}_macro_curves", "dl-overview")
 st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors of "

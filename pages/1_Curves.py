@@ -6,7 +6,7 @@ import streamlit as st
 
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import reference
-from mergelab.ui.curves import (NORMALISED, NORMALISED_AXIS, bands, fit_summary, normalise_curve, normalisers, size_points,
+from mergelab.ui.curves import (NORMALISED, axis_title, bands, fit_summary, normalise_curve, normalisers, size_points,
                                 variance_tables)
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
@@ -14,10 +14,12 @@ from mergelab.analysis.fit import FitError
 from mergelab.analysis.tables import fit_joint_merges
 from mergelab.names import MACRO
 
-ui.page_header("Curves", "Cross-entropy of merged models vs the number of experts k. Faint dots: single subsets; "
+ui.page_header("Curves", "Cross-entropy (or the family's other metric, picked in the sidebar) of merged models vs the "
+               "number of experts k. Faint dots: single subsets; "
                "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞. "
                "Intervals and bands resample experts, not subsets (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
+metric = ui.current_metric()  # the values are oriented (negated when higher is better), drawn back in its sign
 methods = ui.choose("Methods", methods_all, "methods", multi=True, default=methods_all[:1])
 sizes = ui.choose("Sizes", sizes_all, "sizes", multi=True, default=sizes_all, format_func=ui.size_label(rows))
 domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO,
@@ -28,6 +30,7 @@ with st.sidebar.expander("Display", expanded=True) as display:
                         place=display, help="expert bootstrap: each draw is a new pool of experts resampled from yours, "
                                             "with their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
     scale_label = ui.setting("radio", "y axis", "y", "cross-entropy", options=list(NORMALISED), place=display,
+                             format_func=lambda o: (metric.label or metric.name) if o == "cross-entropy" else o,
                              help="L(k) − L(1) or L(k)/L(1) put curves of different scales side by side (the demo's "
                                   "tiny models and the paper's law); L(1) is each curve's own mean at k = 1")
     how = NORMALISED[scale_label]
@@ -50,7 +53,7 @@ if merges.empty:
     st.stop()
 fits = ui.fits(family, domain, methods, sizes, n_boot)
 overlays = {}
-if overlay:
+if overlay and metric.name == "ce":  # the paper's laws are CE laws
     ks = np.arange(1, int(merges["k"].max()) + 1)
     for method in sorted(merges["method"].unique()):
         if method in reference.methods():
@@ -58,10 +61,14 @@ if overlay:
                 ks, normalise_curve(ks, reference.law_loss(method, domain, paper_N, ks), how))
 fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {domain}", log_x=log_x,
                    log_y=log_y and how != "difference", bands=bands(fits, merges) if n_boot else None, overlays=overlays,
-                   show_points=show_points, normalise=normalisers(merges, fits, how), y_title=NORMALISED_AXIS[how])
+                   show_points=show_points, normalise=normalisers(merges, fits, how, metric.sign),
+                   y_title=axis_title(how, metric))
 st.plotly_chart(fig, width="stretch", key="curve")
 figure_download(fig, f"{family}_{domain}_curves", "dl-curve")
-st.dataframe(fit_summary(fits), hide_index=True, width="stretch")
+st.dataframe(fit_summary(fits, metric), hide_index=True, width="stretch")
+if metric.higher_better:
+    st.caption(f"{metric.label or metric.name} is higher-is-better: fitted as C − A/(k+b), the dashed line is the "
+               f"ceiling C.")
 if any(not f.ok for f in fits.values()):
     st.warning("Some curves could not be fitted: see the note column.")
 
@@ -82,14 +89,15 @@ with right:
     k_fixed = (ui.setting("select_slider", "k for the size panel", "ksize", k_max, options=list(range(1, k_max + 1)),
                           place=st) if k_max > 1 else k_max)
     points = size_points(ui.merges(family, domain, methods, sizes_all), k_fixed)
+    points["loss"] = points["loss"] * metric.sign
     joint = None
-    if points["N"].nunique() >= 2 and len(methods) == 1:
+    if points["N"].nunique() >= 2 and len(methods) == 1 and not metric.higher_better:
         try:
             joint = fit_joint_merges(ui.merges(family, domain, methods, sizes_all))
         except FitError as exc:
             st.caption(f"joint fit: {exc}")
     drawn = joint if joint is not None and joint.identified else None
-    size_fig = size_figure(points, drawn, k=k_fixed)
+    size_fig = size_figure(points, drawn, k=k_fixed, y_title=metric.axis)
     st.plotly_chart(size_fig, width="stretch", key="sizes")
     figure_download(size_fig, f"{family}_{domain}_sizes_k{k_fixed}", "dl-sizes")
     if joint is not None:

@@ -7,7 +7,8 @@ from mergelab.ui import dashboard as ui
 from mergelab.errors import MergelabError
 from mergelab.io.family import load_family
 from mergelab.sweep.jobs import JobQueue
-from mergelab.engine.methods import METHODS
+from mergelab.engine.methods import METHODS, incremental
+from mergelab.engine.methods.options import HELP as OPTION_HELP
 from mergelab.paths import confined, data_home
 from mergelab.sweep.plan import SweepJob
 from mergelab.sweep.runner import plan_sweep
@@ -56,10 +57,14 @@ def sweep_form() -> None:
         sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
         methods = c2.multiselect("Methods", list(METHODS), default=["average"])
         hparams = {}
-        cols = st.columns(len(METHODS))
+        per_row = 4  # eleven methods: settings in rows of four columns
+        names = list(METHODS)
+        cols = [c for i in range(0, len(names), per_row) for c in st.columns(per_row)]
         for col, (name, method) in zip(cols, METHODS.items()):
-            with col.expander(f"{name} settings", expanded=bool(method.params)):
+            with col.expander(f"{name} settings", expanded=False):
                 st.caption(method.doc)
+                st.caption("incremental: linear in the prepared task vectors" if incremental(method)
+                           else "not incremental: combined per subset" + (" (whole tensors)" if method.whole_tensor else ""))
                 values = {}
                 for pname, p in method.params.items():
                     # the range carries its own brackets: "density ∈ (0.0, 1.0]", never "density ((0.0, 1.0])"
@@ -73,6 +78,15 @@ def sweep_form() -> None:
                         values[pname] = float(st.number_input(label, value=float(p.default), format="%.3f",
                                                               key=f"hp-{name}-{pname}", help=p.help))
                 hparams[name] = values
+        o1, o2 = st.columns(2)
+        weights = o1.text_input("Per-expert weights (every chosen method)", "", key="hp-weights",
+                                placeholder="algebra:0.5,code:1.5", help=OPTION_HELP["weights"])
+        exclude = o2.text_input("Tensors kept from the base (every chosen method)", "", key="hp-exclude",
+                                placeholder="*embed_tokens*,lm_head.weight", help=OPTION_HELP["exclude"])
+        for name, given in (("weights", weights), ("exclude", exclude)):
+            if given.strip():
+                for values in hparams.values():
+                    values[name] = given.strip()
         c3, c4, c5 = st.columns(3)
         k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
                                 "a narrower one must fit every chosen size") if M > 1 else (1, 1))
@@ -83,6 +97,17 @@ def sweep_form() -> None:
         per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
         seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
         device = c5.selectbox("device", ["auto", "cpu", "cuda"])
+        a1, a2, a3, a4 = st.columns([2, 2, 2, 2])
+        adaptive = a1.toggle("Adaptive: stop at a precision", key="sweep-adaptive",
+                             help="the policy picks which k and which subsets to merge, batch by batch, until the 95% "
+                                  "interval of the quantity is as narrow as asked (k range and subsets above are then "
+                                  "ignored); a resumed or relaunched job continues from the cached merges")
+        quantity = a2.selectbox("quantity", list(ADAPTIVE_QUANTITIES), key="sweep-adaptive-quantity")
+        precision = a3.text_input("95% CI half-width", key="sweep-adaptive-precision",
+                                  placeholder=" · ".join(f"{q} {v}" for q, v in ADAPTIVE_QUANTITIES.items()),
+                                  help="in the quantity's unit (nats for L∞, experts for k90), or a percentage of the "
+                                       "estimate, e.g. 10%; empty: the quantity's default shown")
+        budget = a4.number_input("budget (merges per curve, 0: none)", min_value=0, value=0, key="sweep-adaptive-budget")
         estimate = st.form_submit_button("Estimate")
         launch = st.form_submit_button("Launch sweep", type="primary")
 
@@ -96,6 +121,8 @@ def sweep_form() -> None:
     if not sizes or not methods:
         st.error("Pick at least one size and one method.")
         return
+    if adaptive:
+        return adaptive_launch(job, quantity, precision, int(budget), launch, family, sizes, methods)
     try:
         report, todo, _ = plan_sweep(job.sweep_spec(), ui.results_store())
     except MergelabError as exc:
@@ -114,6 +141,8 @@ def sweep_form() -> None:
             st.caption("Memory plan: " + " · ".join(plan.describe() for plan in plans.values()))
     except MergelabError as exc:
         st.warning(str(exc))
+    for size_name, note in report.layout_notes.items():  # LoRA adapter experts, packed or left-out tensors
+        st.caption(f"Size {size_name}: {note}")
     if launch:
         try:
             job_id = queue.submit(job)
@@ -124,7 +153,67 @@ def sweep_form() -> None:
         st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
 
 
+ADAPTIVE_QUANTITIES = {"L_inf": "0.005", "k90": "0.5", "A": "10%", "predict@M": "0.003"}  # default precisions
+
+
+def adaptive_launch(job, quantity, precision, budget, launch, family, sizes, methods) -> None:
+    """Check the target, say what the policy will do, and queue the adaptive job."""
+    import dataclasses
+
+    from mergelab.analysis.adaptive import parse_target, require_per_curve, start_design
+
+    M = len(family.size(sizes[0]).experts)
+    text = f"{quantity.replace('@M', f'@{M}')}:{precision.strip() or ADAPTIVE_QUANTITIES[quantity]}"
+    try:
+        target = parse_target(text)
+        require_per_curve(target)
+        first = len(start_design(family.size(sizes[0]).expert_names))
+    except MergelabError as exc:
+        st.error(str(exc).replace("--adaptive ", "Target "))
+        return
+    job = dataclasses.replace(job, ks=(), subsets="all", adaptive=text, budget=budget or None)
+    curves = len(sizes) * len(methods)
+    st.info(f"Adaptive: {target.describe()} per curve ({plural(curves, 'curve')}); each starts with {first} merges "
+            f"(single experts, balanced pairs, a few at k ≈ √(2M), the full pool), then adds batches where they narrow "
+            f"the interval most, and stops when it is met" + (f" or after {budget} merges" if budget else "")
+            + " (merges already cached count). The job shows the interval and the merges still predicted.")
+    if launch:
+        try:
+            job_id = queue.submit(job)
+            started = ensure_worker(queue)
+        except MergelabError as exc:
+            st.error(str(exc))
+            return
+        st.success(f"Adaptive job {job_id} queued" + (" and a worker started." if started else
+                                                       "; the running worker will pick it up."))
+
+
 sweep_form()
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def interval_history(job_json: str, rows: int):
+    """The interval of an adaptive job after each batch, from the cache (refreshed as rows land)."""
+    from mergelab.analysis.adaptive_sweep import interval_history as history
+
+    return history(SweepJob.from_json(job_json))
+
+
+def adaptive_chart(job) -> None:
+    """The adaptive job's interval shrinking as merges land, against the target half-width."""
+    try:
+        frame = interval_history(job.spec.to_json(), job.rows)
+    except MergelabError as exc:
+        st.caption(f"no interval to show: {exc}")
+        return
+    if frame.empty:
+        st.caption("The interval appears once the first design is merged.")
+        return
+    frame = frame.assign(half_width=(frame["hi"] - frame["lo"]) / 2)
+    st.line_chart(frame, x="merges", y=["half_width", "threshold"], color=None, height=180)
+    last = frame.groupby("curve").tail(1)
+    st.caption(" · ".join(f"{r.curve}: {r.estimate:.4g} [{r.lo:.4g}, {r.hi:.4g}] after {r.merges} merges"
+                          for r in last.itertuples()))
 
 
 def fmt_eta(seconds):
@@ -156,6 +245,9 @@ def jobs_section():
                                                        f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
             if job.message:
                 (head.error if job.status == "failed" else head.caption)(job.message)
+            if job.spec.adaptive:
+                with head.expander(f"Adaptive: {job.spec.adaptive} — the interval as merges land"):
+                    adaptive_chart(job)
             if job.not_cached and job.status != "failed":
                 head.warning(f"{job.not_cached:,} merge(s) not cached: weights or loss not finite (the first reasons "
                              f"are in the job's message once it ends); every other merge's rows are kept")

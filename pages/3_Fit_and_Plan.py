@@ -18,6 +18,8 @@ ui.page_header("Fit & Plan", "How well the law holds out of sample, which form f
                "or how large a model a target needs. Intervals are 95% expert-bootstrap intervals: they resample "
                "the experts, the unit of randomness (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
+metric = ui.current_metric()  # values oriented (negated when higher is better); targets in the metric's own values
+units = metric.units
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 domain = ui.choose("Domain", [MACRO, *sorted(rows["domain"].unique())], "domain", default=MACRO)
 n_boot = ui.setting("select_slider", "Bootstrap draws", "boot", 200, options=[100, 200, 500, 1000])
@@ -32,7 +34,7 @@ if merges.empty:
 
 fits = ui.fits(family, domain, [method], sizes_all, n_boot)
 st.subheader("Parameters per size")
-summary = fit_summary(fits)
+summary = fit_summary(fits, metric)
 st.dataframe(summary, hide_index=True, width="stretch")
 st.caption("Report the 95% expert-bootstrap intervals: they resample the experts. Jacobian standard errors (in the "
            "Export tables) treat the per-k means as independent and understate the uncertainty; they are left blank "
@@ -55,7 +57,8 @@ with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
         check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
-        st.caption(f"forecast: L∞ = {check.fit.L_inf:.4f} nats/token, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
+        bound = f"C = {-check.fit.L_inf:.4f}" if metric.higher_better else f"L∞ = {check.fit.L_inf:.4f}"
+        st.caption(f"forecast: {bound} {units}, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
                    f"({'; '.join(check.fit.notes)}). The interval is for the population mean at each k; the observed "
                    "mean carries its own pool's error (at k = M it is one subset).")
         st.dataframe(held_out_table(check.table), hide_index=True, width="stretch")
@@ -76,9 +79,9 @@ st.dataframe(forms.drop(columns=["params"], errors="ignore"), hide_index=True, w
 
 st.subheader("Plan")
 M = pool_size(rows[rows["size"] == size])
-reason = planning.not_falling(fit)
+reason = planning.not_falling(fit, metric)
 if reason:
-    st.warning(f"No floor-based planning for {method} · {size}: {reason}.")
+    st.warning(f"No {metric.bound}-based planning for {method} · {size}: {reason}.")
 defaults = planning.default_targets(fit, M)
 k_swept = int(merges["k"].max())
 st.caption(f"Pool: M = {M} experts at this size; merges measured up to k = {k_swept}. Defaults are the values the fitted "
@@ -86,18 +89,20 @@ st.caption(f"Pool: M = {M} experts at this size; merges measured up to k = {k_sw
            "extrapolations of the law and marked so.")
 p1, p2, p3 = st.columns(3)  # a curve without a floor gets only the data-based question, not ε or the stop rule
 with p1:
-    target = st.number_input("target loss (nats/token)", value=round(defaults["target"], 4), format="%.4f",
-                             help="experts needed: k = A/(L_target − L∞) − b")
-    ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M), "{:.1f}")
+    target = st.number_input(f"target {metric.label or metric.name} ({units})",
+                             value=round(defaults["target"] * metric.sign, 4), format="%.4f",
+                             help="experts needed: k = A/(L_target − L∞) − b" if not metric.higher_better else
+                                  "experts needed: the first k whose fitted value reaches the target from below")
+    ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M, metric), "{:.1f}")
 if reason:
     p2.caption("No ε-from-the-floor or stop-rule answers: the curve does not fall, so it has no floor.")
 else:
     with p2:
-        eps = st.number_input("ε above the floor (nats/token)", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
+        eps = st.number_input(f"ε {'below the ceiling' if metric.higher_better else 'above the floor'} ({units})", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
                               format="%.4f", help="k_ε = A/ε − b")
-        ui.estimate_metric("k within ε of the floor", planning.k_epsilon(fit, eps, M), "{:.1f}")
+        ui.estimate_metric(f"k within ε of the {metric.bound}", planning.k_epsilon(fit, eps, M), "{:.1f}")
     with p3:
-        tol = st.number_input("stop when one more expert gains less than (nats/token)",
+        tol = st.number_input(f"stop when one more expert gains less than ({units})",
                               value=float(f"{defaults['tolerance']:.3g}"), min_value=1e-6, format="%.5f",
                               help="first k with A/((k+b)(k+1+b)) below this")
         ui.estimate_metric("stop after k", planning.stop_rule(fit, tol, M), "{:.0f}")
@@ -113,7 +118,7 @@ if not reason:
     st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
                + k90.note + ".")
 
-if len(sizes_all) >= 2:
+if len(sizes_all) >= 2 and not metric.higher_better:  # the joint law over sizes is a law of falling losses
     st.markdown(f"**Minimum size** for a target floor (joint law over sizes; its interval from {JOINT_DRAWS} expert-bootstrap "
                 "draws, each a refit of the joint law)")
     # 5% under this curve's floor, or under its lowest measured mean when it has no floor (it does not fall)

@@ -3,6 +3,7 @@
 import pandas as pd
 import streamlit as st
 
+from mergelab import metrics
 from mergelab.ui import dashboard as ui
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import bar_figure, synergy_heatmap
@@ -15,7 +16,10 @@ ui.page_header("Synergy", "S[d, e] = mean drop of the CE on receiver e when expe
                "that holds 0.")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
-chosen = rows[(rows["setting"] == method) & (rows["size"] == size)]
+# oriented (negated when higher is better): a positive synergy is always an improvement of the metric
+chosen = metrics.oriented(rows[(rows["setting"] == method) & (rows["size"] == size)])
+metric = ui.current_metric()
+GAIN = "CE drop (nats)" if metric.name == "ce" else f"{metric.label or metric.name} gain ({metric.units})"
 
 
 n_boot = st.sidebar.select_slider("Bootstrap draws (intervals)", [0, 100, 200, 500], value=200,
@@ -32,7 +36,8 @@ matrix, lo, hi = matrix_for(chosen, n_boot)
 if matrix.empty or matrix.isna().all().all():
     st.info("Synergy needs merges that differ by one expert (exhaustive subsets or orderings). Launch such a sweep.")
     st.stop()
-heatmap = synergy_heatmap(matrix, lo=lo, hi=hi)
+heatmap = (synergy_heatmap(matrix, lo=lo, hi=hi) if metric.name == "ce" else
+           synergy_heatmap(matrix, title=f"Synergy: {GAIN} on receiver when donor joins", lo=lo, hi=hi))
 st.plotly_chart(heatmap, width="stretch", key="heatmap")
 figure_download(heatmap, f"{family}_{method}_{size}_synergy", "dl-heatmap")
 if lo is not None and lo.attrs.get("notes"):
@@ -52,15 +57,17 @@ with left:
         bounds = {"lo": pd.Series([lo.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index),
                   "hi": pd.Series([hi.loc[d, r] for d, r in zip(pairs["donor"], pairs["receiver"])], pairs.index)}
     n_help, n_harm = int((pairs["synergy"] > 0).sum()), int((pairs["synergy"] < 0).sum())
-    pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs", "donor → receiver", "CE drop (nats)", **bounds)
+    pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs", "donor → receiver", GAIN, **bounds)
     st.plotly_chart(pairs_fig, width="stretch", key="pairs")
     figure_download(pairs_fig, f"{family}_{method}_{size}_synergy_pairs", "dl-pairs")
     st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red), with 95% intervals"
                + ("" if n_harm else ": no donor raises any other domain's CE here") + ".")
 with right:
-    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor", "mean CE drop on others (nats)"),
+    st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor",
+                               "mean CE drop on others (nats)" if metric.name == "ce" else f"mean {GAIN} on others"),
                     width="stretch", key="donors")
     st.caption("Donor strength: how much each expert lowers the CE of the other domains, on average.")
     st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility", "receiver",
-                               "mean CE drop from others (nats)"), width="stretch", key="receivers")
+                               "mean CE drop from others (nats)" if metric.name == "ce" else f"mean {GAIN} from others"),
+                    width="stretch", key="receivers")
     st.caption("Receiver susceptibility: how much each domain gains from the other experts, on average.")

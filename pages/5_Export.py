@@ -10,6 +10,7 @@ from mergelab import export
 from mergelab.export import render
 from mergelab.paper import PAPER_DRAWS
 from mergelab.ui.downloads import figure_download
+from mergelab.ui.curves import axis_title, normalisers
 from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO, REFERENCE_METHODS
 
@@ -68,8 +69,10 @@ for what, label, formats in [("paper", "Paper table (macro: L∞, A with interva
 st.subheader("Chart")
 method = ui.choose("Method in the chart", chosen, "method", sidebar=False)
 sizes = ui.sizes_in_order(rows)
-fig = curve_figure(ui.merges(family, MACRO, [method], sizes), ui.fits(family, MACRO, [method], sizes),
-                   sizes_in_order=sizes, title=f"{family} · {method} · {MACRO}")
+chart_merges, chart_fits = ui.merges(family, MACRO, [method], sizes), ui.fits(family, MACRO, [method], sizes)
+metric = ui.current_metric()  # oriented values: drawn back in the metric's own sign, its name on the axis
+fig = curve_figure(chart_merges, chart_fits, sizes_in_order=sizes, title=f"{family} · {method} · {MACRO}",
+                   normalise=normalisers(chart_merges, chart_fits, None, metric.sign), y_title=axis_title(None, metric))
 stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{family}_{method}")  # a setting label holds spaces and '='
 st.plotly_chart(fig, width="stretch", key="export-chart",
                 config={"toImageButtonOptions": {"format": "svg", "filename": stem}})

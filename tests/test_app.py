@@ -113,6 +113,33 @@ def test_sweep_form_estimates_before_launch(env):
     assert any(c.value.startswith("Memory plan: size ") for c in at.caption), [c.value for c in at.caption]
 
 
+def test_sweep_form_lists_every_method_with_its_defaults_and_takes_weights(env):
+    """Every registered method (issue 17's included) has its settings with the pinned defaults and says
+    whether it is incremental; per-expert weights and filters from the form reach the plan (a weight for
+    an expert the family lacks is refused with its name)."""
+    from mergelab.engine.methods import METHODS
+
+    at = run("pages/2_Sweep.py")
+    at.selectbox(key="sweep-family").set_value("other path…").run()
+    at.text_input[0].input(str(env)).run()
+    labels = [e.label for e in at.expander]
+    assert labels == [f"{name} settings" for name in METHODS]
+    for name, method in METHODS.items():
+        for pname, p in method.params.items():
+            widget = at.checkbox(key=f"hp-{name}-{pname}") if p.kind is bool else at.number_input(key=f"hp-{name}-{pname}")
+            assert widget.value == p.default, (name, pname)
+    text = captions(at)
+    assert "not incremental: combined per subset (whole tensors)" in text and "incremental: linear" in text
+    at.multiselect[1].set_value(["breadcrumbs", "tsv_m"])
+    at.text_input(key="hp-weights").input("alpha:2,omega:3")
+    at.button[0].click().run()  # Estimate
+    assert any("breadcrumbs.weights names expert 'omega', which is not an expert of size 's'" in e.value for e in at.error)
+    at.text_input(key="hp-weights").input("alpha:2")
+    at.text_input(key="hp-exclude").input("*embed_tokens*")
+    at.button[0].click().run()
+    assert not at.error and any("to run" in i.value for i in at.info)
+
+
 def test_sweep_refuses_paths_outside_the_allowed_folders(env, tmp_path_factory):
     outside = tmp_path_factory.mktemp("elsewhere")
     (outside / "family.toml").write_text(env.read_text())
@@ -157,3 +184,23 @@ def test_first_run_loads_shipped_demo_results(monkeypatch, tmp_path):
     assert ResultStore(db).count() > 0
     assert at.selectbox[0].value == "demo-standard" and len(at.get("plotly_chart")) == 1
     assert at.selectbox(key="w:size").value == "xl"  # the largest size by default
+
+
+def test_curves_show_the_new_methods_and_weighted_settings(monkeypatch, tiny_family, tmp_path):
+    """Issue 17's methods, swept with and without per-expert weights, are curves on the Curves page,
+    each setting labelled by what tells it apart."""
+    db = tmp_path / "new.duckdb"
+    spec = SweepSpec(load_family(tiny_family), ["s"], {"breadcrumbs": {}, "tsv_m": {}, "model_stock": {}}, [1, 2, 3])
+    run_sweep(spec, ResultStore(db), progress=False)
+    spec = SweepSpec(load_family(tiny_family), ["s"], {"breadcrumbs": {"weights": "alpha:2"}}, [1, 2, 3],
+                     reference_rows=False)
+    run_sweep(spec, ResultStore(db), progress=False)
+    monkeypatch.setenv("MERGELAB_DB", str(db))
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGELAB_JOBS", str(tmp_path / "jobs.sqlite"))
+    at = run("pages/1_Curves.py")
+    wanted = {"breadcrumbs", 'breadcrumbs weights="alpha:2.0"', "tsv_m", "model_stock"}
+    assert set(at.multiselect(key="w:methods").options) == wanted  # settings: an absent option is not 'null'
+    at.multiselect(key="w:methods").set_value(sorted(wanted)).run()
+    assert not at.exception and len(at.get("plotly_chart")) >= 3
+    assert set(at.dataframe[0].value["setting"]) == wanted

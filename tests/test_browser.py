@@ -262,3 +262,33 @@ def test_screenshots_of_every_page_on_the_demo_data(demo_server, page):
             full_height_shot(page, f"demo_{name}_{width}", width)
             no_exception(page)
             assert (ARTIFACTS / f"demo_{name}_{width}.png").stat().st_size > 10_000
+
+
+def test_upload_an_accuracy_csv_import_it_and_see_its_curve(tmp_path, page):
+    """The Import page in a real browser: upload, preview, import, then the accuracy curve on Curves
+    (screenshots import_preview.png and curves_accuracy.png)."""
+    from tests.test_app_import import accuracy_csv
+
+    src = tmp_path / "acc.csv"
+    src.write_bytes(accuracy_csv())
+    db = tmp_path / "r.duckdb"
+    env = dict(MERGELAB_DB=str(db), MERGELAB_HOME=str(tmp_path / "home"), MERGELAB_JOBS=str(tmp_path / "jobs.sqlite"))
+    with dashboard(env, tmp_path) as (url, _):
+        page.goto(f"{url}/Import")
+        settle(page)
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(src))
+        page.get_by_role("button", name="Import 30 rows").wait_for(timeout=60000)
+        page.wait_for_selector(".js-plotly-plot", timeout=60000)
+        no_exception(page)
+        shoot(page, "import_preview")
+        page.get_by_role("button", name="Import 30 rows").click()
+        page.get_by_text("Imported 30 rows into acc-fam", exact=False).wait_for(timeout=60000)
+        assert len(ResultStore(db).results()) == 30
+        page.goto(f"{url}/Curves?family=acc-fam")
+        settle(page)
+        page.get_by_text("acc-fam · macro", exact=True).wait_for(timeout=60000)
+        page.wait_for_selector(".js-plotly-plot", timeout=60000)
+        no_exception(page)
+        assert "accuracy (fraction)" in page.inner_text(".js-plotly-plot >> nth=0") or \
+            page.locator("text=accuracy (fraction)").count() > 0
+        shoot(page, "curves_accuracy")

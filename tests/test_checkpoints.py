@@ -186,3 +186,64 @@ def test_vocab_tensors_are_found_by_shape_not_by_name(tmp_path, base):
     assert sorted(llama.vocab_tensors) == ["lm_head.weight", "model.embed_tokens.weight"]
     renamed = copy_with(tmp_path, llama, "renamed", lambda ts: {k.replace("embed_tokens", "wte"): v for k, v in ts.items()})
     assert sorted(renamed.vocab_tensors) == ["lm_head.weight", "model.wte.weight"]
+
+
+# -- quantized and packed storage (issue 17 item 3) ---------------------------------------------------------
+
+LAYER = "model.layers.0.mlp.up_proj.weight"
+QUANTIZED = {  # torch dtype of the stored tensor: the safetensors code the message names
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0", "float4_e2m1fn_x2": "F4",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64",
+}
+
+
+def _stored_as(dtype_name):
+    def edit(tensors):
+        t = tensors[LAYER]
+        if dtype_name == "float4_e2m1fn_x2":  # two FP4 values per byte: a packed half-width tensor
+            tensors[LAYER] = torch.zeros(t.shape[0], t.shape[1] // 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+        elif dtype_name.startswith("uint"):
+            tensors[LAYER] = t.abs().mul(100).to(torch.int64).to(getattr(torch, dtype_name))
+        else:
+            tensors[LAYER] = t.to(getattr(torch, dtype_name))
+        return tensors
+    return edit
+
+
+@pytest.mark.parametrize("dtype_name", list(QUANTIZED))
+def test_quantized_storage_is_named_not_called_malformed(tmp_path, base, dtype_name):
+    """A handcrafted safetensors file with one FP8/FP4/unsigned tensor: its header reads (it is well formed);
+    merging or reading it is refused naming the file, the tensor, the dtype and what to do."""
+    ckpt = copy_with(tmp_path, base, dtype_name, _stored_as(dtype_name))
+    code = QUANTIZED[dtype_name]
+    assert ckpt.stored_dtype(LAYER) == code and LAYER in ckpt.shapes  # the header is read, not refused
+    for refuse in (lambda: check_compatible(base, ckpt), lambda: ckpt.tensor(LAYER, torch.float32)):
+        with pytest.raises(CheckpointError) as err:
+            refuse()
+        msg = str(err.value)
+        assert str(ckpt.files[LAYER]) in msg and repr(LAYER) in msg and code in msg, msg
+        assert "dequantize" in msg and "bfloat16" in msg and "malformed" not in msg and "\n" not in msg, msg
+
+
+def test_int_packs_name_the_quantization_method(tmp_path, base):
+    """GPTQ-style int32 packs beside a config.json quantization_config: the method is named too."""
+    def edit(tensors):
+        tensors[LAYER] = torch.zeros(tensors[LAYER].shape, dtype=torch.int32)
+        return tensors
+
+    ckpt = copy_with(tmp_path, base, "gptq", edit,
+                     lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' is stored as I32 \(int32\).*"
+                                              r"quantized by gptq.*dequantize"):
+        check_compatible(base, ckpt)
+
+
+def test_an_unknown_dtype_code_is_still_malformed(tmp_path, base):
+    ckpt = copy_with(tmp_path, base, "odd")
+    path = ckpt.path / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"F32"', b'"X99"', 1)
+    path.write_bytes(raw[:8] + header + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="malformed header entry"):
+        Checkpoint(ckpt.path).shapes

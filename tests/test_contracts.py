@@ -47,4 +47,5 @@ def test_entry_points_document_their_contract(entry):
 def test_every_merge_method_names_its_paper_and_mergekit_equivalent():
     for method in METHODS.values():
         assert "arXiv" in method.paper, method.name
-        assert "merge_method:" in method.mergekit, method.name
+        # a mergekit config, or a plain statement that there is none (TSV-M; --mergekit-yaml then refuses it)
+        assert "merge_method:" in method.mergekit or "no mergekit 0.1.5 equivalent" in method.mergekit, method.name

@@ -95,3 +95,102 @@ def test_malformed_eval_sets_name_file_and_problem(tmp_path, content, fragment):
 def test_text_field_scores_all_tokens(tmp_path):
     path = write_eval(tmp_path / "t.jsonl", [{"text": "hello"}])
     assert load_eval_set(path) == [{"prompt": "", "response": "hello"}]
+
+
+def plain_padded_ce(model, tokenizer, path, budget, max_length=512):
+    """The loop a user writes: the domain's rows (as prepare_eval picks them) in one right-padded batch,
+    labels −100 outside the responses, and transformers' own loss of `model(input_ids, labels=…)`."""
+    from mergelab.engine.evaluate import tokenize_row
+
+    rows, scored = [], 0
+    for example in load_eval_set(path):
+        ids, n_prompt = tokenize_row(tokenizer, example, path)
+        ids = ids[:max_length]
+        if len(ids) - max(n_prompt, 1) <= 0:
+            continue
+        rows.append((ids, n_prompt))
+        scored += len(ids) - max(n_prompt, 1)
+        if scored >= budget:
+            break
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask, labels = torch.zeros_like(input_ids), torch.full_like(input_ids, -100)
+    for r, (ids, n_prompt) in enumerate(rows):
+        input_ids[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), 1
+        labels[r, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item(), scored
+
+
+def spread_eval(tmp_path, n=120):
+    """Lengths spread from a few tokens to ~70: packed rows hold several sequences each."""
+    rows = [{"prompt": f"{i} " + "p" * (3 * (i % 19)), "response": f"answer {i}" + "r" * (i % 11)} for i in range(n)]
+    return write_eval(tmp_path / "spread.jsonl", rows)
+
+
+def test_packed_fast_path_equals_a_plain_padded_forward(setup, tmp_path):
+    """Sequences packed end to end without padding (each at its own positions), the decoder once per
+    batch and the LM head only on scored positions: the same CE, within 1e-5 nats, as one padded
+    `model(input_ids, attention_mask, labels=…)` batch per domain, and as the padded batches."""
+    from mergelab.engine.evaluate import _packing_honoured
+
+    family, tokenizer, model = setup
+    sets = {**family.eval_sets, "spread": spread_eval(tmp_path)}
+    data = prepare_eval(sets, tokenizer, token_budget=10**6)
+    b = data.packed[0]
+    segments = (b.position_ids == 0).sum(1)
+    assert int(segments.max()) >= 3 and b.attention_mask is None  # several sequences share a row
+    real = sum(int(x.attention_mask.sum()) for x in data.batches)
+    packed_positions = sum(x.input_ids.numel() for x in data.packed)
+    assert packed_positions - real <= 0.1 * real  # padding: only each row's tail
+    assert packed_positions < sum(x.input_ids.numel() for x in data.batches)
+    assert _packing_honoured(model, data.packed)
+    ours, padded = evaluate(model, data), evaluate(model, data, packed=False)
+    for domain, path in sets.items():
+        expected, count = plain_padded_ce(model, tokenizer, path, 10**6)
+        assert data.n_tokens[domain] == count
+        assert ours[domain] == pytest.approx(expected, abs=1e-5)
+        assert ours[domain] == pytest.approx(padded[domain], abs=1e-6)
+
+
+def test_a_model_that_does_not_honour_packing_is_evaluated_in_padded_batches(tmp_path):
+    """OPT takes its positions from the attention mask, not position_ids: packed rows would let its
+    sequences see each other. The check notices, and evaluation uses the padded batches (same CE as
+    transformers' loss), where forcing the packed rows would be wrong."""
+    from transformers import OPTConfig
+
+    from mergelab.demo.tokenizer import build_tokenizer
+    from mergelab.engine.evaluate import _packing_honoured
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=272, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                       max_position_embeddings=256, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tokenizer = build_tokenizer()
+    path = spread_eval(tmp_path)
+    data = prepare_eval({"spread": path}, tokenizer, 10**6)
+    assert not _packing_honoured(model, data.packed)
+    expected = plain_padded_ce(model, tokenizer, path, 10**6)[0]
+    assert evaluate(model, data)["spread"] == pytest.approx(expected, abs=1e-5)
+    assert abs(evaluate(model, data, packed=True)["spread"] - expected) > 1e-5
+
+
+def test_token_budget_reaches_llm_size_evals(setup, tmp_path):
+    """Thousands of scored tokens per domain (the paper's evals): no cap below the budget asked for, in
+    the manifest or the evaluator, and the CE still that of transformers' own loss."""
+    import re
+
+    family, tokenizer, model = setup
+    rows = [{"prompt": f"question {i}: what follows?", "response": f"the answer to {i} is " + "x" * (10 + i % 30)}
+            for i in range(400)]
+    path = write_eval(tmp_path / "big.jsonl", rows)
+    text = family.manifest.read_text()
+    manifest = family.manifest.with_name(f"budget-{tmp_path.name}.toml")
+    manifest.write_text(re.sub(r"(?m)^token_budget = .*$", "token_budget = 8000", text))
+    assert load_family(manifest).token_budget == 8000
+    data = prepare_eval({"big": path}, tokenizer, token_budget=8000, max_length=512)
+    assert 8000 <= data.n_tokens["big"] < 8000 + 60
+    expected, count = plain_padded_ce(model, tokenizer, path, 8000)
+    assert count == data.n_tokens["big"]
+    assert evaluate(model, data)["big"] == pytest.approx(expected, abs=1e-5)

@@ -13,13 +13,14 @@ PACKAGE = ROOT / "mergelab"
 
 # Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("shared", ["mergelab", "mergelab.errors", "mergelab.paths", "mergelab.locks", "mergelab.names", "mergelab.logs"]),
+    ("shared", ["mergelab", "mergelab.errors", "mergelab.paths", "mergelab.locks", "mergelab.names", "mergelab.logs",
+                "mergelab.metrics"]),
     ("io", ["mergelab.io"]),
     ("engine", ["mergelab.engine"]),
     ("store", ["mergelab.store"]),
     ("sweep", ["mergelab.sweep"]),
     ("analysis", ["mergelab.analysis"]),
-    ("export", ["mergelab.export", "mergelab.paper"]),
+    ("export", ["mergelab.export", "mergelab.paper", "mergelab.importing"]),  # results out, and in
     ("demo", ["mergelab.demo"]),
     ("ui", ["mergelab.ui", "mergelab.figures"]),
     ("cli", ["mergelab.cli", "mergelab.__main__"]),

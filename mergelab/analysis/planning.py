@@ -12,6 +12,10 @@ Two guards keep answers inside what the data support:
   answer is marked `extrapolated` with a note. M is the family's number of experts, not the largest
   k swept.
 Formulas: DESIGN §3 (k_req, k_ε, ΔL, R(k), N_min) after paper §4.
+
+Fits are made on oriented values (mergelab.metrics: a higher-is-better metric negated), so every formula
+here reads "lower is better"; `metric` (default CE) turns targets and the numbers in notes back into the
+metric's own values: for accuracy a target is reached from below and the floor is a ceiling.
 """
 
 from __future__ import annotations
@@ -83,27 +87,40 @@ def _in_data(est: Estimate, fit: CurveFit, M: int | None) -> Estimate:
     return Estimate(est.value, est.lo, est.hi, note, extrapolated=True)
 
 
-def not_falling(fit: CurveFit) -> str:
-    """Why `fit`'s curve cannot carry a floor-based answer ('' when it falls with k).
+def not_falling(fit: CurveFit, metric=None) -> str:
+    """Why `fit`'s curve cannot carry a floor-based answer ('' when it falls with k; for a higher-is-better
+    `metric`, when the metric rises with k: the notes then speak of it and its own values).
 
     Judged on the fitted tail (A ≤ 0 rises) and on the measured per-k means (`fit.observed`): a
     loss at the largest k above the loss at k = 1 rises; a rise after the minimum of more than
     RISE_TOLERANCE of the drop to it is non-monotone."""
     if fit.form != "floor_tail":
         raise FitError(f"planning needs a floor_tail fit L∞ + A/(k+b), got {fit.form!r}")
+    m = _metric(metric)
+    noun = (m.label or m.name) if m.higher_better else "loss"  # CE's notes read as they always have
+    what, worse, better, bound = (f"measured {noun}", *(("falls", "rises", "ceiling") if m.higher_better
+                                                                     else ("rises", "falls", "floor")))
     if fit.observed is not None:
         ks, means = (np.asarray(x, dtype=float) for x in fit.observed)
         low = int(np.argmin(means))
         rise, drop = means[-1] - means[low], means[0] - means[low]
+        shown = means * m.sign
         if low == 0 and means[-1] > means[0]:
-            return (f"the measured loss rises from {means[0]:.4g} at k = {ks[0]:g} to {means[-1]:.4g} at "
-                    f"k = {ks[-1]:g}: the floor–tail law does not describe this curve")
+            return (f"the {what} {worse} from {shown[0]:.4g} at k = {ks[0]:g} to {shown[-1]:.4g} at "
+                    f"k = {ks[-1]:g}: the {bound}–tail law does not describe this curve")
         if rise > RISE_TOLERANCE * drop:
-            return (f"the measured loss falls to {means[low]:.4g} at k = {ks[low]:g}, then rises by {rise:.3g} to "
-                    f"k = {ks[-1]:g}: the floor–tail law does not describe a non-monotone curve")
+            return (f"the {what} {better} to {shown[low]:.4g} at k = {ks[low]:g}, then {worse} by {rise:.3g} to "
+                    f"k = {ks[-1]:g}: the {bound}–tail law does not describe a non-monotone curve")
     if fit.A <= 0:
-        return f"the fitted loss rises with k (A = {fit.A:.3g} ≤ 0): there is no floor to plan against"
+        return (f"the fitted {noun} {worse} with k (A = {fit.A:.3g} ≤ 0): there is no {bound} to plan "
+                f"against")
     return ""
+
+
+def _metric(metric):
+    from mergelab import metrics
+
+    return metric if isinstance(metric, metrics.Metric) else metrics.get(metric)
 
 
 def _refuse(fit: CurveFit) -> Estimate | None:
@@ -111,24 +128,32 @@ def _refuse(fit: CurveFit) -> Estimate | None:
     return Estimate(float("nan"), note=f"no floor-based answer: {reason}") if reason else None
 
 
-def k_for_target(fit: CurveFit, target: float, M: int | None = None) -> Estimate:
+def k_for_target(fit: CurveFit, target: float, M: int | None = None, metric=None) -> Estimate:
     """k_req = A/(L_target − L∞) − b; infinite when the target is at or below the floor.
 
-    For a curve that does not fall, the value is the first measured k whose mean loss reaches the
+    `target` is in the metric's own values (`metric`, default CE): for a higher-is-better one (accuracy)
+    it is the first k whose value reaches the target from below, and the bound is a ceiling.
+    For a curve that does not improve with k, the value is the first measured k whose mean reaches the
     target (NaN if none), with no interval and a note saying why the law was not used."""
-    reason = not_falling(fit)
+    m = _metric(metric)
+    goal = target * m.sign  # the oriented target: lower is better
+    reason = not_falling(fit, m)
     if reason:
         ks, means = fit.observed if fit.observed is not None else ([], [])
-        reached = [k for k, m in zip(ks, means) if m <= target]
+        reached = [k for k, v in zip(ks, means) if v <= goal]
         seen = f"the measured means first reach {target:g} at k = {reached[0]:g}" if reached else \
             f"no measured k reaches {target:g}"
         return Estimate(float(reached[0]) if reached else float("nan"), note=f"{seen} (not from the law: {reason})")
 
     def k_req(p):
-        gap = target - p["L_inf"]
+        gap = goal - p["L_inf"]
         return p["A"] / gap - p["b"] if gap > 0 and p["A"] > 0 else math.inf  # a draw that rises never gets there
 
-    note = "" if target > fit.L_inf else f"target {target:g} is at or below the floor L∞ = {fit.L_inf:.4g}: unreachable"
+    if m.higher_better:
+        note = "" if goal > fit.L_inf else (f"target {target:g} is at or above the ceiling C = {-fit.L_inf:.4g}: "
+                                            f"unreachable")
+    else:
+        note = "" if goal > fit.L_inf else f"target {target:g} is at or below the floor L∞ = {fit.L_inf:.4g}: unreachable"
     return _in_data(_estimate(fit, k_req, note), fit, M)
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from mergelab import __version__
+from mergelab import __version__, metrics
 from mergelab.analysis.fit import FitError, FitFailure, JointFit, fit_curves, fit_joint
 from mergelab.analysis.intervals import expert_bootstrap
 from mergelab.analysis.means import mean_by_k, per_k_means
@@ -37,7 +37,8 @@ def setting_labels(frame: pd.DataFrame, labels_from: pd.DataFrame | None = None)
         names = sorted({name for p in settings.values() for name in p})
         differ = [n for n in names if len({json.dumps(p.get(n)) for p in settings.values()}) > 1]
         for hparams, p in settings.items():
-            labels[family, method, hparams] = " ".join([method, *(f"{n}={json.dumps(p.get(n))}" for n in differ)])
+            # an option a setting does not have (per-expert weights, filters) is left out, not shown as null
+            labels[family, method, hparams] = " ".join([method, *(f"{n}={json.dumps(p[n])}" for n in differ if n in p)])
     return pd.Series([labels[key] for key in zip(frame["family"], frame["method"], frame["hparams"])],
                      index=frame.index, dtype=object, name="setting")
 
@@ -69,7 +70,7 @@ def merge_losses(results: pd.DataFrame, domain: str = MACRO) -> pd.DataFrame:
 def per_k_summary(store, family: str, sizes) -> pd.DataFrame:
     """Mean cross-domain CE per k (rows) for each size and method setting (columns), over the current
     cached merges of `family` (a ResultStore's) at `sizes` (those evaluated on every current domain)."""
-    macro = merge_losses(store.results(family=family, size=list(sizes)))
+    macro = merge_losses(metrics.select(store.results(family=family, size=list(sizes)), metrics.DEFAULT))
     if macro.empty:
         return macro
     return mean_by_k(macro, ["size", "setting"]).pivot(index="k", columns=["size", "setting"], values="loss").round(4)
@@ -222,6 +223,9 @@ def provenance(results: pd.DataFrame, **options) -> dict:
         "n_merges": int(merges[["family", "size", "method", "hparams", "experts_key"]].drop_duplicates().shape[0]),
         "eval_hashes": sorted(results["eval_hash"].unique()),
         "metric_version": sorted(int(v) for v in results["metric_version"].unique()),
+        # what the numbers are (mergelab.metrics): name → direction and unit; CE for rows that name none
+        "metrics": {m.name: {"direction": m.direction, "unit": m.unit}
+                    for m in (metrics.of_rows(metrics.select(results, n)) for n in metrics.names(results))},
         "options": options,
     }
 

@@ -1,4 +1,5 @@
-"""Response-only, token-weighted cross-entropy per domain, batched by length and deterministic.
+"""Response-only, token-weighted cross-entropy per domain, deterministic, with sequences packed end to end
+without padding (padded batches by length for models that do not keep packed sequences apart).
 
 Each example is [bos] + prompt + response + [eos]; only the response tokens and the eos are scored
 (the prompt is masked as labels = −100 would mask it). A conversation (`messages`, ending with the
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from mergelab.errors import EvalSetError
 from mergelab.io.family import DEFAULT_MAX_LENGTH
+from mergelab.io.jsonl import json_objects
 
 METRIC_VERSION = 1
 DEFAULT_BATCH_TOKENS = 16384
@@ -40,18 +42,7 @@ def load_eval_set(path: str | Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise EvalSetError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE_CHARS:
-            raise EvalSetError(f"{path}:{lineno}: line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} "
-                               f"allowed for one example (is this an eval set?)")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalSetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise EvalSetError(f"{path}:{lineno}: expected an object with 'prompt' and 'response'")
+    for lineno, row in json_objects(text, EvalSetError, lambda n: f"{path}:{n}", MAX_LINE_CHARS):
         if "messages" in row:
             examples.append({"messages": _check_messages(row["messages"], f"{path}:{lineno}")})
             continue
@@ -82,11 +73,12 @@ def _check_messages(messages, where: str) -> list[dict[str, str]]:
 @dataclass
 class Batch:
     input_ids: object      # [B, T] long
-    attention_mask: object  # [B, T] long
+    attention_mask: object  # [B, T] long; None in a packed batch (its sequences are told apart by position_ids)
     rows: object           # [n] batch row of each scored position
     cols: object           # [n] position whose next-token prediction is scored
     targets: object        # [n] the token to predict
     domains: object        # [n] domain index of each scored token
+    position_ids: object = None  # [B, T] long, packed batches only: each sequence counts its positions from 0
 
 
 @dataclass
@@ -99,10 +91,15 @@ class EvalData:
     n_truncated: dict[str, int]      # examples cut to max_length (those cut before their reply are dropped)
     hashes: dict[str, str] = field(default_factory=dict)
     max_length: int = DEFAULT_MAX_LENGTH
+    packed: list[Batch] = field(default_factory=list)  # the same sequences packed without padding (`_pack`)
 
     def to(self, device) -> "EvalData":
-        moved = [Batch(*(getattr(b, f).to(device) for f in Batch.__dataclass_fields__)) for b in self.batches]
-        return EvalData(self.domains, moved, self.n_tokens, self.n_truncated, self.hashes, self.max_length)
+        def move(batches):
+            return [Batch(*(None if getattr(b, f) is None else getattr(b, f).to(device) for f in Batch.__dataclass_fields__))
+                    for b in batches]
+
+        return EvalData(self.domains, move(self.batches), self.n_tokens, self.n_truncated, self.hashes, self.max_length,
+                        move(self.packed))
 
     def truncation_note(self) -> str | None:
         """One line for the user when examples were cut to max_length, per domain; None when none were."""
@@ -155,7 +152,11 @@ def tokenize_row(tokenizer, example: dict, path: Path) -> tuple[list[int], int]:
 
 def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int, max_length: int = DEFAULT_MAX_LENGTH,
                  batch_tokens: int = DEFAULT_BATCH_TOKENS, max_padding: float = DEFAULT_MAX_PADDING) -> EvalData:
-    """Tokenize each domain's first examples up to `token_budget` scored tokens and batch them by length."""
+    """Tokenize each domain's first examples up to `token_budget` scored tokens (any number: no cap beyond
+    the eval set's length) and batch them twice: padded batches by length (`batches`, for models that do
+    not honour packing) and packed rows without padding (`packed`). `batch_tokens` bounds the positions
+    of one forward; `max_padding` the padding of a padded batch (share of its real tokens).
+    Raises EvalSetError for an unreadable eval set or one with nothing to score."""
     domains = tuple(eval_sets)
     sequences, n_tokens, n_truncated, hashes = [], {}, {}, {}
     for d_index, (domain, path) in enumerate(eval_sets.items()):
@@ -177,7 +178,8 @@ def prepare_eval(eval_sets: dict[str, Path], tokenizer, token_budget: int, max_l
             raise EvalSetError(f"{path}: no scorable response tokens")
         n_tokens[domain], n_truncated[domain], hashes[domain] = scored, truncated, digest.hexdigest()[:16]
     batches = _batch_by_length(sequences, tokenizer.pad_token_id or 0, batch_tokens, max_padding)
-    return EvalData(domains, batches, n_tokens, n_truncated, hashes, max_length)
+    packed = _pack(sequences, tokenizer.pad_token_id or 0, batch_tokens)
+    return EvalData(domains, batches, n_tokens, n_truncated, hashes, max_length, packed)
 
 
 def _batch_by_length(sequences, pad_id: int, batch_tokens: int, max_padding: float) -> list[Batch]:
@@ -211,14 +213,60 @@ def _batch_by_length(sequences, pad_id: int, batch_tokens: int, max_padding: flo
     return batches
 
 
-def evaluate(model, data: EvalData) -> dict[str, float]:
+def _pack(sequences, pad_id: int, batch_tokens: int) -> list[Batch]:
+    """Lay the sequences end to end in rows as wide as the longest one (best fit, longest first), each
+    sequence counting its positions from 0 and the row's tail a padding sequence of its own: no padded
+    position beyond one row's tail, and one forward for up to `batch_tokens` positions (≥ 1 row).
+    transformers turns such position_ids into a block-diagonal causal mask (sdpa, eager, flex) or varlen
+    flash attention, as for padding-free training; `_packing_honoured` checks that a model does."""
+    import bisect
+
+    import torch
+
+    width = max(s[0] for s in sequences)
+    rows: list[list] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the tightest row that fits is a bisect away
+    for seq in sorted(sequences, key=lambda s: (-s[0], s[2])):
+        i = bisect.bisect_left(free, (seq[0], -1))
+        room, r = free.pop(i) if i < len(free) else (width, len(rows))
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(seq)
+        if room > seq[0]:
+            bisect.insort(free, (room - seq[0], r))
+    per_batch = max(1, batch_tokens // width)
+    batches = []
+    for lo in range(0, len(rows), per_batch):
+        group = rows[lo:lo + per_batch]
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(group), width), dtype=torch.long)
+        b_rows, cols, targets, domains = [], [], [], []
+        for r, row in enumerate(group):
+            offset = 0
+            for length, d_index, _, ids, n_prompt in row:
+                input_ids[r, offset:offset + length] = torch.tensor(ids)
+                positions[r, offset:offset + length] = torch.arange(length)
+                for t in range(max(n_prompt, 1), length):  # token t is predicted at position t-1
+                    b_rows.append(r), cols.append(offset + t - 1), targets.append(ids[t]), domains.append(d_index)
+                offset += length
+            positions[r, offset:] = torch.arange(width - offset)
+        batches.append(Batch(input_ids, None, *(torch.tensor(x) for x in (b_rows, cols, targets, domains)),
+                             position_ids=positions))
+    return batches
+
+
+def evaluate(model, data: EvalData, packed: bool | None = None) -> dict[str, float]:
     """Mean response-token CE per domain (nats).
 
     The decoder runs once per batch and the LM head only on the scored positions, in chunks of at most
     LOGITS_PER_CHUNK logits (a 150K vocabulary would otherwise need GBs per batch), followed by the
     logit soft-capping of architectures that have it (Gemma 2/3). Whether this reproduces the model's
     own forward is checked once per model; architectures that transform logits some other way are
-    evaluated through their full forward instead (slower, same numbers)."""
+    evaluated through their full forward instead (slower, same numbers).
+
+    The sequences run packed without padding (`EvalData.packed`) where the model honours packing
+    (checked once per model, `_packing_honoured`), else in padded batches; `packed` forces one or the
+    other (None: choose). Same numbers either way, within float rounding."""
     import torch
     import torch.nn.functional as F
 
@@ -226,7 +274,9 @@ def evaluate(model, data: EvalData) -> dict[str, float]:
     sums = torch.zeros(len(data.domains), dtype=torch.float64, device=device)
     with torch.inference_mode():
         fast = _head_matches_forward(model, data.batches[0])
-        for b in data.batches:
+        if packed is None:
+            packed = bool(data.packed) and _packing_honoured(model, data.packed)
+        for b in data.packed if packed else data.batches:
             for part, logits in _scored_logits(model, b, fast):
                 nll = F.cross_entropy(logits, b.targets[part], reduction="none")
                 sums.index_add_(0, b.domains[part], nll.double())
@@ -236,11 +286,15 @@ def evaluate(model, data: EvalData) -> dict[str, float]:
 
 def _scored_logits(model, b: Batch, fast: bool):
     """fp32 logits at the batch's scored positions, chunk by chunk: yields (slice of positions, logits)."""
+    # no KV cache: nothing is generated, and a cache makes transformers ignore packed position_ids
+    inputs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "use_cache": False}
+    if b.position_ids is not None:
+        inputs = {"input_ids": b.input_ids, "position_ids": b.position_ids, "use_cache": False}
     if fast:
-        hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        hidden = model.get_decoder()(**inputs).last_hidden_state
         hidden = hidden[b.rows, b.cols]
     else:
-        full = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.rows, b.cols]
+        full = model(**inputs).logits[b.rows, b.cols]
     step = max(1, LOGITS_PER_CHUNK // model.get_output_embeddings().weight.shape[0])
     for start in range(0, len(b.targets), step):
         part = slice(start, start + step)
@@ -273,3 +327,47 @@ def _head_matches_forward(model, batch) -> bool:
             return False  # diverged weights tell nothing about the architecture: decide on the next merge
         _FAST_HEAD[model] = bool((ours - theirs).abs().max() <= 1e-2 * (1 + theirs.abs().max()))
     return _FAST_HEAD[model]
+
+
+_PACKING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> does it honour packed position_ids
+PACKING_CHECK_SEGMENTS = 8  # sequences of one packed row run alone for the check
+
+
+def _packing_honoured(model, packed: list[Batch]) -> bool:
+    """Whether the decoder keeps the sequences of a packed row apart (each attends only to itself, at its
+    own positions): decided once per model on the first row holding two or more sequences, by running
+    its sequences alone and comparing the final hidden states (mean per-token relative difference, 1e-4
+    in fp32, 5e-2 in 16-bit types; a leak between sequences changes them by far more). Older
+    transformers, or architectures whose positions come from the attention mask (ALiBi, OPT), fail it
+    and are evaluated in padded batches instead. Diverged (non-finite) weights decide nothing."""
+    import torch
+
+    if model in _PACKING:
+        return _PACKING[model]
+    decoder = model.get_decoder()
+    for b in packed:
+        starts = b.position_ids == 0
+        counts = starts.sum(1)
+        if int(counts.max()) < 2:
+            continue
+        r = int(counts.argmax())
+        bounds = starts[r].nonzero().flatten().tolist() + [b.position_ids.shape[1]]
+        ids = b.input_ids[r:r + 1]
+        try:
+            together = decoder(input_ids=ids, position_ids=b.position_ids[r:r + 1], use_cache=False)
+        except (TypeError, ValueError):  # a decoder that takes no position_ids (remote code, old classes)
+            _PACKING[model] = False
+            return False
+        together = together.last_hidden_state[0].float()
+        errors = []
+        for lo, hi in list(zip(bounds, bounds[1:]))[:PACKING_CHECK_SEGMENTS]:
+            alone = decoder(input_ids=ids[:, lo:hi], use_cache=False).last_hidden_state[0].float()
+            errors.append((together[lo:hi] - alone).norm(dim=-1) / alone.norm(dim=-1).clamp_min(1e-6))
+        errors = torch.cat(errors)
+        if not torch.isfinite(errors).all():
+            return False  # diverged weights tell nothing about the architecture: decide on the next merge
+        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        _PACKING[model] = bool(errors.mean() <= tolerance)
+        return _PACKING[model]
+    _PACKING[model] = True  # one sequence per row: nothing to keep apart
+    return True

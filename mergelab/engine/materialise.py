@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from mergelab.errors import MergelabError
+from mergelab.errors import HyperparameterError, MergelabError
 from mergelab.io.family import SizeSpec
 from mergelab.engine.methods import get_method
 from mergelab.paths import OWNER_FILE, make_staging, remove_stale_staging, write_failure
@@ -102,7 +102,7 @@ def _write(size: SizeSpec, resident, out: Path, card: str | None) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its per-shard bar would print into non-TTY logs; ours covers the export
     try:
-        resident.model.save_pretrained(str(partial))
+        _with_base_parts(size, resident.model).save_pretrained(str(partial))
         for name in TOKENIZER_FILES:
             if (size.base / name).is_file():
                 shutil.copy2(size.base / name, partial / name)
@@ -122,17 +122,52 @@ def _write(size: SizeSpec, resident, out: Path, card: str | None) -> None:
             hf_logging.enable_progress_bar()
 
 
+def _with_base_parts(size: SizeSpec, model):
+    """The model to write: the merged resident model, or for a base read text-only (a multimodal wrapper,
+    `Checkpoint.layout`) the base's whole wrapper loaded by transformers with the merged text weights put in
+    its language model and head, so the export keeps the base's vision tower and projector."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergelab.io.checkpoints import Checkpoint
+
+    layout = Checkpoint(size.base).layout
+    if layout is None or layout.text_config is None:
+        return model
+    logger.info("keeping the base's %s (%d tensors) in the export", layout.left_out_what, len(layout.left_out))
+    wrapper = AutoModelForCausalLM.from_pretrained(str(size.base), dtype=model.dtype, trust_remote_code=False)
+    with torch.no_grad():
+        wrapper.get_decoder().load_state_dict(model.get_decoder().state_dict())
+        if wrapper.lm_head.weight is not wrapper.get_input_embeddings().weight:
+            wrapper.lm_head.load_state_dict(model.lm_head.state_dict())
+    return wrapper
+
+
 def mergekit_yaml(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[str], shown=str) -> str:
     """The equivalent mergekit config. average → linear with equal weights; task_arithmetic → weights c/k
     (or c); ties → ties with weight 1, normalize and λ (mergekit keeps int(density·n) entries, mergelab
-    ceil(density·n) ≥ 1); dare → dare_linear with weights 1/k (its masks come from its own RNG).
+    ceil(density·n) ≥ 1); dare → dare_linear with weights 1/k (its masks come from its own RNG); the
+    issue-17 methods → mergekit's method of the same name (each module's `mergekit` note says how they
+    differ). Per-expert weights multiply the weights of linear methods. Raises HyperparameterError for
+    tsv_m (no mergekit equivalent), tensor filters, and weights on a non-linear method.
     `shown` turns a checkpoint path into the text written (default: the absolute path, to run here;
     the model card passes `family_relative`)."""
+    from mergelab.engine.methods.options import expert_weights
+
     method = get_method(method_name)
     hp = method.resolve(hp)
     k = len(experts)
     base = shown(size.base)
-    if method_name == "average":
+    linear = method.linear_scale is not None  # mergekit's per-model weight carries w_i only for these
+    if method_name == "tsv_m" or hp.get("include") or hp.get("exclude") or (hp.get("weights") and not linear):
+        what = ("TSV-M has no mergekit 0.1.5 equivalent" if method_name == "tsv_m" else
+                "tensor filters (include/exclude) have no mergekit form here" if hp.get("include") or hp.get("exclude")
+                else f"per-expert weights of {method_name} mean another formula in mergekit (it divides by Σ w_i)")
+        raise HyperparameterError(f"--mergekit-yaml: {what}; export the merged model (--out) without --mergekit-yaml")
+    tensor_params = ""
+    if method_name == "average" and hp.get("weights"):  # θ0 + (1/k)·Σ w_i·v_i: mergekit's linear would divide by Σ w_i
+        body, params, weights = f"merge_method: task_arithmetic\nbase_model: {base}", "", [1.0 / k] * k
+    elif method_name == "average":
         body, params, weights = "merge_method: linear", "parameters: {normalize: true}", [1.0] * k
     elif method_name == "task_arithmetic":
         scale = hp["c"] / k if hp["normalize"] else hp["c"]
@@ -140,12 +175,38 @@ def mergekit_yaml(size: SizeSpec, method_name: str, hp: dict, experts: Sequence[
     elif method_name == "ties":
         body = f"merge_method: ties\nbase_model: {base}"
         params, weights = f"parameters: {{normalize: true, lambda: {hp['lambda']}}}", [1.0] * k
+    elif method_name in ("dare", "dare_ties"):
+        rescale = "" if hp["rescale"] else ", rescale: false"
+        if method_name == "dare":
+            body = f"merge_method: dare_linear\nbase_model: {base}"
+            params, weights = f"parameters: {{normalize: false{rescale}}}", [1.0 / k] * k
+        else:
+            body = f"merge_method: dare_ties\nbase_model: {base}"
+            params, weights = f"parameters: {{normalize: true, lambda: {hp['lambda']}{rescale}}}", [1.0] * k
+        tensor_params = f", density: {1 - hp['p']}"
+    elif method_name in ("breadcrumbs", "breadcrumbs_ties"):
+        body = f"merge_method: {method_name}\nbase_model: {base}"
+        tensor_params = f", density: {hp['density']}, gamma: {hp['gamma']}"
+        params, weights = (("parameters: {normalize: false, rescale: false}", [hp["lambda"] / k] * k)
+                           if method_name == "breadcrumbs" else
+                           (f"parameters: {{normalize: true, lambda: {hp['lambda']}}}", [1.0] * k))
+    elif method_name in ("della", "della_linear"):
+        body = f"merge_method: {method_name}\nbase_model: {base}"
+        tensor_params = f", density: {hp['density']}, epsilon: {hp['epsilon']}, lambda: {hp['lambda']}"
+        params, weights = ((f"parameters: {{normalize: true, rescale: {str(hp['rescale']).lower()}}}", [1.0] * k)
+                           if method_name == "della" else
+                           (f"parameters: {{normalize: false, rescale: {str(hp['rescale']).lower()}}}", [1.0 / k] * k))
+    elif method_name == "model_stock":
+        body, params, weights = f"merge_method: model_stock\nbase_model: {base}", "parameters: {filter_wise: false}", None
     else:
-        body = f"merge_method: dare_linear\nbase_model: {base}"
-        params, weights = "parameters: {normalize: false}", [1.0 / k] * k
-    extra = {"ties": f", density: {hp.get('density')}", "dare": f", density: {1 - hp.get('p', 0)}"}.get(method_name, "")
-    models = "\n".join(f"  - model: {shown(size.experts[e])}\n    parameters: {{weight: {w!r}{extra}}}"
-                       for e, w in zip(experts, weights))
+        raise HyperparameterError(f"--mergekit-yaml: no mergekit equivalent is known for method {method_name!r}")
+    if weights is not None and hp.get("weights"):
+        weights = [w * x for w, x in zip(weights, expert_weights(hp, experts))]
+    if method_name == "ties":
+        tensor_params = f", density: {hp.get('density')}"
+    models = "\n".join(f"  - model: {shown(size.experts[e])}" + (
+                        "" if weights is None else f"\n    parameters: {{weight: {w!r}{tensor_params}}}")
+                        for e, w in zip(experts, weights or [None] * k))
     return "\n".join(x for x in (body, "models:", models, params, "dtype: float32") if x) + "\n"
 
 
@@ -236,8 +297,12 @@ def model_card(family, size: SizeSpec, method_name: str, hp: dict, experts: Sequ
             lines += [f"| macro (mean over domains) | {measured['macro']:.4f} |"]
         lines += [""]
     options = "".join(f" --hp {method_name}.{k}={json.dumps(v)}" for k, v in resolved.items())
+    try:
+        config = ["```yaml", mergekit_yaml(size, method_name, resolved, experts, shown).rstrip("\n"), "```"]
+    except HyperparameterError as exc:  # TSV-M, tensor filters, weights of a non-linear method
+        config = [str(exc).removeprefix("--mergekit-yaml: ").split(";")[0] + "."]
     lines += ["## Equivalent mergekit config", "", f"{method.mergekit}." if method.mergekit else "", "",
-              "```yaml", mergekit_yaml(size, method_name, resolved, experts, shown).rstrip("\n"), "```", "",
+              *config, "",
               "## Reproduce", "", "```",
               f"mergelab export-model --family family.toml --size {size.name} --method {method_name} "
               f"--experts {','.join(experts)}{options} --out OUT", "```", ""]

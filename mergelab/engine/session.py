@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from mergelab.io.adapters import AdapterCheckpoint
 from mergelab.io.checkpoints import Checkpoint, SafetensorsFile, check_compatible
 from mergelab.errors import CheckpointError
 from mergelab.io.family import SizeSpec
 from mergelab.engine.flat import ALIGN, FlatLayout
 from mergelab.engine.methods import MergeContext, MergeMethod
+from mergelab.engine.methods import options
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -68,14 +70,24 @@ def read_aligned(ckpt: Checkpoint, name: str, out) -> int:
 
 def stored_dtype_name(ckpt: Checkpoint) -> str:
     """The dtype a checkpoint's weights are kept in: the one they are stored in when that is bf16, fp16 or
-    fp32 for every tensor, else fp32 (mixed dtypes, fp64: cast once, as reading into fp32 always did)."""
-    found = {_file_of(ckpt, name).entries[name][0] for name in ckpt.names}
+    fp32 for every tensor, else fp32 (mixed dtypes, fp64, a LoRA adapter's fp32 sums: cast once, as
+    reading into fp32 always did)."""
+    found = {ckpt.stored_dtype(name) for name in ckpt.names}
     return found.pop() if len(found) == 1 and next(iter(found)) in KEPT_DTYPES else "float32"
 
 
-def _file_of(ckpt: Checkpoint, name: str) -> SafetensorsFile:
-    """The parsed file holding `name` (the checkpoint's own handle, so headers are parsed once)."""
-    return ckpt._open_file(ckpt.files[name])
+def _lazy_source(ckpt: Checkpoint, name: str) -> tuple[SafetensorsFile, str] | None:
+    """(parsed file, stored key) from which tensor `name` of `ckpt` can be read in place, chunk by chunk;
+    None where the tensor is formed on read (a LoRA adapter's base + B·A, an MoE tensor packed from its
+    per-expert sources): the disk placement keeps those few tensors in memory instead."""
+    if isinstance(ckpt, AdapterCheckpoint):
+        if name in ckpt.modules:
+            return None
+        ckpt = ckpt.base  # a tensor the adapter does not reach is the base's, as stored
+    if ckpt.layout is not None and name in ckpt.layout.packed:
+        return None
+    key = ckpt._key(name)  # renamed (converted layouts, Gemma 3's text model) or as stored
+    return ckpt._open_file(ckpt.stored[key]), key
 
 
 def stored_itemsizes(size: SizeSpec) -> tuple[int, list[int]]:
@@ -180,20 +192,29 @@ class DiskExperts:
         self.starts = [layout.offsets[n] for n in self.order]
         self.entries: list[dict[str, tuple]] = []  # expert -> tensor -> (file, fd, byte offset, dtype, numel)
         self.fds: dict[Path, int] = {}
+        self.held: list[dict] = []  # expert -> tensor -> flat tensor kept in memory (formed on read, not stored)
         self.device = "cpu"
 
     def add(self, ckpt: Checkpoint, names: Sequence[str]) -> dict[str, int]:
-        """Index expert `ckpt` (already checked compatible); return each tensor's stored row count."""
+        """Index expert `ckpt` (already checked compatible); return each tensor's stored row count. A
+        tensor that is formed on read (`_lazy_source` None: LoRA adapter modules, packed MoE tensors) is
+        read once and held in memory (its dtype as read, flat), so such experts still merge from disk."""
         import torch
 
-        tensors, rows = {}, {}
+        tensors, rows, held = {}, {}, {}
         for name in names:
-            file = _file_of(ckpt, name)
-            dtype_name, shape, begin, end = file.entries[name]
+            source = _lazy_source(ckpt, name)
+            if source is None:
+                tensor = ckpt.tensor(name)  # checked finite
+                held[name] = tensor.reshape(-1)
+                rows[name] = tensor.shape[0] if tensor.dim() else 1
+                continue
+            file, key = source
+            dtype_name, shape, begin, end = file.entries[key]
             dtype = getattr(torch, dtype_name)
             numel = math.prod(shape)
             if end - begin != numel * torch.empty((), dtype=dtype).element_size():
-                raise CheckpointError(f"{file.path}: not a readable safetensors file (tensor {name!r} has {end - begin} "
+                raise CheckpointError(f"{file.path}: not a readable safetensors file (tensor {key!r} has {end - begin} "
                                       f"bytes for shape {list(shape)} in {dtype_name})")
             if file.path not in self.fds:
                 try:
@@ -203,6 +224,7 @@ class DiskExperts:
             tensors[name] = (file.path, self.fds[file.path], file.start + begin, dtype, numel)
             rows[name] = shape[0] if shape else 1
         self.entries.append(tensors)
+        self.held.append(held)
         return rows
 
     def read(self, i: int, name: str | None, lo: int, hi: int, check: bool = True):
@@ -222,8 +244,14 @@ class DiskExperts:
                 if a < b:
                     out[a - lo:b - lo] = self.read(i, tensor, a, b, check)
             return out
-        path, fd, offset, dtype, numel = self.entries[i][name]
         start = lo - self.layout.offsets[name]
+        if name in self.held[i]:
+            tensor = self.held[i][name]
+            out = torch.zeros(hi - lo, dtype=tensor.dtype)
+            n = max(0, min(hi - lo, tensor.numel() - start))
+            out[:n] = tensor[start:start + n]
+            return out
+        path, fd, offset, dtype, numel = self.entries[i][name]
         n = max(0, min(hi - lo, numel - start))
         out = torch.zeros(hi - lo, dtype=dtype)
         if n:
@@ -246,7 +274,7 @@ class DiskExperts:
 
         for name, lo, hi in self.layout.chunks(STREAM_CHUNK):
             if name not in self.entries[i]:
-                continue
+                continue  # not stored (or held in memory: checked when read)
             chunk = self.read(i, name, lo, hi, check=False)
             if chunk.is_floating_point() and not torch.isfinite(chunk).all():
                 path, _, _, _, _ = self.entries[i][name]
@@ -254,7 +282,10 @@ class DiskExperts:
                           for n, a, b in self.layout.chunks(STREAM_CHUNK) if n == name)
                 raise CheckpointError(f"{path}: tensor {name!r} has {bad} NaN/Inf values")
 
-    nbytes = 0
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held in memory (formed on read); 0 when every tensor is read from its file."""
+        return sum(t.numel() * t.element_size() for held in self.held for t in held.values())
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -485,10 +516,12 @@ class ExpertPool:
         """Bring the task vectors into the form `method` merges from: raw, or with its per-expert
         `prepare` applied (once for all subsets): kept as one bit per entry and expert when the method
         gives its prepare as a `keep` mask (TIES, DARE), else as a dense fp32 copy of the M prepared
-        task vectors (`memory.plan_memory` counts it)."""
+        task vectors (`memory.plan_memory` counts it). Per-expert weights and tensor filters act after
+        the prepare, so they do not change what is prepared."""
         import torch
 
-        key = (method.name, tuple(sorted(hp.items()))) if method.prepare else None
+        own = {k: v for k, v in hp.items() if k not in options.OPTIONS}  # weights/filters act after prepare
+        key = (method.name, tuple(sorted(own.items()))) if method.prepare else None
         if key == self.prepared_for:
             return
         self.masks = self.dense = None
@@ -583,9 +616,9 @@ class ResidentModel:
 
     def __init__(self, base: Checkpoint, device: str, shards: Sequence[tuple[str, int, int]] | None = None):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(base.path, trust_remote_code=False)
+        config = base.model_config()  # config.json's, or a multimodal wrapper's text model (Gemma 3)
         with torch.device(device), parameters_on_meta():  # parameters get the flat buffer's views below
             model = AutoModelForCausalLM.from_config(config, dtype=weight_dtype(device), trust_remote_code=False)
         model.tie_weights()
@@ -724,10 +757,16 @@ class MergeSession:
         pool = self.pool
         self.holds_merge = False
         index = pool.indices(subset)
+        weights = options.expert_weights(hp, subset)
         with torch.no_grad():
             for name in pool.names:
                 param = self.resident.params[name]
+                if not options.is_merged(hp, name):  # filtered out: the base's values
+                    param.copy_(pool.base_tensor(name))
+                    continue
                 deltas = pool.tensor_vectors(index, name, prepared=False).to(param.device)
+                if weights:  # w_i·v_i (methods.options)
+                    deltas = options.per_expert_scale(deltas, weights)
                 base = pool.base_tensor(name).to(param.device, torch.float32)
                 param.copy_(method.merge(base, deltas, MergeContext(name, tuple(subset)), hp))
 
@@ -740,7 +779,9 @@ class MergeSession:
             if method.linear_scale is None:
                 self._combine(method, hp, subset, index)
             else:
-                self._linear(index, method.linear_scale(len(index), hp))
+                self._linear(index, method.linear_scale(len(index), hp), options.weight_map(hp), options.options_key(hp))
+            for name in options.kept_from_base(hp, self.pool.names):  # tensor filters: the base's values
+                self.resident.params[name].copy_(self.pool.base_tensor(name))
 
     def discard(self) -> None:
         """Never build on the weights now resident (e.g. they are not finite, and inf − inf is NaN):
@@ -752,13 +793,27 @@ class MergeSession:
 
         pool = self.pool
         self.holds_merge = False
-        for name, lo, hi, g in self._chunks(COMBINE_CHUNK):
+        weights = options.expert_weights(hp, subset)
+        whole = method.whole_tensor  # angles, SVDs: the whole tensor at once, in its shape
+        spans = ((n, pool.layout.offsets[n], pool.layout.offsets[n] + math.prod(pool.layout.shapes[n]), pool.shard_of(n))
+                 for n in pool.names)
+        for name, lo, hi, g in spans if whole else self._chunks(COMBINE_CHUNK):
+            if not options.is_merged(hp, name):
+                continue  # filtered out: `merge` writes the base's values
             target = self.resident.slice(lo, hi, g)
             picked = pool.vectors(index, name, lo, hi, device=target.device)
-            base = pool.base_chunk(name, lo, hi).to(target.device, torch.float32)
-            target.copy_(method.combine(base, picked, MergeContext(name, tuple(subset)), hp))
+            if weights:  # w_i·v_i, after the keep bits or the dense prepared vectors
+                picked = options.per_expert_scale(picked, weights)
+            base, ctx = pool.base_chunk(name, lo, hi).to(target.device, torch.float32), MergeContext(name, tuple(subset))
+            if whole:
+                shape = pool.layout.shapes[name]
+                target.copy_(method.combine(base.view(shape), picked.view(len(index), *shape), ctx, hp).reshape(-1))
+            else:
+                target.copy_(method.combine(base, picked, ctx, hp))
 
-    def _linear(self, index: list[int], scale: float) -> None:
+    def _linear(self, index: list[int], scale: float, weights: dict | None = None, key: tuple = ()) -> None:
+        """merged = θ0 + Σ scale·w_i·v_i over `index`, by the experts that enter or leave when the state
+        (prepared form, scale, options `key`) is unchanged; `weights` maps expert name -> w_i (default 1)."""
         import torch
 
         pool, parts = self.pool, self.resident.parts
@@ -766,7 +821,9 @@ class MergeSession:
             self.merged = [flat if flat.dtype == torch.float32 else torch.zeros(flat.shape, dtype=torch.float32,
                                                                                device=flat.device)
                            for _, flat in parts]
-        target, state = frozenset(index), (pool.prepared_for, scale)
+        weights = weights or {}
+        alpha = {i: scale * weights.get(pool.expert_names[i], 1.0) for i in range(len(pool.expert_names))}
+        target, state = frozenset(index), (pool.prepared_for, scale, key)
         enter, leave = sorted(target - self.members), sorted(self.members - target)
         in_place = self.merged[0] is parts[0][1]
         intact = not in_place or self.holds_merge  # nothing wrote over the last linear merge
@@ -774,16 +831,16 @@ class MergeSession:
         self.state = None  # until this merge completes: one that fails midway is rebuilt next time
         if incremental:
             for i in enter:
-                self._add(i, scale)
+                self._add(i, alpha[i])
             for i in leave:
-                self._add(i, -scale)
+                self._add(i, -alpha[i])
             self.updates += 1
         else:
             for name, lo, hi, g in self._spans(STREAM_CHUNK):
                 start = pool.shards[g][1]
                 self.merged[g][lo - start:hi - start].copy_(pool.base_chunk(name, lo, hi))
             for i in sorted(target):
-                self._add(i, scale)
+                self._add(i, alpha[i])
             self.updates = 0
         self.members, self.state = target, state
         if not in_place:

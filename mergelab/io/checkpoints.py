@@ -8,6 +8,13 @@ The weight files are chosen as `from_pretrained` chooses them: config.json's `tr
 set, else model.safetensors, else model.safetensors.index.json (so a stray model.safetensors beside a
 sharded index wins, as it does in transformers). A shard index must agree with its shards' headers.
 
+Stored layouts that transformers converts on load (`StoredLayout`): a Mixtral or Qwen3-MoE file holds one
+tensor per expert, which transformers 5 packs into `mlp.experts.gate_up_proj` / `down_proj`; a Gemma 3
+multimodal file holds `language_model.model.*` beside a vision tower. Such a checkpoint is read through
+transformers' own checkpoint conversion mapping (what `from_pretrained` applies), so `names`, `shapes` and
+the tensors read are those of the model mergelab builds (`model_config`). For Gemma 3 that is the text model
+(Gemma3ForCausalLM): the vision tower and projector are left out of the merge (`StoredLayout.left_out`).
+
 `check_compatible` refuses an expert that would compute something else than the base with the same
 weights: a config field that changes the forward pass (`config_mismatch`), or a tokenizer that maps
 text to other ids (`tokenizer_mismatch`).
@@ -18,13 +25,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from mergelab.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# The other dtypes the safetensors format defines: quantized or packed storage that mergelab does not merge. A
+# header that uses them is well formed; reading or merging such a tensor is refused by `storage_problem`.
+STORED_ONLY_DTYPES = {"F8_E4M3": "FP8 (E4M3)", "F8_E5M2": "FP8 (E5M2)", "F8_E8M0": "an 8-bit exponent-only scale (MX)",
+                      "F6_E2M3": "FP6 (E2M3, MX)", "F6_E3M2": "FP6 (E3M2, MX)", "F4": "FP4 (MXFP4/NVFP4)",
+                      "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64"}
 MAX_HEADER = 100_000_000
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,7 +44,18 @@ TIED_HEAD = "lm_head.weight"
 
 
 class Checkpoint:
-    """One HF checkpoint directory: config.json + model.safetensors (or shards + index)."""
+    """One HF checkpoint directory: config.json + model.safetensors (or shards + index).
+
+    A PEFT LoRA adapter directory opens as `mergelab.io.adapters.AdapterCheckpoint` (base + scale·B·A)
+    when `path` carries its base (an `AdapterPath`, as `load_family` gives adapter experts); without one
+    it is refused with a message that says it is an adapter."""
+
+    def __new__(cls, path=None, *args, **kwargs):
+        # a path that says how to open it (an AdapterPath: its AdapterCheckpoint, then __init__(path) runs)
+        opener = getattr(type(path), "checkpoint_class", None)
+        if cls is Checkpoint and opener is not None and getattr(path, "base", None) is not None:
+            return super().__new__(opener)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -43,7 +66,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: checkpoint directory cannot be resolved (symlink loop or "
                                       f"dangling link: {exc})") from exc
             raise CheckpointError(f"{self.path}: checkpoint directory not found")
-        self.files = self._tensor_files()
+        self.stored = self._tensor_files()  # stored tensor key -> its file, as the headers name them
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -61,9 +84,34 @@ class Checkpoint:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
 
     @cached_property
+    def layout(self) -> "StoredLayout | None":
+        """How the stored tensors become the parameters of the model mergelab builds, where transformers
+        converts them on load (renamed, packed, a multimodal wrapper's text part); None where the stored
+        names are the model's own. Raises CheckpointError for an unreadable config.json."""
+        return stored_layout(self)
+
+    @cached_property
+    def files(self) -> dict[str, Path]:
+        """Tensor name (as the built model names it) -> the file holding it (its first stored source)."""
+        if self.layout is None:
+            return self.stored
+        return {name: self.stored[sources[0][1]] for name, sources in self.layout.sources.items()}
+
+    def model_config(self):
+        """The transformers config of the causal LM mergelab builds and evaluates for this checkpoint: the
+        checkpoint's own, or its text model's for a multimodal wrapper read text-only (Gemma 3)."""
+        if self.layout is not None and self.layout.text_config is not None:
+            return self.layout.text_config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+
+    @cached_property
     def tied_embeddings(self) -> bool:
         """config.json's tie_word_embeddings, or the architecture's default where the file leaves it out
         (Gemma's configs do, and transformers ties them)."""
+        if self.layout is not None and self.layout.text_config is not None:
+            return bool(self.layout.text_config.tie_word_embeddings)
         if "tie_word_embeddings" in self.config:
             return bool(self.config["tie_word_embeddings"])
         from transformers import AutoConfig
@@ -92,20 +140,38 @@ class Checkpoint:
         the embedding is called) is left out."""
         names = list(self.files)
         if self.tied_embeddings and TIED_HEAD in names:
-            head = self._open(TIED_HEAD).shape(TIED_HEAD)
-            if any(self._open(n).shape(n) == head for n in names if n != TIED_HEAD):
+            head = self._shape(TIED_HEAD)
+            if any(self._shape(n) == head for n in names if n != TIED_HEAD):
                 names.remove(TIED_HEAD)
         return names
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self._open(name).shape(name) for name in self.names}
+        return {name: self._shape(name) for name in self.names}
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if self.layout is not None and name in self.layout.packed:
+            return self.layout.shapes[name]  # of the model transformers builds; checked when read
+        key = self._key(name)
+        return self._open_file(self.stored[key]).shape(key)
+
+    def _key(self, name: str) -> str:
+        """The stored key of a tensor that is stored whole (renamed at most)."""
+        return self.layout.sources[name][0][1] if self.layout is not None and name in self.layout.sources else name
 
     @cached_property
     def n_params(self) -> int:
         """Parameters stored: the elements of every tensor in `names` (a tied lm_head once), from the
         safetensors headers alone (no tensor data is read)."""
         return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def stored_dtype(self, name: str) -> str:
+        """How tensor `name` is stored: a torch dtype name, or a safetensors code (`STORED_ONLY_DTYPES`);
+        for a packed tensor, that of a source that is not floating point if any, else of its first."""
+        keys = [key for _, key in self.layout.sources[name]] if self.layout is not None and name in self.layout.sources \
+            else [name]
+        dtypes = [self._open_file(self.stored[key]).dtype(key) for key in keys]
+        return next((d for d in dtypes if d not in FLOAT_DTYPES), dtypes[0])
 
     def tensor(self, name: str, dtype=None, device: str = "cpu"):
         """Read one tensor, check it is finite, and cast it (e.g. to fp32 for accumulation)."""
@@ -127,14 +193,31 @@ class Checkpoint:
 
         if name not in self.files:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing")
+        if self.stored_dtype(name) not in FLOAT_DTYPES:  # never cast quantized or integer storage into weights
+            try:
+                config = self.config
+            except CheckpointError:
+                config = {}
+            raise CheckpointError(storage_problem(self.files[name], name, self.stored_dtype(name), config))
         try:
-            t = self._open(name).read(name, into)
+            if self.layout is not None and name in self.layout.packed:
+                t = self.layout.read_packed(self, name)
+            else:
+                key = self._key(name)
+                t = self._open_file(self.stored[key]).read(key, into)
         except OSError as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({exc})") from exc
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{self.files[name]}: tensor {name!r} has {bad} NaN/Inf values")
         return t
+
+    def _read_stored(self, key: str):
+        """One stored tensor by its key in the file (a source of a packed tensor), checked to be floating point."""
+        dtype = self._open_file(self.stored[key]).dtype(key)
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(storage_problem(self.stored[key], key, dtype, self.config))
+        return self._open_file(self.stored[key]).read(key)
 
     def close(self) -> None:
         """Forget the parsed headers (they are re-read on the next access)."""
@@ -158,6 +241,10 @@ class Checkpoint:
             return {name: single for name in self._open_file(single).keys()}
         if index.is_file():
             return self._sharded_files(index)
+        if (self.path / "adapter_config.json").is_file():  # mergelab.io.adapters reads it as an expert of a base
+            raise CheckpointError(f"{self.path}: a LoRA adapter (adapter_config.json), not a full checkpoint: a base "
+                                  f"must be a full checkpoint (config.json + {SINGLE_FILE}); name the adapter as an "
+                                  f"expert of a family size, whose base it is applied to")
         pickled = sorted(p.name for p in self.path.glob("*") if p.suffix in {".bin", ".pt", ".pth"})
         hint = f" (found {', '.join(pickled)}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
         raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
@@ -205,7 +292,7 @@ class Checkpoint:
         return files
 
     def _open(self, name: str):
-        return self._open_file(self.files[name])
+        return self._open_file(self.stored[self._key(name)])
 
     def _open_file(self, file: Path) -> "SafetensorsFile":
         handles = self.__dict__.setdefault("_handles", {})
@@ -235,7 +322,10 @@ class SafetensorsFile:
         self.start, self.entries = 8 + length, {}
         for name, entry in header.items():
             try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+                code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+                if code not in SAFETENSORS_DTYPES and code not in STORED_ONLY_DTYPES:
+                    raise KeyError(code)
+                dtype = SAFETENSORS_DTYPES.get(code, code)  # a torch dtype name, or the code of quantized storage
             except (KeyError, TypeError, ValueError):
                 self._fail(f"tensor {name!r} has a malformed header entry {entry!r}")
             if not 0 <= begin <= end <= size - self.start:
@@ -251,6 +341,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype: a torch dtype name ("bfloat16"), or a safetensors code of quantized storage ("F8_E4M3")."""
+        return self.entries[name][0]
+
     def read(self, name: str, into=None):
         """The tensor's values: read into `into` when that is a contiguous CPU tensor of the stored
         dtype and shape (then `into` is returned), else into a new tensor."""
@@ -259,6 +353,8 @@ class SafetensorsFile:
         import torch
 
         dtype_name, shape, begin, end = self.entries[name]
+        if dtype_name in STORED_ONLY_DTYPES:
+            raise CheckpointError(storage_problem(self.path, name, dtype_name))
         dtype = getattr(torch, dtype_name)
         if (end - begin) != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
             self._fail(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} in {dtype_name}")
@@ -279,6 +375,195 @@ class SafetensorsFile:
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
+# -- stored layouts that transformers converts on load ----------------------------------------------------------
+
+# Multimodal wrappers merged and evaluated as their text model (what mergelab scores is text), with what is left out.
+TEXT_ONLY_WRAPPERS = {"gemma3": "the vision tower and multimodal projector"}
+_LAYOUTS: dict = {}  # (config.json, stored keys) -> StoredLayout | None: one meta model per distinct checkpoint layout
+
+
+class StoredLayout:
+    """How stored tensors become the parameters of the model mergelab builds, by transformers' checkpoint
+    conversion mapping (`get_model_conversion_mapping`, the renamings and WeightConverters `from_pretrained`
+    applies, in its order: keys sorted by `dot_natural_key`).
+
+    sources: model name -> [(source pattern, stored key), ...] it is made from (one for a renamed tensor;
+    for a packed MoE tensor every expert's, in expert order). packed: model name -> (the group's first target
+    in the converter's model, this name in that model), for tensors a WeightConverter forms. shapes: the
+    packed tensors' shapes in the model transformers builds. left_out: stored keys the built model does not
+    hold (a multimodal wrapper's vision tower), with `left_out_what` in words. text_config: the config of the
+    text model built instead of a multimodal wrapper (else None)."""
+
+    def __init__(self, model, converters, text_config, sources, packed, shapes, left_out, left_out_what=""):
+        self.model, self.converters, self.text_config = model, converters, text_config
+        self.sources, self.packed, self.shapes = sources, packed, shapes
+        self.left_out, self.left_out_what = left_out, left_out_what
+        # a name as stored or as transformers' model names it -> the built model's name (None: not in it), e.g.
+        # for a LoRA adapter trained on the multimodal wrapper; names are not renamed when nothing is converted
+        self.model_name = lambda name: name
+
+    def note(self) -> str:
+        """One line on what is converted and what is left out, for logs and the sweep's plan ('' if nothing)."""
+        parts = []
+        n_packed = len(self.packed)
+        if n_packed:
+            n_sources = sum(len(self.sources[n]) for n in self.packed)
+            parts.append(f"{n_sources} stored per-expert tensors are packed into {n_packed} (e.g. "
+                         f"{next(iter(self.packed))!r}) as transformers loads them; per-tensor steps (TIES trimming, "
+                         f"DARE) treat each packed tensor as one tensor, across its experts")
+        if self.left_out:
+            parts.append(f"{len(self.left_out)} stored tensors of {self.left_out_what} (e.g. {self.left_out[0]!r}) are "
+                         f"left out: mergelab merges and evaluates the text model ({type(self.model).__name__} read as "
+                         f"{self.text_config.model_type}), so {self.left_out_what} stay the base's")
+        return "; ".join(parts)
+
+    def read_packed(self, ckpt: "Checkpoint", name: str):
+        """Form packed tensor `name` of `ckpt` from its stored sources with the WeightConverter transformers
+        uses, and check its shape. Raises CheckpointError."""
+        import copy
+
+        first, full_name = self.packed[name]
+        converter = copy.deepcopy(self.converters[name])
+        for pattern, key in self.sources[name]:
+            converter.add_tensor(first, key, pattern, lambda key=key: ckpt._read_stored(key))
+        try:
+            out = converter.convert(first, model=self.model, config=self.model.config)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the converter's own shape or count checks
+            raise CheckpointError(f"{ckpt.files[name]}: cannot pack {len(self.sources[name])} stored tensors into "
+                                  f"{name!r} as transformers does ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        t = out.get(full_name)
+        t = t[0] if isinstance(t, list) else t
+        if t is None or tuple(t.shape) != self.shapes[name]:
+            got = "nothing" if t is None else f"shape {list(t.shape)}"
+            raise CheckpointError(f"{ckpt.files[name]}: packing {self.sources[name][0][1]!r} and the other "
+                                  f"{len(self.sources[name]) - 1} stored tensors gives {got} for {name!r}, the model "
+                                  f"built from config.json expects {list(self.shapes[name])}")
+        return t
+
+
+def stored_layout(ckpt: "Checkpoint") -> StoredLayout | None:
+    """The `StoredLayout` of `ckpt`, or None where its stored names are the built model's own (checked for
+    architectures transformers has a conversion mapping for, and for TEXT_ONLY_WRAPPERS). Cached per
+    (config.json, stored keys): experts of one base share one meta model. Raises CheckpointError."""
+    model_type = ckpt.config.get("model_type")
+    if not isinstance(model_type, str) or not _may_convert(model_type):
+        return None
+    key = (json.dumps(ckpt.config, sort_keys=True), tuple(ckpt.stored))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _build_layout(ckpt)
+    return _LAYOUTS[key]
+
+
+@lru_cache(maxsize=None)
+def _may_convert(model_type: str) -> bool:
+    """Whether transformers has a checkpoint conversion mapping for `model_type` (or reads it text-only). Asked
+    without importing transformers while it is not loaded yet (its conversion_mapping.py names every model_type
+    it maps, quoted), so that reading headers (n_params, fingerprints) stays free of torch: 0.03 s, not 6 s."""
+    import sys
+
+    if model_type in TEXT_ONLY_WRAPPERS:
+        return True
+    if "transformers.conversion_mapping" not in sys.modules:
+        named = _named_in_conversion_source(model_type)
+        if named is not None:
+            return named
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return get_checkpoint_conversion_mapping(model_type) is not None
+
+
+def _named_in_conversion_source(model_type: str) -> bool | None:
+    """Whether transformers' conversion_mapping.py names `model_type` (quoted), read as text without importing
+    it; None where the file cannot be found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    try:
+        return f'"{model_type}"' in (Path(folders[0]) / "conversion_mapping.py").read_text(encoding="utf-8")
+    except (OSError, IndexError):
+        return None
+
+
+def _build_layout(ckpt: "Checkpoint") -> StoredLayout | None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    config = _config_object(ckpt)
+    with torch.device("meta"):  # names, shapes and the conversions only: no memory
+        full = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    transforms = get_model_conversion_mapping(full)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    params = full.state_dict()
+    groups: dict[str, list[tuple[str, str]]] = {}
+    group_converter = {}
+    for stored in sorted(ckpt.stored, key=dot_natural_key):  # from_pretrained's order: experts stack 0, 1, 2, ...
+        renamed, pattern = rename_source_key(stored, renamings, converters, full.base_model_prefix, params)
+        if renamed not in params:  # as from_pretrained: a key the model holds as it is stays; others are refused later
+            renamed, pattern = stored, None
+        groups.setdefault(renamed, []).append((pattern or stored, stored))
+        if pattern is not None:
+            group_converter[renamed] = by_pattern[pattern]
+
+    text_config, built, to_model, what = None, full, (lambda n: n), ""
+    if ckpt.config.get("model_type") in TEXT_ONLY_WRAPPERS:
+        what = TEXT_ONLY_WRAPPERS[ckpt.config["model_type"]]
+        text_config = copy.deepcopy(config.get_text_config())
+        text_config.tie_word_embeddings = full.lm_head.weight is full.get_input_embeddings().weight
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(text_config, trust_remote_code=False)
+        lm_path = next(n for n, m in full.named_modules() if m is full.get_decoder())
+        text_path = next(n for n, m in built.named_modules() if m is built.get_decoder())
+        built_params = built.state_dict()
+
+        def to_model(full_name: str) -> str | None:
+            if full_name.startswith(lm_path + "."):
+                return f"{text_path}.{full_name[len(lm_path) + 1:]}"
+            return full_name if full_name in built_params else None  # e.g. lm_head.weight; None: not text
+
+    sources, packed, shapes, left_out = {}, {}, {}, []
+    model_params = built.state_dict()
+    for first, members in groups.items():
+        converter = group_converter.get(first)
+        targets = [first] if converter is None or len(converter.target_patterns) == 1 else \
+            [first.replace(converter.target_patterns[0], t) for t in converter.target_patterns]
+        for full_name in targets:
+            name = to_model(full_name) if first in params else full_name
+            if name is None:
+                left_out += [key for _, key in members]
+                continue
+            sources[name] = members
+            if converter is not None:
+                packed[name] = (first, full_name)
+                group_converter[name] = converter
+                shapes[name] = tuple(model_params[name].shape)
+    if not packed and not left_out and all(name == members[0][1] for name, members in sources.items()):
+        return None
+    layout = StoredLayout(full, {n: group_converter[n] for n in packed}, text_config, sources, packed, shapes,
+                          sorted(set(left_out)), what)
+
+    def model_name(stored: str) -> str | None:
+        renamed, _ = rename_source_key(stored, renamings, [], full.base_model_prefix, params)
+        return to_model(renamed) if renamed in params else (to_model(stored) if stored in params else None)
+
+    layout.model_name = model_name
+    note = layout.note()
+    if note:
+        import logging
+
+        logging.getLogger(__name__).info("%s: %s", ckpt.path, note)
+    return layout
+
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -293,10 +578,29 @@ def check_mergeable(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path / 'config.json'}: model_type {model_type!r} is not an architecture "
                               f"transformers ships{custom}")
     for name in ckpt.names:
-        dtype = ckpt._open(name).entries[name][0]
-        if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{ckpt.files[name]}: tensor {name!r} is stored as {dtype}; weights must be "
-                                  f"floating point (F16, BF16, F32 or F64)")
+        problem = storage_problem(ckpt.files[name], name, ckpt.stored_dtype(name), ckpt.config)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def storage_problem(file, name: str, dtype: str, config: dict | None = None) -> str | None:
+    """Why tensor `name` of `file`, stored as `dtype` (a torch dtype name or a safetensors code such as
+    "F8_E4M3"), cannot be merged, in one line that names the tensor, its dtype and what to do; None for
+    floating-point storage (F16, BF16, F32, F64). `config` (config.json) names the quantization method if any."""
+    if dtype in FLOAT_DTYPES:
+        return None
+    code = next((c for c, t in SAFETENSORS_DTYPES.items() if t == dtype), dtype)
+    shown = dtype if code == dtype else f"{code} ({dtype})"
+    method = ((config or {}).get("quantization_config") or {}).get("quant_method") if isinstance(
+        (config or {}).get("quantization_config"), dict) else None
+    if code in STORED_ONLY_DTYPES or method:
+        kind = f"{STORED_ONLY_DTYPES[code]} " if code in STORED_ONLY_DTYPES and STORED_ONLY_DTYPES[code] != dtype else ""
+        quantized = f", quantized by {method} (config.json quantization_config)" if method else ""
+        return (f"{file}: tensor {name!r} is stored as {shown}: {kind}quantized or packed storage{quantized}, which "
+                f"mergelab does not merge; dequantize the checkpoint to BF16 or F16 first (e.g. load it with "
+                f"transformers and save_pretrained it in bfloat16) and name that copy in the family")
+    return (f"{file}: tensor {name!r} is stored as {shown}; weights must be floating point (F16, BF16, F32 or F64): "
+            f"convert the checkpoint to bfloat16 first")
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint, vocab_policy: str = "refuse") -> None:

@@ -19,6 +19,14 @@ The TOML manifest is the source of truth; relative paths are resolved against it
 
 A size may set its own `vocab_policy`, overriding the family's.
 
+An optional `[merge]` table gives options every method of a sweep or export of this family takes
+unless `--hp` sets them (`mergelab.merge_options`; part of the cache key like any hyperparameter):
+
+    [merge]
+    weights = { algebra = 0.5, code = 1.5 }   # or "algebra:0.5,code:1.5"; experts not named: 1
+    exclude = ["*embed_tokens*", "lm_head.weight"]   # these tensors keep the base's values
+    include = "model.layers.*"               # only these are merged
+
 `n_params` is never trusted: the size's parameter count is counted from the base checkpoint's
 safetensors headers (every tensor mergelab merges, a tied lm_head once; `Checkpoint.n_params`) when a
 sweep or the memory guard first needs it (`SizeSpec.n_params`). A manifest may leave `n_params` out; if
@@ -98,6 +106,7 @@ class Family:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     vocab_policy: str = "refuse"
     max_length: int = DEFAULT_MAX_LENGTH
+    merge: dict = dataclass_field(default_factory=dict)  # [merge]: options of every method (canonical text)
 
     def size(self, name: str) -> SizeSpec:
         for spec in self.sizes:
@@ -215,10 +224,40 @@ def load_family(path: str | Path) -> Family:
             fail(f"{where}experts.{strangers[0]} is not one of the family's domains ({', '.join(domains)})")
         experts = {e: existing(field(experts_table, e, str, f"{where}experts."), f"{where}experts.{e}", True)
                    for e in experts_table}
+        experts = {e: _with_base(p, base) for e, p in experts.items()}  # a LoRA adapter dir applies to this base
         if len(set(experts.values())) != len(experts):
             fail(f"{where}experts lists the same checkpoint twice")
         sizes.append(SizeSpec(size_name, n_params, base, experts, policy(table, where, vocab_policy), manifest_path))
-    return Family(name, manifest_path, tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length)
+    return Family(name, manifest_path, tuple(domains), eval_sets, tuple(sizes), budget, vocab_policy, max_length,
+                  _merge_options(raw.get("merge", {}), domains, fail))
+
+
+def _merge_options(table, domains, fail) -> dict:
+    """The manifest's [merge] table in canonical form (`mergelab.merge_options.resolve_options`)."""
+    from mergelab.merge_options import OPTIONS, resolve_options, weight_map
+    from mergelab.errors import HyperparameterError
+
+    if not isinstance(table, dict):
+        fail("[merge] must be a table")
+    unknown = sorted(set(table) - set(OPTIONS))
+    if unknown:
+        fail(f"field merge.{unknown[0]} is not a merge option ({', '.join(OPTIONS)})")
+    try:
+        options = resolve_options("merge", table)
+    except HyperparameterError as exc:
+        fail(f"field {exc}")
+    strangers = sorted(set(weight_map(options)) - set(domains))
+    if strangers:
+        fail(f"field merge.weights names {strangers[0]!r}, which is not one of the family's domains ({', '.join(domains)})")
+    return options
+
+
+def _with_base(path: Path, base: Path) -> Path:
+    """An expert folder as SizeSpec holds it: a PEFT LoRA adapter directory becomes an AdapterPath carrying
+    the size's base, which `Checkpoint` reads as base + scale·B·A (`mergelab.io.adapters`)."""
+    from mergelab.io.adapters import AdapterPath, is_adapter_dir
+
+    return AdapterPath(path, base) if is_adapter_dir(path) else path
 
 
 def write_manifest(path: Path, name: str, domains, eval_sets: dict[str, str],

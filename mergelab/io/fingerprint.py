@@ -34,7 +34,9 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     from mergelab.io.checkpoints import INDEX_FILE, TOKENIZER_FILES, Checkpoint
 
     ckpt = Checkpoint(path)
-    weight_files = sorted(set(ckpt.files.values()))
+    if hasattr(ckpt, "adapter_file"):  # a LoRA adapter expert (mergelab.io.adapters): its files and its base's
+        return _adapter_fingerprint(ckpt)
+    weight_files = sorted(set(ckpt.stored.values()))  # every weight file, also what a converted layout leaves out
     extras = [ckpt.path / name for name in ("config.json", INDEX_FILE, *TOKENIZER_FILES)]
     files = weight_files + [p for p in extras if p.is_file()]
     key = (str(ckpt.path.resolve()), tuple((str(p), *_stat(p)) for p in files))
@@ -47,6 +49,27 @@ def checkpoint_fingerprint(path: str | Path) -> str:
                 digest.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
         for file in weight_files:
             _hash_weights(file, digest)
+        _CACHE[key] = digest.hexdigest()[:FINGERPRINT_CHARS]
+    return _CACHE[key]
+
+
+def _adapter_fingerprint(ckpt) -> str:
+    """A LoRA adapter expert's fingerprint: its base's, adapter_config.json, the adapter's tokenizer files
+    (if any) and its safetensors file (header, size, sampled bytes), so a changed base or adapter changes it."""
+    from mergelab.io.checkpoints import TOKENIZER_FILES
+
+    base_fp = checkpoint_fingerprint(ckpt.base.path)
+    files = [ckpt.adapter_file, ckpt.path / "adapter_config.json"]
+    files += [p for p in (ckpt.path / n for n in TOKENIZER_FILES) if p.is_file()]
+    key = (str(ckpt.path.resolve()), base_fp, tuple((str(p), *_stat(p)) for p in files))
+    if key not in _CACHE:
+        digest = hashlib.sha256(b"lora adapter\0" + base_fp.encode())
+        config = {k: v for k, v in ckpt.adapter_config.items() if k not in ("peft_version", "inference_mode")}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file():
+                digest.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
+        _hash_weights(ckpt.adapter_file, digest)
         _CACHE[key] = digest.hexdigest()[:FINGERPRINT_CHARS]
     return _CACHE[key]
 

@@ -83,7 +83,10 @@ def init_family(folder: str | Path, name: str | None = None, force: bool = False
             problem = name_problem(expert.name, "domain")
             if problem:
                 raise ManifestError(f"{expert}: expert (domain) name {expert.name!r} {problem}; rename the folder")
-            Checkpoint(expert).shapes  # a safetensors checkpoint, headers readable
+            from mergelab.io.adapters import AdapterPath, is_adapter_dir
+
+            # a safetensors checkpoint (or a LoRA adapter of this size's base), headers readable
+            Checkpoint(AdapterPath(expert, size / "base") if is_adapter_dir(expert) else expert).shapes
             experts[expert.name] = f"{size.name}/experts/{expert.name}"
         if not experts:
             raise ManifestError(f"{size / 'experts'}: no expert folders in it; add one checkpoint per domain")

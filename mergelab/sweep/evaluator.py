@@ -71,7 +71,7 @@ class SizeEvaluator:
     each Ray actor holds one and feeds it chunks of the plan."""
 
     def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
-                 store: str | None = None, devices: list[str] | None = None):
+                 store: str | None = None, devices: list[str] | None = None, downstream=None):
         from mergelab.bars import progress_bar
 
         self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
@@ -79,6 +79,12 @@ class SizeEvaluator:
             self.pool = ExpertPool.load(size, device, progress=loading, store=store, shards=devices)
         self.resident = ResidentModel(self.pool.base_checkpoint, device, self.pool.shards)
         self.session = MergeSession(self.pool, self.resident)
+        # lm-eval tasks on the resident model as it is after each merge (mergelab.sweep.downstream)
+        self.downstream = None
+        if downstream is not None:
+            from mergelab.sweep.downstream import Runner
+
+            self.downstream = Runner(downstream, size.base)
 
     def evaluate(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, "list[dict] | NotFinite"]]:
         """Merge and evaluate each item; yield (item, its rows), or (item, NotFinite) for a merge whose
@@ -98,12 +104,27 @@ class SizeEvaluator:
                 self.session.discard()  # so one diverging merge costs no other merge its rows
                 yield item, NotFinite(f"{merge_label(item)}: {problem}")
                 continue
-            yield item, [self._row(item, domain, loss) for domain, loss in losses.items()]
+            rows = [self._row(item, domain, loss) for domain, loss in losses.items()]
+            if self.downstream is not None and self.downstream.wants(len(item.subset)):
+                rows += self._downstream_rows(item)
+            yield item, rows
+
+    def _downstream_rows(self, item: WorkItem) -> list[dict]:
+        """One row per lm-eval task of the merge in memory: its accuracy, a higher-is-better fraction."""
+        from mergelab.sweep.downstream import METRIC, VERSION
+
+        rows = []
+        for task, (value, n) in self.downstream.scores(self.resident.model).items():
+            row = self._row(item, task, value)
+            row.update(n_tokens=n, eval_hash=self.downstream.hashes[task], metric_version=VERSION, n_truncated=None,
+                       metric=METRIC, higher_better=True, unit="fraction")
+            rows.append(row)
+        return rows
 
     def _row(self, item: WorkItem, domain: str, loss: float) -> dict:
         return {"family": self.family_name, "size": self.size.name, "n_params": self.size.n_params,
                 "method": item.method, "hparams": item.hparams, "experts_key": experts_key(item.subset),
-                "domain": domain, "loss": loss, "n_tokens": self.data.n_tokens[domain],
-                "eval_hash": self.data.hashes[domain], "metric_version": METRIC_VERSION, "device": self.device,
-                "n_truncated": self.data.n_truncated[domain]}
+                "domain": domain, "loss": loss, "n_tokens": self.data.n_tokens.get(domain, 0),
+                "eval_hash": self.data.hashes.get(domain, ""), "metric_version": METRIC_VERSION, "device": self.device,
+                "n_truncated": self.data.n_truncated.get(domain)}
 

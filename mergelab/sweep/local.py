@@ -37,10 +37,12 @@ def plan_sizes(family: Family, todo: dict[str, list[WorkItem]], device: str | No
 
 def local_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: dict[str, EvalData],
                   device: str | None, progress: bool,
-                  plans: dict[str, MemoryPlan] | None = None) -> Iterator[tuple[WorkItem, list[dict]]]:
+                  plans: dict[str, MemoryPlan] | None = None,
+                  downstream=None) -> Iterator[tuple[WorkItem, list[dict]]]:
     """The local backend: one size after another on this machine. The memory plan of every size is
     checked here (`plans`, else `plan_sizes`), before anything is loaded, so a sweep that cannot fit
-    refuses with the numbers."""
+    refuses with the numbers. `downstream` (mergelab.sweep.downstream.Downstream) adds lm-eval task
+    rows to the merges it samples."""
     device = pick_device(device)
     plans = plans if plans is not None else plan_sizes(family, todo, device)
     for plan in plans.values():
@@ -48,4 +50,4 @@ def local_results(family: Family, todo: dict[str, list[WorkItem]], eval_data: di
     # one size alive at a time: each evaluator is dropped once its generator is exhausted
     return (row for name in plans
             for row in SizeEvaluator(family.name, family.size(name), eval_data[name], device, progress,
-                                     plans[name].store, plans[name].devices).evaluate(todo[name]))
+                                     plans[name].store, plans[name].devices, downstream).evaluate(todo[name]))

@@ -76,6 +76,8 @@ def count_subsets(m: int, ks: Sequence[int], subsets: str | int = "all") -> int:
     if isinstance(subsets, str) and subsets.startswith("orderings:"):
         n = int(subsets.split(":", 1)[1])
         return sum(min(n, math.comb(m, k)) for k in ks)
+    if isinstance(subsets, (list, tuple)):  # an explicit list (an adaptive sweep's next batch)
+        return len(subsets)
     return sum(math.comb(m, k) if subsets == "all" else min(int(subsets), math.comb(m, k)) for k in ks)
 
 
@@ -122,6 +124,8 @@ def plan_subsets(experts: Sequence[str], ks: Sequence[int], subsets: str | int =
     if total > limit:
         raise MergelabError(f"{len(experts)} experts, k {_ks_text(ks)}, subsets {subsets}: {total:,} subsets, above "
                             f"the limit of {limit:,}; sample with --subsets N or lower --k (or raise {MAX_MERGES_ENV})")
+    if isinstance(subsets, (list, tuple)):  # an explicit list of subsets (names), merged as given
+        return [tuple(s) for s in subsets]
     if isinstance(subsets, str) and subsets.startswith("orderings:"):
         plan = []
         for order in diverse_orderings(experts, int(subsets.split(":", 1)[1]), seed):
@@ -196,9 +200,10 @@ class SweepSpec:
     sizes: list[str]
     methods: dict[str, dict]          # method -> hyperparameters as given (defaults filled in by resolve)
     ks: list[int]                     # empty: 1..M of each size's own pool (`ks_for`)
-    subsets: str | int = "all"
+    subsets: str | int | list = "all"  # or an explicit list of subsets (tuples of expert names)
     seed: int = 0
     reference_rows: bool = True       # record base (k=0) and single experts (k=1)
+    downstream: "object | None" = None  # mergelab.sweep.downstream.Downstream: lm-eval tasks beside CE (local only)
 
     def ks_for(self, size) -> list[int]:
         """The ks swept for `size` (a SizeSpec): `ks`, or when empty 1..M of the size's own pool of M
@@ -231,6 +236,8 @@ class SweepJob:
     device: str | None = None
     db: str | None = None
     reference_rows: bool = True
+    adaptive: str | None = None   # a target (mergelab.analysis.adaptive.parse_target): the policy picks the subsets
+    budget: int | None = None     # adaptive: at most this many merges per curve, cached ones included
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -259,7 +266,7 @@ class SweepJob:
         from pathlib import Path
 
         return (f"{Path(self.family).parent.name} · sizes {', '.join(self.sizes) or 'all'} · "
-                f"{', '.join(self.methods)}")
+                f"{', '.join(self.methods)}" + (f" · adaptive {self.adaptive}" if self.adaptive else ""))
 
 
 def merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:

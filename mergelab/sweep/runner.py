@@ -12,6 +12,7 @@ from typing import Callable
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
 from mergelab.engine.memory import require_fit
 from mergelab.engine.methods import canonical_hparams, get_method
+from mergelab.engine.methods.options import check_options
 from mergelab.engine.threads import choose_threads, torch_threads
 from mergelab.errors import CheckpointError, MergelabError
 from mergelab.io.checkpoints import Checkpoint, check_compatible
@@ -36,6 +37,9 @@ class SweepReport:
     # size -> (base_fp, {expert: fp}): the checkpoints' fingerprints its rows are keyed by
     fingerprints: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     eval_notes: dict[str, str] = field(default_factory=dict)  # size -> eval examples cut to max_length, if any
+    # size -> how its checkpoints are read where that is not plain: LoRA adapter experts, a converted layout
+    # (packed MoE experts, a multimodal wrapper's text model, with what is left out: Checkpoint.layout)
+    layout_notes: dict[str, str] = field(default_factory=dict)
     # merges evaluated but not cached, one line each: weights or losses not finite (a diverging
     # hyperparameter), or a row the cache refused; the other merges' rows are kept, a rerun retries these
     not_cached: list[str] = field(default_factory=list)
@@ -115,6 +119,8 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
 
     if backend not in BACKENDS:
         raise MergelabError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "ray" and spec.downstream is not None:
+        raise MergelabError("--downstream runs with --backend local only (lm-eval on the resident model here)")
     if backend == "ray":
         require_ray()  # before the (slow) planning: a missing extra fails at once
     choose_threads(0)  # a bad MERGELAB_THREADS is refused before the planning too
@@ -128,7 +134,7 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
         if progress:  # the CLI shows where the weights will live before the first merge
             for text in report.memory_plans.values():
                 print(f"memory plan: {text}", file=sys.stderr, flush=True)
-        results = local_results(spec.family, todo, eval_data, device, progress, plans)
+        results = local_results(spec.family, todo, eval_data, device, progress, plans, spec.downstream)
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
@@ -170,11 +176,21 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
     (per size). Nothing is written; the dashboard uses this for its estimate before launch. Each size's
     plan is counted first and refused above `mergelab.sweep.plan.max_merges()` (MergelabError), so
     neither the CLI nor the dashboard ever lists 2^30 subsets."""
-    methods = {name: get_method(name).resolve(hp) for name, hp in spec.methods.items()}
+    # the family's [merge] options (weights, filters) unless the sweep gives its own
+    methods = {name: get_method(name).resolve({**spec.family.merge, **hp}) for name, hp in spec.methods.items()}
     sizes = [spec.family.size(name) for name in spec.sizes]
     for size in sizes:  # counted before any checkpoint is opened or any subset listed
         check_plan_size(size.name, len(size.experts), spec.ks_for(size), spec.subsets, len(methods), spec.reference_rows)
     _check_sizes(sizes)
+    # a weight for an expert no swept size has, a filter matching no tensor of a size: refused, not ignored
+    experts = list(dict.fromkeys(e for size in sizes for e in size.expert_names))
+    owners = f"size {sizes[0].name!r}" if len(sizes) == 1 else f"any of sizes {', '.join(s.name for s in sizes)}"
+    for size in sizes:
+        base = Checkpoint(size.base)
+        tensors = base.names
+        base.close()
+        for name, hp in methods.items():
+            check_options(name, hp, tensors, experts, f"size {size.name!r}", owners)
     report, todo, eval_data = SweepReport(), {}, {}
     for size in sizes:
         eval_data[size.name] = _prepare_size_eval(spec.family, size)
@@ -182,6 +198,8 @@ def plan_sweep(spec: SweepSpec, store: ResultStore) -> tuple[SweepReport, dict[s
         if eval_data[size.name].truncation_note():
             report.eval_notes[size.name] = eval_data[size.name].truncation_note()
         report.fingerprints[size.name] = size_fingerprints(size)
+        if layout_note(size):
+            report.layout_notes[size.name] = layout_note(size)
         planned = _plan_size(spec, size, methods)
         report.planned += len(planned)
         todo[size.name] = _uncached(store, spec.family, size, planned, eval_data[size.name].hashes,
@@ -199,6 +217,21 @@ def _check_sizes(sizes: list[SizeSpec]) -> None:
         base = Checkpoint(size.base)
         for path in size.experts.values():
             check_compatible(base, Checkpoint(path), size.vocab_policy)
+
+
+def layout_note(size: SizeSpec) -> str:
+    """One line on how a size's checkpoints are read where that is not plain ('' if it is): the base's
+    converted layout (`StoredLayout.note`) and the experts that are LoRA adapters of the base."""
+    from mergelab.io.adapters import AdapterPath
+
+    layout = Checkpoint(size.base).layout
+    parts = [layout.note()] if layout is not None and layout.note() else []
+    adapters = [name for name, path in size.experts.items() if isinstance(path, AdapterPath)]
+    if adapters:
+        parts.append(f"expert{'s' if len(adapters) > 1 else ''} {', '.join(adapters)} "
+                     f"{'are LoRA adapters' if len(adapters) > 1 else 'is a LoRA adapter'} of the base, read as "
+                     f"base + scale·B·A (no merged copy is written)")
+    return "; ".join(parts)
 
 
 def adopt_unrecorded(family: Family, store: ResultStore, sizes=None) -> dict[str, int]:

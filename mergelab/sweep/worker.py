@@ -137,10 +137,13 @@ def _keep_lock(queue: JobQueue, lock):
     return fresh
 
 
-def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False) -> int:
+def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = None, once: bool = False,
+               adaptive_runner=None) -> int:
     """Run jobs until idle for `idle_exit` seconds (forever if None), or until the queue is empty with
     once, or until a stop signal (SIGTERM, SIGINT, SIGHUP: the job in flight ends as cancelled). Returns
-    the exit code: 0, or 1 when another worker already serves the queue."""
+    the exit code: 0, or 1 when another worker already serves the queue. adaptive_runner(job_spec,
+    on_progress) -> report runs adaptive jobs (`mergelab.analysis.adaptive_sweep.run_adaptive_job`, passed
+    in by `mergelab worker`: the policy lives in the analysis layer, above this one)."""
     _STOPPER.install()
     # Wait a moment for the lock: the dashboard takes it briefly to check whether a worker is alive.
     lock = _try_lock(queue, wait=3.0)
@@ -171,7 +174,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
                         return 0
                     time.sleep(poll)
                     continue
-                run_job(queue, job)
+                run_job(queue, job, adaptive_runner)
                 _STOPPER.check()  # a signal noted while the job's last merges ran
                 idle_since = time.monotonic()
         except WorkerStopped as stop:
@@ -183,7 +186,7 @@ def run_worker(queue: JobQueue, poll: float = 0.5, idle_exit: float | None = Non
         lock.close()
 
 
-def run_job(queue: JobQueue, job: Job) -> None:
+def run_job(queue: JobQueue, job: Job, adaptive_runner=None) -> None:
     """Run one job to done, cancelled or failed (with the reason); never raises, except WorkerStopped
     (after marking the job cancelled). A resumed job counts on from its earlier runs: the merges it
     finished before (`job.done_before`) and the rows it wrote stay in its counts."""
@@ -201,6 +204,8 @@ def run_job(queue: JobQueue, job: Job) -> None:
             logger.info("job %d: %s merges to run (%s cached) on %s", job.id, f"{total:,}", f"{report.skipped:,}",
                         report.threads_note())
         current = f"{item.size} · {item.method} · {'+'.join(item.subset) or 'base'}" if item else "planning"
+        if getattr(report, "adaptive_note", ""):  # an adaptive job: the target's interval so far
+            current = f"{current} | {report.adaptive_note}"
         done, skipped, rows = counts(report)
         if queue.progress(job.id, done, before + total, skipped, rows, current, len(report.not_cached)):
             raise JobCancelled
@@ -217,14 +222,21 @@ def run_job(queue: JobQueue, job: Job) -> None:
                 ",".join(job.spec.methods), ",".join(job.spec.sizes) or "all")
     try:
         try:
-            report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
-                               progress=False, on_progress=on_progress)
+            if job.spec.adaptive:  # the policy picks the subsets; the cache holds its state (a resume continues)
+                if adaptive_runner is None:
+                    raise MergelabError(f"job {job.id} is an adaptive sweep ({job.spec.adaptive}) and this worker was "
+                                        "started without the adaptive policy; run `mergelab worker`")
+                report = adaptive_runner(job.spec, on_progress)
+            else:
+                report = run_sweep(job.spec.sweep_spec(), ResultStore(job.spec.db), device=job.spec.device,
+                                   progress=False, on_progress=on_progress)
         finally:
             _STOPPER.deferred = False
         state["report"] = report
         note = report.not_cached_note()
         message = (lambda done, skipped: f"{done} merges evaluated" + (f" ({report.merged} after resuming)" if before else "")
-                   + f", {skipped} already cached" + (f"; {note}" if note else ""))
+                   + f", {skipped} already cached" + (f"; {note}" if note else "")
+                   + (f"; {report.adaptive_summary}" if getattr(report, "adaptive_summary", "") else ""))
         finish("done", message)
         done, skipped, rows = counts(report)
         logger.info("job %d done: %s, %d rows written", job.id, message(done, skipped), rows)

@@ -50,7 +50,7 @@ DISPLAY = {"L_inf": "L∞ (nats/token)", "A": "A (nats/token)"}
 CI_LABEL = "95% CI (expert bootstrap)"
 
 
-def floor_problem(fit) -> str:
+def floor_problem(fit, metric=None) -> str:
     """Why a fitted curve has no floor to show ('' when it has one): it failed, is not L∞ + A/(k+b), or
     does not fall with k (rises, is flat or non-monotone; mergelab.analysis.planning.not_falling)."""
     from mergelab.analysis.planning import not_falling
@@ -59,7 +59,7 @@ def floor_problem(fit) -> str:
         return fit.reason
     if fit.form != "floor_tail":
         return f"a {fit.form} fit has no floor L∞"
-    return not_falling(fit)
+    return not_falling(fit, metric)
 
 
 def has_floor(fit) -> bool:
@@ -81,24 +81,39 @@ def _bound_text(fit, name: str, lo: float, hi: float) -> str:
     return text
 
 
-def fit_summary(fits: dict) -> pd.DataFrame:
+def display_names(metric=None) -> dict:
+    """Table headers of L∞ and A in the metric's words: 'L∞ (nats/token)' for CE, 'ceiling C (fraction)'
+    for accuracy (mergelab.metrics)."""
+    if metric is None or (not metric.higher_better and metric.name == "ce"):
+        return DISPLAY
+    bound = "ceiling C" if metric.higher_better else "floor L∞"
+    return {"L_inf": f"{bound} ({metric.units})", "A": f"A ({metric.units})"}
+
+
+def fit_summary(fits: dict, metric=None) -> pd.DataFrame:
     """One row per curve for the pages: L∞, A, b, R² and, with expert-bootstrap draws, each parameter's 95%
     interval (the uncertainty to report; '(bound)' marks an end on the parameter's bound, where the data do
     not pin it down). No standard errors: they treat the per-k means as independent and understate it. A
-    curve that does not fall gets no L∞ (it is no floor), and the note says why."""
+    curve that does not fall gets no L∞ (it is no floor), and the note says why. Fits of a higher-is-better
+    `metric` (made on negated values) show their bound as a ceiling, in the metric's own sign."""
+    names = display_names(metric)
+    sign = metric.sign if metric is not None else 1
     rows = []
     for (size, setting), fit in fits.items():
         if not fit.ok:
             rows.append({"size": size, "setting": setting, "note": fit.reason})
             continue
-        no_floor = floor_problem(fit)
-        row = {"size": size, "setting": setting, DISPLAY["L_inf"]: np.nan if no_floor else fit.L_inf,
-               DISPLAY["A"]: fit.A, "b": fit.b, "R² (k-weighted)": fit.r2, "R² (unweighted)": fit.r2_unweighted}
+        no_floor = floor_problem(fit, metric)
+        row = {"size": size, "setting": setting, names["L_inf"]: np.nan if no_floor else sign * fit.L_inf,
+               names["A"]: fit.A, "b": fit.b, "R² (k-weighted)": fit.r2, "R² (unweighted)": fit.r2_unweighted}
         if fit.samples is not None:
             for name, (lo, hi) in fit.param_ci().items():
                 if not (no_floor and name == "L_inf"):
-                    row[f"{DISPLAY.get(name, name)} {CI_LABEL}"] = _bound_text(fit, name, lo, hi)
-        row["note"] = "; ".join(([f"no floor: {no_floor}"] if no_floor else []) + list(fit.notes))
+                    if name == "L_inf" and sign < 0:  # a mirrored interval: negated, ends swapped
+                        lo, hi = -hi, -lo
+                    row[f"{names.get(name, name)} {CI_LABEL}"] = _bound_text(fit, name, lo, hi)
+        bound = metric.bound if metric is not None else "floor"
+        row["note"] = "; ".join(([f"no {bound}: {no_floor}"] if no_floor else []) + list(fit.notes))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -108,13 +123,24 @@ NORMALISED_AXIS = {None: "cross-entropy (nats/token)", "difference": "L(k) − L
                    "ratio": "L(k) / L(1)"}
 
 
-def normalisers(merges: pd.DataFrame, fits: dict, how: str | None) -> dict:
+def axis_title(how: str | None, metric=None) -> str:
+    """The y axis title of the Curves page for a normalisation `how` and a metric (default CE)."""
+    if metric is None or metric.name == "ce":
+        return NORMALISED_AXIS[how]
+    unit = f" ({metric.unit})" if metric.unit else ""
+    return {None: metric.axis, "difference": f"value(k) − value(1){unit}", "ratio": "value(k) / value(1)"}[how]
+
+
+def normalisers(merges: pd.DataFrame, fits: dict, how: str | None, sign: int = 1) -> dict:
     """{(size, setting): (offset, scale)} that puts each curve on a common scale (curve_figure's
     `normalise`): 'difference' draws L(k) − L(1), 'ratio' L(k)/L(1), None the loss itself. L(1) is the
     curve's measured mean at k = 1, or its fitted value at k = 1 when k = 1 was not merged. Curves with
-    neither are left out (drawn as they are)."""
+    neither are left out (drawn as they are). `sign` −1: the curves hold negated values of a higher-is-better
+    metric (mergelab.metrics.oriented), drawn back in the metric's own sign."""
     if how is None:
-        return {}
+        if sign > 0:
+            return {}
+        return {key: (0.0, -1.0) for key, _ in merges.groupby(["size", "setting"])}
     out = {}
     for (size, setting), rows in merges.groupby(["size", "setting"]):
         at_one = rows.loc[rows["k"] == 1, "loss"]
@@ -122,7 +148,7 @@ def normalisers(merges: pd.DataFrame, fits: dict, how: str | None) -> dict:
         L1 = float(at_one.mean()) if len(at_one) else (float(fit.predict([1.0])[0]) if fit is not None and fit.ok
                                                       else np.nan)
         if np.isfinite(L1) and L1 != 0:
-            out[size, setting] = (L1, 1.0) if how == "difference" else (0.0, L1)
+            out[size, setting] = (L1, float(sign)) if how == "difference" else (0.0, L1)
     return out
 
 

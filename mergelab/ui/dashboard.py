@@ -56,19 +56,32 @@ def stale_rows(family: str | None = None) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
-def _merges(path: str, stamp: float, family: str, domain: str) -> pd.DataFrame:
+def _merges(path: str, stamp: float, family: str, domain: str, metric: str = "ce") -> pd.DataFrame:
+    from mergelab import metrics
     from mergelab.analysis.tables import merge_losses
 
     rows = _read(path, stamp)
-    return merge_losses(rows[rows["family"] == family], domain)
+    rows = metrics.select(rows[rows["family"] == family], metric)
+    return merge_losses(metrics.oriented(rows), domain)
+
+
+METRIC_KEY = "mergelab_metric"  # the metric family_rows picked, for the cached reads after it
+
+
+def current_metric():
+    """The metric the page shows (mergelab.metrics.Metric; CE until `family_rows` picks another)."""
+    from mergelab import metrics
+
+    return st.session_state.get(METRIC_KEY) or metrics.CE
 
 
 def merges(family: str, domain: str, settings=None, sizes=None) -> pd.DataFrame:
-    """One row per merge of `family` with its loss on `domain` (or macro), for the given method
+    """One row per merge of `family` with its value on `domain` (or macro) in the page's metric
+    (`current_metric`, oriented: negated when higher is better, see mergelab.metrics), for the given method
     settings (mergelab.analysis.tables.setting_labels) and sizes; cached per cache version, so switching
     selections does not recompute it."""
     path = results_store().path
-    frame = _merges(str(path), _stamp(path), family, domain)
+    frame = _merges(str(path), _stamp(path), family, domain, current_metric().name)
     if settings is not None:
         frame = frame[frame["setting"].isin(list(settings))]
     if sizes is not None:
@@ -77,7 +90,8 @@ def merges(family: str, domain: str, settings=None, sizes=None) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="Fitting…", max_entries=64)
-def _fits(path: str, stamp: float, family: str, domain: str, settings: tuple, sizes: tuple, n_boot: int) -> dict:
+def _fits(path: str, stamp: float, family: str, domain: str, settings: tuple, sizes: tuple, n_boot: int,
+          metric: str = "ce") -> dict:
     from mergelab.ui.curves import fit_groups
 
     return fit_groups(merges(family, domain, settings, sizes), n_boot)
@@ -86,7 +100,7 @@ def _fits(path: str, stamp: float, family: str, domain: str, settings: tuple, si
 def fits(family: str, domain: str, settings, sizes, n_boot: int = 0) -> dict:
     """{(size, setting): CurveFit or FitFailure}, cached per selection and cache version."""
     path = results_store().path
-    return _fits(str(path), _stamp(path), family, domain, tuple(settings), tuple(sizes), n_boot)
+    return _fits(str(path), _stamp(path), family, domain, tuple(settings), tuple(sizes), n_boot, current_metric().name)
 
 
 def load_results() -> pd.DataFrame:
@@ -270,13 +284,20 @@ def pick_method_and_size(rows: pd.DataFrame, settings: list[str], sizes: list[st
 
 
 def family_rows(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """The family picked in the sidebar and its rows, with their `setting` (method + hyperparameters)."""
+    """The family picked in the sidebar and its rows of one metric (picked in the sidebar when the family has
+    several, e.g. CE and imported accuracy), with their `setting` (method + hyperparameters)."""
+    from mergelab import metrics
     from mergelab.analysis.tables import with_settings
 
     families = sorted(results["family"].unique())
     default = "demo-standard" if "demo-standard" in families else families[0]
     family = choose("Family", families, "family", default=default)
-    return family, with_settings(results[results["family"] == family])
+    rows = results[results["family"] == family]
+    names = metrics.names(rows)
+    name = choose("Metric", names, "metric", default=names[0]) if len(names) > 1 else names[0]
+    rows = metrics.select(rows, name)
+    st.session_state[METRIC_KEY] = metrics.of_rows(rows)
+    return family, with_settings(rows)
 
 
 def sizes_in_order(rows: pd.DataFrame) -> list[str]:

@@ -154,11 +154,11 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
     return _legend_below(fig)
 
 
-def size_figure(points, joint=None, *, k: int, title: str | None = None):
+def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title: str = "cross-entropy (nats/token)"):
     """CE vs model size at fixed k (log x in parameters, ticks at the sizes with SI-suffixed counts such as
     19.2K), with the fitted floor L∞(N) and L(N, k) of a joint fit (whose N is in billions).
 
-    points: rows with setting, size, n_params, N (billions), loss."""
+    points: rows with setting, size, n_params, N (billions), loss. y_title names the y axis (another metric's)."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -175,7 +175,8 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None):
                         line=dict(color="#333"))
         fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
                         line=dict(color="#333", dash="dash"))
-    _layout(fig, title or f"CE vs model size at k = {k}", "parameters N", "cross-entropy (nats/token)", height=380)
+    short = "CE" if y_title.startswith("cross-entropy") else y_title.split(" (")[0]
+    _layout(fig, title or f"{short} vs model size at k = {k}", "parameters N", y_title, height=380)
     _legend_below(fig)
     ticks = sorted(points["n_params"].unique()) if len(points) else []
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=[params_label(n) for n in ticks])

@@ -325,6 +325,73 @@ def test_broken_checkpoints(case, tmp_path, capsys, tally):
     tally["bad inputs tried: checkpoints"] += 1
 
 
+QUANTIZED_CASES = {  # name: (torch dtype the expert's LAYER is stored in, the safetensors code named)
+    "FP8 E4M3 weights": ("float8_e4m3fn", "F8_E4M3"),
+    "FP8 E5M2 weights": ("float8_e5m2", "F8_E5M2"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED_CASES))
+def test_quantized_storage(case, tmp_path, capsys, tally):
+    """FP8 storage is a well-formed safetensors file: the refusal names the tensor and dtype and says to
+    dequantize, never 'not a readable safetensors file' (which sends users to re-download)."""
+    import torch
+
+    dtype, code = QUANTIZED_CASES[case]
+    family = build_tiny_family(tmp_path / "family")
+    expert = family.parent / "s" / "experts/beta"
+    rewrite(expert, lambda s, c: s.__setitem__(LAYER, s[LAYER].to(getattr(torch, dtype))))
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         LAYER, code, "dequantize")
+    assert str(expert) in err and "not a readable safetensors file" not in err
+    tally["bad inputs tried: quantized storage"] += 1
+
+
+def _adapter_config(**changes):
+    return lambda adapter: _edit_json("adapter_config.json", lambda c: c.update(changes))(adapter)
+
+
+def _adapter_of_another_base(adapter: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = state[key][:, :-2].clone()  # an in-dimension the base's module does not have
+    save_file(state, adapter / "adapter_model.safetensors")
+
+
+ADAPTER_CASES = {  # name: (how to break expert beta, a LoRA adapter; expected fragments of the one-line refusal)
+    "DoRA": (_adapter_config(use_dora=True), ["adapter_config.json", "use_dora = True"]),
+    "modules_to_save": (_adapter_config(modules_to_save=["lm_head"]), ["adapter_config.json", "modules_to_save"]),
+    "prefix tuning": (_adapter_config(peft_type="PREFIX_TUNING"), ["adapter_config.json", "peft_type = 'PREFIX_TUNING'"]),
+    "another base": (_adapter_of_another_base, ["adapter_model.safetensors", "trained on another base"]),
+    "pickled adapter": (lambda a: (a / "adapter_model.safetensors").rename(a / "adapter_model.bin"),
+                        ["adapter_model.bin: pickle files are never loaded"]),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_broken_lora_adapter_experts(case, tmp_path, capsys, tally):
+    import shutil
+
+    from tests.test_adapters import make_adapter
+
+    family = build_tiny_family(tmp_path / "family")
+    expert = family.parent / "s" / "experts" / "beta"
+    shutil.rmtree(expert)
+    make_adapter(family.parent / "s" / "base", expert)
+    breaker, fragments = ADAPTER_CASES[case]
+    breaker(expert)
+    capsys.readouterr()  # what building the family printed
+    db = tmp_path / "r.duckdb"
+    err = expect_refusal(capsys, db, ["sweep", "--family", family, "--methods", "average", "--db", db, "--device", "cpu"],
+                         *fragments)
+    assert str(expert) in err and len(err.strip().splitlines()) == 1, err
+    tally["bad inputs tried: LoRA adapter experts"] += 1
+
+
 # -- eval sets -------------------------------------------------------------------------------------------
 
 EVAL_CASES = {
@@ -375,6 +442,18 @@ HP_CASES = [
     ("ties", "dare.p=0.5", "not among --methods"),
 ]
 
+OPTION_CASES = [  # issue 17: the new methods' parameters, per-expert weights, tensor filters
+    ("della", "della.epsilon=0.5", "out of range [0.0, 0.5)"), ("della", "della.density=0.05", "density ± epsilon"),
+    ("breadcrumbs", "breadcrumbs.gamma=1", "out of range [0.0, 1.0)"), ("tsv_m", "tsv_m.alpha=0", "out of range"),
+    ("dare_ties", "dare_ties.lambda=NaN", "must be finite"), ("model_stock", "model_stock.t=1", "no hyperparameter 't'"),
+    ("ties", "weights=alpha", "expected EXPERT:WEIGHT"), ("ties", "weights=alpha:0", "finite number > 0"),
+    ("ties", "weights=alpha:-2", "finite number > 0"), ("ties", "weights=alpha:inf", "finite number > 0"),
+    ("ties", "weights=alpha:1,alpha:2", "twice"), ("average", "weights=omega:2", "which is not an expert of size 's'"),
+    ("average", "average.weights=3", "comma-separated text"), ("ties", "exclude=re:(", "not a regular expression"),
+    ("average", "exclude=lm_hed.weight", "matches no tensor of size 's'"),
+    ("average", "include=nothing.*", "matches no tensor of size 's'"),
+]
+
 ARG_CASES = [
     (["--k", "0"], "--k"), (["--k", "0-3"], "--k"), (["--k", "3-1"], "--k"), (["--k", "abc"], "--k"),
     (["--k", "1-99"], "--k"), (["--k", ""], "--k"), (["--k", "1,,2"], "--k"),
@@ -398,6 +477,14 @@ def test_bad_hyperparameters_and_arguments(family, tmp_path, capsys, tally):
         expect_refusal(capsys, db, args, fragment)
     tally["bad inputs tried: hyperparameters"] += len(HP_CASES)
     tally["bad inputs tried: CLI arguments"] += len(ARG_CASES)
+
+
+def test_bad_method_options_weights_and_filters(family, tmp_path, capsys, tally):
+    db = tmp_path / "r.duckdb"
+    base = ["sweep", "--family", family, "--db", db, "--device", "cpu"]
+    for method, hp, fragment in OPTION_CASES:
+        expect_refusal(capsys, db, [*base, "--methods", method, "--hp", hp], fragment)
+    tally["bad inputs tried: new-method hyperparameters, per-expert weights, tensor filters"] += len(OPTION_CASES)
 
 
 def test_bad_arguments_to_the_other_commands(family, tmp_path, capsys, tally):
@@ -453,6 +540,7 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
     """{(command, option): [(extra arguments, fragment the one-line error must hold), …]} over the paths `p`."""
     F, D, T, E, C, EMPTY = p["manifest"], p["db"], p["tmp"], p["eval"], p["checkpoint"], p["empty"]
     big = str(2**64)
+    good = good_table(T)
     return {
         ("sweep", "--family"): [(["--family", T / "nothing.toml"], "family manifest not found"),
                                 (["--family", EMPTY], "family manifest not found"), (["--family", E], "not valid TOML"),
@@ -484,6 +572,40 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
         ("sweep", "--reference"): [(["--reference=maybe"], "'--reference' does not take a value")],
         ("sweep", "--backend"): [(["--backend", "mpi"], "'mpi'"), (["--backend", ""], "--backend ''")],
         ("sweep", "--address"): [(["--address", "auto"], "--address is for --backend ray")],
+        ("sweep", "--adaptive"): [(["--adaptive", "L_inf"], "--adaptive 'L_inf': expected QUANTITY:PRECISION"),
+                                  (["--adaptive", ""], "--adaptive '': expected QUANTITY:PRECISION"),
+                                  (["--adaptive", "k90:0"], "precision must be a positive"),
+                                  (["--adaptive", "k90:-1"], "precision must be a positive"),
+                                  (["--adaptive", "L_inf:nan"], "precision must be a positive finite"),
+                                  (["--adaptive", "L_inf:abc"], "precision 'abc' is not a number"),
+                                  (["--adaptive", "floor:0.1"], "unknown quantity 'floor'"),
+                                  (["--adaptive", "k0:0.5"], "unknown quantity 'k0'"),
+                                  (["--adaptive", "predict:0.1"], "predict needs the k"),
+                                  (["--adaptive", "predict@x:0.1"], "'x' after '@' is not a number"),
+                                  (["--adaptive", "min_size@1.2:20%"], "joint-law targets"),
+                                  (["--adaptive", "L_star:0.01"], "joint-law targets"),
+                                  (["--adaptive", "k90:0.5", "--k", "all", "--subsets", "3"], "--subsets '3' with --adaptive"),
+                                  (["--adaptive", "k90:0.5"], "--k '1' with --adaptive"),
+                                  (["--adaptive", "k90:0.5", "--k", "all", "--backend", "ray"],
+                                   "--backend 'ray' with --adaptive")],
+        ("sweep", "--budget"): [(["--budget", "5"], "is for --adaptive sweeps"),
+                                (["--adaptive", "k90:0.5", "--k", "all", "--budget", "0"], "--budget 0"),
+                                (["--adaptive", "k90:0.5", "--k", "all", "--budget", "-3"], "--budget -3"),
+                                (["--budget", "x"], "Invalid value for '--budget'")],
+
+        ("adaptive replay", "--target"): [(["--target", "L_inf"], "expected QUANTITY:PRECISION"),
+                                          (["--target", "A:0%"], "precision must be a positive"),
+                                          (["--target", "bogus:1"], "unknown quantity 'bogus'"),
+                                          (["--target", "L_star:0.01"], "joint-law targets")],
+        ("adaptive replay", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"),
+                                      (["--db", EMPTY], "is a folder")],
+        ("adaptive replay", "--family"): [(["--family", "nosuch"], "--family 'nosuch': no cached results (cached: syn)")],
+        ("adaptive replay", "--method"): [(["--method", "base"], "references, not a merge method"),
+                                          (["--method", "magic"], "--method 'magic': no cached merges")],
+        ("adaptive replay", "--size"): [(["--size", "nosuch"], "--size 'nosuch': no cached results")],
+        ("adaptive replay", "--budget"): [(["--budget", "0"], "--budget 0"), (["--budget", "x"], "Invalid value")],
+        ("adaptive replay", "--seed"): [(["--seed", "-1"], "--seed -1"), (["--seed", "x"], "Invalid value")],
+        ("adaptive replay", "--format"): [(["--format", "xml"], "--format 'xml'")],
 
         ("results", "--db"): [(["--db", T / "missing.duckdb"], "no results cache there"), (["--db", EMPTY], "is a folder"),
                               (["--db", F], "cannot open the results cache")],
@@ -614,13 +736,59 @@ def fuzz_cases(p: dict) -> dict[tuple[str, str | None], list[tuple[list, str]]]:
                                + [(["--port", "x"], "Invalid value for '--port'")],
         ("demo up", "--host"): [(["--host", v], f"--host '{v}'") for v in ("a b", "", "-x", "host_with_underscore")],
         ("demo up", "--db"): [(["--db", EMPTY], "is a folder"), (["--db", F], "family manifest")],
+
+        ("sweep", "--downstream"): [(["--downstream", T / "nothing"], "not a folder of lm-eval task YAMLs"),
+                                    (["--downstream", EMPTY], "no task YAML in it")],
+        ("sweep", "--downstream-per-k"): [(["--downstream-per-k", "2"], "--downstream-per-k is for --downstream"),
+                                          (["--downstream-per-k", "x"], "Invalid value for '--downstream-per-k'")],
+
+        ("import", "files"): [([T / "nothing.csv"], "nothing.csv: cannot read"), ([EMPTY], "is a folder"),
+                              ([E], "one file per merged model needs its experts"), ([D], "a DuckDB database, not a results file"),
+                              ([F], "cannot tell the format"), ([bad_table(T)], "bad.csv line 3, column 'ce': 'x' is not")],
+        ("import", "--db"): [([good, "--db", EMPTY], "is a folder"),
+                             ([good, "--db", F], "cannot open the results cache"),
+                             ([good, "--db", good], "is the results cache itself")],
+        ("import", "--family"): [([good, "--family", "a·b"], "'a·b' contains '·'"),
+                                 ([good, "--family", ""], "no family column: name the family with --family")],
+        ("import", "--metric"): [([good, "--metric", "bleu"], "metric 'bleu' is not known"),
+                                 ([good, "--metric", "bleu:up"], "expected NAME or NAME:higher|lower"),
+                                 ([good, "--metric", "accuracy:lower"], "accuracy is higher is better")],
+        ("import", "--map"): [([good, "--map", "experts"], "expected FIELD=COLUMN"),
+                              ([good, "--map", "nope=x"], "--map 'nope': not a field"),
+                              ([good, "--map", "experts=nosuch"], "no column 'nosuch'"),
+                              ([good, "--map", bad_toml(T)], "not a TOML file")],
+        ("import", "--set"): [([good, "--set", "size"], "expected FIELD=VALUE"),
+                              ([good, "--set", "colour=red"], "expected FIELD=VALUE")],
+        ("import", "--pattern"): [([good, "--pattern", "("], "not a regular expression"),
+                                  ([E, "--pattern", "(?P<experts>zzz)"], "does not match this path")],
+        ("import", "--dry-run"): [([good, "--dry-run=1"], "'--dry-run' does not take a value")],
     }
+
+
+def good_table(T: Path) -> Path:
+    """A valid file for `mergelab import` (no family column: the fuzz base gives --family)."""
+    path = T / "import-good.csv"
+    path.write_text("experts,domain,ce\na,x,2.5\na+b,x,2.4\n")
+    return path
+
+
+def bad_table(T: Path) -> Path:
+    path = T / "bad.csv"
+    path.write_text("experts,domain,ce\na,x,2.5\na+b,x,x\n")
+    return path
+
+
+def bad_toml(T: Path) -> Path:
+    path = T / "map.toml"
+    path.write_text("experts = [unclosed\n")
+    return path
 
 
 FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace these)
     "sweep": lambda p: ["sweep", "--family", p["manifest"], "--db", p["tmp"] / "new.duckdb", "--methods", "average",
                         "--k", "1", "--device", "cpu"],
     "results": lambda p: ["results", "--db", p["db"]],
+    "adaptive replay": lambda p: ["adaptive", "replay", "--target", "L_inf:0.01", "--db", p["db"]],
     "fit": lambda p: ["fit", "--db", p["db"]],
     "export": lambda p: ["export", "--what", "results", "--out", p["tmp"] / "x.csv", "--db", p["db"]],
     "export-model": lambda p: ["export-model", "--family", p["manifest"], "--size", "s", "--experts", "alpha,beta",
@@ -633,6 +801,7 @@ FUZZ_BASE = {  # valid arguments each case is spliced into (its options replace 
     "adopt": lambda p: ["adopt", "--family", p["manifest"], "--db", p["db"]],
     "demo build": lambda p: ["demo", "build", "--out", p["tmp"] / "d", "--sizes", "xs"],
     "demo up": lambda p: ["demo", "up", "--no-ui", "--db", p["tmp"] / "up.duckdb"],
+    "import": lambda p: ["import", "--db", p["tmp"] / "imp.duckdb", "--family", "fz"],  # each case names the file
 }
 
 
@@ -703,10 +872,15 @@ def test_every_option_of_every_command_refuses_bad_values(family, tmp_path, caps
             assert fragment in err, (shown, fragment, err)
             n += 1
     assert snapshot(*inputs) == before  # no input touched, not even the cache
-    written = {"new.duckdb", "x.csv", "x.png", "x.pdf", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite"}
+    written = {"new.duckdb", "x.csv", "x.png", "x.pdf", "m", "q.sqlite", "d", "up.duckdb", "home", "jobs.sqlite",
+               "imp.duckdb"}
     assert not written & {p.name for p in tmp_path.iterdir()}, sorted(p.name for p in tmp_path.iterdir())
     assert not list(tmp_path.glob(".*.partial-*")) and not list(root.glob(".*.partial-*"))
     tally["bad inputs tried: every CLI option (fuzz)"] += n
     tally["bad inputs tried: paper export options (--domain, --figure, --columns, --dpi, figure --format)"] += sum(
         len(cases[("export", o)]) for o in ("--domain", "--figure", "--columns", "--dpi")) + 3
     tally["CLI options fuzzed"] += len(cases)
+    tally["bad inputs tried: mergelab import files and options"] += sum(len(v) for k, v in cases.items() if k[0] == "import")
+    tally["bad inputs tried: adaptive targets and budgets (sweep --adaptive/--budget, adaptive replay)"] += sum(
+        len(bad) for (command, option), bad in cases.items()
+        if command == "adaptive replay" or option in ("--adaptive", "--budget"))

@@ -92,7 +92,7 @@ def test_a_merge_built_on_non_finite_weights_is_rebuilt_not_lost(tmp_path, tally
 def test_a_diverged_merge_does_not_switch_off_the_fast_lm_head(tiny_family):
     """The check that the decoder + LM head reproduce the model's forward is made once per model; made on
     NaN logits it would have failed and sent every later merge through the slower full forward."""
-    from mergelab.engine.evaluate import _FAST_HEAD, evaluate
+    from mergelab.engine.evaluate import _FAST_HEAD, _PACKING, evaluate
     from mergelab.engine.methods import get_method
     from mergelab.sweep.evaluator import SizeEvaluator
     from mergelab.sweep.runner import _prepare_size_eval
@@ -103,10 +103,10 @@ def test_a_diverged_merge_does_not_switch_off_the_fast_lm_head(tiny_family):
     model = evaluator.resident.model
     evaluator.session.merge(get_method("ties"), get_method("ties").resolve({"lambda": 1e30}), ("alpha", "beta"))
     assert all(v != v for v in evaluate(model, evaluator.data).values())  # NaN everywhere
-    assert model not in _FAST_HEAD
+    assert model not in _FAST_HEAD and model not in _PACKING  # nor the packed rows (the same kind of check)
     evaluator.session.load_base()
     assert all(v == v for v in evaluate(model, evaluator.data).values())
-    assert _FAST_HEAD[model] is True
+    assert _FAST_HEAD[model] is True and _PACKING[model] is True
 
 
 REQUIRED = ["family", "size", "n_params", "method", "hparams", "experts_key", "domain", "loss", "n_tokens",

@@ -241,3 +241,29 @@ def build_tiny_family_like_the_fixture(root: Path) -> Path:
     from tests.helpers import build_tiny_family
 
     return build_tiny_family(root)
+
+
+def test_a_schema_3_cache_is_migrated_with_every_row_ce_and_the_metric_in_the_key(tmp_path, tally):
+    """cache_v3.duckdb.gz: a real sweep (average, k = 1..3) written by mergelab at schema 3, before metrics."""
+    import duckdb
+
+    db = unpack_cache("cache_v3.duckdb.gz", tmp_path)
+    old = ResultStore(db).results()  # read-only: not migrated yet, every row reads as CE
+    assert len(old) == 33 and set(old["metric"]) == {"ce"} and set(old["unit"]) == {"nats/token"}
+    assert not old["higher_better"].any() and (old["base_fp"] != "").all()  # current under its recorded inputs
+    ResultStore(db).record_inputs("other", "s", "fp", {}, {"x": "h"}, 1)  # any write migrates
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "4"
+        key = con.execute("SELECT constraint_text FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY'"
+                          " AND table_name = 'results'").fetchone()[0]
+    assert "metric" in key
+    migrated = ResultStore(db).results()
+    assert migrated.drop(columns="created_at").equals(old.drop(columns="created_at"))
+    # the same merge and domain under another metric is another row, beside the CE one
+    row = migrated.iloc[[0]].drop(columns=["experts", "k", "created_at"]).assign(
+        metric="accuracy", higher_better=True, unit="fraction", loss=0.5)
+    assert ResultStore(db).upsert(row) == 1
+    both = ResultStore(db).results(experts_key=row["experts_key"].iat[0], domain=row["domain"].iat[0],
+                                   method=row["method"].iat[0])
+    assert sorted(both["metric"]) == ["accuracy", "ce"]
+    tally["schema migrations exercised"] += 1

@@ -15,6 +15,11 @@ Most per-expert transforms only drop entries and rescale the survivors. Such a m
 `keep(deltas, ctx, hp)` (a bool mask of the entries kept, deltas' shape) and `keep_scale(hp)`; its
 prepare is then v ⊙ keep · keep_scale, and the engine may store the mask as bits next to the raw
 task vector instead of a second dense copy (issue 16).
+
+A method whose combine needs the whole tensor at once (an angle between task vectors, an SVD) sets
+`whole_tensor=True`; the engine then passes whole tensors to combine instead of chunks of one.
+Every method also accepts the options of `mergelab.merge_options` (per-expert weights, tensor filters),
+which the engine applies around the method.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class MergeMethod:
     combine: Callable[..., Any] | None = None       # non-linear finish on prepared task vectors
     keep: Callable[..., Any] | None = None          # prepare as a mask: bool tensor of the kept entries
     keep_scale: Callable[[dict], float] | None = None  # ... and the factor the kept entries are scaled by
+    whole_tensor: bool = False  # combine needs the whole tensor (angles, SVD), not chunks of it
+    validate: Callable[[dict], None] | None = None  # checks across parameters; raises HyperparameterError
     paper: str = ""      # the method's paper (and where mergelab's default comes from)
     mergekit: str = ""   # the equivalent mergekit config, and how it differs
 
@@ -101,13 +108,20 @@ class MergeMethod:
         return {k: p.default for k, p in self.params.items()}
 
     def resolve(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults filled in, unknown names refused, every value checked against its range."""
+        """Defaults filled in, unknown names refused, every value checked against its range; the options
+        of `mergelab.merge_options` (weights, include, exclude) in canonical form, present only when not at
+        their default (so cache keys of rows without them do not change)."""
+        from mergelab.engine.methods.options import OPTIONS, resolve_options
+
         given = dict(given or {})
-        unknown = sorted(set(given) - set(self.params))
+        unknown = sorted(set(given) - set(self.params) - set(OPTIONS))
         if unknown:
-            known = ", ".join(self.params) or "none"
+            known = ", ".join([*self.params, *OPTIONS])
             raise HyperparameterError(f"{self.name} has no hyperparameter {unknown[0]!r} (known: {known})")
-        return {k: p.check(self.name, k, given.get(k, p.default)) for k, p in self.params.items()}
+        resolved = {k: p.check(self.name, k, given.get(k, p.default)) for k, p in self.params.items()}
+        if self.validate is not None:
+            self.validate(resolved)
+        return {**resolved, **resolve_options(self.name, given)}
 
 
 def canonical_hparams(hp: dict[str, Any]) -> str:

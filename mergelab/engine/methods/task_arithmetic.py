@@ -20,5 +20,7 @@ METHOD = MergeMethod(
     linear_scale=scale,
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089); c = 0.8 as in "
           "arXiv 2509.24244 §2, normalised by k (its code summed without 1/k: normalize=false)",
-    mergekit="merge_method: task_arithmetic with base_model θ0, weight c/k per expert (c with normalize=false)",
+    mergekit="merge_method: task_arithmetic with base_model θ0, weight c/k per expert (c with normalize=false). "
+             "PEFT: peft.utils.merge_utils.task_arithmetic with weights c/k (same formula; per-expert weights "
+             "multiply them)",
 )
