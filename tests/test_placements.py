@@ -222,3 +222,70 @@ def test_sharded_and_disk_sessions_match_one_device_with_the_cuda_layout(tiny_fa
                 for p_name, p in session.resident.params.items():
                     assert p.dtype == torch.bfloat16 and torch.equal(p, reference[p_name]), (name, subset, p_name)
     assert sessions[1].merged is not None and len(sessions[1].merged) == 3  # an fp32 accumulator per shard
+
+
+# ---- merged with issue 17: weights, filters, whole-tensor and dense-prepare methods, adapters, layouts ---------
+
+OPTION_METHODS = {
+    "task_arithmetic": {"weights": "alpha:0.5,gamma:2"},  # linear path: w_i in the incremental update
+    "ties": {"weights": "alpha:0.5,gamma:2", "exclude": "*embed*"},  # keep bits × w_i, a tensor left at the base
+    "model_stock": {},  # whole-tensor combine (angles between task vectors)
+    "della": {"weights": "beta:1.5"},  # prepare without a keep mask: dense prepared vectors × w_i
+}
+
+
+def option_rows(manifest, tmp_path, placement, monkeypatch, methods=OPTION_METHODS, ks=None):
+    monkeypatch.setenv(PLACEMENT_ENV, placement)
+    family = load_family(manifest)
+    size = family.sizes[0]
+    store = ResultStore(tmp_path / f"opt_{placement.replace(':', '_')}.duckdb")
+    report = run_sweep(SweepSpec(family, [size.name], methods, ks or list(range(1, len(size.experts) + 1))), store,
+                       device="cpu", progress=False)
+    assert report.merged > 0 and not report.not_cached
+    assert "forced by MERGELAB_PLACEMENT" in report.memory_plans[size.name]
+    return store.results().sort_values(KEY).reset_index(drop=True)
+
+
+def test_weighted_whole_tensor_and_dense_prepare_methods_give_the_same_rows_on_disk(tiny_family, tmp_path, monkeypatch):
+    """Per-expert weights (linear and keep-bit paths), a tensor filter, model_stock's whole-tensor combine
+    and della's dense prepared vectors: the same rows read from the files (and sharded) as in memory."""
+    rows = {p: option_rows(tiny_family, tmp_path, p, monkeypatch) for p in ("device", "disk", "sharded:2:disk")}
+    reference = rows["device"]
+    assert set(reference["method"]) >= set(OPTION_METHODS)
+    weighted = reference[reference["method"] == "task_arithmetic"]["hparams"].iloc[0]
+    assert "alpha:0.5" in weighted  # the weights reached the cache key: the rows are the weighted merges
+    for placement, frame in rows.items():
+        assert frame[KEY].equals(reference[KEY]), placement
+        assert (frame["loss"] - reference["loss"]).abs().max() < 1e-6, placement
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_adapter_experts_and_converted_layouts_merge_from_disk(tmp_path, monkeypatch):
+    """Tensors formed on read (a LoRA adapter's base + B·A, MoE experts packed into one tensor) cannot be read
+    in place from a file: the disk placement holds those in memory and reads the rest (renamed tensors of
+    Gemma 3's text model by their stored keys) from the files; rows equal the in-memory placement's."""
+    import shutil
+
+    from tests.helpers import build_tiny_family
+    from tests.test_adapters import make_adapter
+    from tests.test_layouts import layout_family
+
+    manifest = build_tiny_family(tmp_path / "adapter")
+    beta = manifest.parent / "s" / "experts" / "beta"
+    tokenizer_files = {p.name: p.read_bytes() for p in beta.iterdir() if "token" in p.name}
+    shutil.rmtree(beta)
+    make_adapter(manifest.parent / "s" / "base", beta, seed=3)
+    for name, data in tokenizer_files.items():
+        (beta / name).write_bytes(data)
+    families = {"adapter": manifest, "qwen3_moe": layout_family(tmp_path / "moe", "qwen3_moe"),
+                "gemma3": layout_family(tmp_path / "gemma3", "gemma3")}
+    methods = {"average": {}, "ties": {"density": 0.5}, "model_stock": {}}
+    for kind, path in families.items():
+        rows = {p: option_rows(path, tmp_path / kind, p, monkeypatch, methods, ks=[2]) for p in ("device", "disk")}
+        assert rows["disk"][KEY].equals(rows["device"][KEY]), kind
+        assert (rows["disk"]["loss"] - rows["device"]["loss"]).abs().max() < 1e-6, kind
+    pool = ExpertPool.load(load_family(manifest).size("s"), store="disk")
+    held = pool.experts.held[pool.expert_names.index("beta")]
+    assert held and all(name in pool.names for name in held)  # only the adapted tensors are held in memory
+    assert not pool.experts.held[pool.expert_names.index("alpha")]
+    pool.close()
