@@ -12,6 +12,7 @@ from mergelab.engine.methods.options import HELP as OPTION_HELP
 from mergelab.paths import confined, data_home
 from mergelab.sweep.plan import SweepJob
 from mergelab.sweep.runner import plan_sweep
+from mergelab.sweep.local import plan_sizes
 from mergelab.sweep.worker import ensure_worker, reap_orphans
 
 FALLBACK_SECONDS_PER_MERGE = 0.1
@@ -134,6 +135,12 @@ def sweep_form() -> None:
     st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
             f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
+    try:  # where each size's weights will live (memory placement) and the numbers behind it
+        plans = plan_sizes(job.sweep_spec().family, todo, device, idle=True)
+        if plans:
+            st.caption("Memory plan: " + " · ".join(plan.describe() for plan in plans.values()))
+    except MergelabError as exc:
+        st.warning(str(exc))
     for size_name, note in report.layout_notes.items():  # LoRA adapter experts, packed or left-out tensors
         st.caption(f"Size {size_name}: {note}")
     if launch:

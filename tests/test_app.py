@@ -110,6 +110,7 @@ def test_sweep_form_estimates_before_launch(env):
     at.button[0].click().run()  # Estimate
     assert not at.exception
     assert any("already cached" in i.value and "to run" in i.value for i in at.info), [i.value for i in at.info]
+    assert any(c.value.startswith("Memory plan: size ") for c in at.caption), [c.value for c in at.caption]
 
 
 def test_sweep_form_lists_every_method_with_its_defaults_and_takes_weights(env):

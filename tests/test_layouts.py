@@ -162,11 +162,12 @@ def test_ties_trims_a_packed_moe_tensor_as_one_tensor(tmp_path):
     family = load_family(layout_family(tmp_path / "fam", "qwen3_moe"))
     pool = ExpertPool.load(family.size("s"))
     name = "model.layers.0.mlp.experts.gate_up_proj"
-    with torch.no_grad():  # make one MoE expert's slice carry most of the large entries
-        pool.deltas[name][0, 1].mul_(10.0)
+    with torch.no_grad():  # make one MoE expert's slice carry most of the large entries (θ ← θ0 + 10·v)
+        stored, base = pool.experts.views[0][name][1], pool.base[name][1]
+        stored.copy_(base + 10.0 * (stored.float() - base.float()))
     ties = get_method("ties")
     pool.ready_for(ties, ties.resolve({"density": 0.25}))
-    kept = pool.deltas[name][0] != 0
+    kept = pool.tensor_vectors([0], name)[0] != 0
     assert int(kept.sum()) == math.ceil(0.25 * kept.numel())  # one top-k over the whole packed tensor
     per_slice = [int(kept[e].sum()) for e in range(kept.shape[0])]
     assert per_slice[1] > math.ceil(0.25 * kept[1].numel()) and min(per_slice) < math.ceil(0.25 * kept[0].numel())

@@ -258,14 +258,19 @@ def test_a_merge_that_fails_midway_leaves_nothing_half_done_for_the_next(six_exp
     ties, average = METHODS["ties"], METHODS["average"]
     calls = []
 
-    def failing_prepare(vector, ctx, hp):
-        calls.append(ctx)
-        if len(calls) == 5:
-            raise MemoryError("out of memory")
-        return ties.prepare(vector, ctx, hp)
+    def failing(form):
+        def prepare_or_keep(vector, ctx, hp):
+            calls.append(ctx)
+            if len(calls) % 5 == 0:
+                raise MemoryError("out of memory")
+            return getattr(ties, form)(vector, ctx, hp)
+        return prepare_or_keep
 
-    with pytest.raises(MemoryError):
-        session.merge(dataclasses.replace(ties, prepare=failing_prepare), ties.resolve({}), ("a1", "a2"))
+    # as keep bits (ties gives a keep mask) and as dense prepared vectors (a method with prepare alone)
+    for broken in (dataclasses.replace(ties, keep=failing("keep")), dataclasses.replace(ties, keep=None, prepare=failing("prepare"))):
+        with pytest.raises(MemoryError):
+            session.merge(broken, ties.resolve({}), ("a1", "a2"))
+        assert pool.prepared_for is None and pool.masks is None and pool.dense is None
     session.merge(average, {}, ("a1", "a2", "a3"))
     original_add, adds = MergeSession._add, []
 
@@ -352,41 +357,51 @@ def test_export_model_writes_a_loadable_merge_with_the_swept_loss(tiny_family, t
 
 
 def test_gpu_plan_streams_task_vectors_from_host_memory_when_only_that_fits(monkeypatch):
-    """On a GPU that cannot hold the task vectors, they stay in host memory; when neither fits, the
-    plan refuses. (The limit variable stands in for device and host memory alike.)"""
+    """On a GPU that cannot hold the experts, they stay in host memory; when host memory cannot either,
+    they are streamed from disk; when not even the resident model fits, the plan refuses. (The limit
+    variable stands in for device and host memory alike.)"""
     from mergelab.engine.memory import needed_bytes, plan_memory
 
     n, m = 10**6, 9
+    monkeypatch.delenv("MERGELAB_PLACEMENT", raising=False)
     full, streamed = needed_bytes(n, m, "cuda:0"), needed_bytes(n, m, "cuda:0", streamed=True)
-    assert streamed == int(1.15 * n * (4 + 4 + 2)) < full == int(1.15 * n * ((m + 1) * 4 + 6))
+    # fp32 checkpoints: base + M experts + M/8 keep bits + bf16 model + fp32 merged copy; streamed: the last two
+    assert streamed == int(1.15 * n * (2 + 4)) < full == int(1.15 * n * ((m + 1) * 4 + m / 8 + 6))
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 2 / 2**30))
-    assert plan_memory(n, m, "s", "cuda:0").store == "cuda:0"
+    assert plan_memory(n, m, "s", "cuda:0", gpus=1).store == "cuda:0"
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 0.9 / 2**30))
-    plan = plan_memory(n, m, "s", "cuda:0")
-    assert plan.fits and plan.store == "cpu" and plan.host_bytes == int(1.15 * n * m * 4)
+    plan = plan_memory(n, m, "s", "cuda:0", gpus=1)
+    assert plan.fits and plan.store == "cpu" and plan.host_bytes == int(1.15 * n * ((m + 1) * 4 + m / 8))
     assert "streamed from host memory" in plan.describe()
-    assert not plan_memory(n, m, "s", "cuda:0", host_share=1 / 2).fits  # two GPUs share the node's memory
+    half = plan_memory(n, m, "s", "cuda:0", host_share=1 / 2, gpus=1)  # two GPUs share the node's memory
+    assert half.fits and half.store == "disk" and "safetensors files" in half.describe()
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(streamed * 0.9 / 2**30))
-    plan = plan_memory(n, m, "s", "cuda:0")
-    assert not plan.fits and plan.store == "cuda:0"
+    plan = plan_memory(n, m, "s", "cuda:0", gpus=1)
+    assert not plan.fits and len(plan.tried) == 3  # device, host, disk: each tried, with its numbers
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(full * 0.9 / 2**30))
-    assert plan_memory(n, m, "s", "cpu").store == "cpu" and not plan_memory(n, m, "s", "cpu").fits
+    assert plan_memory(n, m, "s", "cpu").store == "disk"  # on CPU: all in memory does not fit, disk does
 
 
 def test_sweep_refuses_to_start_when_the_memory_plan_does_not_fit(tiny_family, tmp_path, capsys, monkeypatch):
-    from mergelab.engine.memory import needed_bytes
+    from mergelab.engine.memory import placement_bytes
 
     family = load_family(tiny_family)
-    need = needed_bytes(family.sizes[0].n_params, 3, "cpu")
-    assert need == int(1.15 * family.sizes[0].n_params * (4 * 4 + 4))  # base + M task vectors + resident, fp32
-    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(need / 2 / 2**30))
+    n = family.sizes[0].n_params
+    monkeypatch.delenv("MERGELAB_PLACEMENT", raising=False)
+    need = placement_bytes(n, 3, "cpu", masks=False)[0]
+    assert need == int(1.15 * n * (4 * 4 + 4))  # base + M experts + resident, all fp32 in this family
+    disk = placement_bytes(n, 3, "cpu", "disk", masks=False)[0]
+    assert disk == int(1.15 * n * 4)  # base and experts stay in their files: the resident model alone
+    monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(disk / 2 / 2**30))
     db = tmp_path / "r.duckdb"
     code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
     assert code == 2 and "not starting: size s on cpu: needs ~" in err and "MERGELAB_MEMORY_LIMIT_GB" in err
+    assert "also tried: size s on cpu: needs ~" in err  # all in memory, then disk: both numbers given
     assert ResultStore(db).count() == 0
     monkeypatch.setenv("MERGELAB_MEMORY_LIMIT_GB", str(need * 2 / 2**30))
     code, _, err = cli(capsys, "sweep", "--family", tiny_family, "--db", db, "--methods", "average")
     assert code == 0, err
+    assert "memory plan: size s on cpu: needs ~" in err and "placement" not in err  # all in memory
 
 
 def test_the_merge_session_is_the_resident_models_only_writer(tiny_family):

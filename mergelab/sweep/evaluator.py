@@ -17,7 +17,7 @@ from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.sweep.plan import WorkItem, merge_order
 
 
-FINITE_CHUNK = 1 << 24  # weights checked per step: a 16 MiB bool temporary, whatever the model's size
+FINITE_CHUNK = 1 << 20  # weights checked per step: isfinite makes an |x| temporary (4 MiB fp32) and bools, whatever the model's size
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,19 @@ def non_finite_losses(losses: dict[str, float]) -> str | None:
 
 
 class SizeEvaluator:
-    """One size's task vectors and resident model, loaded once, then evaluating any list of that size's
+    """One size's experts and resident model, loaded once (where `store` and `devices` say: a memory
+    plan's placement, `mergelab.engine.memory`), then evaluating any list of that size's
     WorkItems (in `merge_order`) and yielding each merge's rows. The local backend makes one per size;
     each Ray actor holds one and feeds it chunks of the plan."""
 
     def __init__(self, family_name: str, size: SizeSpec, data: EvalData, device: str, progress: bool = False,
-                 store: str | None = None, downstream=None):
+                 store: str | None = None, devices: list[str] | None = None, downstream=None):
         from mergelab.bars import progress_bar
 
         self.family_name, self.size, self.device, self.data = family_name, size, device, data.to(device)
         with progress_bar(len(size.experts), f"load {size.name}", unit="expert", disable=not progress) as loading:
-            self.pool = ExpertPool.load(size, device, progress=loading, store=store)
-        self.resident = ResidentModel(self.pool.base_checkpoint, device)
+            self.pool = ExpertPool.load(size, device, progress=loading, store=store, shards=devices)
+        self.resident = ResidentModel(self.pool.base_checkpoint, device, self.pool.shards)
         self.session = MergeSession(self.pool, self.resident)
         # lm-eval tasks on the resident model as it is after each merge (mergelab.sweep.downstream)
         self.downstream = None
@@ -95,7 +96,7 @@ class SizeEvaluator:
                 self.session.load_expert(item.subset[0])
             else:
                 self.session.merge(get_method(item.method), json.loads(item.hparams), item.subset)
-            problem = non_finite_weights(self.resident.layout, self.resident.flat)
+            problem = next(filter(None, (non_finite_weights(part, flat) for part, flat in self.resident.parts)), None)
             if problem is None:
                 losses = evaluate(self.resident.model, self.data)
                 problem = non_finite_losses(losses)

@@ -19,11 +19,12 @@ from typing import Iterator
 
 from mergelab.errors import MergelabError
 from mergelab.engine.evaluate import EvalData
-from mergelab.engine.memory import needed_bytes, plan_memory, require_fit
+from mergelab.engine.memory import needed_bytes, require_fit
 from mergelab.engine.session import pick_device
 from mergelab.engine.threads import apply_threads
 from mergelab.io.family import Family
 from mergelab.sweep.evaluator import SizeEvaluator
+from mergelab.sweep.local import size_plan
 from mergelab.sweep.plan import WorkItem, merge_order
 
 INSTALL_HINT = "pip install 'mergelab[ray]'"
@@ -61,10 +62,10 @@ class SweepActor:
             # the CPUs Ray gave this actor, not the node's: actors side by side must not oversubscribe it
             self.threads = apply_threads(size.n_params, cores=_assigned_cpus())
             share = 1 / _gpus_on_this_node() if self.device.startswith("cuda") else 1.0
-            plan = plan_memory(size.n_params, len(size.experts), size.name, self.device, share)
+            plan = size_plan(size, items, self.device, share)
             require_fit(plan)
             self.evaluator = SizeEvaluator(self.family.name, size, self.eval_data[size_name], self.device,
-                                           store=plan.store)
+                                           store=plan.store, devices=plan.devices)
         yield from self.evaluator.evaluate(items)
 
     def _release(self) -> None:

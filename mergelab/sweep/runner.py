@@ -4,11 +4,13 @@ Ray), and write the rows to the results cache as they arrive (this process alone
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from mergelab.engine.evaluate import METRIC_VERSION, EvalData, prepare_eval
+from mergelab.engine.memory import require_fit
 from mergelab.engine.methods import canonical_hparams, get_method
 from mergelab.engine.methods.options import check_options
 from mergelab.engine.threads import choose_threads, torch_threads
@@ -19,7 +21,7 @@ from mergelab.io.fingerprint import size_fingerprints
 from mergelab.names import BASE, EXPERT, experts_key
 from mergelab.store import ResultStore, join_fingerprints
 from mergelab.sweep.evaluator import NotFinite
-from mergelab.sweep.local import local_results
+from mergelab.sweep.local import local_results, plan_sizes
 from mergelab.sweep.plan import SweepSpec, WorkItem, check_plan_size, plan_subsets
 from mergelab.sweep.ray_backend import ray_results, require_ray
 
@@ -45,6 +47,8 @@ class SweepReport:
     # while they ran, and why; None with the Ray backend (each actor chooses its own)
     threads: int | None = None
     threads_reason: str = ""
+    # size -> its memory plan in words (placement and numbers, `MemoryPlan.describe`); local backend only
+    memory_plans: dict[str, str] = field(default_factory=dict)
 
     def threads_note(self) -> str:
         """What the merges ran on, e.g. '1 torch thread (7,376 parameters: one thread for a model this small)'."""
@@ -123,7 +127,14 @@ def run_sweep(spec: SweepSpec, store: ResultStore, device: str | None = None, pr
     started = time.perf_counter()
     report, todo, eval_data = plan_sweep(spec, store)  # validates methods, hyperparameters and checkpoints
     if backend == "local":
-        results = local_results(spec.family, todo, eval_data, device, progress, spec.downstream)
+        plans = plan_sizes(spec.family, todo, device)
+        for plan in plans.values():
+            require_fit(plan)  # refused with the numbers before anything is loaded
+        report.memory_plans = {name: plan.describe() for name, plan in plans.items()}
+        if progress:  # the CLI shows where the weights will live before the first merge
+            for text in report.memory_plans.values():
+                print(f"memory plan: {text}", file=sys.stderr, flush=True)
+        results = local_results(spec.family, todo, eval_data, device, progress, plans, spec.downstream)
     else:
         results = ray_results(spec.family, todo, eval_data, device, address)
     total = sum(map(len, todo.values()))
