@@ -57,6 +57,13 @@ def _names(option: str, text: str | None) -> list[str] | None:
     return names
 
 
+def _check_merge_method(method: str | None) -> None:
+    """--method must name a merge method, not the base or single-expert reference rows."""
+    if method in REFERENCE_METHODS:
+        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
+                            "method; name a merge method (see `mergelab methods`)")
+
+
 def _check_seed(seed: int) -> None:
     from mergelab.sweep.plan import check_seed
 
@@ -397,9 +404,7 @@ def _check_table_options(format: str, bootstrap: int, weights: str, db: Path | N
         raise MergelabError(f"--bootstrap {bootstrap}: expected 0 (no CIs) up to {MAX_BOOTSTRAP:,} draws")
     if weights not in ("k", "uniform"):
         raise MergelabError(f"--weights {weights!r}: expected k or uniform")
-    if method in REFERENCE_METHODS:
-        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
-                            "method; name a merge method (see `mergelab methods`)")
+    _check_merge_method(method)
     _reading_db(db)
     if out is not None:
         check_output(out, "--out", protected=cache_files(db))
@@ -829,9 +834,7 @@ def adaptive_replay(
     _check_seed(seed)
     if format not in ("table", "json"):
         raise MergelabError(f"--format {format!r}: expected table or json")
-    if method in REFERENCE_METHODS:
-        raise MergelabError(f"--method {method!r}: the base and single-expert rows are references, not a merge "
-                            "method; name a merge method (see `mergelab methods`)")
+    _check_merge_method(method)
     _reading_db(db)
     results = _selected_results(db, family, method, size)
     curves = curves_of(results)

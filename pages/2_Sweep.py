@@ -144,13 +144,7 @@ def sweep_form() -> None:
     for size_name, note in report.layout_notes.items():  # LoRA adapter experts, packed or left-out tensors
         st.caption(f"Size {size_name}: {note}")
     if launch:
-        try:
-            job_id = queue.submit(job)
-            started = ensure_worker(queue)
-        except MergelabError as exc:
-            st.error(str(exc))
-            return
-        st.success(f"Job {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
+        submit(job, "Job")
 
 
 ADAPTIVE_QUANTITIES = {"L_inf": "0.005", "k90": "0.5", "A": "10%", "predict@M": "0.003"}  # default precisions
@@ -178,14 +172,18 @@ def adaptive_launch(job, quantity, precision, budget, launch, family, sizes, met
             f"the interval most, and stops when it is met" + (f" or after {budget} merges" if budget else "")
             + " (merges already cached count). The job shows the interval and the merges still predicted.")
     if launch:
-        try:
-            job_id = queue.submit(job)
-            started = ensure_worker(queue)
-        except MergelabError as exc:
-            st.error(str(exc))
-            return
-        st.success(f"Adaptive job {job_id} queued" + (" and a worker started." if started else
-                                                       "; the running worker will pick it up."))
+        submit(job, "Adaptive job")
+
+
+def submit(job, label: str) -> None:
+    """Queue `job`, start a worker if none runs, and say which happened (or why the job was refused)."""
+    try:
+        job_id = queue.submit(job)
+        started = ensure_worker(queue)
+    except MergelabError as exc:
+        st.error(str(exc))
+        return
+    st.success(f"{label} {job_id} queued" + (" and a worker started." if started else "; the running worker will pick it up."))
 
 
 sweep_form()
