@@ -56,19 +56,21 @@ c1, c2 = st.container(), st.container()  # one above the other: each table keeps
 with c1:
     st.markdown("**3-point forecast** from k = 1, 2, 4")
     try:
-        check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot)
+        check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=n_boot,
+                                metric=metric)
         bound = f"C = {-check.fit.L_inf:.4f}" if metric.higher_better else f"L∞ = {check.fit.L_inf:.4f}"
         st.caption(f"forecast: {bound} {units}, A = {check.fit.A:.4f}, b = {check.fit.b:.3f} "
                    f"({'; '.join(check.fit.notes)}). The interval is for the population mean at each k; the observed "
                    "mean carries its own pool's error (at k = M it is one subset).")
-        st.dataframe(held_out_table(check.table), hide_index=True, width="stretch")
+        st.dataframe(held_out_table(check.table, metric), hide_index=True, width="stretch")
     except FitError as exc:
         st.info(str(exc))
 with c2:
     st.markdown("**Leave-one-size-out**: fit the joint law on the smaller sizes, predict the largest")
     try:
         st.dataframe(held_out_table(leave_one_size_out(billions(all_sizes["n_params"]), all_sizes["k"],
-                                                       all_sizes["loss"]).table), hide_index=True, width="stretch")
+                                                       all_sizes["loss"], metric=metric).table, metric),
+                     hide_index=True, width="stretch")
     except FitError as exc:
         st.warning(str(exc))
 st.markdown("**Alternative forms** (ranked by AICc, AIC corrected for 9 points; forms within ΔAICc ≤ 2 of the "

@@ -64,6 +64,9 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     assert target.label == "target accuracy (fraction)" and 0.5 < target.value < 0.8  # in accuracy's own values
     assert not any("No ceiling-based planning" in w.value for w in plan.warning)  # it rises: a ceiling to plan for
     assert "ceiling C (fraction)" in plan.dataframe[0].value.columns
+    forecast = plan.dataframe[1].value  # the 3-point forecast: accuracies, not their negatives; no nats
+    assert (forecast["observed mean accuracy (fraction)"] > 0).all() and (forecast["predicted (fraction)"] > 0).all()
+    assert "error (fraction)" in forecast and not any("nats" in c for c in forecast.columns)
     synergy = run("pages/4_Synergy.py", family="acc-fam")
     assert "accuracy gain (fraction)" in synergy.get("plotly_chart")[0].proto.spec
 

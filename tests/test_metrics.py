@@ -123,3 +123,31 @@ def test_the_paper_table_of_an_accuracy_reads_as_a_ceiling():
     tex = render(table, "latex", {"options": {"what": "paper"}}, "paper")
     assert "$C$" in tex and r"$y(k) = C - A/(k+b)$" in tex and "accuracy in fraction" in tex
     assert "cross-entropy" not in tex
+
+
+def test_the_3_point_forecast_of_a_rising_accuracy_comes_back_in_accuracys_values():
+    # acc(k) = 0.8 − 0.3/(k + 0.5) + per-expert effects: fitted mirrored, the table shown un-mirrored
+    from mergelab.analysis.heldout import forecast_errors
+    from mergelab.ui.curves import held_out_table
+
+    rows = metrics.oriented(accuracy_rows())
+    merges = rows[(rows["method"] == "average") & (rows["domain"] == "x")]
+    acc = metrics.get("accuracy")
+    check = forecast_errors(merges["k"], merges["loss"], merges["experts_key"], n_boot=50, metric=acc)
+    table = check.table
+    observed = -merges.groupby("k")["loss"].mean()  # the accuracies measured, per k
+    assert table["observed"].to_numpy() == pytest.approx(observed.to_numpy())
+    assert (table["observed"] > 0).all() and (table["predicted"] > 0).all()  # accuracies, not their negatives
+    low, high = observed.min() - 0.02, observed.max() + 0.02
+    assert table["predicted"].between(low, high).all() and table["lo"].between(low, high).all()
+    assert (table["lo"] <= table["hi"]).all() and table["hi"].between(low, high).all()
+    assert table["error"].to_numpy() == pytest.approx((table["predicted"] - table["observed"]).to_numpy())
+    assert -check.fit.L_inf == pytest.approx(0.8, abs=0.03)  # the fit stays mirrored: minus the ceiling
+    shown = held_out_table(table, acc)
+    assert "observed mean accuracy (fraction)" in shown and "error (fraction)" in shown
+    assert "error / gain accuracy(k max) − accuracy(1)" in shown
+    assert "population mean at k, 95% CI (fraction)" in shown
+    assert not any("nats" in c for c in shown.columns)
+    # CE is untouched by the metric: the same numbers and headers as before
+    ce = forecast_errors(merges["k"], -merges["loss"], metric=metrics.CE).table
+    assert "observed mean (nats/token)" in held_out_table(ce) and ce["observed"].to_numpy() == pytest.approx(observed.to_numpy())

@@ -51,7 +51,8 @@ def _three_point(L1: float, L2: float, L4: float) -> tuple[dict[str, float], str
     return {"L_inf": fit.L_inf, "A": fit.A, "b": fit.b}, LEAST_SQUARES
 
 
-def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95) -> HeldOut:
+def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, level: float = 0.95,
+                    metric=None) -> HeldOut:
     """Forecast the whole curve from k ∈ {1, 2, 4} and compare with every other observed k.
 
     Errors are given in nats and relative to the observed loss and to the curve's drop
@@ -59,7 +60,11 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
     With `subsets` (one experts_key per row) each prediction gets a 95% expert-bootstrap interval
     (`lo`, `hi`) for the *population* mean loss at k (new pools of experts at k = 1, 2, 4, forecast
     again; mergelab.analysis.intervals), not for the observed mean, which carries its own pool's
-    error (at k = M it is one subset). When no interval can be given, the fit's notes say why."""
+    error (at k = M it is one subset). When no interval can be given, the fit's notes say why.
+
+    `loss` is oriented (mergelab.metrics.oriented: a higher-is-better metric negated); with such a
+    `metric` (mergelab.metrics.Metric) the table comes back in the metric's own values (`in_metric`),
+    while `fit` stays oriented (its L∞ is minus the ceiling)."""
     ks, means = per_k_means(k, loss)
     missing = [x for x in (1, 2, 4) if x not in ks]
     if missing:
@@ -77,7 +82,24 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
         except FitError as exc:
             out["lo"] = out["hi"] = np.nan
             forecast.notes.append(f"no interval: {exc}")
-    return HeldOut(forecast, out)
+    return HeldOut(forecast, in_metric(out, metric))
+
+
+def in_metric(table: pd.DataFrame, metric=None) -> pd.DataFrame:
+    """A held-out table computed on oriented values, back in `metric`'s own values (unchanged for a
+    lower-is-better one, e.g. CE): observed, predicted and the interval negated (its ends swapped), the
+    error predicted − observed in the metric's sign. The relative errors keep their values: error / observed
+    is a ratio of two negated numbers, and the drop L(1) − L(k max) becomes the gain v(k max) − v(1), the
+    same number, so error / drop is negated with the error."""
+    if metric is None or not metric.higher_better:
+        return table
+    out = table.copy()
+    for column in ("observed", "predicted", "error", "error_rel_drop"):
+        if column in out:
+            out[column] = -out[column]
+    if "lo" in out and "hi" in out:
+        out["lo"], out["hi"] = -out["hi"], -out["lo"]
+    return out
 
 
 def _forecast_interval(k, loss, subsets, p, ks, n_boot, seed, level):
@@ -108,14 +130,15 @@ def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def leave_one_size_out(N, k, loss, *, weights="k") -> HeldOut:
+def leave_one_size_out(N, k, loss, *, weights="k", metric=None) -> HeldOut:
     """Fit the joint law L(N,k) = L* + B·N^(−β) + A0·N^(−γ)/(k+b) (arXiv 2509.24244 §3) on all but the
     largest size and predict the largest size's per-k means. N in billions of parameters, loss in
     nats/token (any unit: errors come back in it).
 
     Extrapolating in N needs the training sizes to identify the law: at least FLOOR_SIZES (4) of them,
     so 5 sizes in all, and a training fit with every parameter identified (`JointFit.not_identified`);
-    otherwise raises FitError with the reason. Returns the training fit and the table of predictions."""
+    otherwise raises FitError with the reason. Returns the training fit and the table of predictions
+    (in a higher-is-better `metric`'s own values when given, `loss` being oriented: see `in_metric`)."""
     N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
     sizes = np.unique(N)
     if len(sizes) < FLOOR_SIZES + 1:
@@ -130,7 +153,7 @@ def leave_one_size_out(N, k, loss, *, weights="k") -> HeldOut:
     ks, means = per_k_means(k[~train], loss[~train])
     predicted = fit.predict(sizes[-1], ks)
     out = pd.DataFrame({"N": sizes[-1], "k": ks, "observed": means, "predicted": predicted, "error": predicted - means})
-    return HeldOut(fit, out)
+    return HeldOut(fit, in_metric(out, metric))
 
 
 def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:

@@ -191,16 +191,31 @@ HELD_OUT_COLUMNS = {"observed": "observed mean (nats/token)",
                     "held_out": "held out"}
 
 
-def held_out_table(table: pd.DataFrame) -> pd.DataFrame:
-    """A held-out table (mergelab.analysis.heldout) for display: units in the headers, and the
-    interval as one column that says what it covers."""
-    out = table.rename(columns=HELD_OUT_COLUMNS)
+def held_out_columns(metric=None) -> dict:
+    """The held-out table's headers in the metric's name and unit (CE: HELD_OUT_COLUMNS); for a
+    higher-is-better metric the drop L(1) − L(k max) is the gain v(k max) − v(1)."""
+    if metric is None or metric.name == "ce":
+        return HELD_OUT_COLUMNS
+    name, unit = metric.label or metric.name, metric.units
+    gain = (f"error / gain {name}(k max) − {name}(1)" if metric.higher_better else
+            f"error / drop {name}(1) − {name}(k max)")
+    return {"observed": f"observed mean {name} ({unit})", "predicted": f"predicted ({unit})",
+            "error": f"error ({unit})", "error_rel_loss": "error / observed", "error_rel_drop": gain,
+            "held_out": "held out"}
+
+
+def held_out_table(table: pd.DataFrame, metric=None) -> pd.DataFrame:
+    """A held-out table (mergelab.analysis.heldout, already in `metric`'s own values) for display: the
+    metric's name and unit in the headers (default CE, nats/token), and the interval as one column that
+    says what it covers."""
+    out = table.rename(columns=held_out_columns(metric))
     for column in out.select_dtypes("float").columns:  # 4e-17 is an exact fit, not a number to print in full
         out[column] = out[column].round(6) + 0.0
     if "N" in out:  # the laws take N in billions; people read model sizes as 19.2K, 625K, 1.5B
         at = out.columns.get_loc("N")
         out.insert(at, "N (parameters)", [params_label(n * PARAMS_PER_BILLION) for n in out.pop("N")])
     if "lo" in out:
-        out["population mean at k, 95% CI (nats/token)"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
-                                                           for lo, hi in zip(out.pop("lo"), out.pop("hi"))]
+        unit = "nats/token" if metric is None else metric.units
+        out[f"population mean at k, 95% CI ({unit})"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
+                                                         for lo, hi in zip(out.pop("lo"), out.pop("hi"))]
     return out
