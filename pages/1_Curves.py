@@ -6,8 +6,8 @@ import streamlit as st
 
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import reference
-from mergelab.ui.curves import (NORMALISED, axis_title, bands, fit_summary, normalise_curve, normalisers, size_points,
-                                variance_tables)
+from mergelab.ui.curves import (axis_title, bands, fit_summary, normalise_curve, normalisers, scale_options,
+                                size_points, variance_tables)
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import curve_figure, residual_figure, size_figure, variance_figure
 from mergelab.analysis.fit import FitError
@@ -29,11 +29,11 @@ with st.sidebar.expander("Display", expanded=True) as display:
     n_boot = ui.setting("select_slider", "Bootstrap draws (band, CIs)", "boot", 200, options=[0, 100, 200, 500, 1000],
                         place=display, help="expert bootstrap: each draw is a new pool of experts resampled from yours, "
                                             "with their estimated effects, evaluated on the subsets you merged; 0 = no intervals")
-    scale_label = ui.setting("radio", "y axis", "y", "cross-entropy", options=list(NORMALISED), place=display,
-                             format_func=lambda o: (metric.label or metric.name) if o == "cross-entropy" else o,
+    scales = scale_options(metric)  # the first option is the metric's name: y=accuracy in the URL, not y=cross-entropy
+    scale_label = ui.setting("radio", "y axis", "y", next(iter(scales)), options=list(scales), place=display,
                              help="L(k) − L(1) or L(k)/L(1) put curves of different scales side by side (the demo's "
                                   "tiny models and the paper's law); L(1) is each curve's own mean at k = 1")
-    how = NORMALISED[scale_label]
+    how = scales[scale_label]
     log_x = ui.setting("checkbox", "log k axis", "logx", False, place=display)
     log_y = ui.setting("checkbox", "log y axis", "logy", False, place=display, disabled=how == "difference",
                        help="not for L(k) − L(1), which is negative")
@@ -75,9 +75,9 @@ if any(not f.ok for f in fits.values()):
 left, right = st.columns(2)
 with left:
     if st.checkbox("Residuals", value=False):
-        st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all), width="stretch", key="residuals")
+        st.plotly_chart(residual_figure(merges, fits, sizes_in_order=sizes_all, metric=metric), width="stretch", key="residuals")
     variances, var_fits = variance_tables(merges, rows)
-    var_fig = variance_figure(variances, var_fits, sizes_in_order=sizes_all)
+    var_fig = variance_figure(variances, var_fits, sizes_in_order=sizes_all, metric=metric)
     st.plotly_chart(var_fig, width="stretch", key="variance")
     figure_download(var_fig, f"{family}_{domain}_variance", "dl-variance")
     st.caption("Dotted: the plain law V∞ + C/(k+b); solid: the finite-pool law, that times (M−k)/(M−1), 0 at k = M.")

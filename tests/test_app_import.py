@@ -58,6 +58,14 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     ys = [y for trace in fig["data"] if "markers" in str(trace.get("mode")) and trace.get("y") is not None
           for y in values(trace["y"])]
     assert ys and min(ys) > 0  # points drawn as accuracies
+    charts = {c.proto.spec and json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+              for c in curves.get("plotly_chart")}
+    variance = next(f for t, f in charts.items() if t.startswith("Variance"))
+    assert variance["layout"]["yaxis"]["title"]["text"] == "variance of accuracy (fraction²)"
+    sizes = next(f for t, f in charts.items() if "vs model size" in t)  # one size: one point, its range around it
+    low, high = sizes["layout"]["yaxis"]["range"]
+    assert 0 < low < values(sizes["data"][0]["y"])[0] < high < 1
+    assert curves.radio(key="w:y").value == "accuracy" and curves.query_params["y"] == "accuracy"  # not y=cross-entropy
 
     plan = run("pages/3_Fit_and_Plan.py", family="acc-fam")
     target = plan.number_input[0]

@@ -123,6 +123,13 @@ NORMALISED_AXIS = {None: "cross-entropy (nats/token)", "difference": "L(k) − L
                    "ratio": "L(k) / L(1)"}
 
 
+def scale_options(metric=None) -> dict:
+    """The Curves page's y-axis choices {option: how} (NORMALISED), the first named after the metric ('cross-entropy',
+    'accuracy'): the option is what the URL's y= keeps, so a link never names CE for another metric."""
+    first = "cross-entropy" if metric is None or metric.name == "ce" else (metric.label or metric.name)
+    return {first: None, **{o: h for o, h in NORMALISED.items() if h is not None}}
+
+
 def axis_title(how: str | None, metric=None) -> str:
     """The y axis title of the Curves page for a normalisation `how` and a metric (default CE)."""
     if metric is None or metric.name == "ce":

@@ -78,7 +78,8 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
         if show_points:
             fig.add_scatter(x=rows["k"], y=(rows["loss"] - offset) / scale, mode="markers", name=f"{name} subsets", legendgroup=name,
                             showlegend=False, marker=dict(color=colour, size=4, opacity=0.18),
-                            hovertext=rows["experts_key"], hovertemplate="k=%{x}<br>CE=%{y:.4f}<br>%{hovertext}<extra></extra>")
+                            hovertext=rows["experts_key"],
+                            hovertemplate="k=%{x}<br>" + _short(y_title) + "=%{y:.4f}<br>%{hovertext}<extra></extra>")
         stats = mean_by_k(rows)
         fit = fits.get((size, method))
         error_y = None
@@ -100,7 +101,9 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                             line=dict(width=0), name=f"{name} 95% band", legendgroup=name, showlegend=False, hoverinfo="skip")
         fig.add_scatter(x=grid, y=(fit.predict(grid) - offset) / scale, mode="lines", line=dict(color=colour, width=2, dash=dash),
                         name=f"{name} fit", legendgroup=name, showlegend=False,
-                        hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} y=%{{y:.4f}}"
+                        # a negative scale: the curve holds a higher-is-better metric mirrored, its L∞ is −C
+                        hovertemplate=((f"C={-fit.L_inf:.4f}" if scale < 0 else f"L∞={fit.L_inf:.4f}")
+                                       + f" A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} y=%{{y:.4f}}"
                                        f"<extra>{name} fit</extra>"))
         if has_floor(fit):  # a floor only means something for a falling curve
             fig.add_hline(y=(fit.L_inf - offset) / scale, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
@@ -113,8 +116,16 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     return fig
 
 
-def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str = "Residuals of the per-k means"):
-    """Per-k mean minus the fitted curve, per (size, setting): structure here means the law misses."""
+def _short(y_title: str) -> str:
+    """The quantity of an axis title, for hover text: 'CE' for cross-entropy, else the name before the unit."""
+    return "CE" if y_title.startswith("cross-entropy") else y_title.split(" (")[0]
+
+
+def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str = "Residuals of the per-k means",
+                    metric=None):
+    """Per-k mean minus the fitted curve, per (size, setting): structure here means the law misses. `metric`
+    (mergelab.metrics.Metric, default CE): the merges hold its oriented values; residuals are drawn in its own
+    sign and unit."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -125,15 +136,19 @@ def residual_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str
             continue
         ks, means = per_k_means(rows["k"], rows["loss"])
         colour, symbol = style(size, method)
-        fig.add_scatter(x=ks, y=means - fit.predict(ks), mode="lines+markers", name=f"{method} · {size}",
+        sign = metric.sign if metric is not None else 1
+        fig.add_scatter(x=ks, y=sign * (means - fit.predict(ks)), mode="lines+markers", name=f"{method} · {size}",
                         line=dict(color=colour), marker=dict(symbol=symbol, size=7))
     fig.add_hline(y=0, line=dict(color="#999", width=1))
-    return _legend_below(_layout(fig, title, "experts merged, k", "observed − fitted (nats/token)", height=340))
+    unit = "nats/token" if metric is None else metric.units
+    return _legend_below(_layout(fig, title, "experts merged, k", f"observed − fitted ({unit})", height=340))
 
 
-def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: str = "Variance across subsets"):
+def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: str = "Variance across subsets",
+                    metric=None):
     """Across-subset variance vs k with the plain and finite-pool 1/(k+b) laws; colour by size and marker
-    by method setting (colour by setting for one size)."""
+    by method setting (colour by setting for one size). `metric` (default CE) names the y axis: the variance
+    of its values in its unit squared (a sign flip leaves a variance unchanged)."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -149,9 +164,17 @@ def variance_figure(variances, fits: dict, *, sizes_in_order: list[str], title: 
             if fit is not None:
                 fig.add_scatter(x=grid, y=fit.predict(grid), mode="lines", line=dict(color=colour, dash=dash, width=1.5),
                                 name=f"{method} · {size} {law.replace('_', '-')} law", showlegend=False)
-    _layout(fig, title, "experts merged, k", "variance of CE (nats²)", height=380)
+    _layout(fig, title, "experts merged, k", variance_title(metric), height=380)
     fig.update_yaxes(exponentformat="power")  # 4×10⁻⁵, not the SI '40µ'
     return _legend_below(fig)
+
+
+def variance_title(metric=None) -> str:
+    """'variance of CE (nats²)', or the metric's name and its unit squared: 'variance of accuracy (fraction²)'."""
+    if metric is None or metric.name == "ce":
+        return "variance of CE (nats²)"
+    unit = metric.unit.split("/")[0] if metric.unit == "nats/token" else metric.unit
+    return f"variance of {metric.label or metric.name}" + (f" ({unit}²)" if unit else "")
 
 
 def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title: str = "cross-entropy (nats/token)"):
@@ -168,17 +191,22 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     for method, rows in points.groupby("setting"):
         fig.add_scatter(x=rows["n_params"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}",
                         customdata=np.c_[rows["size"], [params_label(n) for n in rows["n_params"]]],
-                        hovertemplate="%{customdata[0]} (%{customdata[1]} params)<br>CE=%{y:.4f}<extra></extra>")
+                        hovertemplate="%{customdata[0]} (%{customdata[1]} params)<br>" + _short(y_title)
+                                      + "=%{y:.4f}<extra></extra>")
     if joint is not None:
         grid = np.geomspace(points["N"].min() / 1.5, points["N"].max() * 1.5, 100)
         fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.predict(grid, k), mode="lines", name=f"joint law at k={k}",
                         line=dict(color="#333"))
         fig.add_scatter(x=grid * PARAMS_PER_BILLION, y=joint.floor(grid), mode="lines", name="floor L* + B·N^−β",
                         line=dict(color="#333", dash="dash"))
-    short = "CE" if y_title.startswith("cross-entropy") else y_title.split(" (")[0]
+    short = _short(y_title)
     _layout(fig, title or f"{short} vs model size at k = {k}", "parameters N", y_title, height=380)
     _legend_below(fig)
     ticks = sorted(points["n_params"].unique()) if len(points) else []
+    if len(points) and points["loss"].nunique() == 1:  # one value: plotly's auto range (−0.5..1 for 0.45) hides it
+        y = float(points["loss"].iloc[0])
+        pad = max(abs(y) * 0.1, 1e-3)
+        fig.update_yaxes(range=[y - pad, y + pad])
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=[params_label(n) for n in ticks])
     return fig
 
