@@ -1,4 +1,4 @@
-"""Synergy: which donor experts lower the CE of which receiver domains."""
+"""Synergy: which donor experts improve the metric (lower the CE, raise an accuracy) of which receiver domains."""
 
 import pandas as pd
 import streamlit as st
@@ -10,15 +10,18 @@ from mergelab.ui.figures import bar_figure, synergy_heatmap
 from mergelab.analysis.synergy import (DEFAULT_BLOCKS, block_means, donor_strength, receiver_susceptibility, synergy_intervals,
                                synergy_matrix, top_pairs)
 
-ui.page_header("Synergy", "S[d, e] = mean drop of the CE on receiver e when expert d joins a merge, over every pair of "
-               "merges (S, S ∪ {d}) in the cache. Blue helps, red hurts; the diagonal is the own expert. Intervals (hover, "
-               "error bars) resample the co-experts (README, \"Intervals\"); a value in parentheses has an interval "
-               "that holds 0.")
+ui.page_header("Synergy", "S[d, e] = mean improvement of the metric on receiver e when expert d joins a merge (CE: its "
+               "drop; a higher-is-better metric such as accuracy: its gain), over every pair of merges (S, S ∪ {d}) in "
+               "the cache. Blue helps, red hurts; the diagonal is the own expert. Intervals (hover, error bars) resample "
+               "the co-experts (README, \"Intervals\"); a value in parentheses has an interval that holds 0.")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
+metric = ui.current_metric()
+NAME = "CE" if metric.name == "ce" else metric.label or metric.name
+# what a helpful donor does to the metric, and what a harmful one does: the sign of 'better'
+HELPS, HURTS = ("raises", "lowers") if metric.higher_better else ("lowers", "raises")
 method, size = ui.pick_method_and_size(rows, methods_all, sizes_all)
 # oriented (negated when higher is better): a positive synergy is always an improvement of the metric
 chosen = metrics.oriented(rows[(rows["setting"] == method) & (rows["size"] == size)])
-metric = ui.current_metric()
 GAIN = "CE drop (nats)" if metric.name == "ce" else f"{metric.label or metric.name} gain ({metric.units})"
 
 
@@ -37,7 +40,8 @@ if matrix.empty or matrix.isna().all().all():
     st.info("Synergy needs merges that differ by one expert (exhaustive subsets or orderings). Launch such a sweep.")
     st.stop()
 heatmap = (synergy_heatmap(matrix, lo=lo, hi=hi) if metric.name == "ce" else
-           synergy_heatmap(matrix, title=f"Synergy: {GAIN} on receiver when donor joins", lo=lo, hi=hi))
+           synergy_heatmap(matrix, title=f"Synergy: {GAIN} on receiver when donor joins", lo=lo, hi=hi,
+                           unit=metric.units))
 st.plotly_chart(heatmap, width="stretch", key="heatmap")
 figure_download(heatmap, f"{family}_{method}_{size}_synergy", "dl-heatmap")
 if lo is not None and lo.attrs.get("notes"):
@@ -61,12 +65,12 @@ with left:
     st.plotly_chart(pairs_fig, width="stretch", key="pairs")
     figure_download(pairs_fig, f"{family}_{method}_{size}_synergy_pairs", "dl-pairs")
     st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red), with 95% intervals"
-               + ("" if n_harm else ": no donor raises any other domain's CE here") + ".")
+               + ("" if n_harm else f": no donor {HURTS} any other domain's {NAME} here") + ".")
 with right:
     st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor",
                                "mean CE drop on others (nats)" if metric.name == "ce" else f"mean {GAIN} on others"),
                     width="stretch", key="donors")
-    st.caption("Donor strength: how much each expert lowers the CE of the other domains, on average.")
+    st.caption(f"Donor strength: how much each expert {HELPS} the {NAME} of the other domains, on average.")
     st.plotly_chart(bar_figure(receiver_susceptibility(matrix), "Receiver susceptibility", "receiver",
                                "mean CE drop from others (nats)" if metric.name == "ce" else f"mean {GAIN} from others"),
                     width="stretch", key="receivers")

@@ -77,6 +77,10 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     assert "error (fraction)" in forecast and not any("nats" in c for c in forecast.columns)
     synergy = run("pages/4_Synergy.py", family="acc-fam")
     assert "accuracy gain (fraction)" in synergy.get("plotly_chart")[0].proto.spec
+    heat = json.loads(synergy.get("plotly_chart")[0].proto.spec)
+    assert heat["data"][0]["colorbar"]["title"]["text"] == "fraction"  # not nats
+    captions = " ".join(c.value for c in synergy.caption[1:])  # after the page's header, which names both kinds
+    assert "each expert raises the accuracy of the other domains" in captions and "CE" not in captions
 
 
 def test_a_bad_upload_names_line_and_column_and_writes_nothing(empty_cache):

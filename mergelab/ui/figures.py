@@ -211,8 +211,10 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     return fig
 
 
-def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None):
-    """Diverging colour scale centred on 0: blue helps, red hurts. lo, hi: matrices of 95% intervals
+def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None,
+                    unit: str = "nats"):
+    """Diverging colour scale centred on 0: blue helps, red hurts. `unit`: the values' unit (colour bar, hover;
+    a higher-is-better metric's gain, e.g. 'fraction'). lo, hi: matrices of 95% intervals
     (mergelab.analysis.synergy.synergy_intervals), shown on hover; a value whose interval holds 0 is
     printed in parentheses, one without an interval with a trailing '?', an empty cell has no pair."""
     import numpy as np
@@ -222,7 +224,7 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     rounded = np.round(np.nan_to_num(values), 3) + 0.0  # + 0.0: no '-0.0'
     text = np.where(np.isfinite(values), np.char.mod("%.3f", rounded), "")
-    hover = "donor %{y} → receiver %{x}: %{z:.4f} nats<extra></extra>"
+    hover = "donor %{y} → receiver %{x}: %{z:.4f} " + unit + "<extra></extra>"
     custom = None
     if lo is not None and hi is not None:
         lo_v, hi_v = lo.to_numpy(dtype=float), hi.to_numpy(dtype=float)
@@ -230,10 +232,10 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
         no_interval = np.isfinite(values) & ~(np.isfinite(lo_v) & np.isfinite(hi_v))
         text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
         text = np.where(no_interval, text + "?", text)
-        hover = ("donor %{y} → receiver %{x}: %{z:.4f} nats<br>95% interval [%{customdata[0]:.4f}, "
+        hover = ("donor %{y} → receiver %{x}: %{z:.4f} " + unit + "<br>95% interval [%{customdata[0]:.4f}, "
                  "%{customdata[1]:.4f}] (NaN: none)<extra></extra>")
     fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
-                               colorscale="RdBu", colorbar=dict(title="nats"), customdata=custom,
+                               colorscale="RdBu", colorbar=dict(title=unit), customdata=custom,
                                text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
     _layout(fig, title, "receiver domain", "donor expert", height=520)
     fig.update_yaxes(autorange="reversed")
