@@ -52,6 +52,16 @@ class Metric:
         """The unit for table headers and captions ('' shown as 'units')."""
         return self.unit or "units"
 
+    @property
+    def described(self) -> str:
+        """The metric in words for captions: 'cross-entropy (nats/token, lower is better)'."""
+        return f"{self.label or self.name} ({self.units}, {self.direction} is better)"
+
+    @property
+    def law(self) -> str:
+        """The fitted law in this metric's sign: 'L∞ + A/(k+b)' falling to a floor, 'C − A/(k+b)' rising to a ceiling."""
+        return "C − A/(k+b)" if self.higher_better else "L∞ + A/(k+b)"
+
 
 CE = Metric("ce", False, "nats/token", "cross-entropy")
 REGISTRY = {m.name: m for m in [

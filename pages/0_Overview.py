@@ -10,8 +10,9 @@ from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO
 
 ui.page_header("mergelab: model-merging scaling curves",
-               "Merged-model cross-entropy vs the number of merged experts k, per method and model size, with the "
-               "fitted law L(k) = L∞ + A/(k+b).")
+               "A merged model's measured metric vs the number of merged experts k, per method and model size, with "
+               "the fitted law: cross-entropy falls to a floor, L(k) = L∞ + A/(k+b); a higher-is-better metric (an "
+               "imported accuracy) rises to a ceiling, C − A/(k+b).")
 results = ui.load_results()
 if results.empty:
     if not ui.stale_rows().empty:
@@ -57,5 +58,6 @@ overview = curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} ·
                         y_title=axis_title(None, metric))
 st.plotly_chart(overview, width="stretch", key="overview")
 figure_download(overview, f"{family}_{size}_macro_curves", "dl-overview")
-st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors of "
-           "curves that fall. Open Curves for single subsets, bands and domains.")
+st.caption(f"{metric.described[:1].upper()}{metric.described[1:]}. One colour per method; solid and dotted lines are the fitted {metric.law}, "
+           + ("dashed lines the ceilings of curves that rise" if metric.higher_better else
+              "dashed lines the floors of curves that fall") + ". Open Curves for single subsets, bands and domains.")

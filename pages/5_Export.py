@@ -15,8 +15,8 @@ from mergelab.ui.figures import curve_figure
 from mergelab.names import MACRO, REFERENCE_METHODS
 
 ui.page_header("Export", "Downloads carry their provenance (code version, families, methods and hyperparameters, "
-               "sizes, k range, number of merges, eval-set hashes, options) and units (CE in nats/token, sizes "
-               "as parameter counts). LaTeX is the compact table for a paper; CSV, JSON and Parquet hold every column.")
+               "sizes, k range, number of merges, eval-set hashes, options) and units (each row's metric and its unit, "
+               "named below; sizes as parameter counts). LaTeX is the compact table for a paper; CSV, JSON and Parquet hold every column.")
 family, rows, methods_all, _ = ui.family_with_merges()
 chosen = ui.choose("Method settings to export", methods_all, "export", multi=True, default=methods_all,
                    help="every table and the chart below hold these settings only (with the base and single-expert "
@@ -28,7 +28,8 @@ rows = rows[rows["method"].isin(REFERENCE_METHODS) | rows["setting"].isin(chosen
 n_boot = ui.setting("select_slider", "Expert-bootstrap draws for CIs", "boot_export", PAPER_DRAWS, options=[0, 100, 200, 500],
                     help="intervals resample experts (README, \"Intervals\"); 0 = no intervals. "
                          "Tables with intervals are computed when you click a download.")
-st.caption(f"{family} · {len(chosen)} of {len(methods_all)} method settings: {', '.join(chosen)}")
+st.caption(f"{family} · {len(chosen)} of {len(methods_all)} method settings: {', '.join(chosen)} · metric: "
+           f"{ui.current_metric().described}")
 MIME = {"csv": "text/csv", "json": "application/json", "latex": "text/x-tex", "parquet": "application/octet-stream"}
 EXT = {"csv": "csv", "json": "json", "latex": "tex", "parquet": "parquet"}
 BOOTSTRAPPED = ("paper", "fits", "plan", "synergy")  # the tables whose intervals cost a refit per draw

@@ -77,6 +77,13 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     assert "error (fraction)" in forecast and not any("nats" in c for c in forecast.columns)
     synergy = run("pages/4_Synergy.py", family="acc-fam")
     assert "accuracy gain (fraction)" in synergy.get("plotly_chart")[0].proto.spec
+    overview = run("app.py", family="acc-fam")
+    said = " ".join(c.value for c in overview.caption)
+    assert "Accuracy (fraction, higher is better)" in said and "fitted C − A/(k+b), dashed lines the ceilings" in said
+    assert "floors" not in said.split("Accuracy (fraction")[1]
+    exported = run("pages/5_Export.py", family="acc-fam")
+    assert any("metric: accuracy (fraction, higher is better)" in c.value for c in exported.caption)
+    assert not any("CE in nats" in c.value for c in exported.caption)
     heat = json.loads(synergy.get("plotly_chart")[0].proto.spec)
     assert heat["data"][0]["colorbar"]["title"]["text"] == "fraction"  # not nats
     captions = " ".join(c.value for c in synergy.caption[1:])  # after the page's header, which names both kinds
