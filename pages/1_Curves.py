@@ -66,6 +66,10 @@ fig = curve_figure(merges, fits, sizes_in_order=sizes_all, title=f"{family} · {
 st.plotly_chart(fig, width="stretch", key="curve")
 figure_download(fig, f"{family}_{domain}_curves", "dl-curve")
 st.dataframe(fit_summary(fits, metric), hide_index=True, width="stretch")
+if overlay and metric.name != "ce":  # ticked, nothing drawn: say why rather than leave the box doing nothing
+    st.caption(f"The paper's overlay is not drawn: its published laws (arXiv 2509.24244) are cross-entropy laws in "
+               f"nats/token, not laws of {metric.label or metric.name}; they are drawn over CE curves (what sweeps "
+               "measure; a family with both picks its metric in the sidebar).")
 if metric.higher_better:
     st.caption(f"{metric.label or metric.name} is higher-is-better: fitted as C − A/(k+b), the dashed line is the "
                f"ceiling C.")

@@ -66,6 +66,10 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     low, high = sizes["layout"]["yaxis"]["range"]
     assert 0 < low < values(sizes["data"][0]["y"])[0] < high < 1
     assert curves.radio(key="w:y").value == "accuracy" and curves.query_params["y"] == "accuracy"  # not y=cross-entropy
+    paper = run("pages/1_Curves.py", family="acc-fam", paper="1")  # the paper's overlay ticked: nothing to draw, and why
+    assert any("The paper's overlay is not drawn" in c.value and "cross-entropy laws" in c.value for c in paper.caption)
+    assert not any(str(t.get("name", "")).startswith("paper ")
+                   for t in json.loads(paper.get("plotly_chart")[0].proto.spec)["data"])
 
     plan = run("pages/3_Fit_and_Plan.py", family="acc-fam")
     target = plan.number_input[0]
