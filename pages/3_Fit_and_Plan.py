@@ -97,7 +97,8 @@ with p1:
                                   "experts needed: the first k whose fitted value reaches the target from below")
     ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M, metric), "{:.1f}")
 if reason:
-    p2.caption("No ε-from-the-floor or stop-rule answers: the curve does not fall, so it has no floor.")
+    p2.caption(f"No ε-from-the-{metric.bound} or stop-rule answers: the curve does not "
+               f"{'rise' if metric.higher_better else 'fall'}, so it has no {metric.bound}.")
 else:
     with p2:
         eps = st.number_input(f"ε {'below the ceiling' if metric.higher_better else 'above the floor'} ({units})", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
@@ -125,7 +126,7 @@ if len(sizes_all) >= 2 and not metric.higher_better:  # the joint law over sizes
                 "draws, each a refit of the joint law)")
     # 5% under this curve's floor, or under its lowest measured mean when it has no floor (it does not fall)
     below = fit.L_inf if not reason else float(merges.groupby("k")["loss"].mean().min())
-    floor_target = st.number_input("target floor (nats/token)", value=float(round(below * 0.95, 4)), format="%.4f")
+    floor_target = st.number_input(f"target floor ({units})", value=float(round(below * 0.95, 4)), format="%.4f")
 
     @st.cache_resource(show_spinner="Bootstrapping the joint law…", max_entries=8)
     def joint(frame):
