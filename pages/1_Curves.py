@@ -16,7 +16,8 @@ from mergelab.names import MACRO
 
 ui.page_header("Curves", "Cross-entropy (or the family's other metric, picked in the sidebar) of merged models vs the "
                "number of experts k. Faint dots: single subsets; "
-               "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞. "
+               "markers: mean over subsets with its 95% interval; solid: fitted L∞ + A/(k+b); dashed: the floor L∞ (for a "
+               "higher-is-better metric, C − A/(k+b) and the ceiling C). "
                "Intervals and bands resample experts, not subsets (README, \"Intervals\").")
 family, rows, methods_all, sizes_all = ui.family_with_merges()
 metric = ui.current_metric()  # the values are oriented (negated when higher is better), drawn back in its sign
