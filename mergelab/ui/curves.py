@@ -204,3 +204,22 @@ def held_out_table(table: pd.DataFrame) -> pd.DataFrame:
         out["population mean at k, 95% CI (nats/token)"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
                                                            for lo, hi in zip(out.pop("lo"), out.pop("hi"))]
     return out
+
+
+def forms_table(forms: pd.DataFrame, units: str = "nats/token") -> pd.DataFrame:
+    """The alternative-forms table (mergelab.analysis.heldout.compare_forms) for display: readable
+    headers with units (`units`: the metric's), "—" where a criterion is undefined (AICc when a form has
+    as many parameters as k values allow) and "not ranked" in place of its ΔAICc; parameters dropped."""
+    out = forms.drop(columns=["params", "n"], errors="ignore").copy()
+    for column in ("aicc", "aic", "bic", "r2", "r2_unweighted", "loko_rmse"):
+        if column in out:
+            out[column] = [f"{v:.4f}" if v == v and np.isfinite(v) else "—" for v in out[column]]
+    if "delta_aicc" in out:
+        out["delta_aicc"] = [f"{v:.2f}" if v == v else "not ranked" for v in out["delta_aicc"]]
+    if "n_params" in out:
+        out["n_params"] = [str(int(v)) if v == v else "—" for v in out["n_params"]]
+    if "note" in out:
+        out["note"] = out["note"].fillna("")
+    return out.rename(columns={"n_params": "parameters", "aicc": "AICc", "delta_aicc": "ΔAICc", "aic": "AIC",
+                               "bic": "BIC", "r2": "R² (k-weighted)", "r2_unweighted": "R² (unweighted)",
+                               "loko_rmse": f"leave-one-k-out RMSE ({units})"})
