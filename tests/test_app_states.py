@@ -311,6 +311,9 @@ def test_synergy_page_draws_harmful_pairs_in_red(tmp_path, monkeypatch):
     at = run("pages/4_Synergy.py", boot="0")
     bars = json.loads(at.get("plotly_chart")[1].proto.spec)
     assert "8 helpful pairs (blue) and 2 harmful (red)" in shown(at)
+    assert "with 95% intervals" in shown(at)
+    at.select_slider[0].set_value(0).run()  # 0 bootstrap draws: no intervals, so none claimed
+    assert "8 helpful pairs (blue) and 2 harmful (red)." in shown(at) and "with 95% intervals" not in shown(at)
     data = bars["data"][0]
     negative = [x for x, y in zip(values(data["x"]), values(data["y"])) if y < 0]
     assert sorted(negative) == ["b → c", "c → a"]

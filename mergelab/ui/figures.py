@@ -183,14 +183,20 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     return fig
 
 
+TEXT_MAX_COLUMNS = 12  # receivers beyond which the heatmap's cells carry no text (hover still shows each value)
+
+
 def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None):
     """Diverging colour scale centred on 0: blue helps, red hurts. lo, hi: matrices of 95% intervals
     (mergelab.analysis.synergy.synergy_intervals), shown on hover; a value whose interval holds 0 is
-    printed in parentheses, one without an interval with a trailing '?', an empty cell has no pair."""
+    printed in parentheses, one without an interval with a trailing '?' (none when no cell has one: the
+    page says so once), an empty cell has no pair. Many receivers get smaller cell text, and beyond
+    TEXT_MAX_COLUMNS none (the values stay on hover): at 800 px the numbers would run into each other."""
     import numpy as np
     import plotly.graph_objects as go
 
     values = matrix.to_numpy(dtype=float)
+    n_cols = values.shape[1]
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     rounded = np.round(np.nan_to_num(values), 3) + 0.0  # + 0.0: no '-0.0'
     text = np.where(np.isfinite(values), np.char.mod("%.3f", rounded), "")
@@ -201,12 +207,14 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
         custom = np.dstack([lo_v, hi_v])
         no_interval = np.isfinite(values) & ~(np.isfinite(lo_v) & np.isfinite(hi_v))
         text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
-        text = np.where(no_interval, text + "?", text)
+        if np.isfinite(lo_v).any():
+            text = np.where(no_interval, text + "?", text)
         hover = ("donor %{y} → receiver %{x}: %{z:.4f} nats<br>95% interval [%{customdata[0]:.4f}, "
                  "%{customdata[1]:.4f}] (NaN: none)<extra></extra>")
     fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
                                colorscale="RdBu", colorbar=dict(title="nats"), customdata=custom,
-                               text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
+                               text=text, texttemplate="%{text}" if n_cols <= TEXT_MAX_COLUMNS else "",
+                               textfont=dict(size=10 if n_cols <= 6 else 8), hovertemplate=hover))
     _layout(fig, title, "receiver domain", "donor expert", height=520)
     fig.update_yaxes(autorange="reversed")
     return fig
