@@ -57,5 +57,6 @@ overview = curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} ·
                         y_title=axis_title(None, metric))
 st.plotly_chart(overview, width="stretch", key="overview")
 figure_download(overview, f"{family}_{size}_macro_curves", "dl-overview")
-st.caption("One colour per method; solid and dotted lines are the fitted L∞ + A/(k+b), dashed lines the floors of "
-           "curves that fall. Open Curves for single subsets, bands and domains.")
+st.caption("One colour and marker per method; solid lines are the fitted L∞ + A/(k+b), dashed lines the floors of "
+           "curves that fall (none for a fit with a parameter on its bound: the data do not pin that floor down). "
+           "Open Curves for single subsets, bands and domains.")

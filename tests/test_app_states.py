@@ -413,3 +413,23 @@ def test_variance_and_residual_panels_tell_settings_apart():
                 by_size.setdefault(t.name.split(" · ")[1], set()).add(style)
             # two settings of one size never share a colour (one size) or a marker (several sizes)
             assert all(len(styles) == 2 for styles in by_size.values()), (sizes, by_size)
+
+
+def test_a_floor_on_its_bound_is_not_drawn_and_fitted_lines_are_solid():
+    """The walkthrough's Overview: model_stock's b stuck at its bound 100 gave L∞ = 1.12 under data at
+    2.3, and its dashed floor squashed every curve into a strip. Only the identified floor is drawn; at one
+    size colour and marker tell the methods apart, so every fitted line is solid."""
+    from mergelab.ui.curves import has_floor
+    from mergelab.ui.figures import curve_figure
+
+    merges, fits = fits_for({"average": FALLING, "model_stock": lambda k: 2.4 - 0.015 * k})
+    stuck = fits[("s", "model_stock")]
+    assert stuck.ok and stuck.at_bound["b"] and not has_floor(stuck) and has_floor(fits[("s", "average")])
+    fig = curve_figure(merges, fits, sizes_in_order=["s"], title="t")
+    assert [s.y0 for s in fig.layout.shapes] == [pytest.approx(fits[("s", "average")].L_inf)]
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 2 and {t.line.dash for t in lines} == {"solid"}
+    assert len({t.line.color for t in lines}) == 2
+    merges2, fits2 = fits_for({"average": FALLING, "ties": FALLING}, ("s", "m"))  # colour is the size: dash is the method
+    lines = [t for t in curve_figure(merges2, fits2, sizes_in_order=["s", "m"], title="t").data if t.mode == "lines"]
+    assert len({t.line.dash for t in lines}) == 2

@@ -63,8 +63,12 @@ def floor_problem(fit, metric=None) -> str:
 
 
 def has_floor(fit) -> bool:
-    """Whether a fit's L∞ is a floor worth drawing or printing: a floor–tail curve that falls with k."""
-    return not floor_problem(fit)
+    """Whether a fit's L∞ is a floor worth drawing: a floor–tail curve that falls with k, with no parameter
+    on its bound and every parameter identified. A floor the data do not pin down (b stuck at 100 gave
+    L∞ = 1.12 under data at 2.3) would set the y axis and squash the data into a strip."""
+    if floor_problem(fit):
+        return False
+    return not any(getattr(fit, "at_bound", {}).values()) and not getattr(fit, "not_identified", {})
 
 
 def _bound_text(fit, name: str, lo: float, hi: float) -> str:

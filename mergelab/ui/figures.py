@@ -53,14 +53,15 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                  log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True,
                  normalise: dict | None = None, y_title: str = "cross-entropy (nats/token)"):
     """CE vs k for one domain (or macro): faint points per subset, per-k means with their 95%
-    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
-    floor L∞ (dashed) and its expert-bootstrap band per curve.
+    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid; dashed per method
+    when colour is by size) with its floor L∞ (dashed) and its expert-bootstrap band per curve.
 
     merges: rows with size, setting (method + hyperparameters), k, loss, experts_key.
     fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws).
     normalise: {(size, setting): (offset, scale)} draws every y of that curve as (y − offset)/scale (overlays are
     passed already normalised; mergelab.ui.curves.normalisers); y_title names the axis. A floor is drawn only for
-    a curve that falls (mergelab.analysis.planning.not_falling)."""
+    a curve that falls (mergelab.analysis.planning.not_falling) with no parameter on its bound
+    (mergelab.ui.curves.has_floor), so the y axis stays set by the data."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -93,7 +94,8 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
         if fit is None or not fit.ok:
             continue
         grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)
-        dash = dashes[methods.index(method) % len(dashes)]
+        # colour and marker tell methods apart at one size; across sizes colour is the size, so the dash is the method
+        dash = "solid" if by_method or len(methods) == 1 else dashes[methods.index(method) % len(dashes)]
         if bands and (size, method) in bands:
             bk, lo, hi = bands[(size, method)]
             fig.add_scatter(x=np.r_[bk, bk[::-1]], y=(np.r_[hi, lo[::-1]] - offset) / scale, fill="toself", fillcolor=colour, opacity=0.15,
@@ -102,7 +104,7 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                         name=f"{name} fit", legendgroup=name, showlegend=False,
                         hovertemplate=(f"L∞={fit.L_inf:.4f} A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} y=%{{y:.4f}}"
                                        f"<extra>{name} fit</extra>"))
-        if has_floor(fit):  # a floor only means something for a falling curve
+        if has_floor(fit):  # only for a falling curve whose floor the data pin down (none at a bound)
             fig.add_hline(y=(fit.L_inf - offset) / scale, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
     for i, (label, (k, loss)) in enumerate((overlays or {}).items()):  # grey; one dash pattern per overlay
         fig.add_scatter(x=k, y=loss, mode="lines", name=label,
