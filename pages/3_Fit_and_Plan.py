@@ -8,7 +8,7 @@ from mergelab.analysis import planning
 from mergelab.analysis.tables import pool_size
 from mergelab.ui.curves import fit_summary, forms_table, held_out_table
 from mergelab.ui.downloads import figure_download
-from mergelab.ui.figures import fractional_return_figure
+from mergelab.ui.figures import fractional_return_figure, method_colours
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.intervals import expert_bootstrap_joint
 from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_size_out
@@ -122,7 +122,8 @@ if not reason:
     ks = np.linspace(1, M, 100)
     curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
              "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
-    r_fig = fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value})
+    r_fig = fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value},
+                                     colours={f"{method} · {size}": method_colours([method])[method]})
     st.plotly_chart(r_fig, width="stretch", key="R")
     figure_download(r_fig, f"{family}_{method}_{size}_fractional_return", "dl-R")
     st.caption(f"k80 = {_with_interval(k80)}, k90 = {_with_interval(k90)}. " + k90.note + ".")

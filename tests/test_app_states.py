@@ -433,3 +433,25 @@ def test_a_floor_on_its_bound_is_not_drawn_and_fitted_lines_are_solid():
     merges2, fits2 = fits_for({"average": FALLING, "ties": FALLING}, ("s", "m"))  # colour is the size: dash is the method
     lines = [t for t in curve_figure(merges2, fits2, sizes_in_order=["s", "m"], title="t").data if t.mode == "lines"]
     assert len({t.line.dash for t in lines}) == 2
+
+
+def test_a_method_has_one_colour_in_every_panel():
+    """The walkthrough's size panel and fractional return used plotly's default palette, so average and
+    model_stock were both purple there while the curves drew them blue and teal."""
+    from mergelab.ui.figures import curve_figure, fractional_return_figure, method_colours, size_figure
+
+    colours = method_colours(["model_stock", "average", "ties lambda=0.5", "ties lambda=1.0", "custom"])
+    assert colours["average"] == "#4c78a8" and colours["model_stock"] == "#72b7b2"
+    assert len(set(colours.values())) == 5  # a second ties setting and an unknown method get spare colours
+    assert method_colours(["average"]) == {"average": "#4c78a8"}  # the same colour with or without the others
+    merges, fits = fits_for({"average": FALLING, "model_stock": FALLING})
+    curves = {t.name: t.marker.color for t in curve_figure(merges, fits, sizes_in_order=["s"], title="t").data
+              if t.showlegend is not False}
+    assert curves == {"average · s": "#4c78a8", "model_stock · s": "#72b7b2"}
+    points = merges[merges["k"] == 2].groupby(["setting", "size"], as_index=False)["loss"].mean().assign(n_params=1e4)
+    sizes = {t.name: t.line.color for t in size_figure(points, k=2).data}
+    assert sizes == {"average, k=2": "#4c78a8", "model_stock, k=2": "#72b7b2"}
+    ks = np.linspace(1, 4, 5)
+    r = fractional_return_figure({"model_stock · s": (ks, ks), "b = 0 (form alone)": (ks, ks)}, 4,
+                                 colours={"model_stock · s": method_colours(["model_stock"])["model_stock"]})
+    assert [t.line.color for t in r.data] == ["#72b7b2", "#888"]

@@ -5,7 +5,32 @@ from __future__ import annotations
 from mergelab.analysis.means import mean_by_k, per_k_means
 
 SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
+METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d", "#ff9da6",
+                  "#bab0ac", "#17becf", "#bcbd22"]
+# Each merge method's own colour, the same in every panel and on every page (curves, sizes, fractional return)
+METHOD_COLOUR = {"average": "#4c78a8", "ties": "#f58518", "dare_ties": "#54a24b", "breadcrumbs": "#e45756",
+                 "model_stock": "#72b7b2", "task_arithmetic": "#b279a2", "dare": "#eeca3b", "della": "#9d755d",
+                 "breadcrumbs_ties": "#ff9da6", "tsv_m": "#bab0ac"}
+
+
+def method_colours(settings) -> dict[str, str]:
+    """setting -> colour for the method settings of one figure (labels such as 'ties' or 'ties lambda=0.5',
+    mergelab.analysis.tables.setting_labels): a method's first setting gets its own METHOD_COLOUR, so a method
+    looks the same everywhere; a further setting of it, or a method without one, gets the next colour of
+    METHOD_COLOURS not yet used, so two settings in one figure never share a colour."""
+    out, used = {}, set()
+    rest = []
+    for setting in sorted(set(settings)):
+        own = METHOD_COLOUR.get(setting.split(" ")[0])
+        if own and own not in used:
+            out[setting] = own
+            used.add(own)
+        else:
+            rest.append(setting)
+    spare = iter([c for c in METHOD_COLOURS if c not in used] + METHOD_COLOURS * len(rest))
+    for setting in rest:
+        out[setting] = next(spare)
+    return out
 
 
 def _size_colour(sizes_in_order: list[str], size: str) -> str:
@@ -21,10 +46,11 @@ def _curve_style(frame, sizes_in_order: list[str]):
     settings of one size never look alike."""
     methods = sorted(frame["setting"].unique())
     by_method = frame["size"].nunique() == 1 and len(methods) > 1
+    colours = method_colours(methods)
 
     def style(size: str, method: str) -> tuple[str, str]:
         i = methods.index(method)
-        colour = METHOD_COLOURS[i % len(METHOD_COLOURS)] if by_method else _size_colour(sizes_in_order, size)
+        colour = colours[method] if by_method else _size_colour(sizes_in_order, size)
         return colour, SYMBOLS[i % len(SYMBOLS)]
 
     return style
@@ -71,9 +97,9 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
     methods = sorted(merges["setting"].unique())
     by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
+    colours = method_colours(methods)
     for (size, method), rows in _in_size_order(merges, sizes_in_order):
-        colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
-                  else _size_colour(sizes_in_order, size))
+        colour = colours[method] if by_method else _size_colour(sizes_in_order, size)
         name = f"{method} · {size}" if len(methods) > 1 else size
         offset, scale = (normalise or {}).get((size, method), (0.0, 1.0))
         if show_points:
@@ -167,8 +193,10 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     from mergelab.names import PARAMS_PER_BILLION, params_label
 
     fig = go.Figure()
+    colours = method_colours(points["setting"].unique())  # the colours of the method's curves
     for method, rows in points.groupby("setting"):
         fig.add_scatter(x=rows["n_params"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}",
+                        line=dict(color=colours[method]), marker=dict(color=colours[method]),
                         customdata=np.c_[rows["size"], [params_label(n) for n in rows["n_params"]]],
                         hovertemplate="%{customdata[0]} (%{customdata[1]} params)<br>CE=%{y:.4f}<extra></extra>")
     if joint is not None:
@@ -237,13 +265,16 @@ def bar_figure(series, title: str, x_title: str, y_title: str, height: int = 340
     return _layout(fig, title, x_title, y_title, height=height)
 
 
-def fractional_return_figure(curves: dict, M: int, marks: dict | None = None):
-    """R(k) = (L(1) − L(k))/(L(1) − L(M)) per curve with k80 / k90 marked."""
+def fractional_return_figure(curves: dict, M: int, marks: dict | None = None, colours: dict | None = None):
+    """R(k) = (L(1) − L(k))/(L(1) − L(M)) per curve with k80 / k90 marked. colours: {label: colour} (the
+    method's colour, method_colours); a curve without one (a reference such as b = 0) is grey and dashed."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for label, (k, r) in curves.items():
-        fig.add_scatter(x=k, y=r, mode="lines", name=label)
+        colour = (colours or {}).get(label)
+        fig.add_scatter(x=k, y=r, mode="lines", name=label,
+                        line=dict(color=colour) if colour else dict(color="#888", dash="dash"))
     for level in (0.8, 0.9):
         fig.add_hline(y=level, line=dict(color="#999", dash="dot"), annotation_text=f"{int(level * 100)}%")
     for label, k in (marks or {}).items():
