@@ -50,8 +50,8 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     S[d, e] over the same (S, S ∪ {d}) pairs. The interval is for d's synergy against the population
     of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries that get no interval are
     NaN, and `lo.attrs["notes"]` says why (fewer than 3 experts, a receiver with NaN losses, effects
-    that cannot be estimated), each reason once with the receivers it holds for ("every receiver" when
-    it holds for all)."""
+    that cannot be estimated), each reason once with the receivers it holds for ("for every receiver, …"
+    when it holds for all)."""
     from mergelab.analysis.intervals import SubsetDesign
 
     matrix = synergy_matrix(results, min_k)
@@ -66,13 +66,13 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     M = design.M
     lo.attrs["notes"] = notes = []
     if M < 3:
-        notes.append(f"no intervals: {M} experts (resampling co-experts needs at least 3)")
+        notes.append(f"{M} experts: resampling co-experts needs at least 3")
         return lo, hi
     why: dict[str, list[str]] = {}  # reason -> receivers: the same reason holds for every domain of a design
     _receiver_intervals(matrix, table, design, row_of, members, min_k, n_boot, rng, tails, lo, hi, why)
     for reason, receivers in why.items():
         where = "every receiver" if len(receivers) == len(table.columns) > 1 else ", ".join(receivers)
-        notes.append(f"{where}: {reason}")
+        notes.append(f"for {where}, {reason}")
     return lo, hi
 
 
@@ -85,12 +85,12 @@ def _receiver_intervals(matrix, table, design, row_of, members, min_k, n_boot, r
     for receiver in table.columns:
         y = table[receiver].to_numpy(dtype=float)
         if not np.isfinite(y).all():
-            why.setdefault(f"no interval, {int((~np.isfinite(y)).sum())} merges lack a loss on it", []).append(receiver)
+            why.setdefault(f"{int((~np.isfinite(y)).sum())} merges lack a loss on it", []).append(receiver)
             continue
         try:
             effects = fit_effects(design, y)
         except FitError as exc:
-            why.setdefault(f"no interval, {exc}", []).append(receiver)
+            why.setdefault(str(exc), []).append(receiver)
             continue
         m_k = dict(zip(design.ks(), design.per_k_means(y)))
         mean = np.array([m_k[x] for x in k])
