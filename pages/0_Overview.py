@@ -58,6 +58,9 @@ overview = curve_figure(macro, fitted, sizes_in_order=sizes, title=f"{family} ·
                         y_title=axis_title(None, metric))
 st.plotly_chart(overview, width="stretch", key="overview")
 figure_download(overview, f"{family}_{size}_macro_curves", "dl-overview")
-st.caption(f"{metric.described[:1].upper()}{metric.described[1:]}. One colour per method; solid and dotted lines are the fitted {metric.law}, "
+st.caption(f"{metric.described[:1].upper()}{metric.described[1:]}. One colour and marker per method; solid lines are the "
+           f"fitted {metric.law}, "
            + ("dashed lines the ceilings of curves that rise" if metric.higher_better else
-              "dashed lines the floors of curves that fall") + ". Open Curves for single subsets, bands and domains.")
+              "dashed lines the floors of curves that fall")
+           + " (none for a fit with a parameter on its bound: the data do not pin it down). Open Curves for single "
+             "subsets, bands and domains.")

@@ -6,9 +6,9 @@ import streamlit as st
 from mergelab.ui import dashboard as ui
 from mergelab.analysis import planning
 from mergelab.analysis.tables import pool_size
-from mergelab.ui.curves import fit_summary, held_out_table
+from mergelab.ui.curves import fit_summary, forms_table, held_out_table
 from mergelab.ui.downloads import figure_download
-from mergelab.ui.figures import fractional_return_figure
+from mergelab.ui.figures import fractional_return_figure, method_colours
 from mergelab.analysis.fit import FitError
 from mergelab.analysis.intervals import expert_bootstrap_joint
 from mergelab.analysis.heldout import compare_forms, forecast_errors, leave_one_size_out
@@ -73,11 +73,15 @@ with c2:
                      hide_index=True, width="stretch")
     except FitError as exc:
         st.warning(str(exc))
-st.markdown("**Alternative forms** (ranked by AICc, AIC corrected for 9 points; forms within ΔAICc ≤ 2 of the "
-            "best fit about as well; R² is k-weighted as in the paper, the unweighted R² beside it; leave-one-k-out "
-            "RMSE is out of sample)")
 forms = compare_forms(merges["k"], merges["loss"])
-st.dataframe(forms.drop(columns=["params"], errors="ignore"), hide_index=True, width="stretch")
+n_points = int(forms["n"].max()) if "n" in forms and forms["n"].notna().any() else merges["k"].nunique()
+st.markdown(f"**Alternative forms** (ranked by AICc, AIC corrected for small samples, here {n_points} per-k means; "
+            "forms within ΔAICc ≤ 2 of the best fit about as well; R² is k-weighted as in the paper, the unweighted "
+            "R² beside it; leave-one-k-out RMSE is out of sample)")
+st.dataframe(forms_table(forms, units), hide_index=True, width="stretch")
+if "aicc" in forms and forms["aicc"].isna().any():
+    st.caption("AICc is undefined (—) when a form has n − 1 or more parameters for n points: those forms are not "
+               "ranked; sweep more values of k to rank them.")
 
 st.subheader("Plan")
 M = pool_size(rows[rows["size"] == size])
@@ -95,7 +99,7 @@ with p1:
                              value=round(defaults["target"] * metric.sign, 4), format="%.4f",
                              help="experts needed: k = A/(L_target − L∞) − b" if not metric.higher_better else
                                   "experts needed: the first k whose fitted value reaches the target from below")
-    ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M, metric), "{:.1f}")
+    ui.estimate_metric("experts needed, k", planning.k_for_target(fit, target, M, metric).whole(), "{:.0f}")
 if reason:
     p2.caption(f"No ε-from-the-{metric.bound} or stop-rule answers: the curve does not "
                f"{'rise' if metric.higher_better else 'fall'}, so it has no {metric.bound}.")
@@ -103,23 +107,29 @@ else:
     with p2:
         eps = st.number_input(f"ε {'below the ceiling' if metric.higher_better else 'above the floor'} ({units})", value=float(f"{defaults['epsilon']:.3g}"), min_value=1e-6,
                               format="%.4f", help="k_ε = A/ε − b")
-        ui.estimate_metric(f"k within ε of the {metric.bound}", planning.k_epsilon(fit, eps, M), "{:.1f}")
+        ui.estimate_metric(f"k within ε of the {metric.bound}", planning.k_epsilon(fit, eps, M).whole(), "{:.0f}")
     with p3:
         tol = st.number_input(f"stop when one more expert gains less than ({units})",
                               value=float(f"{defaults['tolerance']:.3g}"), min_value=1e-6, format="%.5f",
                               help="first k with A/((k+b)(k+1+b)) below this")
         ui.estimate_metric("stop after k", planning.stop_rule(fit, tol, M), "{:.0f}")
 
+
+def _with_interval(est) -> str:
+    """'4.08 [3.51, 4.70]', or the value alone when the bounds are NaN (no interval)."""
+    return f"{est.value:.2f}" + (f" [{est.lo:.2f}, {est.hi:.2f}]" if est.lo == est.lo and est.hi == est.hi else "")
+
+
 k80, k90 = planning.k_at_fraction(fit, 0.8, M), planning.k_at_fraction(fit, 0.9, M)
 if not reason:
     ks = np.linspace(1, M, 100)
     curve = {f"{method} · {size}": (ks, [planning.fractional_return(fit, k, M).value for k in ks]),
              "b = 0 (form alone)": (ks, M / (M - 1) * (1 - 1 / ks))}
-    r_fig = fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value})
+    r_fig = fractional_return_figure(curve, M, {"k80": k80.value, "k90": k90.value},
+                                     colours={f"{method} · {size}": method_colours([method])[method]})
     st.plotly_chart(r_fig, width="stretch", key="R")
     figure_download(r_fig, f"{family}_{method}_{size}_fractional_return", "dl-R")
-    st.caption(f"k80 = {k80.value:.2f} [{k80.lo:.2f}, {k80.hi:.2f}], k90 = {k90.value:.2f} [{k90.lo:.2f}, {k90.hi:.2f}]. "
-               + k90.note + ".")
+    st.caption(f"k80 = {_with_interval(k80)}, k90 = {_with_interval(k90)}. " + k90.note + ".")
 
 if len(sizes_all) >= 2 and not metric.higher_better:  # the joint law over sizes is a law of falling losses
     st.markdown(f"**Minimum size** for a target floor (joint law over sizes; its interval from {JOINT_DRAWS} expert-bootstrap "

@@ -8,7 +8,7 @@ from mergelab.ui import dashboard as ui
 from mergelab.ui.downloads import figure_download
 from mergelab.ui.figures import bar_figure, synergy_heatmap
 from mergelab.analysis.synergy import (DEFAULT_BLOCKS, block_means, donor_strength, receiver_susceptibility, synergy_intervals,
-                               synergy_matrix, top_pairs)
+                               synergy_matrix, top_pairs, unmeasured_donors)
 
 ui.page_header("Synergy", "S[d, e] = mean improvement of the metric on receiver e when expert d joins a merge (CE: its "
                "drop; a higher-is-better metric such as accuracy: its gain), over every pair of merges (S, S ∪ {d}) in "
@@ -44,8 +44,15 @@ heatmap = (synergy_heatmap(matrix, lo=lo, hi=hi) if metric.name == "ce" else
                            unit=metric.units))
 st.plotly_chart(heatmap, width="stretch", key="heatmap")
 figure_download(heatmap, f"{family}_{method}_{size}_synergy", "dl-heatmap")
+has_intervals = lo is not None and bool(lo.notna().any().any())
 if lo is not None and lo.attrs.get("notes"):
-    st.caption("Values marked '?' have no interval: " + "; ".join(lo.attrs["notes"]) + ".")
+    st.caption(("Values marked '?' have no interval: " if has_intervals else "No intervals: ")
+               + "; ".join(lo.attrs["notes"]) + ".")
+blank = unmeasured_donors(matrix)
+if blank:
+    st.caption(f"Blank rows ({', '.join(blank)}): no two cached merges differ by that expert alone (S and S ∪ {{d}}), "
+               "so its synergy is not measured. Random subsets rarely give such pairs; sweep exhaustive subsets or "
+               "orderings.")
 left, right = st.columns(2)
 with left:
     blocks = block_means(matrix, DEFAULT_BLOCKS)
@@ -64,7 +71,7 @@ with left:
     pairs_fig = bar_figure(pairs["synergy"], "Strongest pairs", "donor → receiver", GAIN, **bounds)
     st.plotly_chart(pairs_fig, width="stretch", key="pairs")
     figure_download(pairs_fig, f"{family}_{method}_{size}_synergy_pairs", "dl-pairs")
-    st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red), with 95% intervals"
+    st.caption(f"{n_help} helpful pairs (blue) and {n_harm} harmful (red)" + (", with 95% intervals" if has_intervals else "")
                + ("" if n_harm else f": no donor {HURTS} any other domain's {NAME} here") + ".")
 with right:
     st.plotly_chart(bar_figure(donor_strength(matrix), "Donor strength", "donor",

@@ -311,6 +311,9 @@ def test_synergy_page_draws_harmful_pairs_in_red(tmp_path, monkeypatch):
     at = run("pages/4_Synergy.py", boot="0")
     bars = json.loads(at.get("plotly_chart")[1].proto.spec)
     assert "8 helpful pairs (blue) and 2 harmful (red)" in shown(at)
+    assert "with 95% intervals" in shown(at)
+    at.select_slider[0].set_value(0).run()  # 0 bootstrap draws: no intervals, so none claimed
+    assert "8 helpful pairs (blue) and 2 harmful (red)." in shown(at) and "with 95% intervals" not in shown(at)
     data = bars["data"][0]
     negative = [x for x, y in zip(values(data["x"]), values(data["y"])) if y < 0]
     assert sorted(negative) == ["b → c", "c → a"]
@@ -410,3 +413,45 @@ def test_variance_and_residual_panels_tell_settings_apart():
                 by_size.setdefault(t.name.split(" · ")[1], set()).add(style)
             # two settings of one size never share a colour (one size) or a marker (several sizes)
             assert all(len(styles) == 2 for styles in by_size.values()), (sizes, by_size)
+
+
+def test_a_floor_on_its_bound_is_not_drawn_and_fitted_lines_are_solid():
+    """The walkthrough's Overview: model_stock's b stuck at its bound 100 gave L∞ = 1.12 under data at
+    2.3, and its dashed floor squashed every curve into a strip. Only the identified floor is drawn; at one
+    size colour and marker tell the methods apart, so every fitted line is solid."""
+    from mergelab.ui.curves import has_floor
+    from mergelab.ui.figures import curve_figure
+
+    merges, fits = fits_for({"average": FALLING, "model_stock": lambda k: 2.4 - 0.015 * k})
+    stuck = fits[("s", "model_stock")]
+    assert stuck.ok and stuck.at_bound["b"] and not has_floor(stuck) and has_floor(fits[("s", "average")])
+    fig = curve_figure(merges, fits, sizes_in_order=["s"], title="t")
+    assert [s.y0 for s in fig.layout.shapes] == [pytest.approx(fits[("s", "average")].L_inf)]
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 2 and {t.line.dash for t in lines} == {"solid"}
+    assert len({t.line.color for t in lines}) == 2
+    merges2, fits2 = fits_for({"average": FALLING, "ties": FALLING}, ("s", "m"))  # colour is the size: dash is the method
+    lines = [t for t in curve_figure(merges2, fits2, sizes_in_order=["s", "m"], title="t").data if t.mode == "lines"]
+    assert len({t.line.dash for t in lines}) == 2
+
+
+def test_a_method_has_one_colour_in_every_panel():
+    """The walkthrough's size panel and fractional return used plotly's default palette, so average and
+    model_stock were both purple there while the curves drew them blue and teal."""
+    from mergelab.ui.figures import curve_figure, fractional_return_figure, method_colours, size_figure
+
+    colours = method_colours(["model_stock", "average", "ties lambda=0.5", "ties lambda=1.0", "custom"])
+    assert colours["average"] == "#4c78a8" and colours["model_stock"] == "#72b7b2"
+    assert len(set(colours.values())) == 5  # a second ties setting and an unknown method get spare colours
+    assert method_colours(["average"]) == {"average": "#4c78a8"}  # the same colour with or without the others
+    merges, fits = fits_for({"average": FALLING, "model_stock": FALLING})
+    curves = {t.name: t.marker.color for t in curve_figure(merges, fits, sizes_in_order=["s"], title="t").data
+              if t.showlegend is not False}
+    assert curves == {"average · s": "#4c78a8", "model_stock · s": "#72b7b2"}
+    points = merges[merges["k"] == 2].groupby(["setting", "size"], as_index=False)["loss"].mean().assign(n_params=1e4)
+    sizes = {t.name: t.line.color for t in size_figure(points, k=2).data}
+    assert sizes == {"average, k=2": "#4c78a8", "model_stock, k=2": "#72b7b2"}
+    ks = np.linspace(1, 4, 5)
+    r = fractional_return_figure({"model_stock · s": (ks, ks), "b = 0 (form alone)": (ks, ks)}, 4,
+                                 colours={"model_stock · s": method_colours(["model_stock"])["model_stock"]})
+    assert [t.line.color for t in r.data] == ["#72b7b2", "#888"]

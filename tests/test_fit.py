@@ -95,7 +95,7 @@ def test_leave_one_k_out_and_size_out():
     loss = 0.2 + 0.1 * N ** -0.4 + 0.05 * N ** -0.1 / (k + 0.3)
     loso = leave_one_size_out(N, k, loss)
     assert set(loso.table["N"]) == {32.0} and loso.table["error"].abs().max() < 1e-6 and loso.fit.identified
-    with pytest.raises(FitError, match="at least 5 sizes, got 4"):  # 3 training sizes fix the floor exactly
+    with pytest.raises(FitError, match="at least 5 model sizes .*this family has 4"):  # 3 training sizes fix the floor exactly
         leave_one_size_out(N[N < 32], k[N < 32], loss[N < 32])
 
 
@@ -200,3 +200,30 @@ def test_curve_and_joint_fits_share_one_result_protocol():
     assert boot.ok and "no interval" in boot.notes[-1]  # one subset per k: a fit with a note, not a string
     failure = FitFailure("loss is constant")
     assert not failure.ok and str(failure) == "loss is constant" and failure.to_dict() == {"notes": ["loss is constant"]}
+
+
+def test_aicc_undefined_forms_are_not_ranked():
+    """4 k values: AICc of a 3-parameter form divides by n − p − 1 = 0. Shown as '—', 'not ranked', with the
+    number of k values needed; the 2-parameter form is the only ranked one."""
+    from mergelab.ui.curves import forms_table
+
+    table = compare_forms([1, 2, 3, 9], [2.4, 2.33, 2.30, 2.26])
+    by_form = table.set_index("form")
+    assert table.iloc[0]["form"] == "log" and by_form.loc["log", "delta_aicc"] == 0.0
+    for name in ("floor_tail", "power", "exponential"):
+        assert np.isnan(by_form.loc[name, "aicc"]) and np.isnan(by_form.loc[name, "delta_aicc"])
+        assert "AICc needs at least 5 k values, got 4: not ranked" in by_form.loc[name, "note"]
+    assert (table["n"].dropna() == 4).all()
+    shown = forms_table(table).set_index("form")
+    assert shown.loc["floor_tail", "AICc"] == "—" and shown.loc["floor_tail", "ΔAICc"] == "not ranked"
+    assert shown.loc["floor_tail_interference", "parameters"] == "—"  # not fitted: no 'None'
+    assert "needs at least 6 distinct k values" in shown.loc["floor_tail_interference", "note"]
+    assert not shown.astype(str).isin(["inf", "None", "nan"]).any().any()
+
+
+def test_held_out_messages_are_one_clear_sentence():
+    with pytest.raises(FitError, match=r"^the 3-point forecast needs k = 1, 2 and 4; k = 4 is missing: sweep it$"):
+        forecast_errors([1, 2, 3, 9], [2.4, 2.33, 2.30, 2.26])
+    with pytest.raises(FitError, match=r"^leave-one-size-out needs at least 5 model sizes \(4 to fit the joint law, "
+                                       r"1 to predict\); this family has 1$"):
+        leave_one_size_out([0.5] * 4, [1, 2, 3, 4], [2.4, 2.33, 2.30, 2.26])

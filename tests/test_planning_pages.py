@@ -114,3 +114,25 @@ def test_a_draw_that_rises_never_reaches_the_target():
     est = planning.k_for_target(fit, 1.1, M=9)
     assert est.value == pytest.approx(4.0, rel=1e-4) and est.lo == pytest.approx(4.0) and est.hi == np.inf
     assert planning.k_epsilon(fit, 0.1, M=9).hi == np.inf
+
+
+def test_k_answers_are_whole_experts():
+    """'experts needed, k 5.0' beside 'stop after k 6': a k that counts experts is rounded up to a whole one."""
+    assert planning.Estimate(4.2, 3.1, 6.0).whole() == planning.Estimate(5.0, 4.0, 6.0)
+    assert planning.Estimate(5.0 + 1e-12).whole().value == 5.0  # fitting noise does not add an expert
+    assert np.isinf(planning.Estimate(float("inf")).whole().value) and np.isnan(planning.Estimate(float("nan")).whole().lo)
+
+
+def test_fit_and_plan_shows_k_as_integers_and_readable_form_headers(page_env):
+    at = fit_and_plan("average")
+    metrics = {m.label: m.value for m in at.metric}
+    for label in ("experts needed, k", "k within ε of the floor", "stop after k"):
+        assert metrics[label].split(" ")[0].isdigit(), metrics  # '5', not '5.0'
+    forms = next(d.value for d in at.dataframe if "form" in d.value.columns)
+    assert {"parameters", "AICc", "ΔAICc", "R² (unweighted)", "leave-one-k-out RMSE (nats/token)"} <= set(forms.columns)
+    assert not {"n_params", "aicc", "delta_aicc", "r2_unweighted", "loko_rmse"} & set(forms.columns)
+    assert not forms.astype(str).isin(["inf", "Infinity", "None", "nan"]).any().any()
+    text = " ".join(m.value for m in at.markdown)
+    assert "here 5 per-k means" in text and "corrected for 9 points" not in text, text  # swept k = 1..5
+    captions = " ".join(c.value for c in at.caption)
+    assert "[nan, nan]" not in captions

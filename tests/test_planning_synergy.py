@@ -114,3 +114,47 @@ def test_minimum_size_names_the_swept_sizes_as_parameter_counts():
     joint = JointFit({"L_star": 0.2, "B": 0.1, "beta": 0.5, "A0": 0.05, "gamma": 0.1, "b": 0.3}, 1.0, 0.0, 9, {})
     est = planning.minimum_size(joint, 0.25, sizes=[19_224e-9, 822_400e-9])
     assert est.extrapolated and "outside the swept sizes 19.2K–822K parameters" in est.note
+
+
+def test_synergy_interval_notes_say_each_reason_once(structure):
+    """Two orderings of 4 experts leave too few residual degrees of freedom for any receiver: one note
+    for every receiver, not the same sentence once per domain (the walkthrough showed it 9 times)."""
+    from mergelab.analysis.synergy import synergy_intervals
+
+    G, base, names = structure
+    keys = []
+    for order in (["algebra", "geometry", "physics", "code"], ["code", "physics", "geometry", "algebra"]):
+        keys += ["+".join(sorted(order[:i])) for i in range(1, 5)]
+    lo, hi = synergy_intervals(additive_results(G, base, sorted(set(keys))), n_boot=20)
+    notes = lo.attrs["notes"]
+    assert len(notes) == 1 and notes[0].startswith("for every receiver, ") and "degrees of freedom" in notes[0], notes
+    assert lo.isna().all().all()
+
+
+def test_donors_without_pairs_are_named(structure):
+    from mergelab.analysis.synergy import unmeasured_donors
+
+    G, base, _ = structure
+    S = synergy_matrix(additive_results(G, base, ["algebra", "geometry", "algebra+geometry",
+                                                  "algebra+geometry+physics", "code+physics"]))
+    assert S.attrs["n_pairs"]["code"] == 0 and S.loc["code"].isna().all()
+    assert unmeasured_donors(S) == ["code"]  # code+physics without code ('physics') is not cached
+
+
+def test_heatmap_cell_text_fits_many_receivers():
+    from mergelab.ui.figures import TEXT_MAX_COLUMNS, synergy_heatmap
+
+    def cells(n, with_intervals):
+        names = [f"d{i}" for i in range(n)]
+        m = pd.DataFrame(np.full((n, n), -0.212), index=names, columns=names)
+        nan = m * np.nan
+        return synergy_heatmap(m, lo=nan.copy(), hi=nan.copy()) if not with_intervals else synergy_heatmap(
+            m, lo=m - 0.1, hi=m + 0.05).update_traces()
+
+    few = cells(4, False).data[0]
+    assert few.texttemplate == "%{text}" and few.textfont.size == 10
+    assert "?" not in "".join(np.ravel(few.text))  # no cell has an interval: no '?' on each (the caption says so)
+    nine = cells(9, True).data[0]
+    assert nine.texttemplate == "%{text}" and nine.textfont.size == 8 and np.ravel(nine.text)[0] == "-0.212"
+    many = cells(TEXT_MAX_COLUMNS + 1, False).data[0]
+    assert many.texttemplate == "" and "donor %{y}" in many.hovertemplate  # values stay on hover

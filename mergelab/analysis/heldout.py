@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -68,7 +70,8 @@ def forecast_errors(k, loss, subsets=None, *, n_boot: int = 400, seed: int = 0, 
     ks, means = per_k_means(k, loss)
     missing = [x for x in (1, 2, 4) if x not in ks]
     if missing:
-        raise FitError(f"the 3-point forecast needs k = 1, 2 and 4; missing k = {missing}")
+        raise FitError(f"the 3-point forecast needs k = 1, 2 and 4; k = {', '.join(map(str, missing))} "
+                       f"{'is' if len(missing) == 1 else 'are'} missing: sweep {'it' if len(missing) == 1 else 'them'}")
     forecast = three_point_forecast(*(means[ks == x][0] for x in (1, 2, 4)))
     p = forecast.params
     predicted = p["L_inf"] + p["A"] / (ks + p["b"])
@@ -120,7 +123,8 @@ def leave_one_k_out(k, loss, *, weights="k", form: str = "floor_tail") -> pd.Dat
     """Fit the per-k means without each k in turn and predict it."""
     ks, means = per_k_means(k, loss)
     if len(ks) < FORMS[form].n_params + 1:
-        raise FitError(f"leave-one-k-out with form {form!r} needs at least {FORMS[form].n_params + 1} distinct k")
+        raise FitError(f"form {form!r} needs at least {FORMS[form].n_params + 1} distinct k values to be tested "
+                       f"leaving one out, got {len(ks)}")
     rows = []
     for i, held in enumerate(ks):
         keep = np.arange(len(ks)) != i
@@ -142,9 +146,9 @@ def leave_one_size_out(N, k, loss, *, weights="k", metric=None) -> HeldOut:
     N, k, loss = (np.asarray(a, dtype=float) for a in (N, k, loss))
     sizes = np.unique(N)
     if len(sizes) < FLOOR_SIZES + 1:
-        raise FitError(f"leave-one-size-out needs at least {FLOOR_SIZES + 1} sizes, got {len(sizes)}: {FLOOR_SIZES} to fit "
-                       f"(the floor L* + B·N^−β has 3 parameters, and with 3 sizes they fix it exactly, untested) "
-                       f"and 1 to predict")
+        # 4 to fit because the floor L* + B·N^−β has 3 parameters: 3 sizes fix it exactly, untested
+        raise FitError(f"leave-one-size-out needs at least {FLOOR_SIZES + 1} model sizes ({FLOOR_SIZES} to fit the joint "
+                       f"law, 1 to predict); this family has {len(sizes)}")
     train = N < sizes[-1]
     fit = fit_joint(N[train], k[train], loss[train], weights=weights)
     if not fit.identified:
@@ -159,7 +163,9 @@ def leave_one_size_out(N, k, loss, *, weights="k", metric=None) -> HeldOut:
 def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
     """Every form fitted to the per-k means, ranked by AICc (AIC corrected for small samples: with
     9 points and up to 5 parameters plain AIC favours the largest form), with AIC, BIC, the weighted
-    and unweighted R² and the leave-one-k-out RMSE. `delta_aicc` is each form's AICc minus the best."""
+    and unweighted R² and the leave-one-k-out RMSE. `n` is the number of per-k means fitted. AICc is
+    undefined (NaN) when n ≤ p + 1: such a form is not ranked (`delta_aicc` NaN, sorted last among the
+    fitted forms) and its note says how many points it needs. `delta_aicc` is each form's AICc minus the best."""
     ks, means = per_k_means(k, loss)
     rows = []
     for name in forms or FORMS:
@@ -170,14 +176,18 @@ def compare_forms(k, loss, *, weights="k", forms=None) -> pd.DataFrame:
         except FitError as exc:
             rows.append({"form": name, "formula": FORMS[name].formula, "note": str(exc)})
             continue
-        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": FORMS[name].n_params, "aicc": fit.aicc,
+        p = FORMS[name].n_params
+        notes = list(fit.notes)
+        aicc = fit.aicc if math.isfinite(fit.aicc) else math.nan  # the correction divides by n − p − 1
+        if math.isnan(aicc):
+            notes.insert(0, f"AICc needs at least {p + 2} k values, got {len(ks)}: not ranked")
+        rows.append({"form": name, "formula": FORMS[name].formula, "n_params": p, "n": len(ks), "aicc": aicc,
                      "aic": fit.aic, "bic": fit.bic, "r2": fit.r2, "r2_unweighted": fit.r2_unweighted,
-                     "loko_rmse": rmse, "params": fit.params,
-                     "note": "; ".join(fit.notes)})
+                     "loko_rmse": rmse, "params": fit.params, "note": "; ".join(notes)})
     table = pd.DataFrame(rows)
     if "aicc" not in table.columns:  # no form could be fitted: the notes say why
         return table
-    table = table.sort_values("aicc", na_position="last").reset_index(drop=True)
-    finite = table["aicc"].replace(np.inf, np.nan)
-    table.insert(table.columns.get_loc("aicc") + 1, "delta_aicc", table["aicc"] - finite.min())
+    # fitted forms first (ranked by AICc, then unranked ones by AIC), forms that could not be fitted last
+    table = table.sort_values(["aicc", "aic"], na_position="last").reset_index(drop=True)
+    table.insert(table.columns.get_loc("aicc") + 1, "delta_aicc", table["aicc"] - table["aicc"].min())
     return table

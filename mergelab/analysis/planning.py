@@ -21,7 +21,7 @@ metric's own values: for accuracy a target is reached from below and the floor i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -41,6 +41,12 @@ class Estimate:
     hi: float = float("nan")
     note: str = ""
     extrapolated: bool = False  # beyond the M experts available (k answers) or outside the data
+
+    def whole(self) -> "Estimate":
+        """The answer as a count of experts: value and interval rounded up to whole k (a k of 4.2 needs 5
+        experts; 1e-9 of slack so a fitted 5.0000000001 stays 5). NaN and infinity pass through."""
+        up = lambda v: float(math.ceil(v - 1e-9)) if math.isfinite(v) else v  # noqa: E731
+        return replace(self, value=up(self.value), lo=up(self.lo), hi=up(self.hi))
 
     def as_dict(self) -> dict:
         return {"value": self.value, "lo": self.lo, "hi": self.hi, "extrapolated": self.extrapolated,

@@ -50,9 +50,9 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     S[d, e] over the same (S, S ∪ {d}) pairs. The interval is for d's synergy against the population
     of co-experts (basic bootstrap: Ŝ − quantiles of S* − S_world). Entries that get no interval are
     NaN, and `lo.attrs["notes"]` says why (fewer than 3 experts, a receiver with NaN losses, effects
-    that cannot be estimated)."""
-    from mergelab.analysis.fit import FitError
-    from mergelab.analysis.intervals import SubsetDesign, fit_effects
+    that cannot be estimated), each reason once with the receivers it holds for ("for every receiver, …"
+    when it holds for all)."""
+    from mergelab.analysis.intervals import SubsetDesign
 
     matrix = synergy_matrix(results, min_k)
     lo, hi = (pd.DataFrame(np.nan, index=matrix.index, columns=matrix.columns) for _ in range(2))
@@ -63,20 +63,34 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
     members = list(row_of)
     rng = np.random.default_rng(seed)
     tails = [50 * (1 - level), 50 * (1 + level)]
-    M, k = design.M, design.k
+    M = design.M
     lo.attrs["notes"] = notes = []
     if M < 3:
-        notes.append(f"no intervals: {M} experts (resampling co-experts needs at least 3)")
+        notes.append(f"{M} experts: resampling co-experts needs at least 3")
         return lo, hi
+    why: dict[str, list[str]] = {}  # reason -> receivers: the same reason holds for every domain of a design
+    _receiver_intervals(matrix, table, design, row_of, members, min_k, n_boot, rng, tails, lo, hi, why)
+    for reason, receivers in why.items():
+        where = "every receiver" if len(receivers) == len(table.columns) > 1 else ", ".join(receivers)
+        notes.append(f"for {where}, {reason}")
+    return lo, hi
+
+
+def _receiver_intervals(matrix, table, design, row_of, members, min_k, n_boot, rng, tails, lo, hi, why):
+    """synergy_intervals' loop over receivers: fills lo, hi; `why` collects reason -> receivers."""
+    from mergelab.analysis.fit import FitError
+    from mergelab.analysis.intervals import fit_effects
+
+    M, k = design.M, design.k
     for receiver in table.columns:
         y = table[receiver].to_numpy(dtype=float)
         if not np.isfinite(y).all():
-            notes.append(f"{receiver}: no interval, {int((~np.isfinite(y)).sum())} merges lack a loss on it")
+            why.setdefault(f"{int((~np.isfinite(y)).sum())} merges lack a loss on it", []).append(receiver)
             continue
         try:
             effects = fit_effects(design, y)
         except FitError as exc:
-            notes.append(f"{receiver}: no interval, {exc}")
+            why.setdefault(str(exc), []).append(receiver)
             continue
         m_k = dict(zip(design.ks(), design.per_k_means(y)))
         mean = np.array([m_k[x] for x in k])
@@ -103,7 +117,13 @@ def synergy_intervals(results: pd.DataFrame, *, n_boot: int = 200, seed: int = 0
             q_lo, q_hi = np.percentile(s_star - world, tails)
             lo.loc[donor, receiver] = matrix.loc[donor, receiver] - q_hi
             hi.loc[donor, receiver] = matrix.loc[donor, receiver] - q_lo
-    return lo, hi
+
+
+def unmeasured_donors(matrix: pd.DataFrame) -> list[str]:
+    """The donors of `synergy_matrix` without a value: no two cached merges differ by that expert alone
+    (S and S ∪ {d}), so its row is blank."""
+    pairs = matrix.attrs.get("n_pairs", {})
+    return [d for d in matrix.index if not pairs.get(d, 1) or not np.isfinite(matrix.loc[d].to_numpy(dtype=float)).any()]
 
 
 def off_diagonal(matrix: pd.DataFrame) -> pd.DataFrame:

@@ -63,8 +63,12 @@ def floor_problem(fit, metric=None) -> str:
 
 
 def has_floor(fit) -> bool:
-    """Whether a fit's L∞ is a floor worth drawing or printing: a floor–tail curve that falls with k."""
-    return not floor_problem(fit)
+    """Whether a fit's L∞ is a floor worth drawing: a floor–tail curve that falls with k, with no parameter
+    on its bound and every parameter identified. A floor the data do not pin down (b stuck at 100 gave
+    L∞ = 1.12 under data at 2.3) would set the y axis and squash the data into a strip."""
+    if floor_problem(fit):
+        return False
+    return not any(getattr(fit, "at_bound", {}).values()) and not getattr(fit, "not_identified", {})
 
 
 def _bound_text(fit, name: str, lo: float, hi: float) -> str:
@@ -226,3 +230,22 @@ def held_out_table(table: pd.DataFrame, metric=None) -> pd.DataFrame:
         out[f"population mean at k, 95% CI ({unit})"] = [f"[{lo:.4f}, {hi:.4f}]" if lo == lo else "—"
                                                          for lo, hi in zip(out.pop("lo"), out.pop("hi"))]
     return out
+
+
+def forms_table(forms: pd.DataFrame, units: str = "nats/token") -> pd.DataFrame:
+    """The alternative-forms table (mergelab.analysis.heldout.compare_forms) for display: readable
+    headers with units (`units`: the metric's), "—" where a criterion is undefined (AICc when a form has
+    as many parameters as k values allow) and "not ranked" in place of its ΔAICc; parameters dropped."""
+    out = forms.drop(columns=["params", "n"], errors="ignore").copy()
+    for column in ("aicc", "aic", "bic", "r2", "r2_unweighted", "loko_rmse"):
+        if column in out:
+            out[column] = [f"{v:.4f}" if v == v and np.isfinite(v) else "—" for v in out[column]]
+    if "delta_aicc" in out:
+        out["delta_aicc"] = [f"{v:.2f}" if v == v else "not ranked" for v in out["delta_aicc"]]
+    if "n_params" in out:
+        out["n_params"] = [str(int(v)) if v == v else "—" for v in out["n_params"]]
+    if "note" in out:
+        out["note"] = out["note"].fillna("")
+    return out.rename(columns={"n_params": "parameters", "aicc": "AICc", "delta_aicc": "ΔAICc", "aic": "AIC",
+                               "bic": "BIC", "r2": "R² (k-weighted)", "r2_unweighted": "R² (unweighted)",
+                               "loko_rmse": f"leave-one-k-out RMSE ({units})"})

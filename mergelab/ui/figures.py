@@ -5,7 +5,32 @@ from __future__ import annotations
 from mergelab.analysis.means import mean_by_k, per_k_means
 
 SIZE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
+METHOD_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d", "#ff9da6",
+                  "#bab0ac", "#17becf", "#bcbd22"]
+# Each merge method's own colour, the same in every panel and on every page (curves, sizes, fractional return)
+METHOD_COLOUR = {"average": "#4c78a8", "ties": "#f58518", "dare_ties": "#54a24b", "breadcrumbs": "#e45756",
+                 "model_stock": "#72b7b2", "task_arithmetic": "#b279a2", "dare": "#eeca3b", "della": "#9d755d",
+                 "breadcrumbs_ties": "#ff9da6", "tsv_m": "#bab0ac"}
+
+
+def method_colours(settings) -> dict[str, str]:
+    """setting -> colour for the method settings of one figure (labels such as 'ties' or 'ties lambda=0.5',
+    mergelab.analysis.tables.setting_labels): a method's first setting gets its own METHOD_COLOUR, so a method
+    looks the same everywhere; a further setting of it, or a method without one, gets the next colour of
+    METHOD_COLOURS not yet used, so two settings in one figure never share a colour."""
+    out, used = {}, set()
+    rest = []
+    for setting in sorted(set(settings)):
+        own = METHOD_COLOUR.get(setting.split(" ")[0])
+        if own and own not in used:
+            out[setting] = own
+            used.add(own)
+        else:
+            rest.append(setting)
+    spare = iter([c for c in METHOD_COLOURS if c not in used] + METHOD_COLOURS * len(rest))
+    for setting in rest:
+        out[setting] = next(spare)
+    return out
 
 
 def _size_colour(sizes_in_order: list[str], size: str) -> str:
@@ -21,10 +46,11 @@ def _curve_style(frame, sizes_in_order: list[str]):
     settings of one size never look alike."""
     methods = sorted(frame["setting"].unique())
     by_method = frame["size"].nunique() == 1 and len(methods) > 1
+    colours = method_colours(methods)
 
     def style(size: str, method: str) -> tuple[str, str]:
         i = methods.index(method)
-        colour = METHOD_COLOURS[i % len(METHOD_COLOURS)] if by_method else _size_colour(sizes_in_order, size)
+        colour = colours[method] if by_method else _size_colour(sizes_in_order, size)
         return colour, SYMBOLS[i % len(SYMBOLS)]
 
     return style
@@ -53,14 +79,15 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                  log_y: bool = False, bands: dict | None = None, overlays: dict | None = None, show_points: bool = True,
                  normalise: dict | None = None, y_title: str = "cross-entropy (nats/token)"):
     """CE vs k for one domain (or macro): faint points per subset, per-k means with their 95%
-    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid) with its
-    floor L∞ (dashed) and its expert-bootstrap band per curve.
+    expert-bootstrap intervals (when the fit has draws), the fitted L∞ + A/(k+b) (solid; dashed per method
+    when colour is by size) with its floor L∞ (dashed) and its expert-bootstrap band per curve.
 
     merges: rows with size, setting (method + hyperparameters), k, loss, experts_key.
     fits: {(size, setting): CurveFit}. bands: {(size, setting): (k, lo, hi)}. overlays: {label: (k, loss)} drawn in grey (paper laws).
     normalise: {(size, setting): (offset, scale)} draws every y of that curve as (y − offset)/scale (overlays are
     passed already normalised; mergelab.ui.curves.normalisers); y_title names the axis. A floor is drawn only for
-    a curve that falls (mergelab.analysis.planning.not_falling)."""
+    a curve that falls (mergelab.analysis.planning.not_falling) with no parameter on its bound
+    (mergelab.ui.curves.has_floor), so the y axis stays set by the data."""
     import numpy as np
     import plotly.graph_objects as go
 
@@ -70,9 +97,9 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
     dashes = ["solid", "dot", "dash", "longdash", "dashdot"]
     methods = sorted(merges["setting"].unique())
     by_method = merges["size"].nunique() == 1 and len(methods) > 1  # one size: colour tells the methods apart
+    colours = method_colours(methods)
     for (size, method), rows in _in_size_order(merges, sizes_in_order):
-        colour = (METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] if by_method
-                  else _size_colour(sizes_in_order, size))
+        colour = colours[method] if by_method else _size_colour(sizes_in_order, size)
         name = f"{method} · {size}" if len(methods) > 1 else size
         offset, scale = (normalise or {}).get((size, method), (0.0, 1.0))
         if show_points:
@@ -94,7 +121,8 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
         if fit is None or not fit.ok:
             continue
         grid = np.linspace(stats["k"].min(), stats["k"].max(), 120)
-        dash = dashes[methods.index(method) % len(dashes)]
+        # colour and marker tell methods apart at one size; across sizes colour is the size, so the dash is the method
+        dash = "solid" if by_method or len(methods) == 1 else dashes[methods.index(method) % len(dashes)]
         if bands and (size, method) in bands:
             bk, lo, hi = bands[(size, method)]
             fig.add_scatter(x=np.r_[bk, bk[::-1]], y=(np.r_[hi, lo[::-1]] - offset) / scale, fill="toself", fillcolor=colour, opacity=0.15,
@@ -105,7 +133,7 @@ def curve_figure(merges, fits: dict, *, sizes_in_order: list[str], title: str, l
                         hovertemplate=((f"C={-fit.L_inf:.4f}" if scale < 0 else f"L∞={fit.L_inf:.4f}")
                                        + f" A={fit.A:.4f} b={fit.b:.3f}<br>k=%{{x:.2f}} y=%{{y:.4f}}"
                                        f"<extra>{name} fit</extra>"))
-        if has_floor(fit):  # a floor only means something for a falling curve
+        if has_floor(fit):  # only for a falling curve whose floor the data pin down (none at a bound)
             fig.add_hline(y=(fit.L_inf - offset) / scale, line=dict(color=colour, dash="dash", width=1), opacity=0.7)
     for i, (label, (k, loss)) in enumerate((overlays or {}).items()):  # grey; one dash pattern per overlay
         fig.add_scatter(x=k, y=loss, mode="lines", name=label,
@@ -188,8 +216,10 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     from mergelab.names import PARAMS_PER_BILLION, params_label
 
     fig = go.Figure()
+    colours = method_colours(points["setting"].unique())  # the colours of the method's curves
     for method, rows in points.groupby("setting"):
         fig.add_scatter(x=rows["n_params"], y=rows["loss"], mode="markers+lines", name=f"{method}, k={k}",
+                        line=dict(color=colours[method]), marker=dict(color=colours[method]),
                         customdata=np.c_[rows["size"], [params_label(n) for n in rows["n_params"]]],
                         hovertemplate="%{customdata[0]} (%{customdata[1]} params)<br>" + _short(y_title)
                                       + "=%{y:.4f}<extra></extra>")
@@ -211,16 +241,22 @@ def size_figure(points, joint=None, *, k: int, title: str | None = None, y_title
     return fig
 
 
+TEXT_MAX_COLUMNS = 12  # receivers beyond which the heatmap's cells carry no text (hover still shows each value)
+
+
 def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when donor joins (nats)", lo=None, hi=None,
                     unit: str = "nats"):
     """Diverging colour scale centred on 0: blue helps, red hurts. `unit`: the values' unit (colour bar, hover;
     a higher-is-better metric's gain, e.g. 'fraction'). lo, hi: matrices of 95% intervals
     (mergelab.analysis.synergy.synergy_intervals), shown on hover; a value whose interval holds 0 is
-    printed in parentheses, one without an interval with a trailing '?', an empty cell has no pair."""
+    printed in parentheses, one without an interval with a trailing '?' (none when no cell has one: the
+    page says so once), an empty cell has no pair. Many receivers get smaller cell text, and beyond
+    TEXT_MAX_COLUMNS none (the values stay on hover): at 800 px the numbers would run into each other."""
     import numpy as np
     import plotly.graph_objects as go
 
     values = matrix.to_numpy(dtype=float)
+    n_cols = values.shape[1]
     bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     rounded = np.round(np.nan_to_num(values), 3) + 0.0  # + 0.0: no '-0.0'
     text = np.where(np.isfinite(values), np.char.mod("%.3f", rounded), "")
@@ -231,12 +267,14 @@ def synergy_heatmap(matrix, title: str = "Synergy: CE drop on receiver when dono
         custom = np.dstack([lo_v, hi_v])
         no_interval = np.isfinite(values) & ~(np.isfinite(lo_v) & np.isfinite(hi_v))
         text = np.where((lo_v <= 0) & (hi_v >= 0), "(" + text + ")", text)  # interval holds 0: not distinguishable
-        text = np.where(no_interval, text + "?", text)
+        if np.isfinite(lo_v).any():
+            text = np.where(no_interval, text + "?", text)
         hover = ("donor %{y} → receiver %{x}: %{z:.4f} " + unit + "<br>95% interval [%{customdata[0]:.4f}, "
                  "%{customdata[1]:.4f}] (NaN: none)<extra></extra>")
     fig = go.Figure(go.Heatmap(z=values, x=list(matrix.columns), y=list(matrix.index), zmid=0, zmin=-bound, zmax=bound,
                                colorscale="RdBu", colorbar=dict(title=unit), customdata=custom,
-                               text=text, texttemplate="%{text}", textfont=dict(size=10), hovertemplate=hover))
+                               text=text, texttemplate="%{text}" if n_cols <= TEXT_MAX_COLUMNS else "",
+                               textfont=dict(size=10 if n_cols <= 6 else 8), hovertemplate=hover))
     _layout(fig, title, "receiver domain", "donor expert", height=520)
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -257,13 +295,16 @@ def bar_figure(series, title: str, x_title: str, y_title: str, height: int = 340
     return _layout(fig, title, x_title, y_title, height=height)
 
 
-def fractional_return_figure(curves: dict, M: int, marks: dict | None = None):
-    """R(k) = (L(1) − L(k))/(L(1) − L(M)) per curve with k80 / k90 marked."""
+def fractional_return_figure(curves: dict, M: int, marks: dict | None = None, colours: dict | None = None):
+    """R(k) = (L(1) − L(k))/(L(1) − L(M)) per curve with k80 / k90 marked. colours: {label: colour} (the
+    method's colour, method_colours); a curve without one (a reference such as b = 0) is grey and dashed."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for label, (k, r) in curves.items():
-        fig.add_scatter(x=k, y=r, mode="lines", name=label)
+        colour = (colours or {}).get(label)
+        fig.add_scatter(x=k, y=r, mode="lines", name=label,
+                        line=dict(color=colour) if colour else dict(color="#888", dash="dash"))
     for level in (0.8, 0.9):
         fig.add_hline(y=level, line=dict(color="#999", dash="dot"), annotation_text=f"{int(level * 100)}%")
     for label, k in (marks or {}).items():
