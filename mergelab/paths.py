@@ -69,6 +69,31 @@ def allowed_roots() -> list[Path]:
     return [p.resolve() for p in [data_home(), *extra]]
 
 
+def family_manifests(depth: int = 3, limit: int = 200) -> list[Path]:
+    """family.toml files at most `depth` folders below each allowed root (the data home, MERGELAB_ROOTS),
+    sorted; a shallow walk that skips hidden folders and unreadable ones and stops after `limit` finds,
+    so a root such as $HOME stays quick. What the Sweep page offers in its family picker."""
+    found: set[Path] = set()
+    for root in allowed_roots():
+        level = [root]
+        for _ in range(depth + 1):
+            deeper = []
+            for folder in level:
+                try:
+                    entries = sorted(folder.iterdir())
+                except OSError:
+                    continue
+                for entry in entries:
+                    if entry.name == "family.toml" and entry.is_file():
+                        found.add(entry.resolve())
+                    elif entry.is_dir() and not entry.name.startswith(".") and not entry.is_symlink():
+                        deeper.append(entry)
+            if len(found) >= limit:
+                break
+            level = deeper
+    return sorted(found)[:limit]
+
+
 def confined(path: str | Path) -> Path:
     """`path` resolved (symlinks and '..' followed) if it lies under an allowed root, else a clear error."""
     from mergelab.errors import MergelabError
