@@ -1,0 +1,108 @@
+"""The Sweep and Import pages as a new user meets them (the walkthrough of 2026-11-30): settings in at most two
+columns, readable adaptive quantities, fields greyed out where they do not apply, durations in seconds, family
+names on job cards, families found under the allowed folders, one upload limit, user-facing preview columns."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from mergelab.sweep.jobs import JobQueue
+from mergelab.sweep.plan import SweepJob, family_name
+from mergelab.ui.dashboard import duration_text
+from tests.helpers import build_tiny_family, serve_cache, synthetic_results
+from tests.test_app import ROOT, run
+
+SWEEP = ROOT / "pages" / "2_Sweep.py"
+
+
+def shown(at) -> str:
+    return " ".join(str(e.value) for kind in ("info", "caption", "markdown", "error", "warning", "success")
+                    for e in getattr(at, kind))
+
+
+@pytest.fixture
+def walk(tmp_path, monkeypatch):
+    """The walkthrough's setup: a family at ROOT/fam (a folder named unlike the family) under MERGELAB_ROOTS,
+    an empty cache and a private home with no family in it."""
+    family = build_tiny_family(tmp_path / "walk" / "fam", domains=("alpha", "beta", "gamma"))
+    serve_cache(synthetic_results({"average": lambda k: 2.0}, ["a"]).iloc[:0], tmp_path, monkeypatch)
+    monkeypatch.setenv("MERGELAB_ROOTS", str(tmp_path / "walk"))
+    return family
+
+
+def test_settings_use_at_most_two_columns():
+    """Streamlit cannot see the viewport: four columns broke words per letter at 800 px."""
+    tree = ast.parse(SWEEP.read_text())
+    widths = [node.args[0] for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and getattr(node.func, "attr", "") == "columns" and node.args]
+    assert widths, "the page lays out columns"
+    for width in widths:
+        count = len(width.elts) if isinstance(width, ast.List) else getattr(width, "value", None)
+        if count is None:  # per_row: the name's value
+            count = next(n.value.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                         and getattr(n.targets[0], "id", "") == width.id)
+        assert count <= 2, ast.unparse(width)
+
+
+def test_picker_finds_the_family_under_the_roots_and_cards_name_it(walk):
+    at = run("pages/2_Sweep.py")
+    assert at.selectbox(key="sweep-family").value == str(walk)  # found two folders below MERGELAB_ROOTS
+    assert "**tiny** · 3 domains" in shown(at)
+    JobQueue().submit(SweepJob(str(walk), {"average": {}}, ("s",), device="cpu"))
+    at = run("pages/2_Sweep.py")
+    cards = [m.value for m in at.markdown if m.value.startswith("**Job 1**")]
+    assert cards and "· tiny · sizes s · average" in cards[0] and " fam " not in cards[0], cards
+
+
+def test_no_family_says_where_it_looks_and_how_to_add_one(tmp_path, monkeypatch):
+    serve_cache(synthetic_results({"average": lambda k: 2.0}, ["a"]).iloc[:0], tmp_path, monkeypatch)
+    monkeypatch.setenv("MERGELAB_ROOTS", str(tmp_path / "elsewhere"))
+    at = run("pages/2_Sweep.py")
+    (message,) = [i.value for i in at.info if "No family yet" in i.value]
+    assert str(tmp_path / "home") in message and str(tmp_path / "elsewhere") in message  # the allowed folders
+    assert "MERGELAB_ROOTS" in message and "mergelab demo build" in message
+
+
+def test_family_name_reads_the_manifest_and_falls_back_to_the_folder(tmp_path):
+    (tmp_path / "fam").mkdir()
+    (tmp_path / "fam" / "family.toml").write_text('name = "demo-micro"\n')
+    assert family_name(str(tmp_path / "fam" / "family.toml")) == "demo-micro"
+    assert family_name(str(tmp_path / "gone" / "family.toml")) == "gone"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "family.toml").write_text("name = [unclosed\n")
+    assert family_name(str(tmp_path / "bad" / "family.toml")) == "bad"
+
+
+def test_adaptive_quantities_read_as_words_and_fields_grey_out(walk):
+    at = run("pages/2_Sweep.py")
+    quantity = at.selectbox(key="sweep-adaptive-quantity")
+    assert quantity.options[:2] == ["L∞ (floor)", "k90 (experts to 90% of the gain)"], quantity.options
+    assert quantity.disabled and at.text_input(key="sweep-adaptive-precision").disabled
+    assert at.number_input(key="sweep-adaptive-budget").disabled
+    assert at.number_input(key="sweep-n").disabled  # all subsets: N does not apply
+    at.radio(key="sweep-subsets").set_value("N random per k").run()
+    assert not at.number_input(key="sweep-n").disabled
+    at.toggle(key="sweep-adaptive").set_value(True).run()
+    assert not at.selectbox(key="sweep-adaptive-quantity").disabled and at.number_input(key="sweep-n").disabled
+    assert at.radio(key="sweep-subsets").disabled
+    at.selectbox(key="sweep-adaptive-quantity").set_value("k90")  # the value passed on is the target's name
+    at.text_input(key="sweep-adaptive-precision").input("0.5")
+    next(b for b in at.button if b.label == "Estimate").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert any("k90" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_a_tiny_sweeps_estimate_is_in_seconds(walk):
+    at = run("pages/2_Sweep.py")
+    next(b for b in at.button if b.label == "Estimate").click().run()
+    (info,) = [i.value for i in at.info if "to run" in i.value]
+    assert "about " in info and " s at 100 ms per merge" in info and "0.0 min" not in info, info
+
+
+@pytest.mark.parametrize("seconds, text", [(None, "—"), (0, "0 s"), (0.4, "under 1 s"), (4.2, "4 s"),
+                                           (89, "89 s"), (90, "1.5 min"), (750, "12.5 min"), (11_520, "3.2 h")])
+def test_duration_text(seconds, text):
+    assert duration_text(seconds) == text
