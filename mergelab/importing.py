@@ -44,7 +44,6 @@ ALIASES = {"loss": "value", "score": "value", "subset": "experts", "model": "exp
 METRIC_COLUMNS = {"ce loss": "ce", "ce_loss": "ce", "cross_entropy": "ce", "cross-entropy": "ce"}
 SUMMARY_ROWS = {"avg.", "avg", "average", "overall", "mean", "all"}  # per-model files' own means: not domains
 LM_EVAL_PREFERENCE = ("acc", "acc_norm", "exact_match", "pass@1", "f1", "mc2", "word_perplexity", "bits_per_byte")
-MAX_BYTES = 200 * 2**20  # the Import page's upload limit; the CLI reads any size
 DEFAULT_METHOD = "imported"
 DEFAULT_SIZE = "default"
 SIZE_SUFFIX = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMbBtT])\b")

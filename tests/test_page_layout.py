@@ -106,3 +106,39 @@ def test_a_tiny_sweeps_estimate_is_in_seconds(walk):
                                            (89, "89 s"), (90, "1.5 min"), (750, "12.5 min"), (11_520, "3.2 h")])
 def test_duration_text(seconds, text):
     assert duration_text(seconds) == text
+
+
+# -- Import page ----------------------------------------------------------------------------------------
+
+
+def test_upload_limit_has_one_source(monkeypatch):
+    """The label said 50 MB while Streamlit's uploader said 200MB: both now follow MERGELAB_UPLOAD_MB."""
+    import tomllib
+
+    from mergelab.errors import MergelabError
+    from mergelab.paths import UPLOAD_MB, streamlit_options, upload_limit_mb
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == UPLOAD_MB == upload_limit_mb() == 50  # a bare `streamlit run`
+    assert "--server.maxUploadSize=50" in streamlit_options()
+    monkeypatch.setenv("MERGELAB_UPLOAD_MB", "7")
+    assert "--server.maxUploadSize=7" in streamlit_options() and upload_limit_mb() == 7
+    for bad in ("lots", "0", "-3", "inf"):
+        monkeypatch.setenv("MERGELAB_UPLOAD_MB", bad)
+        with pytest.raises(MergelabError, match=f"MERGELAB_UPLOAD_MB='{bad}': not a positive number of MB"):
+            upload_limit_mb()
+
+
+def test_import_page_says_the_real_limit(tmp_path, monkeypatch):
+    serve_cache(synthetic_results({"average": lambda k: 2.0}, ["a"]).iloc[:0], tmp_path, monkeypatch)
+    at = run("pages/6_Import.py")
+    labels = [w.label for w in at.get("file_uploader")]
+    assert labels == ["Results files (up to 50 MB each)"], labels
+    assert at.get("file_uploader")[0].proto.max_upload_size_mb == 50  # what the uploader itself says and enforces
+    monkeypatch.setenv("MERGELAB_UPLOAD_MB", "7")
+    at = run("pages/6_Import.py")
+    assert at.get("file_uploader")[0].label == "Results files (up to 7 MB each)"
+    assert at.get("file_uploader")[0].proto.max_upload_size_mb == 7
+    monkeypatch.setenv("MERGELAB_UPLOAD_MB", "nope")
+    at = run("pages/6_Import.py")
+    assert "MERGELAB_UPLOAD_MB='nope'" in at.error[0].value
