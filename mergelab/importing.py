@@ -67,6 +67,31 @@ class ImportPlan:
                 .agg(merges=("experts_key", "nunique"), domains=("domain", "nunique"), k_min=("k", "min"),
                      k_max=("k", "max"), rows=("loss", "size")))
 
+    def preview(self, limit: int = 200) -> pd.DataFrame:
+        """The first `limit` rows as a user reads them: size, method, experts, k, domain and the value, its
+        header naming the metric and unit ('accuracy (fraction)'); family, settings and metric columns only
+        when the rows differ in them. The cache's own columns (experts_key, n_tokens, metric_version,
+        n_params, eval_hash) stay out of sight."""
+        rows = self.rows.head(limit)
+        if rows.empty:
+            return pd.DataFrame(columns=["size", "method", "experts", "k", "domain", "value"])
+        names = sorted(self.rows["metric"].unique())
+        value = metrics.of_rows(self.rows).axis if len(names) == 1 else "value"
+        out = pd.DataFrame(index=rows.index)
+        if self.rows["family"].nunique() > 1:
+            out["family"] = rows["family"]
+        out["size"] = rows["size"]
+        out["method"] = rows["method"]
+        if (rows["hparams"] != "{}").any():  # settings only when some row has any
+            out["settings"] = rows["hparams"].replace("{}", "")
+        out["experts"] = rows["experts_key"].str.replace(KEY_SEPARATOR, " + ", regex=False)
+        out["k"] = rows["k"]
+        out["domain"] = rows["domain"]
+        if len(names) > 1:
+            out["metric"] = [metrics.from_row(row).axis for _, row in rows.iterrows()]
+        out[value] = rows["loss"]
+        return out.reset_index(drop=True)
+
 
 def parse_map(text: str | None) -> dict[str, str]:
     """`--map` as {field: column}: 'experts=subset,value=ce', or the path of a TOML file with a [map] table

@@ -65,8 +65,7 @@ for name, layout in plan.layouts.items():
     st.markdown(f"- `{name}`: {layout}")
 for note in plan.notes:
     st.caption(note)
-st.dataframe(plan.rows.head(200).rename(columns={"loss": "value"}), hide_index=True, width="stretch",
-             key="import-preview")
+st.dataframe(plan.preview(200), hide_index=True, width="stretch", key="import-preview")
 st.caption(f"{len(plan.rows):,} mapped rows (the first 200 shown).")
 st.subheader("What will be written")
 st.dataframe(plan.summary(), hide_index=True, width="stretch", key="import-summary")

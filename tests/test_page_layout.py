@@ -142,3 +142,18 @@ def test_import_page_says_the_real_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGELAB_UPLOAD_MB", "nope")
     at = run("pages/6_Import.py")
     assert "MERGELAB_UPLOAD_MB='nope'" in at.error[0].value
+
+
+def test_preview_shows_user_facing_columns_only(tmp_path):
+    from mergelab import importing
+
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("family,size,method,hparams,experts,domain,metric,value\n"
+                     'f,7B,ties,"{""density"": 0.5}",a+b,x,accuracy,0.5\n'
+                     "g,7B,average,{},a,x,ce,2.5\n")
+    table = importing.plan([mixed]).preview()
+    assert list(table.columns) == ["family", "size", "method", "settings", "experts", "k", "domain", "metric", "value"]
+    assert table["metric"].tolist() == ["accuracy (fraction)", "cross-entropy (nats/token)"]
+    assert table["settings"].tolist()[1] == "" and table["experts"].tolist() == ["a + b", "a"]
+    assert importing.plan([ROOT / "docs" / "examples" / "accuracy.csv"], family="q").preview(3).columns.tolist() \
+        == ["size", "method", "experts", "k", "domain", "accuracy (fraction)"]
