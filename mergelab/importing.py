@@ -39,7 +39,8 @@ from mergelab.store import IMPORTED_PREFIX, ResultStore
 FIELDS = ("family", "size", "n_params", "method", "hparams", "experts", "experts_key", "k", "domain", "metric",
           "value", "n_tokens", "higher_better", "unit", "metric_version", "created_at", "n_truncated")
 ALIASES = {"loss": "value", "score": "value", "subset": "experts", "model": "experts", "task": "domain",
-           "problem": "domain", "params": "n_params", "merge_method": "method"}
+           "problem": "domain", "params": "n_params", "merge_method": "method",
+           "model_size": "size", "size_name": "size"}  # 'model' stays the experts: per-model files name merges
 # value columns named after their metric, as other pipelines write them (the paper's code: 'CE Loss')
 METRIC_COLUMNS = {"ce loss": "ce", "ce_loss": "ce", "cross_entropy": "ce", "cross-entropy": "ce"}
 SUMMARY_ROWS = {"avg.", "avg", "average", "overall", "mean", "all"}  # per-model files' own means: not domains

@@ -157,3 +157,15 @@ def test_preview_shows_user_facing_columns_only(tmp_path):
     assert table["settings"].tolist()[1] == "" and table["experts"].tolist() == ["a + b", "a"]
     assert importing.plan([ROOT / "docs" / "examples" / "accuracy.csv"], family="q").preview(3).columns.tolist() \
         == ["size", "method", "experts", "k", "domain", "accuracy (fraction)"]
+
+
+@pytest.mark.parametrize("header", ["model_size", "size_name", "Model_Size"])
+def test_size_aliases_need_no_map(tmp_path, header):
+    """docs/examples/accuracy.csv names its size column model_size: recognised without --map size=model_size."""
+    from mergelab import importing
+
+    path = tmp_path / "acc.csv"
+    path.write_text(f"{header},subset,task,accuracy\n0.5B,algebra,gsm8k,0.4\n0.5B,algebra+code,gsm8k,0.5\n")
+    rows = importing.plan([path], family="q").rows
+    assert set(rows["size"]) == {"0.5B"} and set(rows["n_params"]) == {500_000_000}
+    assert rows["experts_key"].tolist() == ["algebra", "algebra+code"]  # 'subset' still the experts
