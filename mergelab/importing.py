@@ -483,8 +483,11 @@ def _complete(name, out, where, family, chosen, columns, notes, label) -> pd.Dat
         out["n_params"] = out["size"].map(sizes).astype("int64")
         unknown = sorted(s for s, n in sizes.items() if n == 0)
         if unknown:
-            notes.append(f"{label}: no n_params column and size(s) {', '.join(unknown)} name no count: n_params 0 "
-                         f"(fits per size work; the joint law over sizes needs counts)")
+            named = ", ".join(repr(s) for s in unknown)
+            notes.append(f"{label}: no n_params column, and the size name{'s' if len(unknown) > 1 else ''} {named} "
+                         f"{'do' if len(unknown) > 1 else 'does'} not give a parameter count the way '0.5B' or "
+                         f"'125M' does, so n_params is 0. Curves and fits per size still work; the law across "
+                         f"sizes needs counts: add an n_params column or --set n_params=N (e.g. 500000000).")
     for field_, default in (("n_tokens", 0), ("metric_version", 0)):
         if field_ in out:
             got = pd.to_numeric(out[field_], errors="coerce")

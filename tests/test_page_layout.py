@@ -169,3 +169,19 @@ def test_size_aliases_need_no_map(tmp_path, header):
     rows = importing.plan([path], family="q").rows
     assert set(rows["size"]) == {"0.5B"} and set(rows["n_params"]) == {500_000_000}
     assert rows["experts_key"].tolist() == ["algebra", "algebra+code"]  # 'subset' still the experts
+
+
+def test_the_no_count_note_is_a_sentence(tmp_path):
+    """Was: "no n_params column and size(s) default name no count"."""
+    from mergelab import importing
+
+    path = tmp_path / "acc.csv"
+    path.write_text("subset,task,accuracy\nalgebra,gsm8k,0.4\n")
+    notes = importing.plan([path], family="q").notes
+    (note,) = [n for n in notes if "n_params" in n]
+    assert note == ("acc.csv: no n_params column, and the size name 'default' does not give a parameter count the way "
+                    "'0.5B' or '125M' does, so n_params is 0. Curves and fits per size still work; the law across "
+                    "sizes needs counts: add an n_params column or --set n_params=N (e.g. 500000000).")
+    assert "acc.csv: no size column: size 'default'" in notes
+    fixed = importing.plan([path], family="q", constants={"n_params": "500000000"})
+    assert not [n for n in fixed.notes if "n_params" in n] and set(fixed.rows["n_params"]) == {500_000_000}
