@@ -39,12 +39,12 @@ from mergelab.store import IMPORTED_PREFIX, ResultStore
 FIELDS = ("family", "size", "n_params", "method", "hparams", "experts", "experts_key", "k", "domain", "metric",
           "value", "n_tokens", "higher_better", "unit", "metric_version", "created_at", "n_truncated")
 ALIASES = {"loss": "value", "score": "value", "subset": "experts", "model": "experts", "task": "domain",
-           "problem": "domain", "params": "n_params", "merge_method": "method"}
+           "problem": "domain", "params": "n_params", "merge_method": "method",
+           "model_size": "size", "size_name": "size"}  # 'model' stays the experts: per-model files name merges
 # value columns named after their metric, as other pipelines write them (the paper's code: 'CE Loss')
 METRIC_COLUMNS = {"ce loss": "ce", "ce_loss": "ce", "cross_entropy": "ce", "cross-entropy": "ce"}
 SUMMARY_ROWS = {"avg.", "avg", "average", "overall", "mean", "all"}  # per-model files' own means: not domains
 LM_EVAL_PREFERENCE = ("acc", "acc_norm", "exact_match", "pass@1", "f1", "mc2", "word_perplexity", "bits_per_byte")
-MAX_BYTES = 200 * 2**20  # the Import page's upload limit; the CLI reads any size
 DEFAULT_METHOD = "imported"
 DEFAULT_SIZE = "default"
 SIZE_SUFFIX = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMbBtT])\b")
@@ -67,6 +67,31 @@ class ImportPlan:
         return (self.rows.groupby(["family", "size", "method", "metric"], as_index=False)
                 .agg(merges=("experts_key", "nunique"), domains=("domain", "nunique"), k_min=("k", "min"),
                      k_max=("k", "max"), rows=("loss", "size")))
+
+    def preview(self, limit: int = 200) -> pd.DataFrame:
+        """The first `limit` rows as a user reads them: size, method, experts, k, domain and the value, its
+        header naming the metric and unit ('accuracy (fraction)'); family, settings and metric columns only
+        when the rows differ in them. The cache's own columns (experts_key, n_tokens, metric_version,
+        n_params, eval_hash) stay out of sight."""
+        rows = self.rows.head(limit)
+        if rows.empty:
+            return pd.DataFrame(columns=["size", "method", "experts", "k", "domain", "value"])
+        names = sorted(self.rows["metric"].unique())
+        value = metrics.of_rows(self.rows).axis if len(names) == 1 else "value"
+        out = pd.DataFrame(index=rows.index)
+        if self.rows["family"].nunique() > 1:
+            out["family"] = rows["family"]
+        out["size"] = rows["size"]
+        out["method"] = rows["method"]
+        if (rows["hparams"] != "{}").any():  # settings only when some row has any
+            out["settings"] = rows["hparams"].replace("{}", "")
+        out["experts"] = rows["experts_key"].str.replace(KEY_SEPARATOR, " + ", regex=False)
+        out["k"] = rows["k"]
+        out["domain"] = rows["domain"]
+        if len(names) > 1:
+            out["metric"] = [metrics.from_row(row).axis for _, row in rows.iterrows()]
+        out[value] = rows["loss"]
+        return out.reset_index(drop=True)
 
 
 def parse_map(text: str | None) -> dict[str, str]:
@@ -458,8 +483,11 @@ def _complete(name, out, where, family, chosen, columns, notes, label) -> pd.Dat
         out["n_params"] = out["size"].map(sizes).astype("int64")
         unknown = sorted(s for s, n in sizes.items() if n == 0)
         if unknown:
-            notes.append(f"{label}: no n_params column and size(s) {', '.join(unknown)} name no count: n_params 0 "
-                         f"(fits per size work; the joint law over sizes needs counts)")
+            named = ", ".join(repr(s) for s in unknown)
+            notes.append(f"{label}: no n_params column, and the size name{'s' if len(unknown) > 1 else ''} {named} "
+                         f"{'do' if len(unknown) > 1 else 'does'} not give a parameter count the way '0.5B' or "
+                         f"'125M' does, so n_params is 0. Curves and fits per size still work; the law across "
+                         f"sizes needs counts: add an n_params column or --set n_params=N (e.g. 500000000).")
     for field_, default in (("n_tokens", 0), ("metric_version", 0)):
         if field_ in out:
             got = pd.to_numeric(out[field_], errors="coerce")

@@ -1,11 +1,14 @@
 """Where user data lives: outside the repository, in the user data dir, overridable by env vars."""
 
+import math
 import os
 from pathlib import Path
 
 DB_ENV = "MERGELAB_DB"
 HOME_ENV = "MERGELAB_HOME"
 ROOTS_ENV = "MERGELAB_ROOTS"
+UPLOAD_ENV = "MERGELAB_UPLOAD_MB"
+UPLOAD_MB = 50  # per file: a results table of a million rows is ~50 MB of CSV
 
 
 def data_home() -> Path:
@@ -48,6 +51,24 @@ def app_path() -> Path:
 CALLER_OPTIONS = {"server.address", "server.port", "server.headless"}
 
 
+def upload_limit_mb() -> float:
+    """The Import page's limit per uploaded file, in MB (2**20 bytes): MERGELAB_UPLOAD_MB, else 50. The one
+    source of it: the page's label and check and Streamlit's server.maxUploadSize (`streamlit_options`)
+    all read it. Raises MergelabError when the variable is not a positive number."""
+    from mergelab.errors import MergelabError
+
+    raw = os.environ.get(UPLOAD_ENV, "").strip()
+    if not raw:
+        return float(UPLOAD_MB)
+    try:
+        limit = float(raw)
+    except ValueError:
+        limit = float("nan")
+    if not limit > 0 or limit == float("inf"):
+        raise MergelabError(f"{UPLOAD_ENV}={raw!r}: not a positive number of MB; set it to e.g. 50, or unset it")
+    return limit
+
+
 def streamlit_options() -> list[str]:
     """The shipped .streamlit/config.toml as `streamlit run` flags (theme, toolbar, usage stats, no file
     watching), so the dashboard behaves the same whatever folder it is started from. Address, port and
@@ -58,6 +79,9 @@ def streamlit_options() -> list[str]:
     if not path.is_file():
         return []
     config = tomllib.loads(path.read_text())
+    # Streamlit's own upload limit follows MERGELAB_UPLOAD_MB (whole MB, at least 1), so its "… MB per file"
+    # and the Import page's label agree; config.toml holds the default for a bare `streamlit run app.py`
+    config.setdefault("server", {})["maxUploadSize"] = max(1, math.ceil(upload_limit_mb()))
     return [f"--{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
             for section, options in config.items() for key, value in options.items()
             if f"{section}.{key}" not in CALLER_OPTIONS]
@@ -67,6 +91,31 @@ def allowed_roots() -> list[Path]:
     """Where the dashboard may read families from: the data home plus MERGELAB_ROOTS (os.pathsep-separated)."""
     extra = [Path(p).expanduser() for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p]
     return [p.resolve() for p in [data_home(), *extra]]
+
+
+def family_manifests(depth: int = 3, limit: int = 200) -> list[Path]:
+    """family.toml files at most `depth` folders below each allowed root (the data home, MERGELAB_ROOTS),
+    sorted; a shallow walk that skips hidden folders and unreadable ones and stops after `limit` finds,
+    so a root such as $HOME stays quick. What the Sweep page offers in its family picker."""
+    found: set[Path] = set()
+    for root in allowed_roots():
+        level = [root]
+        for _ in range(depth + 1):
+            deeper = []
+            for folder in level:
+                try:
+                    entries = sorted(folder.iterdir())
+                except OSError:
+                    continue
+                for entry in entries:
+                    if entry.name == "family.toml" and entry.is_file():
+                        found.add(entry.resolve())
+                    elif entry.is_dir() and not entry.name.startswith(".") and not entry.is_symlink():
+                        deeper.append(entry)
+            if len(found) >= limit:
+                break
+            level = deeper
+    return sorted(found)[:limit]
 
 
 def confined(path: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Sweep: launch a merge sweep in the background worker and watch it run."""
 
+import os
 
 import streamlit as st
 
@@ -9,8 +10,8 @@ from mergelab.io.family import load_family
 from mergelab.sweep.jobs import JobQueue
 from mergelab.engine.methods import METHODS, incremental
 from mergelab.engine.methods.options import HELP as OPTION_HELP
-from mergelab.paths import confined, data_home
-from mergelab.sweep.plan import SweepJob
+from mergelab.paths import ROOTS_ENV, allowed_roots, confined, family_manifests
+from mergelab.sweep.plan import SweepJob, family_name
 from mergelab.sweep.runner import plan_sweep
 from mergelab.sweep.local import plan_sizes
 from mergelab.sweep.worker import ensure_worker, reap_orphans
@@ -34,12 +35,19 @@ def plural(n: int, word: str) -> str:
 def sweep_form() -> None:
     """Pick a family, set up a sweep, estimate and launch it. Returns early, with a message, when the
     family field is empty or invalid: the jobs list below is drawn whatever happens here."""
-    known = sorted({str(p) for p in data_home().glob("*/family.toml")} | {j.spec.family for j in jobs} - {""})
+    # every family.toml up to three folders below the allowed roots, and the families of earlier jobs
+    known = sorted({str(p) for p in family_manifests()} | {j.spec.family for j in jobs} - {""})
+    roots = ", ".join(f"`{r}`" for r in allowed_roots())
     choice = st.selectbox("Family manifest", known + ["other path…"], key="sweep-family",
-                          help="demo families live in the data dir; `mergelab demo build` makes more")
+                          format_func=lambda m: m if m == "other path…" else f"{family_name(m)} — {m}",
+                          help=f"the family.toml files found up to three folders below {roots} (the data dir and "
+                               f"{ROOTS_ENV}); `mergelab demo build` makes more")
     manifest = st.text_input("path to family.toml") if choice == "other path…" or not known else choice
     if not manifest:
-        st.info("No family yet: run `mergelab demo up` or `mergelab demo build --preset micro --out DIR`, then pick it here.")
+        st.info(f"No family yet: no family.toml up to three folders below the allowed folders ({roots}). Run "
+                f"`mergelab demo up` or `mergelab demo build --preset micro --out DIR`, or add the folder that holds "
+                f"your family.toml to {ROOTS_ENV} (separated by `{os.pathsep}`) and restart the dashboard; "
+                "then pick it here.")
         return
     try:
         family = load_family(confined(manifest))
@@ -49,15 +57,24 @@ def sweep_form() -> None:
 
     pools = {s.name: len(s.experts) for s in family.sizes}  # each size's own pool of experts
     M = max(pools.values())
+    st.markdown(f"**{family.name}** · {plural(len(family.domains), 'domain')} · "
+                + (f"{plural(M, 'expert')} per size" if len(set(pools.values())) == 1
+                   else "experts per size: " + ", ".join(f"{n} {m}" for n, m in pools.items())))
+    # outside the form, so the fields that do not apply are greyed out at once (a form's widgets rerun nothing)
+    adaptive = st.toggle("Adaptive: stop at a precision", key="sweep-adaptive",
+                         help="the policy picks which k and which subsets to merge, batch by batch, until the 95% "
+                              "interval of the quantity is as narrow as asked (k range and subsets below are then "
+                              "ignored); a resumed or relaunched job continues from the cached merges")
+    mode = st.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
+                    disabled=adaptive, key="sweep-subsets",
+                    help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
     with st.form("sweep"):
-        st.markdown(f"**{family.name}** · {plural(len(family.domains), 'domain')} · "
-                    + (f"{plural(M, 'expert')} per size" if len(set(pools.values())) == 1
-                       else "experts per size: " + ", ".join(f"{n} {m}" for n, m in pools.items())))
-        c1, c2 = st.columns(2)
-        sizes = c1.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
-        methods = c2.multiselect("Methods", list(METHODS), default=["average"])
+        # full width each: eleven method names in half a column at 800 px cut the first chip to its ×
+        sizes = st.multiselect("Sizes", family.size_names, default=list(family.size_names[:1]))
+        methods = st.multiselect("Methods", list(METHODS), default=["average"])
         hparams = {}
-        per_row = 4  # eleven methods: settings in rows of four columns
+        # two columns: Streamlit cannot see the viewport, and at 800 px four columns broke words per letter
+        per_row = 2
         names = list(METHODS)
         cols = [c for i in range(0, len(names), per_row) for c in st.columns(per_row)]
         for col, (name, method) in zip(cols, METHODS.items()):
@@ -87,27 +104,26 @@ def sweep_form() -> None:
             if given.strip():
                 for values in hparams.values():
                     values[name] = given.strip()
-        c3, c4, c5 = st.columns(3)
-        k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), help="the full range sweeps 1..M of each size's own pool; "
+        c3, c4 = st.columns(2)  # at most two columns: labels and +/− stay whole at 800 px
+        k_lo, k_hi = (c3.slider("k range", 1, M, (1, M), disabled=adaptive,
+                                help="the full range sweeps 1..M of each size's own pool; "
                                 "a narrower one must fit every chosen size") if M > 1 else (1, 1))
         if M == 1:
             c3.caption("k = 1: one expert per size")
-        mode = c4.radio("Subsets", ["all subsets", "N random per k", "diverse orderings"], horizontal=True,
-                        help="orderings: the prefixes of N orderings of the experts chosen far apart (one merge per k each)")
-        per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10)
-        seed = c5.number_input("seed (random subsets)", min_value=0, value=0)
-        device = c5.selectbox("device", ["auto", "cpu", "cuda"])
-        a1, a2, a3, a4 = st.columns([2, 2, 2, 2])
-        adaptive = a1.toggle("Adaptive: stop at a precision", key="sweep-adaptive",
-                             help="the policy picks which k and which subsets to merge, batch by batch, until the 95% "
-                                  "interval of the quantity is as narrow as asked (k range and subsets above are then "
-                                  "ignored); a resumed or relaunched job continues from the cached merges")
-        quantity = a2.selectbox("quantity", list(ADAPTIVE_QUANTITIES), key="sweep-adaptive-quantity")
-        precision = a3.text_input("95% CI half-width", key="sweep-adaptive-precision",
-                                  placeholder=" · ".join(f"{q} {v}" for q, v in ADAPTIVE_QUANTITIES.items()),
+        per_k = c4.number_input("N (subsets per k, or orderings)", min_value=1, value=10, key="sweep-n",
+                                disabled=adaptive or mode == "all subsets")
+        seed = c3.number_input("seed (random subsets)", min_value=0, value=0)
+        device = c4.selectbox("device", ["auto", "cpu", "cuda"])
+        a1, a2 = st.columns(2)
+        quantity = a1.selectbox("Adaptive quantity", list(ADAPTIVE_QUANTITIES), key="sweep-adaptive-quantity",
+                                format_func=ADAPTIVE_LABELS.get, disabled=not adaptive)
+        precision = a2.text_input("95% CI half-width", key="sweep-adaptive-precision", disabled=not adaptive,
+                                  placeholder=f"default {ADAPTIVE_QUANTITIES[quantity]}",
                                   help="in the quantity's unit (nats for L∞, experts for k90), or a percentage of the "
-                                       "estimate, e.g. 10%; empty: the quantity's default shown")
-        budget = a4.number_input("budget (merges per curve, 0: none)", min_value=0, value=0, key="sweep-adaptive-budget")
+                                       "estimate, e.g. 10%; empty: the default shown (" + ", ".join(
+                                           f"{q} {v}" for q, v in ADAPTIVE_QUANTITIES.items()) + ")")
+        budget = a1.number_input("budget (merges per curve, 0: none)", min_value=0, value=0, key="sweep-adaptive-budget",
+                                 disabled=not adaptive)
         estimate = st.form_submit_button("Estimate")
         launch = st.form_submit_button("Launch sweep", type="primary")
 
@@ -133,7 +149,7 @@ def sweep_form() -> None:
              and j.seconds_per_merge]
     rate = rates[0] if rates else FALLBACK_SECONDS_PER_MERGE
     st.info(f"{report.planned:,} merges planned, {report.skipped:,} already cached → **{n_todo:,} to run**, "
-            f"about {n_todo * rate / 60:.1f} min at {rate * 1000:.0f} ms per merge"
+            f"about {ui.duration_text(n_todo * rate)} at {rate * 1000:.0f} ms per merge"
             + ("" if rates else " (a first guess: no finished job on this family yet)") + ".")
     try:  # where each size's weights will live (memory placement) and the numbers behind it
         plans = plan_sizes(job.sweep_spec().family, todo, device, idle=True)
@@ -148,6 +164,9 @@ def sweep_form() -> None:
 
 
 ADAPTIVE_QUANTITIES = {"L_inf": "0.005", "k90": "0.5", "A": "10%", "predict@M": "0.003"}  # default precisions
+# what the picker shows; the key (the target's own name) is what the job is given
+ADAPTIVE_LABELS = {"L_inf": "L∞ (floor)", "k90": "k90 (experts to 90% of the gain)",
+                   "A": "A (the tail's amplitude)", "predict@M": "L(M) (the law at the full pool)"}
 
 
 def adaptive_launch(job, quantity, precision, budget, launch, family, sizes, methods) -> None:
@@ -214,12 +233,6 @@ def adaptive_chart(job) -> None:
                           for r in last.itertuples()))
 
 
-def fmt_eta(seconds):
-    if seconds is None:
-        return "—"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
 @st.fragment(run_every=1.0)
 def job_panel():
     st.subheader("Jobs")
@@ -240,7 +253,7 @@ def jobs_section():
             head, buttons = st.columns([5, 1])
             head.markdown(f"**Job {job.id}** · {job.status} · {job.spec.label}")
             head.progress(min(job.fraction, 1.0), text=f"{job.done:,} / {job.total:,} merges · {job.rows:,} rows written · "
-                                                       f"ETA {fmt_eta(job.eta_seconds)} · {job.current or ''}")
+                                                       f"ETA {ui.duration_text(job.eta_seconds)} · {job.current or ''}")
             if job.message:
                 (head.error if job.status == "failed" else head.caption)(job.message)
             if job.spec.adaptive:

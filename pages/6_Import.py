@@ -2,7 +2,8 @@
 of the mapped rows and of what will be written, then their curves. Uploads are read as data only (no pickle, no
 code) and size-limited; the mapping is mergelab.importing's, the same as `mergelab import`."""
 
-import os
+import inspect
+import math
 
 import streamlit as st
 
@@ -10,19 +11,27 @@ from mergelab import importing, metrics
 from mergelab.analysis.tables import merge_losses, with_settings
 from mergelab.errors import MergelabError
 from mergelab.names import MACRO
+from mergelab.paths import upload_limit_mb
 from mergelab.ui import dashboard as ui
 from mergelab.ui.curves import axis_title, fit_groups, normalisers
 from mergelab.ui.figures import curve_figure
 
-# per file (a results table of a million rows is ~50 MB of CSV); MERGELAB_UPLOAD_MB changes it
-MAX_MB = float(os.environ.get("MERGELAB_UPLOAD_MB", 50))
+try:  # per file; MERGELAB_UPLOAD_MB changes it, and the uploader's own limit and message follow it
+    MAX_MB = upload_limit_mb()
+except MergelabError as exc:
+    st.error(str(exc))
+    st.stop()
+if "max_upload_size" in inspect.signature(st.file_uploader).parameters:  # Streamlit ≥ 1.49: per widget
+    own_limit = {"max_upload_size": max(1, math.ceil(MAX_MB))}
+else:  # older: server.maxUploadSize alone (set from MERGELAB_UPLOAD_MB by `mergelab demo up`)
+    own_limit, MAX_MB = {}, min(MAX_MB, float(st.get_option("server.maxUploadSize")))
 
 ui.page_header("Import", "Bring results measured elsewhere: one row per merge and domain (experts as a+b, a,b or a "
                "JSON list), one column per domain, one file per merged model (the paper's results.csv, lm-eval "
                "results JSON), or a `mergelab export --what results` file. Rows are marked imported (file name and "
                "content hash) and never mixed with rows mergelab measured. Same rules as `mergelab import`.")
 uploads = st.file_uploader(f"Results files (up to {MAX_MB:g} MB each)", type=["csv", "tsv", "parquet", "jsonl", "json"],
-                           accept_multiple_files=True, key="import-files")
+                           accept_multiple_files=True, key="import-files", **own_limit)
 left, right = st.columns(2)
 family = left.text_input("Family (for rows without a family column)", value="imported", key="import-family")
 metric = right.text_input("Metric (for rows without a metric column)", value="",
@@ -56,8 +65,7 @@ for name, layout in plan.layouts.items():
     st.markdown(f"- `{name}`: {layout}")
 for note in plan.notes:
     st.caption(note)
-st.dataframe(plan.rows.head(200).rename(columns={"loss": "value"}), hide_index=True, width="stretch",
-             key="import-preview")
+st.dataframe(plan.preview(200), hide_index=True, width="stretch", key="import-preview")
 st.caption(f"{len(plan.rows):,} mapped rows (the first 200 shown).")
 st.subheader("What will be written")
 st.dataframe(plan.summary(), hide_index=True, width="stretch", key="import-summary")

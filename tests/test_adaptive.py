@@ -239,7 +239,7 @@ def test_sweep_page_launches_an_adaptive_job_and_shows_its_interval(env, monkeyp
     at = run("pages/2_Sweep.py")
     at.selectbox(key="sweep-family").set_value("other path…").run()
     at.text_input[0].input(str(env)).run()
-    at.toggle(key="sweep-adaptive").set_value(True)
+    at.toggle(key="sweep-adaptive").set_value(True).run()  # the adaptive fields are greyed out until then
     at.selectbox(key="sweep-adaptive-quantity").set_value("L_inf")
     at.text_input(key="sweep-adaptive-precision").input("nope")
     at.button[0].click().run()  # Estimate (the form's values are sent with it): the bad precision is refused

@@ -36,7 +36,10 @@ def test_upload_preview_import_then_an_accuracy_curve(empty_cache):
     at.file_uploader(key="import-files").set_value(("acc.csv", accuracy_csv(), "text/csv")).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     preview, summary = at.dataframe[0].value, at.dataframe[1].value
-    assert len(preview) == 2 * 15 and set(preview["metric"]) == {"accuracy"} and preview["higher_better"].all()
+    # user-facing columns only, the metric and its unit in the value's header (no experts_key, n_tokens, "{}")
+    assert len(preview) == 2 * 15 and list(preview.columns) == ["size", "method", "experts", "k", "domain",
+                                                                "accuracy (fraction)"]
+    assert preview["experts"].iat[-1] == "a + b + c + d"
     assert summary.to_dict("records") == [{"family": "acc-fam", "size": "7B", "method": "average", "metric": "accuracy",
                                            "merges": 15, "domains": 2, "k_min": 1, "k_max": 4, "rows": 30}]
     assert not ResultStore(empty_cache).exists()  # a preview writes nothing

@@ -245,9 +245,17 @@ def test_the_readme_examples(tmp_path, capsys):
                          r"Qwen2.5-(?P<size>[^_]+)__(?P<method>.+?)__(?P<experts>[^/]+)/all/results\.csv$")
     assert code == 0 and out.strip() == "imported 60 rows" and "15 files: per model: one row per domain" in err
     assert "2 summary row(s) left out (Avg., Overall) (× 15)" in err
-    code, out, err = cli(capsys, "import", root / "accuracy.csv", "--db", db, "--family", "qwen2.5",
-                         "--map", "size=model_size", "--set", "method=task_arithmetic")
+    # the README's own accuracy line: model_size is recognised as the size without --map
+    import shlex
+
+    readme = (root.parent.parent / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("mergelab import docs/examples/accuracy.csv")]
+    args = shlex.split(line)[2:]
+    assert "--map" not in args
+    code, out, err = cli(capsys, "import", root.parent.parent / args[0], "--db", db, *args[1:])
     assert code == 0 and out.strip() == "imported 30 rows", err
+    accuracy = ResultStore(db).results().query("metric == 'accuracy'")
+    assert set(accuracy["size"]) == {"0.5B"} and set(accuracy["n_params"]) == {500_000_000}
     code, out, err = cli(capsys, "fit", "--db", db, "--family", "qwen2.5", "--domain", "macro", "--format", "csv")
     assert code == 0, err
     fits = pd.read_csv(pd.io.common.StringIO(out), comment="#").set_index("metric")

@@ -262,11 +262,22 @@ class SweepJob:
 
     @property
     def label(self) -> str:
-        """One line for the job list: family folder, sizes, methods."""
-        from pathlib import Path
-
-        return (f"{Path(self.family).parent.name} · sizes {', '.join(self.sizes) or 'all'} · "
+        """One line for the job list: family name (from its manifest), sizes, methods."""
+        return (f"{family_name(self.family)} · sizes {', '.join(self.sizes) or 'all'} · "
                 f"{', '.join(self.methods)}" + (f" · adaptive {self.adaptive}" if self.adaptive else ""))
+
+
+def family_name(manifest: str) -> str:
+    """The `name` in the family.toml at `manifest` (what every page calls the family), else its folder's
+    name when the manifest is gone or unreadable: a job card must draw whatever became of its family."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        name = tomllib.loads(Path(manifest).read_text()).get("name")
+    except (OSError, ValueError, UnicodeDecodeError):
+        name = None
+    return name if isinstance(name, str) and name else Path(manifest).parent.name
 
 
 def merge_order(items: list[WorkItem], experts: tuple[str, ...]) -> list[WorkItem]:

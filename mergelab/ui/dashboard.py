@@ -125,6 +125,16 @@ def load_results() -> pd.DataFrame:
     return rows
 
 
+def duration_text(seconds: float | None) -> str:
+    """A duration as a person reads it: '4 s' under 90 s (a tiny sweep is never 'about 0.0 min'),
+    '12.5 min' under two hours, '3.2 h' beyond; '—' when unknown (None)."""
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f} s" if seconds >= 1 or seconds <= 0 else "under 1 s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 LIVE_EVERY = 5.0  # seconds between checks for new rows: a stat of the cache file and its WAL
 
 
