@@ -253,6 +253,7 @@ def _table(name: str, data: bytes) -> tuple[pd.DataFrame, list[int], str]:
     skip = 0
     while skip < len(lines) and lines[skip].startswith("#"):  # provenance comments of `mergelab export`
         skip += 1
+    _check_fields(name, "\n".join(lines[skip:]), "\t" if kind == "tsv" else ",", skip, kind)
     try:
         frame = pd.read_csv(io.StringIO(text), skiprows=skip, sep="\t" if kind == "tsv" else ",", dtype=str,
                             keep_default_na=False, skip_blank_lines=True)
@@ -262,6 +263,28 @@ def _table(name: str, data: bytes) -> tuple[pd.DataFrame, list[int], str]:
         raise MergelabError(f"{name}{where}: not a readable {kind.upper()} table ({str(exc).strip()})") from exc
     body = [i + 1 for i, line in enumerate(lines) if i > skip and line.strip()]  # 1-based lines of data rows
     return frame, body[:len(frame)], kind
+
+
+def _check_fields(name: str, text: str, sep: str, skip: int, kind: str) -> None:
+    """Every row of a CSV/TSV has as many fields as its header, and every quote is closed: else MergelabError
+    naming the file line where the row starts (pandas would take a longer row's first field as an index, or
+    count rows instead of lines)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text), delimiter=sep, strict=True)
+    width, start = None, 1
+    try:
+        for row in reader:
+            if row:
+                if width is None:
+                    width = len(row)
+                elif len(row) != width:
+                    raise MergelabError(f"{name} line {start + skip}: {len(row)} fields, the header has {width}")
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise MergelabError(f"{name} line {start + skip}: not a readable {kind.upper()} row ({exc}; an unclosed "
+                            f"quote?)") from exc
 
 
 def _lm_eval(name: str, doc: dict) -> pd.DataFrame:

@@ -165,6 +165,10 @@ BAD = [
     ("family,experts,domain,ce\nf,a,mac+ro,2.7\n", [], "bad.csv line 2, column 'domain': 'mac+ro' contains '+'"),
     ("family,experts,k,domain,ce\nf,a+b,3,x,2.7\n", [], "bad.csv line 2, column 'k': k = '3' but the experts 'a+b' are 2"),
     ("family,experts,domain,ce\nf,a,x,2.7\n", ["--pattern", "(unclosed"], "--pattern '(unclosed': not a regular expression"),
+    # a row longer than its header (pandas would read its first field as an index), after a provenance comment
+    ("# exported\nfamily,experts,domain,ce\nf,a,x,2.7\nf,b,x,2.6,more\n", [], "bad.csv line 4: 5 fields, the header has 4"),
+    # an unclosed quote swallows the rest of the file: named at the line where the row starts, not pandas' row count
+    ("family,experts,domain,ce\nf,a,x,2.7\nf,\"b,x,2.6\nf,c,x,2.5\n", [], "bad.csv line 3: not a readable CSV row"),
 ]
 
 
