@@ -22,36 +22,17 @@ from pathlib import Path
 def build(root: Path, m: int, hidden: int, layers: int) -> Path:
     """A random Qwen2 base and m experts (base + 0.01 noise), all stored in bf16, with m eval sets."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    from mergelab.demo.domains import DOMAINS, generate
-    from mergelab.demo.tokenizer import save_tokenizer
-    from mergelab.io.family import write_manifest
+    from common import noisy_family
+    from mergelab.demo.domains import DOMAINS
 
     config = Qwen2Config(vocab_size=264, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.to(torch.bfloat16).save_pretrained(str(root / "base"))
-    save_tokenizer(root / "base")
     domains = (DOMAINS * 2)[:m] if m > len(DOMAINS) else DOMAINS[:m]
     names = [f"{d}{i}" for i, d in enumerate(domains)]
-    experts, evals = {}, {}
-    (root / "eval").mkdir()
-    for name, domain in zip(names, domains):
-        model.to(torch.float32)
-        with torch.no_grad():
-            for key, p in model.named_parameters():
-                p.copy_(state[key] + 0.01 * torch.randn_like(p))
-        model.to(torch.bfloat16).save_pretrained(str(root / name))
-        experts[name], evals[name] = name, f"eval/{name}.jsonl"
-        (root / evals[name]).write_text("".join(json.dumps(ex) + "\n" for ex in generate(domain, 8, 1)))
-    n_params = sum(p.numel() for p in model.parameters())
-    write_manifest(root / "family.toml", "placements", names, evals,
-                   [{"name": "big", "n_params": n_params, "base": "base", "experts": experts}], token_budget=16)
-    return root / "family.toml"
+    return noisy_family(root, config, names, domains, "placements", torch.bfloat16, examples=8)
 
 
 CHILD = """

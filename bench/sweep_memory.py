@@ -17,35 +17,16 @@ M = 4
 
 
 def build(root: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
-    from mergelab.demo.domains import DOMAINS, generate
-    from mergelab.demo.tokenizer import save_tokenizer
-    from mergelab.io.family import write_manifest
+    from common import noisy_family
+    from mergelab.demo.domains import DOMAINS
 
     config = Qwen2Config(vocab_size=264, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(str(root / "base"))
-    save_tokenizer(root / "base")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     domains = DOMAINS[:M]  # experts are named by the domain they were tuned on
-    experts, evals = {}, {}
-    (root / "eval").mkdir()
-    for domain in domains:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(state[name] + 0.01 * torch.randn_like(p))
-        model.save_pretrained(str(root / domain))
-        experts[domain], evals[domain] = domain, f"eval/{domain}.jsonl"
-        (root / evals[domain]).write_text("".join(json.dumps(ex) + "\n" for ex in generate(domain, 10, 1)))
-    n_params = sum(p.numel() for p in model.parameters())
-    write_manifest(root / "family.toml", "memory", domains, evals,
-                   [{"name": "big", "n_params": n_params, "base": "base", "experts": experts}], token_budget=16)
-    return root / "family.toml"
+    return noisy_family(root, config, domains, domains, "memory", examples=10)
 
 
 CHILD = """
